@@ -1,0 +1,311 @@
+r"""Per-layer Hutchinson estimates of Hessian, Gauss-Newton and tensor-part curvature.
+
+With probes z⁽¹⁾…z⁽ᴷ⁾ over *all* P coordinates and one product u = Hz per probe, every layer
+l reads its own estimate from the same product (DESIGN §2):
+
+    T̂_l = (1/K) Σ_k z_lᵀ (H z)_l,        E[T̂_l] = tr H_ll,
+
+because E[z_lᵀ H_lm z_m] = 0 for l ≠ m. All L traces cost K products, not K·L. The price is
+extra variance from the off-diagonal blocks; per probe, at fixed H,
+
+    Rademacher:  Var = 2 Σ_{i≠j∈l} (H_ll)_ij² + Σ_{m≠l} ‖H_lm‖_F²
+    Gaussian:    Var = 2 ‖H_ll‖_F²            + Σ_{m≠l} ‖H_lm‖_F²
+
+and the reported standard error is the sample standard deviation of the K per-probe values
+over √K. The same probes give the Gauss-Newton trace (z_lᵀ(Gz)_l), the tensor-part trace
+(z_lᵀ(Hz − Gz)_l, exact per probe) and unbiased squared Frobenius norms of the *row blocks*
+E‖(Az)_l‖² = ‖A_{l,:}‖_F² for A ∈ {H, G, Hᵀ}.
+
+``gn_gap`` is the DAG paper's Frobenius ratio restricted to a layer's row block,
+``gn_gap[l] = ‖Hᵀ_{l,:}‖_F / ‖G_{l,:}‖_F`` (a ratio of the two unbiased squared-norm means);
+the model total is ‖Hᵀ‖_F / ‖G‖_F. The trace form ``gn_gap_trace[l] = tr Hᵀ_ll / tr G_ll`` is
+reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .context import probing_context
+from .layers import Layer, LayerSpec, flat_params, group_parameters, unwrap_model
+from .probes import DISTRIBUTIONS, sample_probes
+from .products import STRATEGIES, CurvatureInputError, ProbeProblem, default_strategy, make_engine
+
+# Rows of CurvatureEstimate.samples, per probe and layer.
+SAMPLE_KINDS = ("trace", "gn_trace", "hess_row_sq", "gn_row_sq", "tensor_row_sq")
+
+
+class NonFiniteCurvatureError(FloatingPointError):
+    """A curvature product came out NaN/Inf; ``layers`` names where."""
+
+    def __init__(self, message: str, layers: Sequence[str]):
+        super().__init__(message)
+        self.layers = list(layers)
+
+
+def _mean_se(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column means and standard errors s/√K of ``[K, L]`` samples (NaN SE when K = 1)."""
+    k = values.shape[0]
+    mean = values.mean(0)
+    if k < 2:
+        return mean, torch.full_like(mean, float("nan"))
+    return mean, values.std(0, unbiased=True) / math.sqrt(k)
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return float("nan") if num == 0 else float("inf")
+
+
+@dataclass
+class CurvatureEstimate:
+    """Per-layer curvature estimates from K shared probes.
+
+    Attributes:
+        layers: layer names (DESIGN §1 grouping, or the caller's).
+        numel: coordinates d_l per layer.
+        samples: kind -> ``[K, L]`` float64 per-probe values, kinds in ``SAMPLE_KINDS``
+            (``gn_trace`` and the row norms of G and Hᵀ only when ``gn``).
+        loss: the mini-batch loss the curvature belongs to.
+        distribution, strategy, batch_size: how it was computed.
+    """
+
+    layers: list[str]
+    numel: dict[str, int]
+    samples: dict[str, torch.Tensor]
+    loss: float = float("nan")
+    distribution: str = "rademacher"
+    strategy: str = "autograd"
+    batch_size: int = 0
+    trace: dict[str, float] = field(init=False)
+    trace_se: dict[str, float] = field(init=False)
+    gn_trace: dict[str, float] = field(init=False, default_factory=dict)
+    gn_trace_se: dict[str, float] = field(init=False, default_factory=dict)
+    tensor_trace: dict[str, float] = field(init=False, default_factory=dict)
+    tensor_trace_se: dict[str, float] = field(init=False, default_factory=dict)
+    gn_gap: dict[str, float] = field(init=False, default_factory=dict)
+    gn_gap_trace: dict[str, float] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.trace, self.trace_se = self._per_layer(self.samples["trace"])
+        if not self.has_gn:
+            return
+        self.gn_trace, self.gn_trace_se = self._per_layer(self.samples["gn_trace"])
+        tensor = self.samples["trace"] - self.samples["gn_trace"]
+        self.tensor_trace, self.tensor_trace_se = self._per_layer(tensor)
+        t_sq = self.samples["tensor_row_sq"].mean(0)
+        g_sq = self.samples["gn_row_sq"].mean(0)
+        for i, name in enumerate(self.layers):
+            self.gn_gap[name] = math.sqrt(_ratio(float(t_sq[i]), float(g_sq[i])))
+            self.gn_gap_trace[name] = _ratio(self.tensor_trace[name], self.gn_trace[name])
+
+    def _per_layer(self, values: torch.Tensor) -> tuple[dict[str, float], dict[str, float]]:
+        mean, se = _mean_se(values)
+        return (
+            {n: float(mean[i]) for i, n in enumerate(self.layers)},
+            {n: float(se[i]) for i, n in enumerate(self.layers)},
+        )
+
+    @property
+    def has_gn(self) -> bool:
+        return "gn_trace" in self.samples
+
+    @property
+    def probes(self) -> int:
+        return int(self.samples["trace"].shape[0])
+
+    def mean_eigenvalue(self, name: str) -> float:
+        """τ_l = tr(H_ll) / d_l, the block's mean eigenvalue."""
+        return self.trace[name] / self.numel[name]
+
+    def _total(self, values: torch.Tensor) -> tuple[float, float]:
+        mean, se = _mean_se(values.sum(1, keepdim=True))
+        return float(mean[0]), float(se[0])
+
+    @property
+    def total_trace(self) -> float:
+        """Σ_l T̂_l, an unbiased estimate of tr H over the probed blocks."""
+        return self._total(self.samples["trace"])[0]
+
+    @property
+    def total_trace_se(self) -> float:
+        """Standard error of the total, from per-probe totals (covariances included)."""
+        return self._total(self.samples["trace"])[1]
+
+    @property
+    def total_gn_trace(self) -> float:
+        return self._total(self.samples["gn_trace"])[0]
+
+    @property
+    def total_gn_gap(self) -> float:
+        """‖Hᵀ‖_F / ‖G‖_F over the probed parameters (the DAG paper's GN-Gap)."""
+        return math.sqrt(
+            _ratio(float(self.samples["tensor_row_sq"].sum(1).mean()), float(self.samples["gn_row_sq"].sum(1).mean()))
+        )
+
+    def to_dict(self, prefix: str = "") -> dict[str, float]:
+        """Flat ``{"trace/<layer>": …, "trace_se/<layer>": …, …, "total/trace": …}`` for loggers."""
+        flat: dict[str, float] = {}
+        groups = {"trace": self.trace, "trace_se": self.trace_se}
+        if self.has_gn:
+            groups |= {
+                "gn_trace": self.gn_trace,
+                "tensor_trace": self.tensor_trace,
+                "gn_gap": self.gn_gap,
+                "gn_gap_trace": self.gn_gap_trace,
+            }
+        for kind, values in groups.items():
+            for name, value in values.items():
+                flat[f"{prefix}{kind}/{name}"] = value
+        flat[f"{prefix}total/trace"] = self.total_trace
+        flat[f"{prefix}total/trace_se"] = self.total_trace_se
+        if self.has_gn:
+            flat[f"{prefix}total/gn_trace"] = self.total_gn_trace
+            flat[f"{prefix}total/gn_gap"] = self.total_gn_gap
+        flat[f"{prefix}loss"] = self.loss
+        return flat
+
+
+def _layer_index(layers: Sequence[Layer], device: torch.device) -> torch.Tensor:
+    """One-hot ``[n_tensors, L]`` matrix summing per-tensor values into per-layer values."""
+    owners = [i for i, layer in enumerate(layers) for _ in layer.params]
+    index = torch.zeros(len(owners), len(layers), dtype=torch.float64, device=device)
+    index[torch.arange(len(owners)), torch.tensor(owners)] = 1.0
+    return index
+
+
+def _per_tensor(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: list, b: list) -> torch.Tensor:
+    """``[k, n_tensors]`` of fn(a_i, b_i) summed over each tensor's coordinates."""
+    return torch.stack([fn(x, y).flatten(1).sum(1, dtype=torch.float64) for x, y in zip(a, b)], dim=1)
+
+
+def _reduce_chunk(
+    z: list[torch.Tensor], hz: list[torch.Tensor], gz: list[torch.Tensor] | None, index: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-probe, per-layer statistics of one chunk of probes (each ``[k, L]``)."""
+    out = {
+        "trace": _per_tensor(torch.mul, z, hz) @ index,
+        "hess_row_sq": _per_tensor(lambda h, _: h.square(), hz, hz) @ index,
+    }
+    if gz is not None:
+        out["gn_trace"] = _per_tensor(torch.mul, z, gz) @ index
+        out["gn_row_sq"] = _per_tensor(lambda g, _: g.square(), gz, gz) @ index
+        out["tensor_row_sq"] = _per_tensor(lambda h, g: (h - g).square(), hz, gz) @ index
+    return out
+
+
+def _split_batch(batch: object) -> tuple[object, object]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CurvatureInputError(
+            f"batch must be a pair (inputs, targets), got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
+    return batch[0], batch[1]
+
+
+def _batch_size(inputs: object) -> int:
+    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim else 0
+
+
+def estimate_curvature(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[object, object],
+    *,
+    probes: int = 8,
+    gn: bool = True,
+    generator: torch.Generator | None = None,
+    layers: LayerSpec | Sequence[Layer] | None = None,
+    distribution: str = "rademacher",
+    strategy: str = "auto",
+    chunk_size: int = 4,
+) -> CurvatureEstimate:
+    """Estimate per-layer Hessian traces (and, with ``gn``, GN traces and GN-Gap) on one batch.
+
+    The loss is ``loss_fn(model(inputs), targets)`` in training mode with batch statistics,
+    one dropout mask per estimate, autocast off; nothing of the model or the caller's state
+    is modified (see :mod:`curvopt.context`). Probes are drawn from ``generator`` (pass one
+    for reproducible results; ``None`` draws a fresh seed from the OS).
+
+    Args:
+        model: the model; DDP/DataParallel/torch.compile wrappers are stripped.
+        loss_fn: maps (outputs, targets) to a scalar.
+        batch: ``(inputs, targets)``.
+        probes: K ≥ 1 probes (one Hessian-vector product each, serving every layer).
+        gn: also compute Gauss-Newton products on the same probes (GN traces, GN-Gap).
+        generator: source of probes and of the dropout-mask seed.
+        layers: custom grouping (see :func:`curvopt.layers.group_parameters`) or prebuilt
+            :class:`~curvopt.layers.Layer` objects.
+        distribution: ``"rademacher"`` (default) or ``"gaussian"``.
+        strategy: ``"auto"`` or one of ``STRATEGIES`` (all exact; they differ in speed).
+        chunk_size: probes per vmapped call for ``"func-vmap"``.
+
+    Raises:
+        ValueError: bad arguments, no trainable parameters, a non-scalar loss, a batch the
+            model cannot take (``CurvatureInputError``, a ``ValueError``).
+        FloatingPointError: a non-finite loss, or non-finite products
+            (``NonFiniteCurvatureError`` names the layers).
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    if strategy != "auto" and strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    inputs, targets = _split_batch(batch)
+    core = unwrap_model(model)
+    if layers is not None and len(layers) and all(isinstance(x, Layer) for x in layers):
+        blocks = list(layers)
+    else:
+        blocks = group_parameters(core, layers)  # type: ignore[arg-type]
+    params = flat_params(blocks)
+    device = params[0].device
+    if strategy == "auto":
+        strategy = default_strategy(device)
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    index = _layer_index(blocks, device)
+    names = [n for layer in blocks for n in layer.param_names]
+
+    chunks: list[dict[str, torch.Tensor]] = []
+    with probing_context(core, mask_seed=mask_seed) as rewind:
+        problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind)
+        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
+        remaining = probes
+        while remaining:
+            k = min(engine.chunk_size, remaining)
+            z = sample_probes(params, k, distribution, generator)
+            hz, gz = engine(z)
+            chunks.append(_reduce_chunk(z, hz, gz, index))
+            del z, hz, gz
+            remaining -= k
+        loss = float(engine.loss.detach())
+        del engine, problem
+    samples = {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
+    finite = torch.stack([torch.isfinite(s).all(0) for s in samples.values()]).all(0)
+    bad = [block.name for block, ok in zip(blocks, finite.tolist()) if not ok]
+    if bad:
+        raise NonFiniteCurvatureError(
+            f"non-finite curvature products in layer(s) {', '.join(bad)} "
+            "(the loss was finite: check for overflow in these layers)",
+            bad,
+        )
+    return CurvatureEstimate(
+        layers=[b.name for b in blocks],
+        numel={b.name: b.numel for b in blocks},
+        samples=samples,
+        loss=loss,
+        distribution=distribution,
+        strategy=strategy,
+        batch_size=_batch_size(inputs),
+    )
