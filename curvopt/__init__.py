@@ -2,12 +2,17 @@
 
 Data flow, top to bottom: ``layers`` (which tensors form a block) -> ``context`` and
 ``products`` (Hessian/GGN-vector products) -> ``estimate`` (Hutchinson estimators) ->
-``variance`` (probe budget).
+``variance`` (probe budget), ``monitor`` (CUSUM alarms), ``scaling`` (layer-wise LR) ->
+``optimizer`` (the wrapper) -> ``loggers``, ``demo``, ``cli``.
 """
 
 from .estimate import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
 from .layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
+from .loggers import CallbackLogger, JsonlLogger, read_jsonl
+from .monitor import Alarm, CusumMonitor
+from .optimizer import CurvatureAwareOptimizer
 from .products import STRATEGIES, CurvatureInputError
+from .scaling import TraceScaling
 from .variance import ProbeBudgetTracker
 
 __version__ = "0.1.0"
@@ -15,13 +20,20 @@ __version__ = "0.1.0"
 __all__ = [
     "ROOT_LAYER",
     "STRATEGIES",
+    "Alarm",
+    "CallbackLogger",
+    "CurvatureAwareOptimizer",
     "CurvatureEstimate",
     "CurvatureInputError",
+    "CusumMonitor",
+    "JsonlLogger",
     "Layer",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",
+    "TraceScaling",
     "__version__",
     "estimate_curvature",
     "group_parameters",
+    "read_jsonl",
     "unwrap_model",
 ]

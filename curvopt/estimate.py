@@ -181,23 +181,37 @@ def _layer_index(layers: Sequence[Layer], device: torch.device) -> torch.Tensor:
     return index
 
 
-def _per_tensor(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: list, b: list) -> torch.Tensor:
-    """``[k, n_tensors]`` of fn(a_i, b_i) summed over each tensor's coordinates."""
-    return torch.stack([fn(x, y).flatten(1).sum(1, dtype=torch.float64) for x, y in zip(a, b)], dim=1)
+def _dots(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """``[k, n_tensors]`` float64 of ⟨a_i[j], b_i[j]⟩ per probe j (⟨a, a⟩ when b is None).
+
+    BLAS dot products: no temporaries, blocked float32 accumulation (an order of magnitude
+    faster than an elementwise product followed by a float64 sum).
+    """
+    k = a[0].shape[0]
+    values = torch.empty(k, len(a), dtype=torch.float64, device=a[0].device)
+    for i, x in enumerate(a):
+        y = x if b is None else b[i]
+        for j in range(k):
+            xj, yj = x[j].reshape(-1), y[j].reshape(-1)
+            values[j, i] = torch.dot(xj, yj)
+    return values
 
 
 def _reduce_chunk(
     z: list[torch.Tensor], hz: list[torch.Tensor], gz: list[torch.Tensor] | None, index: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Per-probe, per-layer statistics of one chunk of probes (each ``[k, L]``)."""
-    out = {
-        "trace": _per_tensor(torch.mul, z, hz) @ index,
-        "hess_row_sq": _per_tensor(lambda h, _: h.square(), hz, hz) @ index,
-    }
+    """Per-probe, per-layer statistics of one chunk of probes (each ``[k, L]``).
+
+    Products come back in whatever layout the backward kernels chose (conv-weight HVPs are
+    transposed on CPU); one ``contiguous()`` per product keeps every dot product copy-free.
+    """
+    hz = [h.contiguous() for h in hz]
+    out = {"trace": _dots(z, hz) @ index, "hess_row_sq": _dots(hz) @ index}
     if gz is not None:
-        out["gn_trace"] = _per_tensor(torch.mul, z, gz) @ index
-        out["gn_row_sq"] = _per_tensor(lambda g, _: g.square(), gz, gz) @ index
-        out["tensor_row_sq"] = _per_tensor(lambda h, g: (h - g).square(), hz, gz) @ index
+        gz = [g.contiguous() for g in gz]
+        out["gn_trace"] = _dots(z, gz) @ index
+        out["gn_row_sq"] = _dots(gz) @ index
+        out["tensor_row_sq"] = _dots([h - g for h, g in zip(hz, gz)]) @ index
     return out
 
 
@@ -282,15 +296,20 @@ def estimate_curvature(
         problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind)
         engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
         remaining = probes
+        buffer = torch.empty(
+            min(engine.chunk_size, probes) * sum(p.numel() for p in params),
+            dtype=torch.float32,
+            device=generator.device,
+        )
         while remaining:
             k = min(engine.chunk_size, remaining)
-            z = sample_probes(params, k, distribution, generator)
+            z = sample_probes(params, k, distribution, generator, buffer=buffer)
             hz, gz = engine(z)
             chunks.append(_reduce_chunk(z, hz, gz, index))
             del z, hz, gz
             remaining -= k
         loss = float(engine.loss.detach())
-        del engine, problem
+        del engine, problem, buffer
     samples = {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
     finite = torch.stack([torch.isfinite(s).all(0) for s in samples.values()]).all(0)
     bad = [block.name for block, ok in zip(blocks, finite.tolist()) if not ok]

@@ -17,32 +17,54 @@ import torch
 DISTRIBUTIONS = ("rademacher", "gaussian")
 
 
+_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
+    """Fill a flat float tensor with ±1: 64 signs per random int64 word, unpacked bit by bit."""
+    n = out.numel()
+    device = out.device
+    shifts = _BIT_SHIFTS.get(device)
+    if shifts is None:
+        shifts = _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=device, dtype=torch.int64)
+    bits = torch.bitwise_and(words.view(torch.uint8).unsqueeze(1) >> shifts, 1).reshape(-1)[:n]
+    torch.mul(bits, 2, out=out)
+    out.sub_(1)
+
+
 def sample_probes(
     shapes_like: Sequence[torch.Tensor],
     count: int,
     distribution: str,
     generator: torch.Generator,
+    buffer: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """Draw ``count`` probes shaped like ``shapes_like``: one ``[count, *p.shape]`` tensor each.
 
-    Probes are drawn one after another (all tensors of probe 1, then of probe 2, ...), so the
-    k-th probe is the same whatever chunk size a strategy asks for. They are drawn on the
-    generator's device (a CPU generator gives the same numbers whatever device the model is
-    on) and then moved to each tensor's device and dtype.
+    Each probe is drawn as one flat vector over all P coordinates (probe 1, then probe 2, ...),
+    so the k-th probe is the same whatever chunk size a strategy asks for; the per-tensor
+    pieces are views into it. Probes are drawn in float32 on the generator's device (a CPU
+    generator gives the same numbers whatever device the model is on), then moved to each
+    tensor's device and dtype. ``buffer`` (float32, at least ``count * P`` elements, on the
+    generator's device) is reused instead of a fresh allocation: the previous probes drawn into
+    it must no longer be needed.
     """
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
-    device = generator.device
-    drawn: list[list[torch.Tensor]] = [[] for _ in shapes_like]
-    for _ in range(count):
-        for slot, ref in zip(drawn, shapes_like):
-            if distribution == "rademacher":
-                z = torch.randint(0, 2, ref.shape, generator=generator, device=device, dtype=torch.int8)
-                z = z.to(ref.dtype).mul_(2).sub_(1)
-            else:
-                z = torch.randn(ref.shape, generator=generator, device=device, dtype=torch.float32)
-            slot.append(z)
+    sizes = [ref.numel() for ref in shapes_like]
+    total = sum(sizes)
+    if buffer is not None and buffer.numel() >= count * total and buffer.device == generator.device:
+        flat = buffer.reshape(-1)[: count * total].view(count, total)
+    else:
+        flat = torch.empty(count, total, dtype=torch.float32, device=generator.device)
+    for row in flat:
+        if distribution == "rademacher":
+            _fill_rademacher(row, generator)
+        else:
+            torch.randn(row.shape, generator=generator, device=generator.device, out=row)
+    pieces = torch.split(flat, sizes, dim=1)
     return [
-        torch.stack(slot).to(device=ref.device, dtype=ref.dtype, non_blocking=True)
-        for slot, ref in zip(drawn, shapes_like)
+        piece.reshape(count, *ref.shape).to(device=ref.device, dtype=ref.dtype, non_blocking=True)
+        for piece, ref in zip(pieces, shapes_like)
     ]

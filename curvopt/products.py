@@ -223,8 +223,10 @@ class ForwardOverReverse:
             hz, gz = self._single([t[0] for t in probe])
             return [h.unsqueeze(0) for h in hz], None if gz is None else [g.unsqueeze(0) for g in gz]
         self.problem.rewind_rng()
-        batched = vmap(self._single, randomness="same")
-        return batched(probe)
+        if self.gn:
+            return vmap(self._single, randomness="same")(probe)
+        hz = vmap(lambda z: self._single(z)[0], randomness="same")(probe)
+        return hz, None
 
 
 def make_engine(

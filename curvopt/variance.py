@@ -53,6 +53,22 @@ class ProbeBudgetTracker:
         self._probe_vars.append(values.var(0, unbiased=True))
         self._probes.append(estimate.probes)
 
+    def state_dict(self) -> dict:
+        return {
+            "layers": self.layers,
+            "means": [m.tolist() for m in self._means],
+            "probe_vars": [v.tolist() for v in self._probe_vars],
+            "probes": list(self._probes),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.layers = state["layers"]
+        self._means = deque((torch.tensor(m, dtype=torch.float64) for m in state["means"]), maxlen=self.window)
+        self._probe_vars = deque(
+            (torch.tensor(v, dtype=torch.float64) for v in state["probe_vars"]), maxlen=self.window
+        )
+        self._probes = deque(state["probes"], maxlen=self.window)
+
     @property
     def count(self) -> int:
         return len(self._means)

@@ -75,7 +75,7 @@ def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, li
         n = sum(named[p].numel() for p in ps)
         slices[layer] = slice(start, start + n)
         start += n
-    return DenseCurvature(H=H, G=G, slices=slices)
+    return DenseCurvature(H=H.detach(), G=G.detach(), slices=slices)
 
 
 def rademacher_variance(A: torch.Tensor, dense: DenseCurvature, layer: str) -> float:

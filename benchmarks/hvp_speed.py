@@ -1,0 +1,249 @@
+"""Cost of per-layer curvature estimates vs one forward+backward, side by side with PyHessian and curvlinops.
+
+Same model, same batch, K probes for every row. Each row runs in its own subprocess so that
+its peak memory can be measured (CPU: peak RSS above the post-set-up RSS; CUDA: peak
+allocated). Times are medians over ``--reps`` repetitions after one warm-up.
+
+    python benchmarks/hvp_speed.py                      # resnet18 + small ViT, K=8, batch 32
+    python benchmarks/hvp_speed.py --models resnet18 --reps 3 --write benchmarks/RESULTS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROWS = [
+    # name, description, BN mode
+    ("fwd_bwd", "one forward+backward (training step without optimizer)", "train"),
+    ("autograd", "curvopt traces, strategy=autograd (default)", "train (batch stats)"),
+    ("autograd+gn", "curvopt traces + GN-Gap, strategy=autograd", "train (batch stats)"),
+    ("func", "curvopt traces, strategy=func (jvp over grad)", "train (batch stats)"),
+    ("func+gn", "curvopt traces + GN-Gap, strategy=func", "train (batch stats)"),
+    ("vmap4", "curvopt traces, strategy=func-vmap, chunk 4", "train (batch stats)"),
+    ("pyhessian", "PyHessian hessian(...).trace(), set-up included", "eval (forced)"),
+    ("curvlinops", "curvlinops HessianLinearOperator + hutchinson_trace", "train (batch stats)"),
+]
+
+
+def build(model_name: str, batch_size: int, device: str):
+    import timm
+
+    torch.manual_seed(0)
+    if model_name == "resnet18":
+        model = timm.create_model("resnet18", num_classes=10, pretrained=False)
+    elif model_name == "vit":
+        model = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32, patch_size=4, depth=6
+        )
+    else:
+        raise SystemExit(f"unknown model {model_name!r}")
+    model = model.to(device).train()
+    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch_size,), device=device)
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def make_row(row: str, model, loss_fn, x, y, probes: int):
+    """Return a zero-argument callable that runs the row once, plus a check on its result."""
+    import curvopt
+
+    gen = torch.Generator().manual_seed(0)
+
+    if row == "fwd_bwd":
+
+        def run():
+            model.zero_grad(set_to_none=True)
+            loss_fn(model(x), y).backward()
+
+        return run
+    if row in {"autograd", "autograd+gn", "func", "func+gn", "vmap4"}:
+        strategy = {"vmap4": "func-vmap"}.get(row, row.split("+")[0])
+        gn = row.endswith("+gn")
+
+        def run():
+            est = curvopt.estimate_curvature(
+                model, loss_fn, (x, y), probes=probes, gn=gn, strategy=strategy, chunk_size=4, generator=gen
+            )
+            assert est.probes == probes
+            return est.total_trace
+
+        return run
+    if row == "pyhessian":
+        from pyhessian import hessian
+
+        ref = copy.deepcopy(model)
+
+        def run():
+            ref.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad otherwise
+            h = hessian(ref, loss_fn, data=(x, y), cuda=x.is_cuda)
+            # tol=-inf: its relative-tolerance test divides by the running mean and stops early
+            # whenever that mean is negative; -inf makes it run exactly `probes` probes.
+            values = h.trace(maxIter=probes, tol=-math.inf)
+            assert len(values) == probes, f"PyHessian ran {len(values)} probes, not {probes}"
+            return sum(values) / len(values)
+
+        return run
+    if row == "curvlinops":
+        from curvlinops import HessianLinearOperator
+        from curvlinops.trace.hutchinson import hutchinson_trace
+
+        ref = copy.deepcopy(model)
+        for m in ref.modules():  # batch statistics without touching running buffers, as curvopt does
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+        params = [p for p in ref.parameters() if p.requires_grad]
+
+        def run():
+            op = HessianLinearOperator(ref, loss_fn, params, [(x, y)], check_deterministic=False)
+            return float(hutchinson_trace(op, probes))
+
+        return run
+    raise SystemExit(f"unknown row {row!r}")
+
+
+def run_row(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, loss_fn, x, y = build(args.model, args.batch_size, args.device)
+    cuda = args.device.startswith("cuda")
+    fn = make_row(args.row, model, loss_fn, x, y, args.probes)
+    base = torch.cuda.memory_allocated() if cuda else rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up (and first-touch allocations)
+    times = []
+    for _ in range(args.reps):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+    return {"row": args.row, "time_s": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def table(model_name: str, results: list[dict], probes: int, device: str) -> str:
+    fb = next(r for r in results if r["row"] == "fwd_bwd")
+    ph = next((r for r in results if r["row"] == "pyhessian"), None)
+    lines = [
+        f"**{model_name}**, batch {args.batch_size}, 32×32, K = {probes}, {device}",
+        "",
+        "| row | BN mode | total s | per probe s | per probe / fwd+bwd | vs PyHessian total | peak MB"
+        " | peak / fwd+bwd |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    modes = {name: mode for name, _, mode in ROWS}
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {modes[r['row']]} | failed: {r['error']} | | | | | |")
+            continue
+        per_probe = r["time_s"] / (1 if r["row"] == "fwd_bwd" else probes)
+        vs_ph = f"{r['time_s'] / ph['time_s']:.2f}×" if ph and r["row"] != "fwd_bwd" and "error" not in ph else ""
+        lines.append(
+            f"| {r['row']} | {modes[r['row']]} | {r['time_s']:.3f} | {per_probe:.3f} | "
+            f"{per_probe / fb['time_s']:.2f}× | {vs_ph} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] / max(fb['peak_mb'], 1e-9):.2f}× |"
+        )
+    return "\n".join(lines)
+
+
+def write_section(path: Path, body: str) -> None:
+    begin, end = "<!-- hvp_speed:begin -->", "<!-- hvp_speed:end -->"
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet18,vit")
+    parser.add_argument("--rows", default=",".join(r for r, _, _ in ROWS))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--probes", type=int, default=8)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--write", type=Path, default=None, help="update this Markdown file's hvp_speed section")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.row:  # child process: one row
+        print(json.dumps(run_row(args)))
+        raise SystemExit(0)
+
+    command = "python " + " ".join([sys.argv[0], *sys.argv[1:]])
+    sections = []
+    for model_name in args.models.split(","):
+        results = []
+        for row in args.rows.split(","):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--row",
+                row,
+                "--model",
+                model_name,
+                "--batch-size",
+                str(args.batch_size),
+                "--probes",
+                str(args.probes),
+                "--reps",
+                str(args.reps),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                err = (proc.stderr.strip().splitlines() or ["?"])[-1][:120]
+                results.append({"row": row, "error": err})
+            else:
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  {model_name:>8} {row:<12} {results[-1]}", file=sys.stderr, flush=True)
+        sections.append(table(model_name, results, args.probes, args.device))
+    body = "\n\n".join([f"Machine: {machine()}, {args.threads} threads.", f"Command: `{command}`", *sections])
+    print(body)
+    if args.write:
+        write_section(args.write, body)

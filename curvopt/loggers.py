@@ -1,0 +1,86 @@
+"""Where curvature metrics and alarms go: a JSONL file, or your own callbacks.
+
+A logger is any object with ``log(step, metrics)`` and ``alert(alarm)`` (the optimizer's
+``CurvatureSink`` protocol). The optimizer catches and warns about logger failures, so a full
+disk or a broken callback never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from .monitor import Alarm
+
+
+def _jsonable(value: Any) -> Any:
+    """Floats as JSON numbers; NaN/Inf (not valid JSON) as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class JsonlLogger:
+    """Appends one JSON object per line: ``{"type": "metrics", "step": …, …}`` or ``{"type": "alarm", …}``.
+
+    Lines are flushed as they are written, so an interrupted run leaves a readable file (at
+    most the line being written is lost). ``curvopt report`` reads this format.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def _write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._file.flush()
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._write({"type": "metrics", "step": step, **metrics})
+
+    def alert(self, alarm: Alarm) -> None:
+        self._write({"type": "alarm", **alarm.to_dict()})
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> JsonlLogger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """All complete records of a JSONL log (a torn last line from an interrupted run is skipped)."""
+    records = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class CallbackLogger:
+    """Forwards metrics and alarms to plain functions: ``on_metrics(step, metrics)``, ``on_alarm(alarm)``."""
+
+    def __init__(
+        self,
+        on_metrics: Callable[[int, Mapping[str, float]], None] | None = None,
+        on_alarm: Callable[[Alarm], None] | None = None,
+    ) -> None:
+        self.on_metrics = on_metrics
+        self.on_alarm = on_alarm
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        if self.on_metrics is not None:
+            self.on_metrics(step, metrics)
+
+    def alert(self, alarm: Alarm) -> None:
+        if self.on_alarm is not None:
+            self.on_alarm(alarm)

@@ -1,0 +1,351 @@
+"""``CurvatureAwareOptimizer``: any torch optimizer, plus periodic per-layer curvature.
+
+The wrapper *is* a ``torch.optim.Optimizer`` that shares ``param_groups`` and ``state`` with
+the optimizer it wraps (as timm's Lookahead does), so torch and timm LR schedulers,
+``torch.amp.GradScaler`` and timm's ``NativeScaler`` reach the real groups unchanged.
+
+Every ``every`` optimizer steps it estimates per-layer curvature on a slice of the current
+batch (``step(batch=...)`` or an earlier ``observe(x, y)``), feeds the CUSUM monitor and the
+LR-scaling policy, and hands metrics and alarms to the loggers and callbacks.
+
+**LR scaling mechanism.** Scales act on the *update*: θ ← θ_old + s_l (θ_new − θ_old) after
+the inner step. For SGD (with torch's momentum convention) and Adam/AdamW (weight decay
+included) this is exactly a per-layer learning rate lr·s_l, for any optimizer it is a
+per-layer step-size multiplier, it works where gradient scaling does not (Adam is invariant
+to gradient scale), leaves the inner optimizer's groups, state and fused/foreach kernels as
+they are, and leaves schedulers in charge of the base rate. Its cost is one copy of the
+scaled parameters per step, paid only while some scale differs from 1 (measured in
+``benchmarks/overhead.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from .estimate import CurvatureEstimate, estimate_curvature
+from .layers import group_parameters, unwrap_model
+from .monitor import Alarm, CusumMonitor
+from .scaling import make_policy
+from .variance import ProbeBudgetTracker
+
+log = logging.getLogger("curvopt")
+
+
+class CurvatureSink(Protocol):
+    """What a logger gives the optimizer: metrics by step, and alarms."""
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
+
+    def alert(self, alarm: Alarm) -> None: ...
+
+
+class CurvatureAwareOptimizer(Optimizer):
+    """Wraps ``optimizer``; estimates curvature every ``every`` steps (0: never).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, timm optimizers, Lookahead).
+        model: the model owning the optimizer's parameters (DDP/compile wrappers allowed).
+        loss_fn: ``loss_fn(model(x), y)`` is the training loss.
+        every: estimate every N optimizer steps (gradient-accumulation micro-batches do not
+            count: only ``step()`` calls that reach the optimizer do); 0 turns monitoring off.
+        probes: K, or ``"auto"`` to adapt K from the mini-batch variance decomposition within
+            ``auto_probes`` bounds.
+        curvature_batch_size: the curvature sub-batch is the first N samples of the batch.
+        gn: also estimate Gauss-Newton traces and GN-Gap.
+        monitor: ``"cusum"`` (default settings), a ``CusumMonitor``, or ``None``.
+        lr_scaling: ``None``, ``"trace"`` or a policy object (see :mod:`curvopt.scaling`).
+        logger: a sink (``log``/``alert``) or a list of them; failures warn once, never raise.
+        callbacks: called as ``callback(alarm)`` for every alarm.
+        seed: seeds the probe generator (probes and dropout masks of estimates).
+        history: how many past estimates (as flat dicts) to keep in ``opt.history``.
+        layers: custom grouping, as for :func:`curvopt.estimate_curvature`.
+        strategy: product strategy, as for :func:`curvopt.estimate_curvature`.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        *,
+        every: int = 100,
+        probes: int | str = 8,
+        curvature_batch_size: int = 32,
+        gn: bool = True,
+        monitor: str | CusumMonitor | None = "cusum",
+        lr_scaling: object = None,
+        logger: CurvatureSink | Iterable[CurvatureSink] | None = None,
+        callbacks: Iterable[Callable[[Alarm], None]] = (),
+        seed: int = 0,
+        history: int = 256,
+        auto_probes: tuple[int, int] = (4, 32),
+        layers: Any = None,
+        strategy: str = "auto",
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"every must be an integer >= 0 (0 turns monitoring off), got {every!r}")
+        if probes != "auto" and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
+            raise ValueError(f"probes must be an integer >= 1 or 'auto', got {probes!r}")
+        if not isinstance(curvature_batch_size, int) or curvature_batch_size < 1:
+            raise ValueError(f"curvature_batch_size must be an integer >= 1, got {curvature_batch_size!r}")
+        if not callable(loss_fn):
+            raise TypeError("loss_fn must be callable")
+        if history < 1:
+            raise ValueError("history must be >= 1")
+        self._check_ownership(optimizer, model)
+        # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self.state = optimizer.state
+        self.defaults = optimizer.defaults
+
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every = every
+        self.probes = probes
+        self.auto_probes = auto_probes
+        self.curvature_batch_size = curvature_batch_size
+        self.gn = gn
+        self.strategy = strategy
+        self.monitor = self._make_monitor(monitor)
+        self.lr_policy = make_policy(lr_scaling)
+        self.loggers: list[CurvatureSink] = (
+            [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]
+        )
+        self.callbacks = list(callbacks)
+        self.layer_blocks = group_parameters(unwrap_model(model), layers)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.probe_tracker = ProbeBudgetTracker(window=20)
+
+        self.step_count = 0
+        self.history: deque[dict[str, float]] = deque(maxlen=history)
+        self.alarms: list[Alarm] = []
+        self.lr_scales: dict[str, float] = {b.name: 1.0 for b in self.layer_blocks}
+        self.last_estimate: CurvatureEstimate | None = None
+        self.skipped_estimates = 0
+        self._pending_batch: tuple[Any, Any] | None = None
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _check_ownership(optimizer: Optimizer, model: nn.Module) -> None:
+        owned = {id(p) for p in unwrap_model(model).parameters()}
+        foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+        if foreign:
+            raise ValueError(
+                f"{len(foreign)} parameter tensor(s) of the optimizer do not belong to the model "
+                f"{type(model).__name__}: pass the model whose parameters the optimizer updates"
+            )
+
+    @staticmethod
+    def _make_monitor(monitor: str | CusumMonitor | None) -> CusumMonitor | None:
+        if monitor is None or isinstance(monitor, CusumMonitor):
+            return monitor
+        if monitor == "cusum":
+            return CusumMonitor()
+        raise ValueError(f"unknown monitor {monitor!r}; expected 'cusum', a CusumMonitor or None")
+
+    # ------------------------------------------------------------------ torch.optim interface
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Called once by Optimizer.__init__ (before self.optimizer exists) for each group.
+        if "optimizer" not in self.__dict__:
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+
+    def observe(self, inputs: Any, targets: Any) -> None:
+        """Hand the wrapper this step's batch, for code that calls a bare ``step()``."""
+        self._pending_batch = (inputs, targets)
+
+    @property
+    def monitoring(self) -> bool:
+        return self.every > 0
+
+    def _due(self) -> bool:
+        return self.monitoring and (self.step_count + 1) % self.every == 0
+
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: tuple[Any, Any] | None = None) -> Any:
+        """Inner ``step(closure)``; on every ``every``-th step, estimate curvature first."""
+        if batch is not None:
+            self._pending_batch = batch
+        if self._due():
+            self._estimate_and_update()
+        self._pending_batch = None
+        scaled = self._scaled_params()
+        if not scaled:
+            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+        else:
+            with torch.no_grad():
+                before = [p.detach().clone() for _, p in scaled]
+            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
+            with torch.no_grad():
+                for (scale, param), old in zip(scaled, before):
+                    param.copy_(old.lerp_(param, scale))  # θ_old + s (θ_new − θ_old)
+        self.step_count += 1
+        return result
+
+    def _scaled_params(self) -> list[tuple[float, torch.Tensor]]:
+        if self.lr_policy is None:
+            return []
+        return [
+            (self.lr_scales[b.name], p)
+            for b in self.layer_blocks
+            if self.lr_scales.get(b.name, 1.0) != 1.0
+            for p in b.params
+        ]
+
+    # ------------------------------------------------------------------ estimation
+    def _curvature_batch(self) -> tuple[Any, Any] | None:
+        if self._pending_batch is None:
+            return None
+        x, y = self._pending_batch
+        n = self.curvature_batch_size
+        slice_ = (lambda t: t[:n]) if n else (lambda t: t)
+        return (slice_(x) if isinstance(x, torch.Tensor) else x, slice_(y) if isinstance(y, torch.Tensor) else y)
+
+    def _current_probes(self) -> int:
+        if self.probes != "auto":
+            return int(self.probes)
+        low, high = self.auto_probes
+        if self.probe_tracker.count < 3:
+            return max(low, min(high, 8))
+        return self.probe_tracker.suggest_probes(low, high)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
+        log.warning(message)
+
+    def _estimate_and_update(self) -> None:
+        step = self.step_count + 1
+        batch = self._curvature_batch()
+        if batch is None:
+            self._warn_once(
+                "no-batch",
+                f"curvopt: step {step} is a curvature step but no batch was given; pass "
+                "step(batch=(x, y)) or call observe(x, y) before step(). Estimate skipped.",
+            )
+            return
+        try:
+            estimate = estimate_curvature(
+                self.model,
+                self.loss_fn,
+                batch,
+                probes=self._current_probes(),
+                gn=self.gn,
+                generator=self.generator,
+                layers=self.layer_blocks,
+                strategy=self.strategy,
+            )
+        except FloatingPointError as exc:
+            self.skipped_estimates += 1
+            self._warn_once("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})")
+            self._emit({"curv/skipped_estimates": float(self.skipped_estimates)}, step)
+            return
+        except Exception as exc:  # estimation must never stop training
+            self.skipped_estimates += 1
+            self._warn_once(
+                f"error-{type(exc).__name__}",
+                f"curvopt: curvature estimate at step {step} failed and was skipped: {type(exc).__name__}: {exc}",
+            )
+            return
+        self.last_estimate = estimate
+        if estimate.probes >= 2:
+            self.probe_tracker.update(estimate)
+        metrics = {f"curv/{k}": v for k, v in estimate.to_dict().items()}
+        metrics["curv/probes"] = float(estimate.probes)
+        new_alarms: list[Alarm] = []
+        if self.monitor is not None:
+            new_alarms = self.monitor.update(step, estimate)
+            metrics |= {f"curv/{k}": v for k, v in self.monitor.statistics().items()}
+        if self.lr_policy is not None:
+            self.lr_scales |= self.lr_policy.update(estimate)
+            metrics |= {f"curv/lr_scale/{k}": v for k, v in self.lr_scales.items()}
+        metrics["curv/alarm"] = float(bool(new_alarms))
+        record = {"step": float(step), **metrics}
+        self.history.append(record)
+        self._emit(metrics, step)
+        for alarm in new_alarms:
+            self.alarms.append(alarm)
+            self._announce(alarm)
+
+    def _emit(self, metrics: Mapping[str, float], step: int) -> None:
+        for sink in self.loggers:
+            try:
+                sink.log(step, metrics)
+            except Exception as exc:  # a logger failure never stops training
+                self._warn_once(f"log-{id(sink)}", f"curvopt: logger {type(sink).__name__} failed: {exc}")
+
+    def _announce(self, alarm: Alarm) -> None:
+        message = f"curvopt: {alarm.describe()}"
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        log.warning(message)
+        for sink in self.loggers:
+            try:
+                sink.alert(alarm)
+            except Exception as exc:
+                self._warn_once(f"alert-{id(sink)}", f"curvopt: logger {type(sink).__name__} alert failed: {exc}")
+        for callback in self.callbacks:
+            try:
+                callback(alarm)
+            except Exception as exc:
+                self._warn_once(f"cb-{id(callback)}", f"curvopt: alarm callback failed: {exc}")
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Inner optimizer state plus everything needed to continue monitoring exactly."""
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "curvopt": {
+                "step_count": self.step_count,
+                "generator": self.generator.get_state(),
+                "monitor": None if self.monitor is None else self.monitor.state_dict(),
+                "lr_policy": None if self.lr_policy is None else self.lr_policy.state_dict(),
+                "lr_scales": dict(self.lr_scales),
+                "alarms": [a.to_dict() for a in self.alarms],
+                "history": list(self.history),
+                "skipped_estimates": self.skipped_estimates,
+                "probe_tracker": self.probe_tracker.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        if "optimizer" not in state_dict or "curvopt" not in state_dict:
+            raise ValueError("not a CurvatureAwareOptimizer state_dict (expected 'optimizer' and 'curvopt' keys)")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        extra = state_dict["curvopt"]
+        self.step_count = int(extra["step_count"])
+        self.generator.set_state(extra["generator"])
+        if self.monitor is not None and extra["monitor"] is not None:
+            self.monitor.load_state_dict(extra["monitor"])
+        if self.lr_policy is not None and extra["lr_policy"] is not None:
+            self.lr_policy.load_state_dict(extra["lr_policy"])
+        self.lr_scales = dict(extra["lr_scales"])
+        self.alarms = [Alarm.from_dict(a) for a in extra["alarms"]]
+        self.history = deque(extra["history"], maxlen=self.history.maxlen)
+        self.skipped_estimates = int(extra["skipped_estimates"])
+        self.probe_tracker.load_state_dict(extra["probe_tracker"])
+
+    def __repr__(self) -> str:
+        return (
+            f"CurvatureAwareOptimizer({type(self.optimizer).__name__}, every={self.every}, probes={self.probes}, "
+            f"monitor={type(self.monitor).__name__ if self.monitor else None}, "
+            f"lr_scaling={getattr(self.lr_policy, 'name', self.lr_policy)})"
+        )

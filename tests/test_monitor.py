@@ -1,0 +1,149 @@
+"""CUSUM monitor: false-alarm budget on stationary signals, bounded delay after a change, state round-trips."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+from conftest import mlp
+from torch import nn
+
+from curvopt import CusumMonitor, estimate_curvature
+from curvopt.monitor import AGGREGATE, Alarm, signal_values
+
+# Stated budget (README / monitor docstring): with default settings, at most 5 % of stationary
+# runs raise an alarm within 1000 estimates (Gaussian log-noise) and at most 10 % with
+# heavy-tailed (Student t, 3 d.o.f.) log-noise.
+GAUSS_BUDGET, HEAVY_BUDGET, HORIZON = 0.05, 0.10, 1000
+
+
+def _stationary_run(rng: random.Random, heavy: bool, level: float = -4.0, sd: float = 0.75) -> list[float]:
+    values = []
+    for _ in range(HORIZON):
+        z = rng.gauss(0, 1)
+        if heavy:
+            z /= math.sqrt(sum(rng.gauss(0, 1) ** 2 for _ in range(3)) / 3)
+        values.append(math.exp(level + sd * z))
+    return values
+
+
+@pytest.mark.parametrize("heavy, budget", [(False, GAUSS_BUDGET), (True, HEAVY_BUDGET)])
+def test_false_alarm_rate_on_stationary_signal_within_budget(heavy, budget):
+    rng = random.Random(0 if not heavy else 1)
+    runs, alarmed = 60, 0
+    for _ in range(runs):
+        monitor = CusumMonitor()
+        alarmed += any(monitor.update(t, {AGGREGATE: v}) for t, v in enumerate(_stationary_run(rng, heavy)))
+    assert alarmed / runs <= budget, f"{alarmed}/{runs} stationary runs alarmed"
+
+
+def test_slowly_falling_signal_never_alarms():
+    rng = random.Random(2)
+    monitor = CusumMonitor()
+    for t in range(HORIZON):
+        assert not monitor.update(t, {AGGREGATE: math.exp(-0.01 * t + rng.gauss(0, 0.75))})
+
+
+@pytest.mark.parametrize("jump, within, share", [(3.0, 15, 1.0), (1.5, 40, 0.8)])
+def test_alarm_within_bounded_delay_after_step_change(jump, within, share):
+    """After 200 flat estimates the log-level jumps by 4σ (always caught within 15 estimates) or by
+    2σ (caught within 40 in at least 80 % of runs: the leaky trough forgives small, slow changes)."""
+    rng = random.Random(3)
+    detected = 0
+    for _ in range(20):
+        monitor = CusumMonitor()
+        first = None
+        for t in range(300):
+            level = -4.0 + (jump if t >= 200 else 0.0)
+            alarms = monitor.update(t, {AGGREGATE: math.exp(level + rng.gauss(0, 0.75))})
+            if alarms and first is None:
+                first = t
+        assert first is None or first >= 200, "false alarm before the change"
+        detected += first is not None and first < 200 + within
+    assert detected >= share * 20, f"only {detected}/20 changes of {jump} nats detected within {within} estimates"
+
+
+def test_steady_rise_is_detected():
+    rng = random.Random(4)
+    monitor = CusumMonitor()
+    firsts = []
+    for t in range(200):
+        if monitor.update(t, {AGGREGATE: math.exp(-4 + 0.05 * max(0, t - 50) + rng.gauss(0, 0.5))}):
+            firsts.append(t)
+    assert firsts and 50 < firsts[0] < 120
+
+
+def test_one_alarm_per_episode_and_alarm_fields():
+    monitor = CusumMonitor()
+    alarms = []
+    for t in range(200):
+        level = -4.0 + (3.0 if t >= 100 else 0.0) + 0.3 * math.sin(t)
+        alarms += monitor.update(t, {AGGREGATE: math.exp(level), "conv": math.exp(level)})
+    assert len(alarms) == 1
+    alarm = alarms[0]
+    assert alarm.kind == AGGREGATE and alarm.step >= 100 and alarm.statistic > alarm.threshold == monitor.h
+    assert alarm.layers == ["conv"]
+    assert "memorisation alarm" in alarm.describe()
+    assert Alarm.from_dict(json.loads(json.dumps(alarm.to_dict()))) == alarm
+
+
+def test_signal_values_from_estimate():
+    torch.manual_seed(0)
+    est = estimate_curvature(
+        mlp(), nn.CrossEntropyLoss(), (torch.randn(8, 6), torch.randint(0, 3, (8,))), probes=4, gn=False
+    )
+    frob = signal_values(est)
+    assert set(frob) == {*est.layers, AGGREGATE} and all(v >= 0 for v in frob.values())
+    total = float(est.samples["hess_row_sq"].mean(0).sum()) / sum(est.numel.values())
+    assert frob[AGGREGATE] == pytest.approx(total)
+    trace = signal_values(est, "trace")
+    assert trace[est.layers[0]] == pytest.approx(est.mean_eigenvalue(est.layers[0]))
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = random.Random(5)
+    series = [math.exp(-4 + 0.04 * max(0, t - 40) + rng.gauss(0, 0.6)) for t in range(150)]
+    full = CusumMonitor()
+    full_alarms = [a for t, v in enumerate(series) for a in full.update(t, {AGGREGATE: v})]
+    first = CusumMonitor()
+    part = [a for t, v in enumerate(series[:70]) for a in first.update(t, {AGGREGATE: v})]
+    resumed = CusumMonitor()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    part += [a for t, v in enumerate(series[70:], start=70) for a in resumed.update(t, {AGGREGATE: v})]
+    assert part == full_alarms and full_alarms
+    assert resumed.statistics() == full.statistics()
+
+
+def test_fit_on_reference_runs_save_and_load(tmp_path):
+    rng = random.Random(6)
+    clean = [[{AGGREGATE: math.exp(-4 + rng.gauss(0, 0.5))} for _ in range(60)] for _ in range(3)]
+    monitor = CusumMonitor().fit(clean)
+    assert monitor.reference[AGGREGATE]["sigma"] == pytest.approx(0.5, rel=0.3)
+    path = tmp_path / "cusum.json"
+    monitor.save(path)
+    loaded = CusumMonitor.load(path)
+    assert loaded.reference == monitor.reference and loaded.settings() == monitor.settings()
+    # calibrated from the reference: decides from the start, no warm-up needed
+    alarms = [a for t in range(40) for a in loaded.update(t, {AGGREGATE: math.exp(-4 + (3 if t >= 10 else 0))})]
+    assert alarms and alarms[0].step < 25
+    with pytest.raises(ValueError, match="at least"):
+        CusumMonitor().fit([[{AGGREGATE: 1.0}]])
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"h": 0}, "h > 0"), ({"warmup": 1}, "warmup"), ({"signal": "x"}, "signal"), ({"alarm_on": "x"}, "alarm_on")],
+)
+def test_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CusumMonitor(**kwargs)
+
+
+def test_nonpositive_and_nan_values_are_skipped():
+    monitor = CusumMonitor()
+    assert monitor.update(0, {AGGREGATE: -1.0}) == []
+    assert monitor.update(1, {AGGREGATE: float("nan")}) == []
+    assert monitor.series[AGGREGATE].floor is None  # nothing usable seen yet
