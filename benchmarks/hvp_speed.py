@@ -67,6 +67,15 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def math_attention_copy(model):
+    """A copy whose attention uses the math path: fused SDPA kernels have no double backward on CPU."""
+    ref = copy.deepcopy(model)
+    for m in ref.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = False
+    return ref
+
+
 def make_row(row: str, model, loss_fn, x, y, probes: int):
     """Return a zero-argument callable that runs the row once, plus a check on its result."""
     import curvopt
@@ -95,7 +104,7 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
     if row == "pyhessian":
         from pyhessian import hessian
 
-        ref = copy.deepcopy(model)
+        ref = math_attention_copy(model)
 
         def run():
             ref.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad otherwise
@@ -111,7 +120,7 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
         from curvlinops import HessianLinearOperator
         from curvlinops.trace.hutchinson import hutchinson_trace
 
-        ref = copy.deepcopy(model)
+        ref = math_attention_copy(model)
         for m in ref.modules():  # batch statistics without touching running buffers, as curvopt does
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.track_running_stats = False

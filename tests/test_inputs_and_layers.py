@@ -17,6 +17,7 @@ from curvopt import (
     ProbeBudgetTracker,
     estimate_curvature,
     group_parameters,
+    read_jsonl,
 )
 from curvopt.cli import main as cli_main
 
@@ -172,7 +173,16 @@ def test_cli_version_and_help(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_cli_demo_short_run(capsys):
-    assert cli_main(["demo", "--steps", "20", "--every", "10", "--probes", "2"]) == 0
+def test_cli_demo_fires_the_alarm_after_the_switch(capsys, tmp_path):
+    """The README's main job, at its default settings: exit 0 means the alarm fired after the label switch."""
+    assert cli_main(["demo", "--no-progress", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "gn_gap" in out and "step   20" in out
+    assert "ALARM" in out and "gn_gap" in out and "lr_scale" in out
+    records = read_jsonl(tmp_path / "curvature.jsonl")
+    assert any(r["type"] == "alarm" and r["step"] > 400 for r in records)
+    assert sum(r["type"] == "metrics" for r in records) == 40
+
+
+def test_cli_demo_bad_arguments(capsys):
+    assert cli_main(["demo", "--steps", "2"]) == 2
+    assert "--steps must be" in capsys.readouterr().err
