@@ -144,7 +144,9 @@ def run_row(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     fn()  # warm-up (and first-touch allocations)
     times = []
-    for _ in range(args.reps):
+    # the forward+backward baseline divides every ratio: give it more repetitions
+    reps = max(5 * args.reps, 15) if args.row == "fwd_bwd" else args.reps
+    for _ in range(reps):
         if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -1,11 +1,11 @@
 """Does layer-wise LR scaling (``lr_scaling="trace"``) help? SGD and AdamW, with and without, over seeds.
 
-The small CNN on the synthetic image task (4096 train / 2048 validation images, noise 1.5 so the
-task is not trivial), 1000 steps of batch 64 with a cosine schedule, curvature every 25 steps
+The small CNN on the synthetic image task (4096 train / 2048 validation images, noise 3.0: at 1.5 every
+setting reaches 100 % accuracy), 600 steps of batch 64 with a cosine schedule, curvature every 25 steps
 (K = 8 on 32 samples). Reports final train/validation loss and accuracy as mean ± sd over seeds,
 whatever the result.
 
-    python benchmarks/lr_scaling.py --seeds 5
+    python benchmarks/lr_scaling.py --seeds 5 --steps 600 --noise 3.0
 """
 
 from __future__ import annotations
@@ -33,16 +33,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
     return float(nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).float().mean())
 
 
-def run(args: tuple[str, bool, int, int]) -> dict:
+def run(args: tuple[str, bool, int, int, float]) -> dict:
     from curvopt import CurvatureAwareOptimizer
     from curvopt.models import small_cnn
     from curvopt.synthetic import make_synthetic_images
 
-    opt_name, scaling, seed, steps = args
+    opt_name, scaling, seed, steps, noise = args
     torch.set_num_threads(1)
     torch.manual_seed(seed)
-    x, y = make_synthetic_images(4096, seed=seed, noise=1.5)
-    xv, yv = make_synthetic_images(2048, seed=seed + 1000, noise=1.5)
+    x, y = make_synthetic_images(4096, seed=seed, noise=noise)
+    xv, yv = make_synthetic_images(2048, seed=seed + 1000, noise=noise)
     model = small_cnn()
     loss_fn = nn.CrossEntropyLoss()
     opt = CurvatureAwareOptimizer(
@@ -87,10 +87,11 @@ def fmt(values: list[float], pct: bool = False) -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--noise", type=float, default=3.0, help="image noise; 1.5 saturates at 100 %% accuracy")
     args = parser.parse_args()
-    jobs = [(o, s, seed, args.steps) for o in SETTINGS for s in (False, True) for seed in range(args.seeds)]
+    jobs = [(o, s, seed, args.steps, args.noise) for o in SETTINGS for s in (False, True) for seed in range(args.seeds)]
     start = time.perf_counter()
     with Pool(args.workers) as pool:
         results = pool.map(run, jobs)

@@ -404,3 +404,43 @@ def test_end_to_end_alarm_only_with_random_labels():
         firsts[condition] = opt.alarms[0].step if opt.alarms else None
     assert firsts["clean"] is None
     assert firsts["switch"] is not None and firsts["switch"] > 400
+
+
+def test_timm_native_scaler_calls_a_bare_step():
+    from timm.utils import NativeScaler
+
+    model = _model()
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(), every=2, probes=2
+    )
+    scaler = NativeScaler(device="cpu")
+    for x, y in _batches(4):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.CrossEntropyLoss()(model(x), y)
+        opt.observe(x, y)
+        scaler(loss, opt, parameters=model.parameters())
+    assert opt.step_count == 4 and len(opt.history) == 2
+
+
+def test_step_with_closure_behaves_like_the_inner_optimizer():
+    batches = _batches(5)
+    results = []
+    for wrap in (False, True):
+        model = _model()
+        inner = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = CurvatureAwareOptimizer(inner, model, nn.CrossEntropyLoss(), every=2, probes=2) if wrap else inner
+        losses = []
+        torch.manual_seed(5)
+        for x, y in batches:
+
+            def closure(x=x, y=y, model=model, opt=opt):
+                opt.zero_grad()
+                loss = nn.CrossEntropyLoss()(model(x), y)
+                loss.backward()
+                return loss
+
+            losses.append(float((opt.step(closure, batch=(x, y)) if wrap else opt.step(closure)).detach()))
+        results.append((losses, [p.detach().clone() for p in model.parameters()]))
+    assert results[0][0] == results[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
