@@ -98,33 +98,35 @@ def run_demo(
         quiet = logging.getLogger("curvopt")
         level = quiet.level
         quiet.setLevel(logging.ERROR)  # alarms are printed below, not as log records mid-bar
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for step in bar:
-                y_all = random_labels if step > switch else labels
-                idx = torch.randint(0, images.shape[0], (64,))
-                x, y = images[idx], y_all[idx]
-                opt.zero_grad()
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                loss.backward()
-                opt.step(batch=(x, y))
-                correct += int((logits.argmax(1) == y).sum())
-                seen += len(y)
-                if step % every == 0:
-                    stat = opt.monitor.series.get(AGGREGATE)
-                    bar.set_postfix(
-                        loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}",
-                        cusum=f"{stat.s:.1f}" if stat else "warm-up", alarms=len(opt.alarms),
-                    )  # fmt: skip
-                    correct = seen = 0
-                if step == switch:
-                    bar.write(f"step {step}: labels switched to random")
-                for alarm in opt.alarms:
-                    if alarm.step == step:
-                        bar.write(f"step {step}: ALARM: {alarm.describe()}")
-        bar.close()
-        quiet.setLevel(level)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for step in bar:
+                    y_all = random_labels if step > switch else labels
+                    idx = torch.randint(0, images.shape[0], (64,))
+                    x, y = images[idx], y_all[idx]
+                    opt.zero_grad()
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    loss.backward()
+                    opt.step(batch=(x, y))
+                    correct += int((logits.argmax(1) == y).sum())
+                    seen += len(y)
+                    if step % every == 0:
+                        stat = opt.monitor.series.get(AGGREGATE)
+                        bar.set_postfix(
+                            loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}",
+                            cusum=f"{stat.s:.1f}" if stat else "warm-up", alarms=len(opt.alarms),
+                        )  # fmt: skip
+                        correct = seen = 0
+                    if step == switch:
+                        bar.write(f"step {step}: labels switched to random")
+                    for alarm in opt.alarms:
+                        if alarm.step == step:
+                            bar.write(f"step {step}: ALARM: {alarm.describe()}")
+        finally:
+            bar.close()
+            quiet.setLevel(level)
     elapsed = time.perf_counter() - start
     print(f"\ntrained {steps} steps in {elapsed:.1f} s; {len(opt.history)} curvature estimates")
     if opt.last_estimate is not None:
