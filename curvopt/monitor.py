@@ -184,10 +184,8 @@ class CusumMonitor:
             return _Series(mu=ref["mu"], sigma=ref["sigma"], fixed_sigma=True)
         return _Series()
 
-    @property
-    def calibrated(self) -> bool:
-        agg = self.series.get(AGGREGATE)
-        return agg is not None and agg.sigma is not None
+    def _values(self, estimate: CurvatureEstimate | Mapping[str, float]) -> Mapping[str, float]:
+        return signal_values(estimate, self.signal) if isinstance(estimate, CurvatureEstimate) else estimate
 
     # ------------------------------------------------------------------ the decision rule
     def _observe(self, series: _Series, value: float) -> float | None:
@@ -233,7 +231,7 @@ class CusumMonitor:
 
     def update(self, step: int, estimate: CurvatureEstimate | Mapping[str, float]) -> list[Alarm]:
         """Fold in one estimate (or precomputed ``{series: v}`` values); return new alarms."""
-        values = signal_values(estimate, self.signal) if isinstance(estimate, CurvatureEstimate) else estimate
+        values = self._values(estimate)
         self.count += 1
         started: list[str] = []
         for name, value in values.items():
@@ -243,13 +241,13 @@ class CusumMonitor:
             x = self._observe(series, float(value))
             if x is not None and self._advance(series, x):
                 started.append(name)
-        layers_above = sorted(
-            (n for n, s in self.series.items() if n != AGGREGATE and s.s > self.h), key=lambda n: -self.series[n].s
-        )
         if self.alarm_on == AGGREGATE:
-            if AGGREGATE in started:
-                return [Alarm(step, layers_above, self.series[AGGREGATE].s, self.h, AGGREGATE)]
-            return []
+            if AGGREGATE not in started:
+                return []
+            layers_above = sorted(
+                (n for n, s in self.series.items() if n != AGGREGATE and s.s > self.h), key=lambda n: -self.series[n].s
+            )
+            return [Alarm(step, layers_above, self.series[AGGREGATE].s, self.h, AGGREGATE)]
         return [Alarm(step, [n], self.series[n].s, self.h, "layer") for n in started if n != AGGREGATE]
 
     def statistics(self) -> dict[str, float]:
@@ -272,8 +270,7 @@ class CusumMonitor:
         for history in histories:
             probe = CusumMonitor(**{**self.settings(), "alarm_on": AGGREGATE})
             for estimate in history:
-                values = signal_values(estimate, self.signal) if isinstance(estimate, CurvatureEstimate) else estimate
-                for name, value in values.items():
+                for name, value in self._values(estimate).items():
                     series = probe.series.setdefault(name, _Series())
                     seen = series.seen
                     x = probe._observe(series, float(value))

@@ -212,10 +212,9 @@ class CurvatureAwareOptimizer(Optimizer):
     def _curvature_batch(self) -> tuple[Any, Any] | None:
         if self._pending_batch is None:
             return None
-        x, y = self._pending_batch
         n = self.curvature_batch_size
-        slice_ = (lambda t: t[:n]) if n else (lambda t: t)
-        return (slice_(x) if isinstance(x, torch.Tensor) else x, slice_(y) if isinstance(y, torch.Tensor) else y)
+        x, y = (t[:n] if isinstance(t, torch.Tensor) else t for t in self._pending_batch)
+        return x, y
 
     def _current_probes(self) -> int:
         if self.probes != "auto":
@@ -284,27 +283,27 @@ class CurvatureAwareOptimizer(Optimizer):
             self.alarms.append(alarm)
             self._announce(alarm)
 
+    def _call_safely(self, fn: Callable[..., None], *args: Any, what: str) -> None:
+        """Run a logger or callback; a failure warns once per ``what`` and never stops training."""
+        try:
+            fn(*args)
+        except Exception as exc:
+            self._warn_once(what, f"curvopt: {what} failed: {exc}")
+
     def _emit(self, metrics: Mapping[str, float], step: int) -> None:
         for sink in self.loggers:
-            try:
-                sink.log(step, metrics)
-            except Exception as exc:  # a logger failure never stops training
-                self._warn_once(f"log-{id(sink)}", f"curvopt: logger {type(sink).__name__} failed: {exc}")
+            self._call_safely(sink.log, step, metrics, what=f"logger {type(sink).__name__} ({id(sink):x})")
 
     def _announce(self, alarm: Alarm) -> None:
         message = f"curvopt: {alarm.describe()}"
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         log.warning(message)
         for sink in self.loggers:
-            try:
-                sink.alert(alarm)
-            except Exception as exc:
-                self._warn_once(f"alert-{id(sink)}", f"curvopt: logger {type(sink).__name__} alert failed: {exc}")
+            self._call_safely(sink.alert, alarm, what=f"logger {type(sink).__name__} alert ({id(sink):x})")
         for callback in self.callbacks:
-            try:
-                callback(alarm)
-            except Exception as exc:
-                self._warn_once(f"cb-{id(callback)}", f"curvopt: alarm callback failed: {exc}")
+            self._call_safely(
+                callback, alarm, what=f"alarm callback {getattr(callback, '__name__', '')} ({id(callback):x})"
+            )
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ positive estimate keeps s_l = 1. Scales are plain floats in [s_min, s_max].
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping
 
 from .estimate import CurvatureEstimate
@@ -48,10 +49,7 @@ class TraceScaling:
             previous = self.log_tau.get(name)
             log_tau = math.log(tau)
             self.log_tau[name] = log_tau if previous is None else previous + self.smoothing * (log_tau - previous)
-        if self.log_tau:
-            ordered = sorted(self.log_tau.values())
-            mid = len(ordered) // 2
-            log_ref = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+        log_ref = statistics.median(self.log_tau.values()) if self.log_tau else 0.0
         for name in estimate.layers:
             if name in self.log_tau:
                 raw = math.exp(self.beta * (log_ref - self.log_tau[name]))
