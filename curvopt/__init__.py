@@ -3,7 +3,8 @@
 Data flow, top to bottom: ``layers`` (which tensors form a block) -> ``context`` and
 ``products`` (Hessian/GGN-vector products) -> ``estimate`` (Hutchinson estimators) ->
 ``variance`` (probe budget), ``monitor`` (CUSUM alarms), ``scaling`` (layer-wise LR) ->
-``optimizer`` (the wrapper) -> ``loggers``, ``demo``, ``cli``.
+``optimizer`` (the wrapper) -> ``loggers`` / ``wandb_logger`` and ``plots`` / ``report`` (display) ->
+``data``, ``recipes``, ``train``, ``demo``, ``cli`` (the programs).
 """
 
 from .estimate import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
@@ -14,6 +15,7 @@ from .optimizer import CurvatureAwareOptimizer
 from .products import STRATEGIES, CurvatureInputError
 from .scaling import TraceScaling
 from .variance import ProbeBudgetTracker
+from .wandb_logger import WandbLogger
 
 __version__ = "0.1.0"
 
@@ -31,6 +33,7 @@ __all__ = [
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",
     "TraceScaling",
+    "WandbLogger",
     "__version__",
     "estimate_curvature",
     "group_parameters",

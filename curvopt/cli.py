@@ -30,10 +30,57 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", default="runs/demo", help="where the JSONL log goes (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
+                      help="W&B mode for the demo's run (default: WANDB_MODE, else offline)")  # fmt: skip
+    sub.add_parser(
+        "train",
+        add_help=False,
+        help="train a timm model with the curvature-aware optimizer (timm train.py flags; --config recipe.yaml)",
+    )
+    report = sub.add_parser(
+        "report",
+        help="PNG (and HTML) plots of a run's curvature.jsonl",
+        description="Writes trace heatmap, GN-Gap, CUSUM, LR-scale and loss/accuracy plots into RUN_DIR/report.",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a curvature.jsonl file)")
+    report.add_argument("--out-dir", default=None, help="where the pictures go (default RUN_DIR/report)")
+    report.add_argument("--html", action="store_true", help="also write one self-contained report.html")
     return parser
 
 
+def _train(argv: Sequence[str]) -> int:
+    from .data import DatasetUnavailableError
+    from .recipes import RecipeError, parse_train_args
+    from .train import TrainError, run_training
+
+    try:
+        args = parse_train_args(argv)
+        return run_training(args)
+    except (RecipeError, TrainError, DatasetUnavailableError) as exc:
+        print(f"curvopt train: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("curvopt train: interrupted (the last completed epoch's checkpoint is intact)", file=sys.stderr)
+        return 130
+
+
+def _report(run_dir: str, out_dir: str | None, html_page: bool) -> int:
+    from .report import ReportError, make_report
+
+    try:
+        paths = make_report(run_dir, out_dir, html_page=html_page)
+    except ReportError as exc:
+        print(f"curvopt report: error: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train":
+        return _train(argv[1:])
     parser = _build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -51,10 +98,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 out_dir=args.out_dir,
                 lr_scaling=args.lr_scaling,
                 progress=not args.no_progress,
+                wandb_mode=args.wandb,
             )
         except ValueError as exc:
             print(f"curvopt demo: {exc}", file=sys.stderr)
             return 2
+    if args.command == "report":
+        return _report(args.run_dir, args.out_dir, args.html)
     parser.error(f"unknown command {args.command!r}")
     return 2
 

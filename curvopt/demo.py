@@ -9,7 +9,7 @@ network starts fitting the noise.
 from __future__ import annotations
 
 import logging
-import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -18,37 +18,21 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .estimate import CurvatureEstimate
 from .loggers import JsonlLogger
 from .models import small_cnn
-from .monitor import AGGREGATE, CusumMonitor
+from .monitor import AGGREGATE
 from .optimizer import CurvatureAwareOptimizer
+from .report import make_report
 from .synthetic import corrupt_labels, make_synthetic_images
+from .tables import format_table
+from .wandb_logger import WandbLogger
 
 
-def format_table(
-    estimate: CurvatureEstimate, scales: dict[str, float] | None = None, monitor: CusumMonitor | None = None
-) -> str:
-    """Per layer: d_l, trace ± SE, GN trace, GN-Gap (Frobenius form), LR scale, CUSUM statistic."""
-    header = (
-        f"{'layer':<10}{'numel':>8}{'trace':>11}{'± se':>9}{'gn_trace':>11}{'gn_gap':>8}{'lr_scale':>10}{'cusum':>8}"
-    )
-    rows = [header, "-" * len(header)]
-    for name in estimate.layers:
-        scale = f"{scales[name]:.2f}" if scales is not None else "off"
-        cusum = f"{monitor.series[name].s:.2f}" if monitor is not None and name in monitor.series else "–"
-        rows.append(
-            f"{name:<10}{estimate.numel[name]:>8}{estimate.trace[name]:>11.3g}{estimate.trace_se[name]:>9.2g}"
-            f"{estimate.gn_trace.get(name, math.nan):>11.3g}{estimate.gn_gap.get(name, math.nan):>8.3g}"
-            f"{scale:>10}{cusum:>8}"
-        )
-    if monitor is not None and AGGREGATE in monitor.series:
-        rows.append(
-            f"{'model':<10}{sum(estimate.numel.values()):>8}{estimate.total_trace:>11.3g}"
-            f"{estimate.total_trace_se:>9.2g}{estimate.total_gn_trace:>11.3g}{estimate.total_gn_gap:>8.3g}"
-            f"{'':>10}{monitor.series[AGGREGATE].s:>8.2f}"
-        )
-    return "\n".join(rows)
+def _quiet_wandb() -> object:
+    """W&B settings without console chatter (the demo prints where the run went)."""
+    import wandb
+
+    return wandb.Settings(silent=True)
 
 
 def run_demo(
@@ -60,8 +44,14 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     lr_scaling: str | None = None,
     progress: bool = True,
+    wandb_mode: str | None = None,
 ) -> int:
-    """Train, corrupt the labels half-way, report. Returns 0 when the alarm fired after the switch."""
+    """Train, corrupt the labels half-way, report. Returns 0 when the alarm fired after the switch.
+
+    Writes ``out_dir/curvature.jsonl``, the plots of ``curvopt report`` under ``out_dir/report`` and a
+    W&B run under ``out_dir/wandb`` (``wandb_mode``, else ``WANDB_MODE``, else offline: the demo never
+    needs an account or the network; ``"disabled"`` skips it).
+    """
     if steps < 4 or every < 1:
         raise ValueError("--steps must be >= 4 and --every >= 1")
     if probes < 1:
@@ -70,6 +60,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "curvature.jsonl"
     log_path.unlink(missing_ok=True)
+    mode = wandb_mode or os.environ.get("WANDB_MODE") or "offline"
 
     torch.manual_seed(seed)
     images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
@@ -78,6 +69,17 @@ def run_demo(
     model = small_cnn()
     loss_fn = nn.CrossEntropyLoss()
     with JsonlLogger(log_path) as jsonl:
+        sinks: list = [jsonl]
+        wandb_logger = None
+        if mode != "disabled":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                config = {"steps": steps, "every": every, "probes": probes, "seed": seed}
+                wandb_logger = WandbLogger(
+                    project="curvopt-demo", dir=str(out), mode=mode, settings=_quiet_wandb(), config=config
+                )
+            if wandb_logger.active:
+                sinks.append(wandb_logger)
         opt = CurvatureAwareOptimizer(
             torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
             model,
@@ -85,7 +87,7 @@ def run_demo(
             every=every,
             probes=probes,
             lr_scaling=lr_scaling,
-            logger=jsonl,
+            logger=sinks,
             seed=seed,
         )
         print(
@@ -113,6 +115,8 @@ def run_demo(
                     correct += int((logits.argmax(1) == y).sum())
                     seen += len(y)
                     if step % every == 0:
+                        for sink in sinks:
+                            sink.log_training(step, {"train/loss": loss.item(), "train/acc": 100.0 * correct / seen})
                         stat = opt.monitor.series.get(AGGREGATE)
                         bar.set_postfix(
                             loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}",
@@ -127,6 +131,10 @@ def run_demo(
         finally:
             bar.close()
             quiet.setLevel(level)
+            if wandb_logger is not None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    wandb_logger.finish()
     elapsed = time.perf_counter() - start
     print(f"\ntrained {steps} steps in {elapsed:.1f} s; {len(opt.history)} curvature estimates")
     if opt.last_estimate is not None:
@@ -138,6 +146,13 @@ def run_demo(
             print(f"alarm: {alarm.describe()}")
     else:
         print("no alarm was raised")
-    print(f"JSONL log: {log_path}")
+    print(f"JSONL log:  {log_path}")
+    if wandb_logger is not None and wandb_logger.local_dir is not None:
+        print(f"W&B run:    {wandb_logger.local_dir} ({mode}; `wandb sync` uploads an offline run)")
+    try:
+        plots = make_report(log_path)
+        print(f"plots:      {plots[0].parent}/ ({', '.join(p.name for p in plots)})")
+    except Exception as exc:  # a plotting problem must not hide the demo's result
+        print(f"plots:      not written ({type(exc).__name__}: {exc})")
     fired_after_switch = any(a.step > switch for a in opt.alarms)
     return 0 if fired_after_switch else 1

@@ -24,7 +24,8 @@ def _jsonable(value: Any) -> Any:
 
 
 class JsonlLogger:
-    """Appends one JSON object per line: ``{"type": "metrics", "step": …, …}`` or ``{"type": "alarm", …}``.
+    """Appends one JSON object per line, ``{"type": "metrics", "step": …, …}``, ``{"type": "alarm", …}``,
+    and from training loops ``train``/``eval``/``config`` records.
 
     Lines are flushed as they are written, so an interrupted run leaves a readable file (at
     most the line being written is lost). ``curvopt report`` reads this format.
@@ -45,8 +46,23 @@ class JsonlLogger:
     def alert(self, alarm: Alarm) -> None:
         self._write({"type": "alarm", **alarm.to_dict()})
 
+    def attach(self, optimizer: Any) -> None:
+        """A ``config`` record with the wrapper's settings (called by the optimizer)."""
+        settings = getattr(optimizer, "settings", None)
+        if callable(settings):
+            self._write({"type": "config", "curvopt": settings()})
+
+    def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
+        """A ``train`` record (loss, LR, … of the training loop) at optimizer step ``step``."""
+        self._write({"type": "train", "step": step, **metrics})
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """An ``eval`` record (per-epoch validation metrics)."""
+        self._write({"type": "eval", "epoch": epoch, **metrics})
+
     def close(self) -> None:
-        self._file.close()
+        if not self._file.closed:
+            self._file.close()
 
     def __enter__(self) -> JsonlLogger:
         return self

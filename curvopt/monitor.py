@@ -64,8 +64,11 @@ class Alarm:
     threshold: float
     kind: str = AGGREGATE
 
-    def describe(self) -> str:
-        where = ", ".join(self.layers) if self.layers else "model-wide only"
+    def describe(self, max_layers: int = 5) -> str:
+        """One line; the ``max_layers`` layers with the largest CUSUM statistics are named."""
+        where = ", ".join(self.layers[:max_layers]) if self.layers else "model-wide only"
+        if len(self.layers) > max_layers:
+            where += f" and {len(self.layers) - max_layers} more"
         return (
             f"memorisation alarm at step {self.step}: curvature rising ({self.kind} CUSUM "
             f"{self.statistic:.2f} > {self.threshold:.2f}; layers: {where})"

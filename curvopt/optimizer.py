@@ -140,6 +140,10 @@ class CurvatureAwareOptimizer(Optimizer):
         self.skipped_estimates = 0
         self._pending_batch: tuple[Any, Any] | None = None
         self._warned: set[str] = set()
+        for sink in self.loggers:
+            attach = getattr(sink, "attach", None)
+            if callable(attach):
+                self._call_safely(attach, self, what=f"logger {type(sink).__name__} attach")
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -304,6 +308,20 @@ class CurvatureAwareOptimizer(Optimizer):
             self._call_safely(
                 callback, alarm, what=f"alarm callback {getattr(callback, '__name__', '')} ({id(callback):x})"
             )
+
+    def settings(self) -> dict[str, Any]:
+        """The wrapper's configuration as plain values (for run configs and logs)."""
+        return {
+            "optimizer": type(self.optimizer).__name__,
+            "every": self.every,
+            "probes": self.probes,
+            "curvature_batch_size": self.curvature_batch_size,
+            "gn": self.gn,
+            "strategy": self.strategy,
+            "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
+            "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),
+            "layers": [b.name for b in self.layer_blocks],
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:

@@ -334,7 +334,9 @@ def test_logger_failure_warns_once_and_training_continues(tmp_path):
     assert sum("disk full" in str(w.message) for w in record) == 1
     assert seen == [3, 6, 9, 12]
     records = read_jsonl(tmp_path / "curv.jsonl")
-    assert [r["step"] for r in records] == [3, 6, 9, 12] and "curv/total/trace" in records[0]
+    assert records[0]["type"] == "config" and records[0]["curvopt"]["every"] == 3
+    metrics = [r for r in records if r["type"] == "metrics"]
+    assert [r["step"] for r in metrics] == [3, 6, 9, 12] and "curv/total/trace" in metrics[0]
 
 
 @pytest.mark.parametrize(

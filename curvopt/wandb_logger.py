@@ -1,0 +1,186 @@
+"""``WandbLogger``: curvature metrics, alarms and layer × step heatmaps in Weights & Biases.
+
+Keys (all against a monotone ``curv/step`` via ``define_metric("curv/*", step_metric="curv/step")``,
+so they never fight the user's own ``wandb.log`` step): ``curv/trace/<layer>``,
+``curv/trace_se/<layer>``, ``curv/gn_gap/<layer>``, ``curv/cusum/<layer>``,
+``curv/lr_scale/<layer>``, ``curv/total/*``, ``curv/alarm``; every ``heatmap_every`` estimates an
+image ``curv/trace_heatmap`` (layers × steps) from the history the logger keeps.
+
+Mode: ``WANDB_MODE`` when set; otherwise online when credentials exist (``WANDB_API_KEY`` or a
+netrc entry for the W&B host) and **offline** when there are none, so a run never prompts for a
+login or needs the network. Anything that goes wrong on the W&B side (wandb not installed, init
+failing, the network) warns once and turns this logger into a no-op: training never stops for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .monitor import Alarm
+
+log = logging.getLogger("curvopt")
+
+CURV_STEP = "curv/step"
+TRAIN_STEP = "train/step"
+
+
+def has_wandb_credentials() -> bool:
+    """``WANDB_API_KEY`` is set, or the netrc file has an entry for the W&B API host."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(mode: str | None = None) -> str:
+    """Explicit ``mode`` > ``WANDB_MODE`` > online with credentials > offline."""
+    if mode is not None:
+        return mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if has_wandb_credentials() else "offline"
+
+
+class WandbLogger:
+    """Logs to an existing ``wandb.run`` (``run=None`` and one is active) or starts a new one.
+
+    Args:
+        run: a ``wandb`` run to log into; by default the active ``wandb.run``, else a new run
+            from ``init_kwargs`` (``project``, ``name``, ``dir``, ``config``, ``tags``, ``mode``, …).
+        heatmap_every: log the layer × step trace heatmap every N estimates (0: never).
+        alerts: send ``run.alert`` once per alarm episode.
+        **init_kwargs: passed to ``wandb.init`` when this logger starts the run.
+
+    The optimizer calls :meth:`attach` so the run's ``config`` gets the wrapper's settings
+    under ``curvopt``; recipes add theirs with :meth:`update_config`. :meth:`finish` ends the run
+    only if this logger started it.
+    """
+
+    def __init__(self, run: Any = None, *, heatmap_every: int = 10, alerts: bool = True, **init_kwargs: Any) -> None:
+        if heatmap_every < 0:
+            raise ValueError(f"heatmap_every must be >= 0, got {heatmap_every}")
+        self.heatmap_every = heatmap_every
+        self.alerts = alerts
+        self.run: Any = None
+        self.local_dir: str | None = None
+        self.owns_run = False
+        self._warned: set[str] = set()
+        self._estimates = 0
+        self._traces: list[tuple[int, dict[str, float]]] = []
+        try:
+            import wandb
+
+            self._wandb = wandb
+            if run is None and wandb.run is not None:
+                run = wandb.run
+            if run is None:
+                init_kwargs["mode"] = resolve_mode(init_kwargs.get("mode"))
+                init_kwargs.setdefault("settings", wandb.Settings(quiet=True))  # no per-key history dump at exit
+                if "dir" in init_kwargs:
+                    Path(init_kwargs["dir"]).mkdir(parents=True, exist_ok=True)
+                run = wandb.init(**init_kwargs)
+                self.owns_run = True
+            self.run = run
+            self.local_dir = str(Path(run.dir).parent)
+            run.define_metric(CURV_STEP)
+            run.define_metric("curv/*", step_metric=CURV_STEP)
+            run.define_metric(TRAIN_STEP)
+            run.define_metric("train/*", step_metric=TRAIN_STEP)
+            run.define_metric("epoch")
+            run.define_metric("eval/*", step_metric="epoch")
+        except Exception as exc:  # wandb missing, init error, network: warn, never stop training
+            self._warn("init", f"W&B logging is off: {type(exc).__name__}: {exc}")
+            self.run = None
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def active(self) -> bool:
+        return self.run is not None
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f"curvopt: {message}", RuntimeWarning, stacklevel=3)
+            log.warning("curvopt: %s", message)
+
+    def _safely(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        if self.run is None:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as exc:
+            self._warn(what, f"W&B {what} failed (further failures of this kind are silent): {exc}")
+
+    # ------------------------------------------------------------------ the CurvatureSink protocol
+    def attach(self, optimizer: Any) -> None:
+        """Record the wrapper's settings in the run's config (called by the optimizer)."""
+        settings = getattr(optimizer, "settings", None)
+        if callable(settings):
+            self.update_config({"curvopt": settings()})
+
+    def update_config(self, config: Mapping[str, Any]) -> None:
+        self._safely("config update", lambda: self.run.config.update(dict(config), allow_val_change=True))
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Curvature metrics of one estimate, against ``curv/step``."""
+        if self.run is None:
+            return
+        self._safely("log", self.run.log, {CURV_STEP: step, **metrics})
+        traces = {k.removeprefix("curv/trace/"): v for k, v in metrics.items() if k.startswith("curv/trace/")}
+        if not traces:
+            return
+        self._traces.append((step, traces))
+        self._estimates += 1
+        if self.heatmap_every and self._estimates % self.heatmap_every == 0:
+            self._safely("heatmap", self._log_heatmap, step)
+
+    def _log_heatmap(self, step: int) -> None:
+        import matplotlib.pyplot as plt
+
+        from .plots import trace_heatmap_figure
+
+        figure = trace_heatmap_figure(self._traces)
+        try:
+            self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._wandb.Image(figure)})
+        finally:
+            plt.close(figure)
+
+    def alert(self, alarm: Alarm) -> None:
+        """One W&B alert per alarm episode (the monitor raises one ``Alarm`` per episode)."""
+        if self.run is None or not self.alerts:
+            return
+        self._safely(
+            "alert",
+            self.run.alert,
+            title=f"curvopt: memorisation alarm at step {alarm.step}",
+            text=alarm.describe(),
+            level=self._wandb.AlertLevel.WARN,
+        )
+
+    # ------------------------------------------------------------------ training-loop metrics
+    def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Training metrics (``train/*``) against ``train/step`` (optimizer updates)."""
+        self._safely("log", self.run.log if self.run else None, {TRAIN_STEP: step, **metrics})
+
+    def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Per-epoch metrics (``eval/*``, summaries) against ``epoch``."""
+        self._safely("log", self.run.log if self.run else None, {"epoch": epoch, **metrics})
+
+    def finish(self) -> None:
+        """Finish the run if this logger started it (flushes an offline run to disk)."""
+        if self.run is not None and self.owns_run:
+            self._safely("finish", self.run.finish)
+        self.run = None
+
+    close = finish
