@@ -10,6 +10,9 @@ The function whose curvature is estimated is the *training* loss as a training s
   statistics (the same function as a train-mode step) but never updates ``running_mean``,
   ``running_var`` or ``num_batches_tracked``. (A train-mode forward with tracking on would
   update them once per forward, and torch.func transforms reject the in-place update.)
+  ``SyncBatchNorm`` behaves as a local BatchNorm while probing (each rank's curvature batch uses
+  its own statistics): its cross-rank collective has no double backward, and each rank probes
+  its own batch anyway (:mod:`curvopt.distributed`).
 * **Dropout / DropPath.** Active, as in training, with *one* mask per estimate: the RNG is
   forked, seeded once, and rewound to the same state before every forward, so all K probes
   (and the GGN products) see the same mask. The caller's CPU and CUDA RNG streams are left
@@ -57,6 +60,14 @@ class RngRewinder:
             torch.cuda.set_rng_state(state, device)
 
 
+class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """A ``SyncBatchNorm`` while probing: the same parameters and buffers, local batch statistics."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+
 @contextlib.contextmanager
 def probing_context(model: nn.Module, *, mask_seed: int) -> Iterator[Callable[[], None]]:
     """Context in which ``model``'s training loss is probed; yields an RNG rewinder.
@@ -74,8 +85,11 @@ def probing_context(model: nn.Module, *, mask_seed: int) -> Iterator[Callable[[]
         (m, m.track_running_stats) for m in modules if isinstance(getattr(m, "track_running_stats", None), bool)
     ]
     saved_fused = [(m, m.fused_attn) for m in modules if isinstance(getattr(m, "fused_attn", None), bool)]
+    sync_bn = [m for m in modules if isinstance(m, nn.SyncBatchNorm)]
     cuda_devices = _cuda_devices(model)
     try:
+        for module in sync_bn:  # per-rank batch statistics; SyncBN's collective has no double backward
+            module.__class__ = _LocalBatchNorm
         if not model.training:
             model.train()
         for module, _ in saved_tracking:
@@ -102,3 +116,5 @@ def probing_context(model: nn.Module, *, mask_seed: int) -> Iterator[Callable[[]
             module.track_running_stats = flag
         for module, flag in saved_fused:
             module.fused_attn = flag
+        for module in sync_bn:
+            module.__class__ = nn.SyncBatchNorm

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from .estimate import CurvatureEstimate, estimate_curvature
+from . import distributed as dist_utils
+from .estimate import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
 from .layers import group_parameters, unwrap_model
 from .monitor import Alarm, CusumMonitor
 from .scaling import make_policy
@@ -72,6 +73,12 @@ class CurvatureAwareOptimizer(Optimizer):
         history: how many past estimates (as flat dicts) to keep in ``opt.history``.
         layers: custom grouping, as for :func:`curvopt.estimate_curvature`.
         strategy: product strategy, as for :func:`curvopt.estimate_curvature`.
+        distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
+            its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
+            exactly the single-process estimate on the concatenated batch). See
+            :mod:`curvopt.distributed`; estimates, alarms and LR scales are identical on all ranks,
+            and only rank 0 logs, warns and calls the alarm callbacks.
+        process_group: the group to reduce over (default: the default group, when initialised).
     """
 
     def __init__(
@@ -93,6 +100,8 @@ class CurvatureAwareOptimizer(Optimizer):
         auto_probes: tuple[int, int] = (4, 32),
         layers: Any = None,
         strategy: str = "auto",
+        distributed_probes: str = "independent",
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -106,6 +115,8 @@ class CurvatureAwareOptimizer(Optimizer):
             raise TypeError("loss_fn must be callable")
         if history < 1:
             raise ValueError("history must be >= 1")
+        if distributed_probes not in dist_utils.PROBE_MODES:
+            raise ValueError(f"distributed_probes must be one of {dist_utils.PROBE_MODES}, got {distributed_probes!r}")
         self._check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -122,6 +133,8 @@ class CurvatureAwareOptimizer(Optimizer):
         self.curvature_batch_size = curvature_batch_size
         self.gn = gn
         self.strategy = strategy
+        self.distributed_probes = distributed_probes
+        self.process_group = process_group
         self.monitor = self._make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
         self.loggers: list[CurvatureSink] = (
@@ -140,7 +153,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.skipped_estimates = 0
         self._pending_batch: tuple[Any, Any] | None = None
         self._warned: set[str] = set()
-        for sink in self.loggers:
+        for sink in self.loggers if self._reports() else []:
             attach = getattr(sink, "attach", None)
             if callable(attach):
                 self._call_safely(attach, self, what=f"logger {type(sink).__name__} attach")
@@ -229,43 +242,23 @@ class CurvatureAwareOptimizer(Optimizer):
         return self.probe_tracker.suggest_probes(low, high)
 
     def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
+        if key not in self._warned and self._reports():
             self._warned.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             log.warning(message)
 
     def _estimate_and_update(self) -> None:
         step = self.step_count + 1
-        batch = self._curvature_batch()
-        if batch is None:
-            self._warn_once(
-                "no-batch",
-                f"curvopt: step {step} is a curvature step but no batch was given; pass "
-                "step(batch=(x, y)) or call observe(x, y) before step(). Estimate skipped.",
-            )
-            return
-        try:
-            estimate = estimate_curvature(
-                self.model,
-                self.loss_fn,
-                batch,
-                probes=self._current_probes(),
-                gn=self.gn,
-                generator=self.generator,
-                layers=self.layer_blocks,
-                strategy=self.strategy,
-            )
-        except FloatingPointError as exc:
+        distributed = dist_utils.is_active(self.process_group)
+        estimate, problem = self._local_estimate(step, distributed)
+        if distributed:
+            estimate, problem = self._combine_ranks(estimate, problem)
+        if estimate is None:
             self.skipped_estimates += 1
-            self._warn_once("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})")
+            if problem is not None:
+                key, message = problem
+                self._warn_once(key, message)
             self._emit({"curv/skipped_estimates": float(self.skipped_estimates)}, step)
-            return
-        except Exception as exc:  # estimation must never stop training
-            self.skipped_estimates += 1
-            self._warn_once(
-                f"error-{type(exc).__name__}",
-                f"curvopt: curvature estimate at step {step} failed and was skipped: {type(exc).__name__}: {exc}",
-            )
             return
         self.last_estimate = estimate
         if estimate.probes >= 2:
@@ -287,6 +280,65 @@ class CurvatureAwareOptimizer(Optimizer):
             self.alarms.append(alarm)
             self._announce(alarm)
 
+    def _local_estimate(
+        self, step: int, distributed: bool
+    ) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
+        """This process's estimate, or ``None`` and a (warning key, message) saying why not."""
+        generator = (
+            dist_utils.rank_generator(self.generator, self.distributed_probes, self.process_group)
+            if distributed
+            else self.generator
+        )
+        batch = self._curvature_batch()
+        if batch is None:
+            return None, (
+                "no-batch",
+                f"curvopt: step {step} is a curvature step but no batch was given; pass "
+                "step(batch=(x, y)) or call observe(x, y) before step(). Estimate skipped.",
+            )
+        try:
+            estimate = estimate_curvature(
+                self.model,
+                self.loss_fn,
+                batch,
+                probes=self._current_probes(),
+                gn=self.gn,
+                generator=generator,
+                layers=self.layer_blocks,
+                strategy=self.strategy,
+            )
+        except FloatingPointError as exc:
+            return None, ("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})")
+        except Exception as exc:  # estimation must never stop training
+            return None, (
+                f"error-{type(exc).__name__}",
+                f"curvopt: curvature estimate at step {step} failed and was skipped: {type(exc).__name__}: {exc}",
+            )
+        return estimate, None
+
+    def _combine_ranks(
+        self, estimate: CurvatureEstimate | None, problem: tuple[str, str] | None
+    ) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
+        """The one collective of an estimate; every rank joins it, also when its own estimate failed."""
+        kinds = [k for k in SAMPLE_KINDS if self.gn or k in ("trace", "hess_row_sq")]
+        names = [b.name for b in self.layer_blocks]
+        layout = dist_utils.Layout(
+            layers=names, numel={b.name: b.numel for b in self.layer_blocks}, kinds=kinds, probes=self._current_probes()
+        )
+        if estimate is not None and (estimate.layers != names or sorted(estimate.samples) != sorted(kinds)):
+            estimate, problem = None, ("layout", "curvopt: the estimate's layers or kinds differ from the wrapper's")
+        combined, failed = dist_utils.all_gather_estimate(
+            estimate,
+            layout,
+            mode=self.distributed_probes,
+            group=self.process_group,
+            device=dist_utils.collective_device(self.process_group),
+        )
+        if combined is None and problem is None:
+            message = f"curvopt: rank(s) {failed} could not estimate; the estimate is skipped on all ranks"
+            problem = ("rank-failed", message)
+        return combined, problem
+
     def _call_safely(self, fn: Callable[..., None], *args: Any, what: str) -> None:
         """Run a logger or callback; a failure warns once per ``what`` and never stops training."""
         try:
@@ -294,11 +346,19 @@ class CurvatureAwareOptimizer(Optimizer):
         except Exception as exc:
             self._warn_once(what, f"curvopt: {what} failed: {exc}")
 
+    def _reports(self) -> bool:
+        """Loggers, warnings and alarm callbacks run on one process only (rank 0 of the group)."""
+        return dist_utils.rank(self.process_group) == 0
+
     def _emit(self, metrics: Mapping[str, float], step: int) -> None:
+        if not self._reports():
+            return
         for sink in self.loggers:
             self._call_safely(sink.log, step, metrics, what=f"logger {type(sink).__name__} ({id(sink):x})")
 
     def _announce(self, alarm: Alarm) -> None:
+        if not self._reports():
+            return
         message = f"curvopt: {alarm.describe()}"
         warnings.warn(message, RuntimeWarning, stacklevel=4)
         log.warning(message)
@@ -318,6 +378,8 @@ class CurvatureAwareOptimizer(Optimizer):
             "curvature_batch_size": self.curvature_batch_size,
             "gn": self.gn,
             "strategy": self.strategy,
+            "distributed_probes": self.distributed_probes,
+            "world_size": dist_utils.world_size(self.process_group),
             "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
             "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),
             "layers": [b.name for b in self.layer_blocks],

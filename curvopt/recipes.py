@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", type=_bool, default=False, nargs="?", const=True, help="mixed precision (autocast)")
     g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
     g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda when available)")
+    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
+    g.add_argument("--dist-url", default="env://", help="process-group init URL (torchrun sets env://)")
+    g.add_argument("--sync-bn", type=_bool, default=False, nargs="?", const=True,
+                   help="SyncBatchNorm across ranks (CUDA); curvature uses per-rank batch statistics")  # fmt: skip
+    g.add_argument("--curv-dist-probes", default="independent", choices=["independent", "shared"],
+                   help="torchrun: per-rank probes (effective K = world size x K) or shared")  # fmt: skip
     g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
     g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")

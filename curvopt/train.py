@@ -99,12 +99,17 @@ def create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module,
 
 # ---------------------------------------------------------------------- helpers
 def _device(args: argparse.Namespace) -> torch.device:
-    if args.device:
-        device = torch.device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TrainError(f"--device {args.device}: CUDA is not available on this machine")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device, after joining the process group when launched by torchrun (timm's own helper).
+
+    Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.local_rank``.
+    """
+    from timm.utils import init_distributed_device
+
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {args.device}: CUDA is not available on this machine")
+    return init_distributed_device(args)
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -170,6 +175,10 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, autocast: Any)
     return {"loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1)}
 
 
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
+
+
 # ---------------------------------------------------------------------- the run
 def run_training(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0 on success. Setup errors raise :class:`TrainError`."""
@@ -181,7 +190,9 @@ def run_training(args: argparse.Namespace) -> int:
 
     _check_args(args)
     device = _device(args)
-    torch.manual_seed(args.seed)
+    main_process = args.rank == 0
+    say = print if main_process else _silent
+    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     resume = load_checkpoint(args.resume) if args.resume else None
 
     try:
@@ -199,9 +210,12 @@ def run_training(args: argparse.Namespace) -> int:
                             active=args.label_noise_start_epoch <= 0)  # fmt: skip
         train_set = noisy
     loader_gen = torch.Generator().manual_seed(args.seed)
+    sampler = None
+    if args.distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(train_set, seed=args.seed, drop_last=True)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers,
-        generator=loader_gen, pin_memory=device.type == "cuda",
+        train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
+        num_workers=args.workers, generator=loader_gen, pin_memory=device.type == "cuda",
     )  # fmt: skip
     if len(train_loader) == 0:
         raise TrainError(f"the training set ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
@@ -210,8 +224,14 @@ def run_training(args: argparse.Namespace) -> int:
     )
 
     model, stem_note = create_model(args, splits.num_classes)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
+    train_model: nn.Module = model
+    if args.distributed:
+        ids = [device.index if device.index is not None else args.local_rank] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0:
@@ -236,16 +256,18 @@ def run_training(args: argparse.Namespace) -> int:
         raise TrainError(f"optimizer '{args.opt}': {exc}") from None
 
     run_dir = _run_dir(args)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True), encoding="utf-8")
-    jsonl = JsonlLogger(run_dir / "curvature.jsonl")
+    jsonl: JsonlLogger | None = None
     wandb_logger = None
-    if args.log_wandb:
+    if main_process:  # only rank 0 writes logs and checkpoints
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True), encoding="utf-8")
+        jsonl = JsonlLogger(run_dir / "curvature.jsonl")
+    if main_process and args.log_wandb:
         wandb_logger = WandbLogger(
             project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=vars(args),
             tags=list(args.wandb_tags) or None, id=(resume or {}).get("wandb_id"), resume="allow",
         )  # fmt: skip
-    sinks: list[Any] = [jsonl] + ([wandb_logger] if wandb_logger is not None else [])
+    sinks: list[Any] = [s for s in (jsonl, wandb_logger) if s is not None]
 
     def announce(alarm: Any) -> None:
         tqdm.write(f"ALARM: {alarm.describe()}")
@@ -255,9 +277,10 @@ def run_training(args: argparse.Namespace) -> int:
         monitor = CusumMonitor(h=args.cusum_threshold, k=args.cusum_k, warmup=args.cusum_warmup)
     try:
         opt = CurvatureAwareOptimizer(
-            base, model, train_loss_fn, every=args.curv_every, probes=args.curv_probes,
+            base, train_model, train_loss_fn, every=args.curv_every, probes=args.curv_probes,
             curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
             lr_scaling=args.lr_scaling, logger=sinks, callbacks=[announce], seed=args.seed,
+            distributed_probes=args.curv_dist_probes,
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
@@ -295,14 +318,15 @@ def run_training(args: argparse.Namespace) -> int:
             else:
                 scheduler.step(start_epoch)
 
-    print(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
-          f"{splits.num_classes} classes) on {device}; run dir {run_dir}")  # fmt: skip
+    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
+    say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
+        f"{splits.num_classes} classes) on {device}{ranks}; run dir {run_dir}")  # fmt: skip
     if stem_note:
-        print(f"  small-input adaptation: {stem_note}")
-    print(f"  {opt!r}; {len(opt.layer_blocks)} layers; {updates_per_epoch} updates/epoch, {num_epochs} epochs"
+        say(f"  small-input adaptation: {stem_note}")
+    say(f"  {opt!r}; {len(opt.layer_blocks)} layers; {updates_per_epoch} updates/epoch, {num_epochs} epochs"
           + (f"; resuming at epoch {start_epoch}, update {num_updates}" if resume else ""))  # fmt: skip
     if noisy is not None:
-        print(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch}")
+        say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch}")
     if wandb_logger is not None:
         wandb_logger.update_config({"run_dir": str(run_dir)})
 
@@ -316,6 +340,8 @@ def run_training(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message="curvopt: memorisation alarm", category=RuntimeWarning)
     try:
         for epoch in range(start_epoch, num_epochs):
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             if noisy is not None:
                 noisy.active = epoch >= args.label_noise_start_epoch
             if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -324,8 +350,8 @@ def run_training(args: argparse.Namespace) -> int:
             model.train()
             loss_sum = acc_sum = 0.0
             batches = 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, disable=args.no_progress,
-                       dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+                       disable=args.no_progress or not main_process)  # fmt: skip
             last_index = len(train_loader) - 1
             opt.zero_grad()
             for batch_idx, (x, y) in enumerate(bar):
@@ -334,7 +360,7 @@ def run_training(args: argparse.Namespace) -> int:
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
                 with autocast():
-                    logits = model(x)
+                    logits = train_model(x)
                     loss = train_loss_fn(logits, y)
                 if not torch.isfinite(loss):
                     skipped_batches += 1
@@ -389,38 +415,42 @@ def run_training(args: argparse.Namespace) -> int:
                 "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
                 "best_top1": best_top1, "wandb_id": getattr(getattr(wandb_logger, "run", None), "id", None),
             }  # fmt: skip
-            save_checkpoint(run_dir / CHECKPOINT, state)
-            if best:
-                save_checkpoint(run_dir / BEST, state)
+            if main_process:
+                save_checkpoint(run_dir / CHECKPOINT, state)
+                if best:
+                    save_checkpoint(run_dir / BEST, state)
             for sink in sinks:
                 sink.log_epoch(epoch, stats)
             last_epoch_stats = stats
             elapsed = time.perf_counter() - epoch_start
             curv = opt.last_estimate
             curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
-            print(f"epoch {epoch:>3}/{num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
+            say(f"epoch {epoch:>3}/{num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
                   f"acc {stats['train/acc_epoch']:5.1f}%  val loss {val['loss']:.4f} top1 {val['top1']:5.1f}%  "
                   f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
     finally:
         quiet.close()
         curvopt_log.setLevel(log_level)
-        jsonl.close()
+        if jsonl is not None:
+            jsonl.close()
         if wandb_logger is not None:
             wandb_logger.finish()
+        if args.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     if skipped_batches:
-        print(f"{skipped_batches} batch(es) with a non-finite loss were skipped")
+        say(f"{skipped_batches} batch(es) with a non-finite loss were skipped")
     if opt.last_estimate is not None:
-        print("\nlast curvature estimate, per layer:")
-        print(format_table(opt.last_estimate, opt.lr_scales if args.lr_scaling else None, opt.monitor))
+        say("\nlast curvature estimate, per layer:")
+        say(format_table(opt.last_estimate, opt.lr_scales if args.lr_scaling else None, opt.monitor))
     for alarm in opt.alarms:
-        print(f"alarm: {alarm.describe()}")
+        say(f"alarm: {alarm.describe()}")
     if not opt.alarms and opt.monitor is not None:
-        print("no memorisation alarm")
-    print(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {jsonl.path}")
+        say("no memorisation alarm")
+    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / 'curvature.jsonl'}")
     if wandb_logger is not None and wandb_logger.local_dir is not None:
-        print(f"W&B run:     {wandb_logger.local_dir}")
-    print(f"report:      curvopt report {run_dir}")
+        say(f"W&B run:     {wandb_logger.local_dir}")
+    say(f"report:      curvopt report {run_dir}")
     if last_epoch_stats:
-        print(f"final val top1 {last_epoch_stats['eval/top1']:.2f}%")
+        say(f"final val top1 {last_epoch_stats['eval/top1']:.2f}%")
     return 0

@@ -1,0 +1,112 @@
+"""Worker processes of tests/test_distributed.py (importable by spawned children)."""
+
+from __future__ import annotations
+
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from curvopt import CurvatureAwareOptimizer, estimate_curvature
+
+K = 4
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)  # the same initial parameters on every rank
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+
+
+def _global_batch(n: int = 32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
+
+
+def _local(batch, rank: int, world: int):
+    x, y = batch
+    n = x.shape[0] // world
+    return x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+
+
+def scenario_train(rank: int, world: int) -> dict:
+    """DDP + SGD momentum + trace LR scaling, independent probes; everything must match across ranks."""
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    loss_fn = nn.CrossEntropyLoss()
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, loss_fn,
+        every=2, probes=K, lr_scaling="trace", seed=3,
+    )  # fmt: skip
+    for step in range(12):
+        x, y = _local(_global_batch(seed=100 + step), rank, world)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step(batch=(x, y))
+    est = opt.last_estimate
+    return {
+        "history": list(opt.history),
+        "lr_scales": dict(opt.lr_scales),
+        "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+        "probes": est.probes,
+        "samples": {k: v.clone() for k, v in est.samples.items()},
+        "batch_size": est.batch_size,
+        "skipped": opt.skipped_estimates,
+    }
+
+
+def scenario_shared(rank: int, world: int) -> dict:
+    """Shared probes: the reduced traces equal one process probing the concatenated batch."""
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    loss_fn = nn.CrossEntropyLoss()
+    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=K,
+                                  seed=5, distributed_probes="shared", curvature_batch_size=1000)  # fmt: skip
+    shared_state = opt.generator.get_state()
+    batch = _global_batch()
+    opt.zero_grad()
+    x, y = _local(batch, rank, world)
+    loss_fn(model(x), y).backward()
+    opt.step(batch=(x, y))
+    # the single-process reference: the same probe seed, the whole batch
+    g = torch.Generator()
+    g.set_state(shared_state)
+    base = int(torch.randint(0, 2**62, (1,), generator=g))
+    reference = estimate_curvature(model.module, loss_fn, batch, probes=K, gn=True,
+                                   generator=torch.Generator().manual_seed(base))  # fmt: skip
+    return {"distributed": opt.last_estimate, "reference": reference}
+
+
+def scenario_rank_failure(rank: int, world: int) -> dict:
+    """Rank 1 has no batch at the first curvature step: every rank skips it, nobody hangs."""
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    loss_fn = nn.CrossEntropyLoss()
+    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, loss_fn, every=2, probes=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            x, y = _local(_global_batch(seed=step), rank, world)
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            opt.step(batch=None if (rank == 1 and step == 1) else (x, y))
+    return {
+        "skipped": opt.skipped_estimates,
+        "estimates": len(opt.history),
+        "warnings": [str(w.message) for w in caught if "curvopt" in str(w.message)],
+    }
+
+
+SCENARIOS = {"train": scenario_train, "shared": scenario_shared, "rank_failure": scenario_rank_failure}
+
+
+def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        result = SCENARIOS[scenario](rank, world)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    except BaseException:
+        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()

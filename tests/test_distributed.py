@@ -1,0 +1,103 @@
+"""DDP on CPU: 2 gloo processes spawned by the test, bounded in time."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import ddp_workers
+import pytest
+import torch
+import torch.distributed as dist
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+WORLD = 2
+TIMEOUT_S = 180
+
+
+def _spawn(tmp_path: Path, scenario: str) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    init_file = tmp_path / "pg_init"
+    args = (WORLD, str(init_file), str(tmp_path), scenario)
+    procs = [ctx.Process(target=ddp_workers.run, args=(r, *args)) for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT_S)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not hung, f"rank(s) {hung} still running after {TIMEOUT_S} s (a collective hang?)"
+    errors = [(tmp_path / f"rank{r}.err") for r in range(WORLD)]
+    for r, p in enumerate(procs):
+        detail = errors[r].read_text() if errors[r].exists() else ""
+        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}\n{detail}"
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ranks_agree_bit_for_bit_with_lr_scaling(tmp_path):
+    r0, r1 = _spawn(tmp_path, "train")
+    assert r0["skipped"] == r1["skipped"] == 0
+    assert len(r0["history"]) == 6
+    assert r0["history"] == r1["history"]  # estimates, CUSUM statistics, scales: identical floats
+    assert r0["lr_scales"] == r1["lr_scales"]
+    assert any(s != 1.0 for s in r0["lr_scales"].values())  # the scaling really acted
+    for name, tensor in r0["params"].items():
+        assert torch.equal(tensor, r1["params"][name]), name
+    # independent probes: each rank adds its own K, and the ranks' probes differ
+    assert r0["probes"] == WORLD * ddp_workers.K
+    assert r0["batch_size"] == 32
+    per_rank = r0["samples"]["trace"].reshape(WORLD, ddp_workers.K, -1)
+    assert not torch.equal(per_rank[0], per_rank[1])
+
+
+def test_shared_probes_equal_the_single_process_estimate_on_the_concatenated_batch(tmp_path):
+    r0, r1 = _spawn(tmp_path, "shared")
+    est, ref = r0["distributed"], r0["reference"]
+    assert est.probes == ref.probes == ddp_workers.K
+    assert est.batch_size == ref.batch_size == 32
+    for kind in ("trace", "gn_trace"):
+        torch.testing.assert_close(est.samples[kind], ref.samples[kind], rtol=1e-5, atol=1e-7)
+    for name in est.layers:
+        assert math.isclose(est.trace[name], ref.trace[name], rel_tol=1e-5, abs_tol=1e-7)
+    assert math.isclose(est.loss, ref.loss, rel_tol=1e-6)
+    assert torch.equal(r1["distributed"].samples["trace"], est.samples["trace"])
+
+
+def test_a_rank_without_a_batch_skips_on_every_rank_without_hanging(tmp_path):
+    r0, r1 = _spawn(tmp_path, "rank_failure")
+    assert r0["skipped"] == r1["skipped"] == 1
+    assert r0["estimates"] == r1["estimates"] == 1
+    assert any("rank(s) [1] could not estimate" in w for w in r0["warnings"])
+    assert r1["warnings"] == []  # only rank 0 warns
+
+
+def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+        "-m", "curvopt", "train", "--dataset", "synthetic", "--synthetic-samples", "64", "-b", "8",
+        "--model", "resnet18", "--epochs", "2", "--curv-every", "2", "--curv-probes", "2", "--curv-batch-size", "4",
+        "--log-wandb", "--no-progress", "--output", str(tmp_path), "--experiment", "ddp",
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("curvopt train: resnet18") == 1  # rank 0 prints
+    assert "x 2 ranks (DDP)" in done.stdout
+    run_dir = tmp_path / "ddp"
+    from curvopt import read_jsonl
+
+    records = read_jsonl(run_dir / "curvature.jsonl")
+    metrics = [r for r in records if r["type"] == "metrics"]
+    assert [r["step"] for r in metrics] == [2, 4, 6, 8]  # 4 updates/epoch per rank, written once
+    assert sum(r["type"] == "config" for r in records) == 1
+    assert records[0]["curvopt"]["world_size"] == WORLD
+    assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
+    ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert ckpt["num_updates"] == 8
+    assert metrics[-1]["curv/probes"] == WORLD * 2
