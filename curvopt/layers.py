@@ -53,8 +53,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if cls_name in {"FullyShardedDataParallel", "FSDPModule"} or cls_name.startswith("FSDP"):
             raise TypeError(
                 "curvopt cannot probe an FSDP-wrapped model: FSDP shards parameters and does "
-                "not support double backward. Estimate curvature on an unsharded replica "
-                "(DDP or a single process) instead."
+                "not support double backward. Supported: a plain module, DataParallel, "
+                "DistributedDataParallel (torchrun; each rank probes its own batch) and torch.compile; "
+                "for FSDP training, estimate curvature on an unsharded replica instead."
             )
         inner = None
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):

@@ -81,6 +81,8 @@ class WandbLogger:
         try:
             import wandb
 
+            if os.environ.get("WANDB_MODE") == "":  # an empty WANDB_MODE makes wandb.Settings() fail validation
+                del os.environ["WANDB_MODE"]
             self._wandb = wandb
             if run is None and wandb.run is not None:
                 run = wandb.run

@@ -96,7 +96,21 @@ def scenario_rank_failure(rank: int, world: int) -> dict:
     }
 
 
-SCENARIOS = {"train": scenario_train, "shared": scenario_shared, "rank_failure": scenario_rank_failure}
+def scenario_fsdp(rank: int, world: int) -> dict:
+    """FSDP2 (``fully_shard``): a clear error on every rank at construction, before any collective."""
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        return {"skipped": "torch.distributed.fsdp.fully_shard is not available"}
+    model = fully_shard(_mlp())
+    try:
+        CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss())
+    except TypeError as exc:
+        return {"error": str(exc)}
+    return {"error": None}
+
+
+SCENARIOS = {"fsdp": scenario_fsdp, "train": scenario_train, "shared": scenario_shared, "rank_failure": scenario_rank_failure}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:

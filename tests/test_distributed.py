@@ -101,3 +101,12 @@ def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
     assert ckpt["num_updates"] == 8
     assert metrics[-1]["curv/probes"] == WORLD * 2
+
+
+def test_fsdp_is_rejected_clearly_on_every_rank(tmp_path):
+    results = _spawn(tmp_path, "fsdp")
+    if "skipped" in results[0]:
+        pytest.skip(results[0]["skipped"])
+    for result in results:
+        assert result["error"] is not None and "FSDP" in result["error"]
+        assert "DistributedDataParallel" in result["error"]
