@@ -110,7 +110,12 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     return {"error": None}
 
 
-SCENARIOS = {"fsdp": scenario_fsdp, "train": scenario_train, "shared": scenario_shared, "rank_failure": scenario_rank_failure}
+SCENARIOS = {
+    "fsdp": scenario_fsdp,
+    "train": scenario_train,
+    "shared": scenario_shared,
+    "rank_failure": scenario_rank_failure,
+}
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
