@@ -7,6 +7,7 @@ Data flow, top to bottom: ``layers`` (which tensors form a block) -> ``context``
 ``data``, ``recipes``, ``train``, ``demo``, ``cli`` (the programs).
 """
 
+from .blocks import BlockNorms, activation_block_norms, block_norms
 from .estimate import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
 from .layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
 from .loggers import CallbackLogger, JsonlLogger, read_jsonl
@@ -14,6 +15,7 @@ from .monitor import Alarm, CusumMonitor
 from .optimizer import CurvatureAwareOptimizer
 from .products import STRATEGIES, CurvatureInputError
 from .scaling import TraceScaling
+from .spectra import Spectrum, layer_spectrum
 from .variance import ProbeBudgetTracker
 from .wandb_logger import WandbLogger
 
@@ -23,6 +25,7 @@ __all__ = [
     "ROOT_LAYER",
     "STRATEGIES",
     "Alarm",
+    "BlockNorms",
     "CallbackLogger",
     "CurvatureAwareOptimizer",
     "CurvatureEstimate",
@@ -32,11 +35,15 @@ __all__ = [
     "Layer",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",
+    "Spectrum",
     "TraceScaling",
     "WandbLogger",
     "__version__",
+    "activation_block_norms",
+    "block_norms",
     "estimate_curvature",
     "group_parameters",
+    "layer_spectrum",
     "read_jsonl",
     "unwrap_model",
 ]

@@ -1,0 +1,257 @@
+r"""Inter-layer curvature: the L × L map of block norms ‖H_vw‖_F² and what it implies (DESIGN §4).
+
+A probe supported on layer w only, z = (0, …, z_w, …, 0) with E z_w z_wᵀ = I, gives for *every*
+layer v at once
+
+    E ‖(H z)_v‖² = E ‖H_vw z_w‖² = ‖H_vw‖_F²,
+
+so one block-restricted product per source layer per probe yields the whole map (K·L products).
+H is symmetric, so ‖H_vw‖_F = ‖H_wv‖_F and both directions are averaged (2K samples per
+off-diagonal pair). From the map:
+
+* resonance    R(v, w) = ‖H_vw‖_F
+* coupling     C(v, w) = ‖H_vw‖_F / sqrt(‖H_vv‖_F ‖H_ww‖_F)      (can exceed 1)
+* cross-block mass  Φ = 1 − Σ_v ‖H_vv‖_F² / Σ_{v,w} ‖H_vw‖_F²   (what a block-diagonal
+  preconditioner discards; 0 for a block-diagonal H)
+
+The squared norms are unbiased; R, C and Φ are smooth functions of them (consistent, with an
+O(1/K) bias). Standard errors: the sample SE of each squared norm, and leave-one-probe-out
+jackknife SEs for R, C and Φ. With ``gn`` the same products give the Gauss-Newton and tensor maps
+‖G_vw‖_F² and ‖Hᵀ_vw‖_F² (Hᵀ = H − G).
+
+Parameter space (this module) is what an optimizer acts on. :func:`activation_block_norms` is the
+DAG paper's own definition, the Hessian of the loss with respect to the layers' *outputs*.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import Layer, LayerSpec
+from .operator import curvature_operator
+from .probes import DISTRIBUTIONS
+
+MAP_KINDS = ("hess", "gn", "tensor")
+
+
+@dataclass
+class BlockNorms:
+    """Per-probe squared block norms and the quantities derived from them.
+
+    Attributes:
+        layers: layer names (rows/columns of every map).
+        numel: coordinates per layer.
+        samples: kind ("hess", and with GN "gn", "tensor") → ``[K, L, L]`` float64 with
+            ``samples[kind][k, v, w] = ‖(A z^{(k)}_w)_v‖²`` (source layer w, receiving layer v).
+    """
+
+    layers: list[str]
+    numel: dict[str, int]
+    samples: dict[str, torch.Tensor]
+    loss: float = float("nan")
+    sq: torch.Tensor = field(init=False)
+    sq_se: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sq, self.sq_se = self.squared("hess")
+
+    @property
+    def probes(self) -> int:
+        return int(self.samples["hess"].shape[0])
+
+    def squared(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
+        """``(‖A_vw‖_F², SE)`` as L × L tensors, symmetrised (the mean of both directions)."""
+        s = self.samples[kind]
+        pairs = torch.cat([s, s.transpose(1, 2)])  # 2K samples per entry (K on the diagonal, counted twice)
+        mean = pairs.mean(0)
+        k = s.shape[0]
+        if k < 2:
+            return mean, torch.full_like(mean, float("nan"))
+        # SE of the mean of (s_vw + s_wv)/2 over the K probes (the two directions share a probe)
+        sym = 0.5 * (s + s.transpose(1, 2))
+        return mean, sym.std(0, unbiased=True) / math.sqrt(k)
+
+    # ------------------------------------------------------------------ derived quantities
+    @staticmethod
+    def _resonance(sq: torch.Tensor) -> torch.Tensor:
+        return sq.clamp_min(0).sqrt()
+
+    @staticmethod
+    def _coupling(sq: torch.Tensor) -> torch.Tensor:
+        r = sq.clamp_min(0).sqrt()
+        d = r.diagonal().sqrt()
+        return r / (d[:, None] * d[None, :])
+
+    @staticmethod
+    def _phi(sq: torch.Tensor) -> torch.Tensor:
+        return 1.0 - sq.diagonal().sum() / sq.sum()
+
+    def _jackknife(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.samples[kind]
+        k = s.shape[0]
+        full = fn(0.5 * (s + s.transpose(1, 2)).mean(0))
+        if k < 2:
+            return full, torch.full_like(full, float("nan"))
+        sym = 0.5 * (s + s.transpose(1, 2))
+        total = sym.sum(0)
+        loo = torch.stack([fn((total - sym[i]) / (k - 1)) for i in range(k)])
+        se = ((k - 1) / k * (loo - loo.mean(0)).pow(2).sum(0)).sqrt()
+        return full, se
+
+    def resonance(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
+        """R(v, w) = ‖A_vw‖_F and its jackknife SE."""
+        return self._jackknife(self._resonance, kind)
+
+    def coupling(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
+        """C(v, w) = ‖A_vw‖_F / sqrt(‖A_vv‖_F ‖A_ww‖_F) and its jackknife SE."""
+        return self._jackknife(self._coupling, kind)
+
+    def phi(self, kind: str = "hess") -> tuple[float, float]:
+        """Φ = 1 − Σ_v ‖A_vv‖_F² / ‖A‖_F² and its jackknife SE."""
+        value, se = self._jackknife(self._phi, kind)
+        return float(value), float(se)
+
+    def gn_gap(self) -> torch.Tensor:
+        """‖Hᵀ_vw‖_F / ‖G_vw‖_F per block (needs ``gn``)."""
+        if "gn" not in self.samples:
+            raise ValueError("block GN-Gap needs block_norms(..., gn=True)")
+        return (self.squared("tensor")[0] / self.squared("gn")[0]).clamp_min(0).sqrt()
+
+    def to_dict(self) -> dict[str, object]:
+        """For loggers: ``inter/phi`` (float) and the L × L maps as nested lists."""
+        phi, phi_se = self.phi()
+        return {
+            "inter/phi": phi,
+            "inter/phi_se": phi_se,
+            "inter/layers": list(self.layers),
+            "inter/resonance": self.resonance()[0].tolist(),
+            "inter/coupling": self.coupling()[0].tolist(),
+        }
+
+
+def _restricted_probes(d: int, k: int, distribution: str, generator: torch.Generator) -> torch.Tensor:
+    if distribution == "rademacher":
+        return torch.randint(0, 2, (k, d), generator=generator).mul_(2).sub_(1).float()
+    return torch.randn(k, d, generator=generator)
+
+
+def block_norms(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[object, object],
+    *,
+    probes: int = 8,
+    layers: LayerSpec | Sequence[Layer] | None = None,
+    gn: bool = False,
+    generator: torch.Generator | None = None,
+    distribution: str = "rademacher",
+    strategy: str = "auto",
+) -> BlockNorms:
+    """Estimate the L × L map ‖H_vw‖_F² (and with ``gn`` ‖G_vw‖_F², ‖Hᵀ_vw‖_F²) from K·L restricted products.
+
+    The function probed is the training loss exactly as in :func:`curvopt.estimate_curvature`
+    (train mode, batch statistics, one dropout mask per call, nothing modified).
+    """
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+    if distribution not in DISTRIBUTIONS:
+        raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator,
+                            strategy=strategy) as op:  # fmt: skip
+        n = len(op.blocks)
+        kinds = MAP_KINDS if gn else ("hess",)
+        samples = {kind: torch.zeros(probes, n, n, dtype=torch.float64) for kind in kinds}
+        for w, block in enumerate(op.blocks):
+            z = _restricted_probes(block.numel, probes, distribution, generator).to(op.params[0].device)
+            hz, gz = op.matvec(op.embed(w, z))
+            samples["hess"][:, :, w] = op.layer_sq_norms(hz)
+            if gn and gz is not None:
+                samples["gn"][:, :, w] = op.layer_sq_norms(gz)
+                samples["tensor"][:, :, w] = op.layer_sq_norms([h - g for h, g in zip(hz, gz)])
+        loss = op.loss
+    bad = [name for kind in kinds for name, ok in zip(op.layers, torch.isfinite(samples[kind]).all(0).all(0)) if not ok]
+    if bad:
+        raise FloatingPointError(f"non-finite block norms for layer(s) {sorted(set(bad))}")
+    return BlockNorms(op.layers, op.numel, samples, loss)
+
+
+def activation_block_norms(
+    model: nn.Sequential,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[torch.Tensor, torch.Tensor],
+    *,
+    probes: int = 8,
+    modules: Sequence[str] | None = None,
+    generator: torch.Generator | None = None,
+) -> BlockNorms:
+    """The DAG paper's activation-space map: ‖∂²L/∂a_v∂a_w‖_F² for the outputs a_l of ``modules``.
+
+    a_l is the output of child module l of an ``nn.Sequential`` over the whole batch (shape
+    ``[B, …]``); the loss is differentiated with respect to a perturbation δ_l added to that
+    output, at δ = 0. Differences from the parameter-space map: the coordinates are activations
+    of *this batch* (B × features per layer, no weight sharing across samples), the Hessian has
+    no term from a layer's own weights, and R/C measure how strongly the loss couples the
+    representations of two depths rather than two parameter blocks. Default ``modules``: the
+    children that own parameters. Runs in train mode with the model's state restored, like the
+    parameter-space estimators (dropout masks are not fixed here: use it on models without
+    dropout, or in eval mode, for a deterministic function).
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError("activation_block_norms needs an nn.Sequential (the layer outputs must be a chain)")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+    names = list(modules) if modules is not None else [
+        n for n, m in model.named_children() if any(True for _ in m.parameters(recurse=True))
+    ]  # fmt: skip
+    children = dict(model.named_children())
+    missing = [n for n in names if n not in children]
+    if missing:
+        raise ValueError(f"no child module(s) {missing} in the Sequential")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    x, y = batch
+    deltas: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str) -> Callable:
+        def hook(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
+            if name not in deltas:
+                deltas[name] = torch.zeros_like(output, requires_grad=True)
+            return output + deltas[name]
+
+        return hook
+
+    handles = [children[n].register_forward_hook(hook_for(n)) for n in names]
+    was_training = model.training
+    bn_flags = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        model.train()
+        for m, _ in bn_flags:
+            m.track_running_stats = False
+        with torch.enable_grad():
+            loss = loss_fn(model(x), y)
+            order = [deltas[n] for n in names]
+            grads = torch.autograd.grad(loss, order, create_graph=True)
+            n = len(names)
+            samples = torch.zeros(probes, n, n, dtype=torch.float64)
+            for w in range(n):
+                for k in range(probes):
+                    z = torch.randint(0, 2, grads[w].shape, generator=generator).mul_(2).sub_(1).to(grads[w])
+                    hz = torch.autograd.grad(grads[w], order, z, retain_graph=True, allow_unused=True)
+                    for v, h in enumerate(hz):
+                        samples[k, v, w] = 0.0 if h is None else float(h.double().pow(2).sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+        for m, flag in bn_flags:
+            m.track_running_stats = flag
+        model.train(was_training)
+    numel = {n: deltas[n].numel() for n in names}
+    return BlockNorms(names, numel, {"hess": samples}, float(loss.detach()))

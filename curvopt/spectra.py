@@ -1,0 +1,197 @@
+r"""Per-layer Hessian spectra: Lanczos top eigenvalues, stable rank and SLQ spectral density (DESIGN §4).
+
+For a layer's diagonal block H_ll (d_l × d_l, applied as restricted products, never formed):
+
+* **Lanczos** with full reorthogonalisation, m steps from a random unit start q₁, builds
+  Q_mᵀ H_ll Q_m = T_m (tridiagonal). Its eigenvalues (Ritz values) approximate the extreme
+  eigenvalues first; m = d_l gives all of them exactly (in exact arithmetic). Top-k eigenvalues
+  are the k largest Ritz values; ‖H_ll‖₂ ≈ max |Ritz|. 2/λ_max bounds a stable step for the layer.
+* **Stochastic Lanczos quadrature**: for n_v Rademacher starts v (q₁ = v/√d), the eigenpairs
+  (θ_j, s_j) of T_m give nodes θ_j with weights τ_j = s_{1j}²; the spectral density is
+  approximated by φ(λ) ≈ (1/n_v) Σ_v Σ_j τ_j δ(λ − θ_j) (weights sum to 1 per start, so it
+  integrates to 1). Gauss quadrature is exact for polynomials of degree ≤ 2m − 1, hence
+  ∫λ dφ = (1/n_v) Σ vᵀH v/d and ∫λ² dφ = (1/n_v) Σ ‖H v‖²/d: the Hutchinson estimates of
+  tr(H)/d and tr(H²)/d.
+* **Stable rank** D_l = ‖H_ll‖_F² / ‖H_ll‖₂², with ‖H_ll‖_F² = tr(H_ll²) from the SLQ second moment
+  and ‖H_ll‖₂ from Lanczos.
+
+``whole_model=True`` adds the same for the full Hessian under the name ``"(model)"``.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .layers import Layer, LayerSpec
+from .operator import CurvatureOperator, curvature_operator
+
+MODEL = "(model)"
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def lanczos(matvec: Matvec, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(alpha, beta)`` of T_m from ``start`` (float64, [d]); full reorthogonalisation, stops early
+    on an invariant subspace (β ≈ 0)."""
+    d = start.numel()
+    steps = min(steps, d)
+    q = start / start.norm()
+    basis = [q]
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        w = matvec(q)
+        alpha = float(torch.dot(w, q))
+        alphas.append(alpha)
+        Q = torch.stack(basis)
+        w = w - Q.T @ (Q @ w)  # full reorthogonalisation (twice is enough)
+        w = w - Q.T @ (Q @ w)
+        beta = float(w.norm())
+        if j == steps - 1 or beta <= 1e-10 * max(1.0, abs(alpha)):
+            break
+        betas.append(beta)
+        q = w / beta
+        basis.append(q)
+    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
+
+
+def tridiagonal_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal T(alpha, beta)."""
+    t = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
+    return torch.linalg.eigh(t)
+
+
+@dataclass
+class Spectrum:
+    """Spectral summary of one symmetric block (a layer's H_ll or the whole H)."""
+
+    name: str
+    numel: int
+    ritz: torch.Tensor  # Lanczos Ritz values, ascending
+    nodes: torch.Tensor  # SLQ nodes [n_v, m]
+    weights: torch.Tensor  # SLQ weights [n_v, m], rows sum to 1
+    top: list[float] = field(init=False)
+    top_k: int = 1
+
+    def __post_init__(self) -> None:
+        self.top = self.ritz.flip(0)[: self.top_k].tolist()
+
+    @property
+    def spectral_norm(self) -> float:
+        """‖H‖₂ ≈ max |Ritz value|."""
+        return float(self.ritz.abs().max())
+
+    def moment(self, power: int) -> float:
+        """∫ λ^p dφ(λ) from the SLQ measure (p = 1: tr(H)/d, p = 2: tr(H²)/d)."""
+        if self.nodes.numel() == 0:
+            return math.nan
+        return float((self.weights * self.nodes.pow(power)).sum(1).mean())
+
+    def moment_se(self, power: int) -> float:
+        """Standard error of :meth:`moment` over the SLQ starts."""
+        per_start = (self.weights * self.nodes.pow(power)).sum(1)
+        if per_start.numel() < 2:
+            return math.nan
+        return float(per_start.std(unbiased=True) / math.sqrt(per_start.numel()))
+
+    @property
+    def frobenius_sq(self) -> float:
+        """‖H‖_F² = tr(H²) ≈ d · ∫λ² dφ."""
+        return self.numel * self.moment(2)
+
+    @property
+    def stable_rank(self) -> float:
+        """D = ‖H‖_F² / ‖H‖₂² (1 for rank one, d for H ∝ I)."""
+        return self.frobenius_sq / self.spectral_norm**2
+
+    def density(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
+        """The SLQ measure smoothed by a Gaussian of width ``sigma`` (default: 1 % of the node range)."""
+        nodes, weights = self.nodes.reshape(-1), self.weights.reshape(-1) / self.nodes.shape[0]
+        if sigma is None:
+            sigma = max(float(nodes.max() - nodes.min()) / 100, 1e-12)
+        g = grid.double()[:, None]
+        kernel = torch.exp(-0.5 * ((g - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+        return (kernel * weights[None, :]).sum(1)
+
+
+def _block_operator(op: CurvatureOperator, layer: int | None) -> tuple[Matvec, int]:
+    if layer is None:
+        shapes = [p.shape for p in op.params]
+        sizes = [p.numel() for p in op.params]
+
+        def full(x: torch.Tensor) -> torch.Tensor:
+            parts = torch.split(x.float(), sizes)
+            h, _ = op.matvec([t.reshape(1, *s).to(op.params[0].device) for t, s in zip(parts, shapes)])
+            return torch.cat([t.reshape(-1) for t in h]).double().cpu()
+
+        return full, op.dim
+
+    def block(x: torch.Tensor) -> torch.Tensor:
+        return op.block_matvec(layer, x.float()[None].to(op.params[0].device))[0].double().cpu()
+
+    return block, op.blocks[layer].numel
+
+
+def _spectrum(
+    matvec: Matvec, name: str, d: int, *, steps: int, top_k: int, slq_probes: int, slq_steps: int, g: torch.Generator
+) -> Spectrum:
+    alpha, beta = lanczos(matvec, torch.randn(d, generator=g, dtype=torch.float64), steps)
+    ritz, _ = tridiagonal_eig(alpha, beta)
+    nodes, weights = [], []
+    for _ in range(slq_probes):
+        v = torch.randint(0, 2, (d,), generator=g).double().mul_(2).sub_(1)
+        a, b = lanczos(matvec, v, slq_steps)
+        theta, vecs = tridiagonal_eig(a, b)
+        m = max(slq_steps, 1)
+        pad = m - theta.numel()  # an early stop (invariant subspace) gives fewer nodes: pad with zero weight
+        nodes.append(torch.cat([theta, torch.zeros(pad, dtype=torch.float64)]))
+        weights.append(torch.cat([vecs[0].pow(2), torch.zeros(pad, dtype=torch.float64)]))
+    empty = torch.zeros(0, max(slq_steps, 1), dtype=torch.float64)
+    return Spectrum(
+        name, d, ritz, torch.stack(nodes) if nodes else empty, torch.stack(weights) if weights else empty, top_k
+    )
+
+
+def layer_spectrum(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    batch: tuple[object, object],
+    *,
+    layers: LayerSpec | Sequence[Layer] | None = None,
+    top_k: int = 1,
+    steps: int = 30,
+    slq_probes: int = 4,
+    slq_steps: int = 30,
+    whole_model: bool = False,
+    only: Sequence[str] | None = None,
+    generator: torch.Generator | None = None,
+    strategy: str = "auto",
+) -> dict[str, Spectrum]:
+    """Lanczos top eigenvalues, stable rank and SLQ density per layer block (and of the whole H).
+
+    Cost: per block, ``steps + slq_probes · slq_steps`` products (restricted to the block).
+    ``only`` limits the layers analysed. Deterministic under ``generator``.
+    """
+    if steps < 1 or top_k < 1 or slq_probes < 0 or slq_steps < 2:
+        raise ValueError("need steps >= 1, top_k >= 1, slq_probes >= 0 and slq_steps >= 2")
+    if generator is None:
+        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    out: dict[str, Spectrum] = {}
+    with curvature_operator(model, loss_fn, batch, layers=layers, generator=generator, strategy=strategy) as op:
+        wanted = op.layers if only is None else list(only)
+        unknown = [n for n in wanted if n not in op.layers]
+        if unknown:
+            raise ValueError(f"unknown layer(s) {unknown}; layers are {op.layers}")
+        settings = dict(steps=steps, top_k=top_k, slq_probes=slq_probes, slq_steps=slq_steps, g=generator)
+        for name in wanted:
+            matvec, d = _block_operator(op, op.layers.index(name))
+            out[name] = _spectrum(matvec, name, d, **settings)
+        if whole_model:
+            matvec, d = _block_operator(op, None)
+            out[MODEL] = _spectrum(matvec, MODEL, d, **settings)
+    return out
