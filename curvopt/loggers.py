@@ -17,9 +17,13 @@ from .monitor import Alarm
 
 
 def _jsonable(value: Any) -> Any:
-    """Floats as JSON numbers; NaN/Inf (not valid JSON) as null."""
+    """Floats as JSON numbers; NaN/Inf (not valid JSON) as null, also inside lists and dicts."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
     return value
 
 

@@ -31,10 +31,12 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import distributed as dist_utils
+from .blocks import BlockNorms, block_norms
 from .estimate import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
 from .layers import group_parameters, unwrap_model
 from .monitor import Alarm, CusumMonitor
 from .scaling import make_policy
+from .spectra import Spectrum, layer_spectrum
 from .variance import ProbeBudgetTracker
 
 log = logging.getLogger("curvopt")
@@ -79,6 +81,11 @@ class CurvatureAwareOptimizer(Optimizer):
             :mod:`curvopt.distributed`; estimates, alarms and LR scales are identical on all ranks,
             and only rank 0 logs, warns and calls the alarm callbacks.
         process_group: the group to reduce over (default: the default group, when initialised).
+        inter_every: a second, slower cadence (0: off) for the inter-layer map (block norms with
+            ``inter_probes`` probes: resonance, coupling, cross-block mass Φ) and per-layer
+            Lanczos spectra (``spectrum_steps`` steps: top eigenvalue, stable rank). Cost per
+            run: L·(inter_probes + 3·spectrum_steps) products, so keep it rare.
+            Logged only (no effect on training); under DDP only rank 0 computes it.
     """
 
     def __init__(
@@ -102,6 +109,9 @@ class CurvatureAwareOptimizer(Optimizer):
         strategy: str = "auto",
         distributed_probes: str = "independent",
         process_group: Any = None,
+        inter_every: int = 0,
+        inter_probes: int = 4,
+        spectrum_steps: int = 20,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -115,6 +125,10 @@ class CurvatureAwareOptimizer(Optimizer):
             raise TypeError("loss_fn must be callable")
         if history < 1:
             raise ValueError("history must be >= 1")
+        if isinstance(inter_every, bool) or not isinstance(inter_every, int) or inter_every < 0:
+            raise ValueError(f"inter_every must be an integer >= 0 (0: off), got {inter_every!r}")
+        if inter_probes < 1 or spectrum_steps < 1:
+            raise ValueError(f"need inter_probes >= 1 and spectrum_steps >= 1, got {inter_probes}, {spectrum_steps}")
         if distributed_probes not in dist_utils.PROBE_MODES:
             raise ValueError(f"distributed_probes must be one of {dist_utils.PROBE_MODES}, got {distributed_probes!r}")
         self._check_ownership(optimizer, model)
@@ -135,6 +149,12 @@ class CurvatureAwareOptimizer(Optimizer):
         self.strategy = strategy
         self.distributed_probes = distributed_probes
         self.process_group = process_group
+        self.inter_every = inter_every
+        self.inter_probes = inter_probes
+        self.spectrum_steps = spectrum_steps
+        self.inter_generator = torch.Generator().manual_seed(seed + 1)  # never touches the main probe stream
+        self.last_block_norms: BlockNorms | None = None
+        self.last_spectra: dict[str, Spectrum] | None = None
         self.monitor = self._make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
         self.loggers: list[CurvatureSink] = (
@@ -205,6 +225,8 @@ class CurvatureAwareOptimizer(Optimizer):
             self._pending_batch = batch
         if self._due():
             self._estimate_and_update()
+        if self.inter_every and (self.step_count + 1) % self.inter_every == 0 and self._reports():
+            self._inter_layer_diagnostics()
         self._pending_batch = None
         scaled = self._scaled_layers()
         if not scaled:
@@ -279,6 +301,38 @@ class CurvatureAwareOptimizer(Optimizer):
         for alarm in new_alarms:
             self.alarms.append(alarm)
             self._announce(alarm)
+
+    def _inter_layer_diagnostics(self) -> None:
+        """Block norms and per-layer spectra on the curvature batch; logged, never applied."""
+        step = self.step_count + 1
+        batch = self._curvature_batch()
+        if batch is None:
+            return
+        try:
+            norms = block_norms(self.model, self.loss_fn, batch, probes=self.inter_probes, layers=self.layer_blocks,
+                                generator=self.inter_generator, strategy=self.strategy)  # fmt: skip
+            spectra = layer_spectrum(
+                self.model, self.loss_fn, batch, layers=self.layer_blocks, steps=self.spectrum_steps,
+                slq_probes=2, slq_steps=max(2, self.spectrum_steps), generator=self.inter_generator,
+                strategy=self.strategy,
+            )  # fmt: skip
+        except Exception as exc:  # diagnostics must never stop training
+            self._warn_once(f"inter-{type(exc).__name__}", f"curvopt: inter-layer diagnostics at step {step} "
+                            f"failed and were skipped: {type(exc).__name__}: {exc}")  # fmt: skip
+            return
+        self.last_block_norms, self.last_spectra = norms, spectra
+        phi, phi_se = norms.phi()
+        metrics: dict[str, Any] = {
+            "curv/phi": phi,
+            "curv/phi_se": phi_se,
+            "curv/inter_layers": list(norms.layers),
+            "curv/resonance": norms.resonance()[0].tolist(),
+            "curv/coupling": norms.coupling()[0].tolist(),
+        }
+        for name, spectrum in spectra.items():
+            metrics[f"curv/top_eig/{name}"] = spectrum.top[0]
+            metrics[f"curv/stable_rank/{name}"] = spectrum.stable_rank
+        self._emit(metrics, step)
 
     def _local_estimate(
         self, step: int, distributed: bool
@@ -379,6 +433,7 @@ class CurvatureAwareOptimizer(Optimizer):
             "gn": self.gn,
             "strategy": self.strategy,
             "distributed_probes": self.distributed_probes,
+            "inter_every": self.inter_every,
             "world_size": dist_utils.world_size(self.process_group),
             "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
             "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),
@@ -393,6 +448,7 @@ class CurvatureAwareOptimizer(Optimizer):
             "curvopt": {
                 "step_count": self.step_count,
                 "generator": self.generator.get_state(),
+                "inter_generator": self.inter_generator.get_state(),
                 "monitor": None if self.monitor is None else self.monitor.state_dict(),
                 "lr_policy": None if self.lr_policy is None else self.lr_policy.state_dict(),
                 "lr_scales": dict(self.lr_scales),
@@ -412,6 +468,8 @@ class CurvatureAwareOptimizer(Optimizer):
         extra = state_dict["curvopt"]
         self.step_count = int(extra["step_count"])
         self.generator.set_state(extra["generator"])
+        if "inter_generator" in extra:
+            self.inter_generator.set_state(extra["inter_generator"])
         if self.monitor is not None and extra["monitor"] is not None:
             self.monitor.load_state_dict(extra["monitor"])
         if self.lr_policy is not None and extra["lr_policy"] is not None:

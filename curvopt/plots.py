@@ -159,3 +159,48 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
     else:
         ax_acc.text(0.5, 0.5, "no accuracy in this log", ha="center", va="center", transform=ax_acc.transAxes)
     return fig
+
+
+def matrix_heatmap_figure(matrix: Sequence[Sequence[float]], layers: Sequence[str], title: str, label: str) -> Figure:
+    """An L × L layer map (resonance, coupling) on a log colour scale, layers in network order."""
+    from matplotlib.colors import LogNorm
+
+    grid = np.array(matrix, dtype=float)
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    size = min(11.0, 2.5 + 0.25 * len(layers))
+    fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
+    norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
+    image = ax.imshow(np.ma.masked_less_equal(grid, 0), cmap="magma", norm=norm, interpolation="nearest")
+    fontsize = 6 if len(layers) > 20 else 9
+    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(layers)), layers, fontsize=fontsize)
+    ax.set_xlabel("source layer w")
+    ax.set_ylabel("layer v")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label=label)
+    return fig
+
+
+def inter_layer_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
+    """Cross-block mass Φ and each layer's top Hessian eigenvalue over steps (inter-layer cadence)."""
+    rows = [r for r in records if r.get("type") == "metrics" and r.get("curv/phi") is not None]
+    steps = [r["step"] for r in rows]
+    fig, (ax_phi, ax_eig) = plt.subplots(1, 2, figsize=(13, 4.2), constrained_layout=True)
+    ax_phi.errorbar(steps, [r["curv/phi"] for r in rows], yerr=[_num(r.get("curv/phi_se")) for r in rows], fmt="o-")
+    ax_phi.set_ylim(0, 1)
+    ax_phi.set_xlabel("optimizer step")
+    ax_phi.set_ylabel("Φ")
+    ax_phi.set_title("Cross-block mass Φ = 1 − Σ‖H_vv‖² / ‖H‖² (what block-diagonal methods drop)")
+    _, tops = layer_series(rows, "top_eig")
+    colors = plt.cm.viridis(np.linspace(0, 1, max(len(tops), 1)))
+    for color, (name, values) in zip(colors, tops.items()):
+        ax_eig.plot(steps, values, color=color, label=name, linewidth=1.2)
+    if any(v > 0 for vs in tops.values() for v in vs if math.isfinite(v)):
+        ax_eig.set_yscale("symlog", linthresh=1e-3)
+    _alarm_lines(ax_eig, records)
+    ax_eig.set_xlabel("optimizer step")
+    ax_eig.set_ylabel("λ_max(H_ll)")
+    ax_eig.set_title("Top Hessian eigenvalue per layer (Lanczos); 2/λ_max bounds a stable step")
+    if tops:
+        ax_eig.legend(fontsize=7, ncol=max(1, len(tops) // 12), loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig

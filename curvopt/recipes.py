@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--curv-probes", default="8", help="Hutchinson probes K, or 'auto'")
     g.add_argument("--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
     g.add_argument("--curv-gn", type=_bool, default=True, nargs="?", const=True, help="estimate GN traces and GN-Gap")
+    g.add_argument("--curv-inter-every", type=int, default=0,
+                   help="inter-layer map + per-layer spectra every N steps (0: off; costly)")  # fmt: skip
     g.add_argument("--lr-scaling", default=None, choices=["trace"], help="layer-wise LR scaling policy")
     g.add_argument("--cusum", type=_bool, default=True, nargs="?", const=True, help="run the CUSUM monitor")
     g.add_argument("--cusum-threshold", type=float, default=10.0, help="CUSUM threshold h")

@@ -29,11 +29,20 @@ def find_log(run: str | Path) -> Path:
 
 
 def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page: bool = False) -> list[Path]:
-    """Write ``trace_heatmap.png``, ``gn_gap.png``, ``cusum.png``, ``lr_scale.png``, ``training.png``
-    (and ``report.html`` with all of them inline) into ``out_dir`` (default ``RUN_DIR/report``)."""
+    """Write ``trace_heatmap.png``, ``gn_gap.png``, ``cusum.png``, ``lr_scale.png``, ``training.png``,
+    with inter-layer records also ``coupling.png``, ``resonance.png``, ``inter_layer.png`` (and
+    ``report.html`` with all of them inline) into ``out_dir`` (default ``RUN_DIR/report``)."""
     import matplotlib.pyplot as plt
 
-    from .plots import cusum_figure, layer_lines_figure, layer_series, trace_heatmap_figure, training_figure
+    from .plots import (
+        cusum_figure,
+        inter_layer_figure,
+        layer_lines_figure,
+        layer_series,
+        matrix_heatmap_figure,
+        trace_heatmap_figure,
+        training_figure,
+    )
 
     log_path = find_log(run)
     records = read_jsonl(log_path)
@@ -53,6 +62,18 @@ def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page
         "lr_scale": layer_lines_figure(records, "lr_scale", title="Layer-wise LR scale s_l", ylabel="scale"),
         "training": training_figure(records),
     }
+    inter = [r for r in records if r.get("type") == "metrics" and r.get("curv/coupling") is not None]
+    if inter:  # the slower inter-layer cadence (inter_every) was on
+        last = inter[-1]
+        figures["coupling"] = matrix_heatmap_figure(
+            last["curv/coupling"], last["curv/inter_layers"],
+            f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step {last['step']}", "C",
+        )  # fmt: skip
+        figures["resonance"] = matrix_heatmap_figure(
+            last["curv/resonance"], last["curv/inter_layers"], f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}",
+            "R",
+        )  # fmt: skip
+        figures["inter_layer"] = inter_layer_figure(records)
     written = []
     for name, figure in figures.items():
         path = out / f"{name}.png"

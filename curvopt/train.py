@@ -280,7 +280,7 @@ def run_training(args: argparse.Namespace) -> int:
             base, train_model, train_loss_fn, every=args.curv_every, probes=args.curv_probes,
             curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
             lr_scaling=args.lr_scaling, logger=sinks, callbacks=[announce], seed=args.seed,
-            distributed_probes=args.curv_dist_probes,
+            distributed_probes=args.curv_dist_probes, inter_every=args.curv_inter_every,
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None

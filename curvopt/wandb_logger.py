@@ -4,7 +4,9 @@ Keys (all against a monotone ``curv/step`` via ``define_metric("curv/*", step_me
 so they never fight the user's own ``wandb.log`` step): ``curv/trace/<layer>``,
 ``curv/trace_se/<layer>``, ``curv/gn_gap/<layer>``, ``curv/cusum/<layer>``,
 ``curv/lr_scale/<layer>``, ``curv/total/*``, ``curv/alarm``; every ``heatmap_every`` estimates an
-image ``curv/trace_heatmap`` (layers × steps) from the history the logger keeps.
+image ``curv/trace_heatmap`` (layers × steps) from the history the logger keeps. With the
+optimizer's ``inter_every``: images ``curv/coupling`` and ``curv/resonance`` (L × L) and scalars
+``curv/phi``, ``curv/top_eig/<layer>``, ``curv/stable_rank/<layer>``.
 
 Mode: ``WANDB_MODE`` when set; otherwise online when credentials exist (``WANDB_API_KEY`` or a
 netrc entry for the W&B host) and **offline** when there are none, so a run never prompts for a
@@ -138,7 +140,11 @@ class WandbLogger:
         """Curvature metrics of one estimate, against ``curv/step``."""
         if self.run is None:
             return
-        self._safely("log", self.run.log, {CURV_STEP: step, **metrics})
+        maps = {k: v for k, v in metrics.items() if isinstance(v, (list, tuple))}
+        scalars = {k: v for k, v in metrics.items() if k not in maps}
+        self._safely("log", self.run.log, {CURV_STEP: step, **scalars})
+        if "curv/coupling" in maps and "curv/inter_layers" in maps:
+            self._safely("layer maps", self._log_maps, step, maps)
         traces = {k.removeprefix("curv/trace/"): v for k, v in metrics.items() if k.startswith("curv/trace/")}
         if not traces:
             return
@@ -146,6 +152,19 @@ class WandbLogger:
         self._estimates += 1
         if self.heatmap_every and self._estimates % self.heatmap_every == 0:
             self._safely("heatmap", self._log_heatmap, step)
+
+    def _log_maps(self, step: int, maps: Mapping[str, Any]) -> None:
+        import matplotlib.pyplot as plt
+
+        from .plots import matrix_heatmap_figure
+
+        images = {}
+        for key, label in (("curv/coupling", "C"), ("curv/resonance", "R")):
+            if key in maps:
+                figure = matrix_heatmap_figure(maps[key], maps["curv/inter_layers"], f"{key} at step {step}", label)
+                images[key] = self._wandb.Image(figure)
+                plt.close(figure)
+        self.run.log({CURV_STEP: step, **images})
 
     def _log_heatmap(self, step: int) -> None:
         import matplotlib.pyplot as plt

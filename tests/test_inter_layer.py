@@ -176,3 +176,41 @@ def test_activation_space_map_matches_the_dense_activation_hessian(mlp_problem):
     assert est.numel["0"] == 10 * 8  # batch × features: activation coordinates of this batch
     with pytest.raises(TypeError, match="Sequential"):
         activation_block_norms(ResidualMLP(), loss_fn, batch)
+
+
+def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_estimates(tmp_path):
+    from conftest import mlp
+
+    from curvopt import CurvatureAwareOptimizer, JsonlLogger, WandbLogger, read_jsonl
+    from curvopt.report import make_report
+
+    def run(inter_every, loggers):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
+                                      every=1, probes=2, inter_every=inter_every, inter_probes=3, spectrum_steps=4,
+                                      logger=loggers)  # fmt: skip
+        g = torch.Generator().manual_seed(1)
+        for _ in range(4):
+            x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step(batch=(x, y))
+        return opt, model
+
+    jsonl = JsonlLogger(tmp_path / "curvature.jsonl")
+    wandb_logger = WandbLogger(project="t", dir=str(tmp_path), mode="offline")
+    with_inter, model_a = run(2, [jsonl, wandb_logger])
+    jsonl.close()
+    wandb_logger.finish()
+    without, model_b = run(0, [])
+    assert list(with_inter.history) == list(without.history)  # the main probe stream is untouched
+    assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
+    assert with_inter.last_block_norms is not None and set(with_inter.last_spectra) == {"0", "2", "4"}
+    inter = [r for r in read_jsonl(tmp_path / "curvature.jsonl") if "curv/phi" in r]
+    assert [r["step"] for r in inter] == [2, 4]
+    assert len(inter[0]["curv/coupling"]) == 3 and "curv/top_eig/0" in inter[0] and "curv/stable_rank/4" in inter[0]
+    names = {p.name for p in make_report(tmp_path)}
+    assert {"coupling.png", "resonance.png", "inter_layer.png"} <= names
+    images = {p.name.split("_")[0] for p in tmp_path.glob("wandb/offline-run-*/files/media/images/curv/*.png")}
+    assert {"coupling", "resonance"} <= images
