@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import traceback
 import warnings
 from pathlib import Path
@@ -110,7 +111,21 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     return {"error": None}
 
 
+def scenario_syncbn(rank: int, world: int) -> dict:
+    """SyncBatchNorm on CPU under a process group: its forward refuses CPU tensors, but probing
+    swaps it for a local BatchNorm (per-rank statistics), so the estimate runs and equals the
+    estimate of the same model with plain BatchNorm; the module class is restored afterwards."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 4))
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(plain))
+    x, y = _local(_global_batch(), rank, world)
+    a = estimate_curvature(plain, nn.CrossEntropyLoss(), (x, y), probes=3, generator=torch.Generator().manual_seed(1))
+    b = estimate_curvature(synced, nn.CrossEntropyLoss(), (x, y), probes=3, generator=torch.Generator().manual_seed(1))
+    return {"plain": a.samples["trace"], "synced": b.samples["trace"], "cls": type(synced[1]).__name__}
+
+
 SCENARIOS = {
+    "syncbn": scenario_syncbn,
     "fsdp": scenario_fsdp,
     "train": scenario_train,
     "shared": scenario_shared,

@@ -110,3 +110,9 @@ def test_fsdp_is_rejected_clearly_on_every_rank(tmp_path):
     for result in results:
         assert result["error"] is not None and "FSDP" in result["error"]
         assert "DistributedDataParallel" in result["error"]
+
+
+def test_sync_batchnorm_is_probed_with_per_rank_statistics(tmp_path):
+    for result in _spawn(tmp_path, "syncbn"):
+        assert torch.equal(result["plain"], result["synced"])
+        assert result["cls"] == "SyncBatchNorm"
