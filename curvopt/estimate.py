@@ -33,9 +33,9 @@ import torch
 from torch import nn
 
 from .context import probing_context
-from .layers import Layer, LayerSpec, flat_params, group_parameters, unwrap_model
+from .layers import Layer, LayerSpec, flat_params, resolve_blocks
 from .probes import DISTRIBUTIONS, sample_probes
-from .products import STRATEGIES, CurvatureInputError, ProbeProblem, default_strategy, make_engine
+from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
 
 # Rows of CurvatureEstimate.samples, per probe and layer.
 SAMPLE_KINDS = ("trace", "gn_trace", "hess_row_sq", "gn_row_sq", "tensor_row_sq")
@@ -215,15 +215,6 @@ def _reduce_chunk(
     return out
 
 
-def _split_batch(batch: object) -> tuple[object, object]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise CurvatureInputError(
-            f"batch must be a pair (inputs, targets), got {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        )
-    return batch[0], batch[1]
-
-
 def _batch_size(inputs: object) -> int:
     return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim else 0
 
@@ -275,12 +266,8 @@ def estimate_curvature(
         raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    inputs, targets = _split_batch(batch)
-    core = unwrap_model(model)
-    if layers is not None and len(layers) and all(isinstance(x, Layer) for x in layers):
-        blocks = list(layers)
-    else:
-        blocks = group_parameters(core, layers)  # type: ignore[arg-type]
+    inputs, targets = split_batch(batch)
+    core, blocks = resolve_blocks(model, layers)
     params = flat_params(blocks)
     device = params[0].device
     if strategy == "auto":

@@ -155,3 +155,12 @@ def group_parameters(model: nn.Module, layers: LayerSpec | None = None) -> list[
 def flat_params(layers: Sequence[Layer]) -> list[torch.Tensor]:
     """All tensors of ``layers`` in layer order (the order probes and products use)."""
     return [p for layer in layers for p in layer.params]
+
+
+def resolve_blocks(model: nn.Module, layers: LayerSpec | Sequence[Layer] | None) -> tuple[nn.Module, list[Layer]]:
+    """The unwrapped model and its blocks: prebuilt :class:`Layer` objects as given, else
+    :func:`group_parameters` of ``layers`` (``None``: one block per owning module)."""
+    core = unwrap_model(model)
+    if layers is not None and len(layers) and all(isinstance(x, Layer) for x in layers):
+        return core, list(layers)  # type: ignore[arg-type]
+    return core, group_parameters(core, layers)  # type: ignore[arg-type]

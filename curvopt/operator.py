@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .context import probing_context
-from .layers import Layer, LayerSpec, flat_params, group_parameters, unwrap_model
-from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine
+from .layers import Layer, LayerSpec, flat_params, resolve_blocks
+from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
 
 Tensors = list[torch.Tensor]
 
@@ -120,15 +120,10 @@ def curvature_operator(
 ) -> Iterator[CurvatureOperator]:
     """The operator of ``loss_fn(model(x), y)`` on ``batch``, in the probing context (train mode,
     batch statistics, one dropout mask drawn from ``generator``, everything restored on exit)."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError("batch must be a pair (inputs, targets)")
+    inputs, targets = split_batch(batch)
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
-    core = unwrap_model(model)
-    if layers is not None and len(layers) and all(isinstance(x, Layer) for x in layers):
-        blocks = list(layers)
-    else:
-        blocks = group_parameters(core, layers)  # type: ignore[arg-type]
+    core, blocks = resolve_blocks(model, layers)
     params = flat_params(blocks)
     if strategy == "auto":
         strategy = default_strategy(params[0].device)
@@ -137,7 +132,7 @@ def curvature_operator(
     mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     names = [n for block in blocks for n in block.param_names]
     with probing_context(core, mask_seed=mask_seed) as rewind:
-        problem = ProbeProblem(core, loss_fn, batch[0], batch[1], params, names, rewind)
+        problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind)
         engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
         operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, float(engine.loss.detach()))
         try:

@@ -44,6 +44,16 @@ class CurvatureInputError(ValueError):
     """The model, loss or batch cannot be probed as given."""
 
 
+def split_batch(batch: object) -> tuple[object, object]:
+    """``(inputs, targets)`` of a batch, or a clear error for anything else."""
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise CurvatureInputError(
+            f"batch must be a pair (inputs, targets), got {type(batch).__name__}"
+            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        )
+    return batch[0], batch[1]
+
+
 @dataclass
 class ProbeProblem:
     """Everything a product engine needs: the unwrapped model, loss, batch and tensors."""
