@@ -105,7 +105,7 @@ def all_gather_estimate(
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     buffer = buffer.cpu()
     failed = [r for r in range(world) if buffer[r, 0].item() != 1.0]
-    if failed:
+    if failed or estimate is None:  # this rank's own row is valid exactly when it has an estimate
         return None, failed
     k, n_layers = layout.probes, len(layout.layers)
     samples: dict[str, torch.Tensor] = {}
@@ -120,8 +120,8 @@ def all_gather_estimate(
             numel=dict(layout.numel),
             samples=samples,
             loss=float(buffer[:, 1].mean()),
-            distribution=estimate.distribution if estimate is not None else "rademacher",
-            strategy=estimate.strategy if estimate is not None else "autograd",
+            distribution=estimate.distribution,
+            strategy=estimate.strategy,
             batch_size=int(buffer[:, 2].sum()),
         ),
         [],

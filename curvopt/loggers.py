@@ -50,11 +50,9 @@ class JsonlLogger:
     def alert(self, alarm: Alarm) -> None:
         self._write({"type": "alarm", **alarm.to_dict()})
 
-    def attach(self, optimizer: Any) -> None:
+    def log_config(self, settings: Mapping[str, Any]) -> None:
         """A ``config`` record with the wrapper's settings (called by the optimizer)."""
-        settings = getattr(optimizer, "settings", None)
-        if callable(settings):
-            self._write({"type": "config", "curvopt": settings()})
+        self._write({"type": "config", "curvopt": dict(settings)})
 
     def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
         """A ``train`` record (loss, LR, … of the training loop) at optimizer step ``step``."""

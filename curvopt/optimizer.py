@@ -49,6 +49,8 @@ class CurvatureSink(Protocol):
 
     def alert(self, alarm: Alarm) -> None: ...
 
+    # optional: ``log_config(settings)`` receives :meth:`CurvatureAwareOptimizer.settings` once
+
 
 class CurvatureAwareOptimizer(Optimizer):
     """Wraps ``optimizer``; estimates curvature every ``every`` steps (0: never).
@@ -174,9 +176,9 @@ class CurvatureAwareOptimizer(Optimizer):
         self._pending_batch: tuple[Any, Any] | None = None
         self._warned: set[str] = set()
         for sink in self.loggers if self._reports() else []:
-            attach = getattr(sink, "attach", None)
-            if callable(attach):
-                self._call_safely(attach, self, what=f"logger {type(sink).__name__} attach")
+            log_config = getattr(sink, "log_config", None)  # optional part of the sink protocol
+            if callable(log_config):
+                self._call_safely(log_config, self.settings(), what=f"logger {type(sink).__name__} log_config")
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod

@@ -381,8 +381,9 @@ def run_training(args: argparse.Namespace) -> int:
                             nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
                         opt.step()
                 loss_value = float(loss.detach())
+                batch_acc = _accuracy(logits.detach(), y)
                 loss_sum += loss_value
-                acc_sum += _accuracy(logits.detach(), y)
+                acc_sum += batch_acc
                 batches += 1
                 if not update:
                     continue
@@ -392,7 +393,7 @@ def run_training(args: argparse.Namespace) -> int:
                     model_ema.update(model, step=num_updates)
                 scheduler.step_update(num_updates=num_updates)
                 if num_updates % args.log_interval == 0:
-                    row = {"train/loss": loss_value, "train/acc": _accuracy(logits.detach(), y),
+                    row = {"train/loss": loss_value, "train/acc": batch_acc,
                            "train/lr": opt.param_groups[0]["lr"], "epoch": epoch}  # fmt: skip
                     for sink in sinks:
                         sink.log_training(num_updates, row)

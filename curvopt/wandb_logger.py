@@ -64,7 +64,7 @@ class WandbLogger:
         alerts: send ``run.alert`` once per alarm episode.
         **init_kwargs: passed to ``wandb.init`` when this logger starts the run.
 
-    The optimizer calls :meth:`attach` so the run's ``config`` gets the wrapper's settings
+    The optimizer calls :meth:`log_config` so the run's ``config`` gets the wrapper's settings
     under ``curvopt``; recipes add theirs with :meth:`update_config`. :meth:`finish` ends the run
     only if this logger started it.
     """
@@ -78,7 +78,6 @@ class WandbLogger:
         self.local_dir: str | None = None
         self.owns_run = False
         self._warned: set[str] = set()
-        self._estimates = 0
         self._traces: list[tuple[int, dict[str, float]]] = []
         try:
             import wandb
@@ -127,55 +126,55 @@ class WandbLogger:
             self._warn(what, f"W&B {what} failed (further failures of this kind are silent): {exc}")
 
     # ------------------------------------------------------------------ the CurvatureSink protocol
-    def attach(self, optimizer: Any) -> None:
-        """Record the wrapper's settings in the run's config (called by the optimizer)."""
-        settings = getattr(optimizer, "settings", None)
-        if callable(settings):
-            self.update_config({"curvopt": settings()})
+    def log_config(self, settings: Mapping[str, Any]) -> None:
+        """Record the wrapper's settings in the run's config under ``curvopt`` (called by the optimizer)."""
+        self.update_config({"curvopt": dict(settings)})
 
     def update_config(self, config: Mapping[str, Any]) -> None:
         self._safely("config update", lambda: self.run.config.update(dict(config), allow_val_change=True))
+
+    def _log(self, payload: Mapping[str, Any]) -> None:
+        self._safely("log", lambda: self.run.log(dict(payload)))
+
+    def _image(self, figure: Any) -> Any:
+        """A ``wandb.Image`` of a matplotlib figure; the figure is closed."""
+        import matplotlib.pyplot as plt
+
+        try:
+            return self._wandb.Image(figure)
+        finally:
+            plt.close(figure)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         """Curvature metrics of one estimate, against ``curv/step``."""
         if self.run is None:
             return
         maps = {k: v for k, v in metrics.items() if isinstance(v, (list, tuple))}
-        scalars = {k: v for k, v in metrics.items() if k not in maps}
-        self._safely("log", self.run.log, {CURV_STEP: step, **scalars})
+        self._log({CURV_STEP: step, **{k: v for k, v in metrics.items() if k not in maps}})
         if "curv/coupling" in maps and "curv/inter_layers" in maps:
             self._safely("layer maps", self._log_maps, step, maps)
         traces = {k.removeprefix("curv/trace/"): v for k, v in metrics.items() if k.startswith("curv/trace/")}
         if not traces:
             return
         self._traces.append((step, traces))
-        self._estimates += 1
-        if self.heatmap_every and self._estimates % self.heatmap_every == 0:
+        if self.heatmap_every and len(self._traces) % self.heatmap_every == 0:
             self._safely("heatmap", self._log_heatmap, step)
 
     def _log_maps(self, step: int, maps: Mapping[str, Any]) -> None:
-        import matplotlib.pyplot as plt
-
         from .plots import matrix_heatmap_figure
 
-        images = {}
-        for key, label in (("curv/coupling", "C"), ("curv/resonance", "R")):
-            if key in maps:
-                figure = matrix_heatmap_figure(maps[key], maps["curv/inter_layers"], f"{key} at step {step}", label)
-                images[key] = self._wandb.Image(figure)
-                plt.close(figure)
+        layers = maps["curv/inter_layers"]
+        images = {
+            key: self._image(matrix_heatmap_figure(maps[key], layers, f"{key} at step {step}", label))
+            for key, label in (("curv/coupling", "C"), ("curv/resonance", "R"))
+            if key in maps
+        }
         self.run.log({CURV_STEP: step, **images})
 
     def _log_heatmap(self, step: int) -> None:
-        import matplotlib.pyplot as plt
-
         from .plots import trace_heatmap_figure
 
-        figure = trace_heatmap_figure(self._traces)
-        try:
-            self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._wandb.Image(figure)})
-        finally:
-            plt.close(figure)
+        self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._image(trace_heatmap_figure(self._traces))})
 
     def alert(self, alarm: Alarm) -> None:
         """One W&B alert per alarm episode (the monitor raises one ``Alarm`` per episode)."""
@@ -192,11 +191,11 @@ class WandbLogger:
     # ------------------------------------------------------------------ training-loop metrics
     def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
         """Training metrics (``train/*``) against ``train/step`` (optimizer updates)."""
-        self._safely("log", self.run.log if self.run else None, {TRAIN_STEP: step, **metrics})
+        self._log({TRAIN_STEP: step, **metrics})
 
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch metrics (``eval/*``, summaries) against ``epoch``."""
-        self._safely("log", self.run.log if self.run else None, {"epoch": epoch, **metrics})
+        self._log({"epoch": epoch, **metrics})
 
     def finish(self) -> None:
         """Finish the run if this logger started it (flushes an offline run to disk)."""
