@@ -90,9 +90,7 @@ def _cifar(key: str, root: Path, download: bool, hflip: float, padding: int, num
     train_tf = T.Compose([*augment, T.ToTensor(), normalize])
     val_tf = T.Compose([T.ToTensor(), normalize])
     cls = getattr(torchvision.datasets, cls_name)
-    how_to = (
-        f"put a local copy at {root / folder} (unpack {url.rsplit('/', 1)[1]} there) and pass --data-dir {root}"
-    )
+    how_to = f"put a local copy at {root / folder} (unpack {url.rsplit('/', 1)[1]} there) and pass --data-dir {root}"
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # an offline machine must fail, not hang
     try:

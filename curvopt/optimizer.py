@@ -336,9 +336,7 @@ class CurvatureAwareOptimizer(Optimizer):
             metrics[f"curv/stable_rank/{name}"] = spectrum.stable_rank
         self._emit(metrics, step)
 
-    def _local_estimate(
-        self, step: int, distributed: bool
-    ) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
+    def _local_estimate(self, step: int, distributed: bool) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
         """This process's estimate, or ``None`` and a (warning key, message) saying why not."""
         generator = (
             dist_utils.rank_generator(self.generator, self.distributed_probes, self.process_group)

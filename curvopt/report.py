@@ -55,8 +55,11 @@ def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page
     figures = {
         "trace_heatmap": trace_heatmap_figure(columns),
         "gn_gap": layer_lines_figure(
-            records, "gn_gap", title="GN-Gap per layer: ||H^T_l,:||_F / ||G_l,:||_F (0 = Gauss-Newton exact)",
-            ylabel="GN-Gap", log_y=True,
+            records,
+            "gn_gap",
+            title="GN-Gap per layer: ||H^T_l,:||_F / ||G_l,:||_F (0 = Gauss-Newton exact)",
+            ylabel="GN-Gap",
+            log_y=True,
         ),
         "cusum": cusum_figure(records),
         "lr_scale": layer_lines_figure(records, "lr_scale", title="Layer-wise LR scale s_l", ylabel="scale"),

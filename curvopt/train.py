@@ -295,6 +295,7 @@ def run_training(args: argparse.Namespace) -> int:
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
     if args.amp:
+
         def autocast() -> Any:
             return torch.autocast(device.type, dtype=amp_dtype)
     else:
@@ -338,6 +339,7 @@ def run_training(args: argparse.Namespace) -> int:
     quiet = ExitStack()
     quiet.enter_context(warnings.catch_warnings())
     warnings.filterwarnings("ignore", message="curvopt: memorisation alarm", category=RuntimeWarning)
+    finished = False
     try:
         for epoch in range(start_epoch, num_epochs):
             if sampler is not None:
@@ -429,6 +431,7 @@ def run_training(args: argparse.Namespace) -> int:
             say(f"epoch {epoch:>3}/{num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
                   f"acc {stats['train/acc_epoch']:5.1f}%  val loss {val['loss']:.4f} top1 {val['top1']:5.1f}%  "
                   f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
+        finished = True
     finally:
         quiet.close()
         curvopt_log.setLevel(log_level)
@@ -437,6 +440,8 @@ def run_training(args: argparse.Namespace) -> int:
         if wandb_logger is not None:
             wandb_logger.finish()
         if args.distributed and torch.distributed.is_initialized():
+            if finished:  # every rank is here: no rank tears the group down while a peer still uses it
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
     if skipped_batches:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import os
+import sys
 import traceback
 import warnings
 from pathlib import Path
@@ -134,13 +137,32 @@ SCENARIOS = {
 
 
 def run(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
+    """Run one scenario on this rank, save its result, then leave without interpreter teardown.
+
+    Gloo's worker threads can abort the process (``terminate called without an active exception``)
+    when the interpreter finalises while a process group or a DDP reducer that holds one is still
+    alive, or when a peer tears down first. So the ranks meet at a barrier once their results are
+    saved, destroy the group, collect what referenced it, and exit with ``os._exit``; the exit code
+    says whether the scenario succeeded. ``rank{r}.done`` marks a clean teardown, so a crash can be
+    told apart from a failure of the scenario itself.
+    """
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = Path(out_dir)
+    code = 0
     try:
         result = SCENARIOS[scenario](rank, world)
-        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(result, out / f"rank{rank}.pt")
+        del result
+        dist.barrier()
     except BaseException:
-        (Path(out_dir) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        code = 1
     finally:
         dist.destroy_process_group()
+        gc.collect()
+        if code == 0:
+            (out / f"rank{rank}.done").touch()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)

@@ -33,10 +33,15 @@ def _spawn(tmp_path: Path, scenario: str) -> list[dict]:
         if p.is_alive():
             p.kill()
     assert not hung, f"rank(s) {hung} still running after {TIMEOUT_S} s (a collective hang?)"
-    errors = [(tmp_path / f"rank{r}.err") for r in range(WORLD)]
     for r, p in enumerate(procs):
-        detail = errors[r].read_text() if errors[r].exists() else ""
-        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}\n{detail}"
+        error = tmp_path / f"rank{r}.err"
+        if error.exists():
+            detail = error.read_text()
+        elif (tmp_path / f"rank{r}.pt").exists() and not (tmp_path / f"rank{r}.done").exists():
+            detail = "its result was saved; it died while tearing down the process group"
+        else:
+            detail = "no result and no traceback: it died inside the scenario"
+        assert p.exitcode == 0, f"rank {r} exited with {p.exitcode}: {detail}"
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
