@@ -157,22 +157,75 @@ def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, device: torch.device, autocast: Any) -> dict[str, float]:
-    """Validation loss and top-1 (model in eval mode for the pass, its mode restored after)."""
+def evaluate(
+    model: nn.Module, loader: Any, device: torch.device, autocast: Any, distributed: bool = False
+) -> dict[str, float]:
+    """Validation loss and top-1 (model in eval mode for the pass, its mode restored after).
+
+    Under DDP each rank evaluates its own shard (:func:`_rank_shard`) and the sums
+    (Σ loss, Σ correct, n) are all-reduced, so every rank gets the metrics of the whole set.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = correct = count = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
     try:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             with autocast():
                 logits = model(x)
-            loss_sum += float(nn.functional.cross_entropy(logits.float(), y, reduction="sum"))
-            correct += float((logits.argmax(-1) == y).sum())
-            count += len(y)
+            sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+            sums[1] += (logits.argmax(-1) == y).sum()
+            sums[2] += len(y)
     finally:
         model.train(was_training)
+    if distributed:
+        torch.distributed.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
     return {"loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1)}
+
+
+class BufferCheckpoint:
+    """The model's buffers as they were before the current batch's forward.
+
+    BatchNorm updates ``running_mean``/``running_var`` inside the forward, before the loss is
+    known: a batch with a non-finite loss has already written NaN into them. Skipping such a
+    batch therefore restores the buffers too (:meth:`restore`), so a NaN batch leaves the model
+    exactly as it was. :meth:`save` is one in-place copy per buffer (a few thousand floats for a
+    ResNet-18), made before every training forward.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.buffers = list(model.buffers())
+        self.saved = [b.detach().clone() for b in self.buffers]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        for saved, buffer in zip(self.saved, self.buffers, strict=True):
+            saved.copy_(buffer, non_blocking=True)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for saved, buffer in zip(self.saved, self.buffers, strict=True):
+            buffer.copy_(saved, non_blocking=True)
+
+
+def _rank_shard(dataset: Any, rank: int, world_size: int) -> Any:
+    """Samples rank, rank + W, rank + 2W, ...: the shards cover the set exactly once (no padding,
+    unlike ``DistributedSampler``), so all-reduced validation sums are those of the whole set."""
+    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+
+
+def _finite_on_every_rank(loss: torch.Tensor, distributed: bool) -> bool:
+    """Whether the loss is finite here and, under DDP, on every rank.
+
+    A rank that skipped its backward while the others ran theirs would leave DDP's gradient
+    all-reduce waiting for it forever, so the ranks decide together: one one-element all-reduce
+    (MIN) per batch.
+    """
+    flag = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
+    if distributed:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -219,8 +272,9 @@ def run_training(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if len(train_loader) == 0:
         raise TrainError(f"the training set ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
+    val_set = _rank_shard(splits.val, args.rank, args.world_size) if args.distributed else splits.val
     val_loader = torch.utils.data.DataLoader(
-        splits.val, batch_size=args.validation_batch_size or args.batch_size, num_workers=args.workers
+        val_set, batch_size=args.validation_batch_size or args.batch_size, num_workers=args.workers
     )
 
     model, stem_note = create_model(args, splits.num_classes)
@@ -332,6 +386,7 @@ def run_training(args: argparse.Namespace) -> int:
         wandb_logger.update_config({"run_dir": str(run_dir)})
 
     skipped_batches = 0
+    buffers = BufferCheckpoint(model)
     last_epoch_stats: dict[str, float] = {}
     curvopt_log = logging.getLogger("curvopt")
     log_level = curvopt_log.level
@@ -361,27 +416,33 @@ def run_training(args: argparse.Namespace) -> int:
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 if mixup_fn is not None:
                     x, y = mixup_fn(x, y)
-                with autocast():
-                    logits = train_model(x)
-                    loss = train_loss_fn(logits, y)
-                if not torch.isfinite(loss):
-                    skipped_batches += 1
-                    warnings.warn(f"curvopt train: non-finite loss at epoch {epoch} batch {batch_idx}; batch skipped",
-                                  RuntimeWarning, stacklevel=1)  # fmt: skip
-                    opt.zero_grad()
-                    continue
-                scaled_loss = loss / args.grad_accum_steps
-                if update:
-                    opt.observe(x, y)  # the curvature batch (a bare step() follows, e.g. from NativeScaler)
-                if loss_scaler is not None:
-                    loss_scaler(scaled_loss, opt, clip_grad=args.clip_grad, parameters=model.parameters(),
-                                need_update=update)  # fmt: skip
-                else:
-                    scaled_loss.backward()
+                # DDP all-reduces gradients only on the micro-batch that ends an accumulation window
+                no_sync = train_model.no_sync() if args.distributed and not update else nullcontext()
+                with no_sync:
+                    buffers.save()
+                    with autocast():
+                        logits = train_model(x)
+                        loss = train_loss_fn(logits, y)
+                    if not _finite_on_every_rank(loss, args.distributed):
+                        skipped_batches += 1
+                        warnings.warn(f"curvopt train: non-finite loss at epoch {epoch} batch {batch_idx}; "
+                                      "batch skipped (with the gradients accumulated so far)",
+                                      RuntimeWarning, stacklevel=1)  # fmt: skip
+                        buffers.restore()  # BN running statistics saw the bad batch in the forward
+                        opt.zero_grad()
+                        continue
+                    scaled_loss = loss / args.grad_accum_steps
                     if update:
-                        if args.clip_grad is not None:
-                            nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                        opt.step()
+                        opt.observe(x, y)  # the curvature batch (a bare step() follows, e.g. from NativeScaler)
+                    if loss_scaler is not None:
+                        loss_scaler(scaled_loss, opt, clip_grad=args.clip_grad, parameters=model.parameters(),
+                                    need_update=update)  # fmt: skip
+                    else:
+                        scaled_loss.backward()
+                        if update:
+                            if args.clip_grad is not None:
+                                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+                            opt.step()
                 loss_value = float(loss.detach())
                 batch_acc = _accuracy(logits.detach(), y)
                 loss_sum += loss_value
@@ -402,12 +463,13 @@ def run_training(args: argparse.Namespace) -> int:
                 bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
                                 alarms=len(opt.alarms))  # fmt: skip
             bar.close()
-            val = evaluate(model, val_loader, device, autocast)
+            val = evaluate(model, val_loader, device, autocast, args.distributed)
             stats = {"eval/loss": val["loss"], "eval/top1": val["top1"], "step": num_updates,
                      "train/loss_epoch": loss_sum / max(batches, 1), "train/acc_epoch": acc_sum / max(batches, 1),
                      "train/lr": opt.param_groups[0]["lr"]}  # fmt: skip
             if model_ema is not None:
-                stats["eval/top1_ema"] = evaluate(model_ema.module, val_loader, device, autocast)["top1"]
+                ema_val = evaluate(model_ema.module, val_loader, device, autocast, args.distributed)
+                stats["eval/top1_ema"] = ema_val["top1"]
             scheduler.step(epoch + 1, val["top1"])
             best = val["top1"] > best_top1
             best_top1 = max(best_top1, val["top1"])

@@ -4,7 +4,9 @@ Keys (all against a monotone ``curv/step`` via ``define_metric("curv/*", step_me
 so they never fight the user's own ``wandb.log`` step): ``curv/trace/<layer>``,
 ``curv/trace_se/<layer>``, ``curv/gn_gap/<layer>``, ``curv/cusum/<layer>``,
 ``curv/lr_scale/<layer>``, ``curv/total/*``, ``curv/alarm``; every ``heatmap_every`` estimates an
-image ``curv/trace_heatmap`` (layers × steps) from the history the logger keeps. With the
+image ``curv/trace_heatmap`` (layers × steps) over the whole run so far, from at most
+``heatmap_columns`` evenly spaced estimates (:class:`ThinnedHistory`: memory does not grow with
+the run's length). With the
 optimizer's ``inter_every``: images ``curv/coupling`` and ``curv/resonance`` (L × L) and scalars
 ``curv/phi``, ``curv/top_eig/<layer>``, ``curv/stable_rank/<layer>``.
 
@@ -22,7 +24,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import urlparse
 
 from .monitor import Alarm
@@ -31,6 +33,45 @@ log = logging.getLogger("curvopt")
 
 CURV_STEP = "curv/step"
 TRAIN_STEP = "train/step"
+
+T = TypeVar("T")
+
+
+class ThinnedHistory(Generic[T]):
+    """At most ``capacity`` evenly spaced items out of everything appended, plus the latest.
+
+    The i-th append (i = 0, 1, ...) is kept when i ≡ 0 (mod s), the stride s starting at 1. When
+    ``capacity`` items are kept and another is due, every other kept item is dropped and s doubles,
+    so the kept items are always appends 0, s, 2s, ...: a uniform subsample of the whole run in
+    O(capacity) memory, however long the run.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 2:
+            raise ValueError(f"capacity must be >= 2, got {capacity}")
+        self.capacity = capacity
+        self.stride = 1
+        self.count = 0
+        self._kept: list[T] = []
+        self._latest: list[T] = []
+
+    def append(self, item: T) -> None:
+        if self.count % self.stride == 0 and len(self._kept) == self.capacity:
+            self._kept = self._kept[::2]
+            self.stride *= 2
+        if self.count % self.stride == 0:
+            self._kept.append(item)
+        self._latest = [item]
+        self.count += 1
+
+    def items(self) -> list[T]:
+        """The kept items in order, ending with the latest append (kept or not)."""
+        if self._kept and self._latest and self._kept[-1] is self._latest[0]:
+            return list(self._kept)
+        return self._kept + self._latest
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def has_wandb_credentials() -> bool:
@@ -61,6 +102,8 @@ class WandbLogger:
         run: a ``wandb`` run to log into; by default the active ``wandb.run``, else a new run
             from ``init_kwargs`` (``project``, ``name``, ``dir``, ``config``, ``tags``, ``mode``, …).
         heatmap_every: log the layer × step trace heatmap every N estimates (0: never).
+        heatmap_columns: the most estimates the heatmap shows (and the logger keeps); longer runs
+            are subsampled evenly, so memory stays about ``heatmap_columns × layers`` floats.
         alerts: send ``run.alert`` once per alarm episode.
         **init_kwargs: passed to ``wandb.init`` when this logger starts the run.
 
@@ -69,16 +112,26 @@ class WandbLogger:
     only if this logger started it.
     """
 
-    def __init__(self, run: Any = None, *, heatmap_every: int = 10, alerts: bool = True, **init_kwargs: Any) -> None:
+    def __init__(
+        self,
+        run: Any = None,
+        *,
+        heatmap_every: int = 10,
+        heatmap_columns: int = 512,
+        alerts: bool = True,
+        **init_kwargs: Any,
+    ) -> None:
         if heatmap_every < 0:
             raise ValueError(f"heatmap_every must be >= 0, got {heatmap_every}")
+        if heatmap_columns < 2:
+            raise ValueError(f"heatmap_columns must be >= 2, got {heatmap_columns}")
         self.heatmap_every = heatmap_every
         self.alerts = alerts
         self.run: Any = None
         self.local_dir: str | None = None
         self.owns_run = False
         self._warned: set[str] = set()
-        self._traces: list[tuple[int, dict[str, float]]] = []
+        self._traces: ThinnedHistory[tuple[int, dict[str, float]]] = ThinnedHistory(heatmap_columns)
         try:
             import wandb
 
@@ -174,7 +227,7 @@ class WandbLogger:
     def _log_heatmap(self, step: int) -> None:
         from .plots import trace_heatmap_figure
 
-        self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._image(trace_heatmap_figure(self._traces))})
+        self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._image(trace_heatmap_figure(self._traces.items()))})
 
     def alert(self, alarm: Alarm) -> None:
         """One W&B alert per alarm episode (the monitor raises one ``Alarm`` per episode)."""

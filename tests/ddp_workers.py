@@ -8,6 +8,7 @@ import os
 import sys
 import traceback
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -127,12 +128,36 @@ def scenario_syncbn(rank: int, world: int) -> dict:
     return {"plain": a.samples["trace"], "synced": b.samples["trace"], "cls": type(synced[1]).__name__}
 
 
+def scenario_train_helpers(rank: int, world: int) -> dict:
+    """`curvopt train`'s collective pieces: the NaN-skip vote and the sharded validation."""
+    from curvopt.train import _finite_on_every_rank, _rank_shard, evaluate
+
+    nan_on_rank1 = torch.tensor(float("nan") if rank == 1 else 1.0)
+    votes = {
+        "nan_on_one_rank": _finite_on_every_rank(nan_on_rank1, True),
+        "all_finite": _finite_on_every_rank(torch.tensor(2.0), True),
+    }
+    model = _mlp().eval()
+    g = torch.Generator().manual_seed(7)
+    val = torch.utils.data.TensorDataset(torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g))
+    sharded = torch.utils.data.DataLoader(_rank_shard(val, rank, world), batch_size=5)
+    whole = torch.utils.data.DataLoader(val, batch_size=5)
+    cpu = torch.device("cpu")
+    return {
+        **votes,
+        "shard_size": len(_rank_shard(val, rank, world)),
+        "sharded": evaluate(model, sharded, cpu, nullcontext, distributed=True),
+        "whole": evaluate(model, whole, cpu, nullcontext),
+    }
+
+
 SCENARIOS = {
     "syncbn": scenario_syncbn,
     "fsdp": scenario_fsdp,
     "train": scenario_train,
     "shared": scenario_shared,
     "rank_failure": scenario_rank_failure,
+    "train_helpers": scenario_train_helpers,
 }
 
 

@@ -82,12 +82,23 @@ def test_a_rank_without_a_batch_skips_on_every_rank_without_hanging(tmp_path):
     assert r1["warnings"] == []  # only rank 0 warns
 
 
+def test_train_loop_skips_a_nan_batch_on_every_rank_and_validates_on_disjoint_shards(tmp_path):
+    r0, r1 = _spawn(tmp_path, "train_helpers")
+    for r in (r0, r1):
+        assert r["nan_on_one_rank"] is False  # rank 1's NaN makes both ranks skip: no backward hangs
+        assert r["all_finite"] is True
+        assert r["sharded"]["loss"] == pytest.approx(r["whole"]["loss"], rel=1e-6)  # float32 batch sums
+        assert r["sharded"]["top1"] == r["whole"]["top1"]
+    assert r0["shard_size"] + r1["shard_size"] == 37  # 19 + 18: no sample padded in twice
+
+
 def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
         "-m", "curvopt", "train", "--dataset", "synthetic", "--synthetic-samples", "64", "-b", "8",
-        "--model", "resnet18", "--epochs", "2", "--curv-every", "2", "--curv-probes", "2", "--curv-batch-size", "4",
+        "--model", "resnet18", "--epochs", "2", "--curv-every", "1", "--curv-probes", "2", "--curv-batch-size", "4",
+        "--grad-accum-steps", "2",
         "--log-wandb", "--no-progress", "--output", str(tmp_path), "--experiment", "ddp",
     ]  # fmt: skip
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -99,12 +110,12 @@ def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
 
     records = read_jsonl(run_dir / "curvature.jsonl")
     metrics = [r for r in records if r["type"] == "metrics"]
-    assert [r["step"] for r in metrics] == [2, 4, 6, 8]  # 4 updates/epoch per rank, written once
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4]  # 4 batches/epoch per rank, 2 per update; written once
     assert sum(r["type"] == "config" for r in records) == 1
     assert records[0]["curvopt"]["world_size"] == WORLD
     assert len(list(run_dir.glob("wandb/offline-run-*"))) == 1
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
-    assert ckpt["num_updates"] == 8
+    assert ckpt["num_updates"] == 4
     assert metrics[-1]["curv/probes"] == WORLD * 2
 
 

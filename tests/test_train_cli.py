@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from pathlib import Path
 
@@ -110,6 +111,48 @@ def test_float16_autocast_with_native_scaler(tmp_path, capsys):
     code, run_dir = _train(tmp_path, "--epochs", "1", "--amp", "--amp-dtype", "float16")
     assert code == 0, capsys.readouterr().err
     assert [r["step"] for r in _metrics(run_dir)] == [2, 4, 6]
+
+
+class _PoisonedFirstSample(torch.utils.data.Dataset):
+    """Sample 0 is all NaN: the batch holding it has a NaN loss, once per epoch."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        x, y = self.base[i]
+        return (torch.full_like(x, float("nan")) if i == 0 else x), y
+
+
+def test_a_nan_loss_skips_its_batch_and_never_reaches_the_weights(tmp_path, capsys, monkeypatch):
+    import dataclasses
+
+    import curvopt.train
+
+    real = curvopt.train.build_datasets
+
+    def poisoned(*args, **kwargs):
+        splits = real(*args, **kwargs)
+        return dataclasses.replace(splits, train=_PoisonedFirstSample(splits.train))
+
+    monkeypatch.setattr(curvopt.train, "build_datasets", poisoned)
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        code, run_dir = _train(tmp_path, "--epochs", "2", "--opt", "adamw", "--lr", "1e-3")
+    assert code == 0, capsys.readouterr().err
+    assert "2 batch(es) with a non-finite loss were skipped" in capsys.readouterr().out
+    ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert ckpt["num_updates"] == 10  # 12 batches, one skipped per epoch
+    for name, tensor in ckpt["model"].items():
+        assert torch.isfinite(tensor.float()).all(), name
+    adam_state = ckpt["optimizer"]["optimizer"]["state"]
+    assert adam_state  # Adam stepped, and its moments never saw a NaN gradient
+    for state in adam_state.values():
+        assert all(torch.isfinite(v.float()).all() for v in state.values() if torch.is_tensor(v))
+    metrics = _metrics(run_dir)
+    assert metrics and all(math.isfinite(r["curv/total/trace"]) for r in metrics)
 
 
 def test_noisy_labels_fixed_subset_random_classes_only_while_active():

@@ -11,7 +11,7 @@ import wandb_offline as wb
 from torch import nn
 
 from curvopt import Alarm, CurvatureAwareOptimizer, WandbLogger
-from curvopt.wandb_logger import resolve_mode
+from curvopt.wandb_logger import ThinnedHistory, resolve_mode
 
 
 @pytest.fixture(autouse=True)
@@ -138,3 +138,29 @@ def test_optimizer_settings_reach_the_config(tmp_path):
     logger.finish()
     config = wb.config(wb.read_records(wb.run_file(run_dir)))
     assert config["recipe"] == "x" and config["curvopt"]["every"] == 7 and config["curvopt"]["layers"] == ["0"]
+
+
+@pytest.mark.parametrize("capacity", [2, 3, 5, 8])
+def test_thinned_history_keeps_an_even_subsample_of_the_whole_run_within_capacity(capacity):
+    history: ThinnedHistory[int] = ThinnedHistory(capacity)
+    for n in range(1, 300):
+        history.append(n - 1)
+        stride = 1  # the reference: the smallest power of two that fits ceil(n / stride) items
+        while -(-n // stride) > capacity:
+            stride *= 2
+        expected = list(range(0, n, stride))
+        if expected[-1] != n - 1:
+            expected.append(n - 1)  # the latest estimate always ends the heatmap
+        assert history.items() == expected, (capacity, n)
+        assert len(history) == n and len(history.items()) <= capacity + 1
+
+
+def test_the_heatmap_history_is_bounded_by_heatmap_columns(tmp_path):
+    logger = WandbLogger(project="t", dir=str(tmp_path), mode="offline", heatmap_every=0, heatmap_columns=4)
+    for step in range(1, 101):
+        logger.log(step, {"curv/trace/a": float(step)})
+    kept = [step for step, _ in logger._traces.items()]
+    logger.finish()
+    assert kept == [1, 33, 65, 97, 100]
+    with pytest.raises(ValueError, match="heatmap_columns"):
+        WandbLogger(project="t", dir=str(tmp_path), mode="disabled", heatmap_columns=1)
