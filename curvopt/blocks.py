@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .context import probing_context
 from .layers import Layer, LayerSpec
 from .operator import curvature_operator
 from .probes import DISTRIBUTIONS
@@ -200,9 +201,11 @@ def activation_block_norms(
     of *this batch* (B × features per layer, no weight sharing across samples), the Hessian has
     no term from a layer's own weights, and R/C measure how strongly the loss couples the
     representations of two depths rather than two parameter blocks. Default ``modules``: the
-    children that own parameters. Runs in train mode with the model's state restored, like the
-    parameter-space estimators (dropout masks are not fixed here: use it on models without
-    dropout, or in eval mode, for a deterministic function).
+    children that own parameters. Runs in :func:`~curvopt.context.probing_context`, like the
+    parameter-space estimators: train mode with batch-statistic BN and the model's state
+    restored, autocast off, math attention. All probes differentiate one forward pass, so they
+    share one dropout mask, drawn from a private RNG stream seeded from ``generator`` (the
+    global RNG is left as it was, and the same ``generator`` gives the same map).
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError("activation_block_norms needs an nn.Sequential (the layer outputs must be a chain)")
@@ -228,14 +231,11 @@ def activation_block_norms(
 
         return hook
 
+    mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     handles = [children[n].register_forward_hook(hook_for(n)) for n in names]
-    was_training = model.training
-    bn_flags = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
-        model.train()
-        for m, _ in bn_flags:
-            m.track_running_stats = False
-        with torch.enable_grad():
+        with probing_context(model, mask_seed=mask_seed) as rewind:
+            rewind()
             loss = loss_fn(model(x), y)
             order = [deltas[n] for n in names]
             grads = torch.autograd.grad(loss, order, create_graph=True)
@@ -250,8 +250,5 @@ def activation_block_norms(
     finally:
         for handle in handles:
             handle.remove()
-        for m, flag in bn_flags:
-            m.track_running_stats = flag
-        model.train(was_training)
     numel = {n: deltas[n].numel() for n in names}
     return BlockNorms(names, numel, {"hess": samples}, float(loss.detach()))

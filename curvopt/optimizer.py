@@ -85,8 +85,9 @@ class CurvatureAwareOptimizer(Optimizer):
         process_group: the group to reduce over (default: the default group, when initialised).
         inter_every: a second, slower cadence (0: off) for the inter-layer map (block norms with
             ``inter_probes`` probes: resonance, coupling, cross-block mass Φ) and per-layer
-            Lanczos spectra (``spectrum_steps`` steps: top eigenvalue, stable rank). Cost per
-            run: L·(inter_probes + 3·spectrum_steps) products, so keep it rare.
+            Lanczos spectra (``spectrum_steps`` steps: top eigenvalue, stable rank; the SLQ
+            moments behind the stable rank average ``spectrum_starts`` random starts). Cost per
+            run: L·(inter_probes + (1 + spectrum_starts)·spectrum_steps) products, so keep it rare.
             Logged only (no effect on training); under DDP only rank 0 computes it.
     """
 
@@ -114,6 +115,7 @@ class CurvatureAwareOptimizer(Optimizer):
         inter_every: int = 0,
         inter_probes: int = 4,
         spectrum_steps: int = 20,
+        spectrum_starts: int = 2,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -129,8 +131,10 @@ class CurvatureAwareOptimizer(Optimizer):
             raise ValueError("history must be >= 1")
         if isinstance(inter_every, bool) or not isinstance(inter_every, int) or inter_every < 0:
             raise ValueError(f"inter_every must be an integer >= 0 (0: off), got {inter_every!r}")
-        if inter_probes < 1 or spectrum_steps < 1:
-            raise ValueError(f"need inter_probes >= 1 and spectrum_steps >= 1, got {inter_probes}, {spectrum_steps}")
+        for name, value in (("inter_probes", inter_probes), ("spectrum_steps", spectrum_steps),
+                            ("spectrum_starts", spectrum_starts)):  # fmt: skip
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if distributed_probes not in dist_utils.PROBE_MODES:
             raise ValueError(f"distributed_probes must be one of {dist_utils.PROBE_MODES}, got {distributed_probes!r}")
         self._check_ownership(optimizer, model)
@@ -154,6 +158,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.inter_every = inter_every
         self.inter_probes = inter_probes
         self.spectrum_steps = spectrum_steps
+        self.spectrum_starts = spectrum_starts
         self.inter_generator = torch.Generator().manual_seed(seed + 1)  # never touches the main probe stream
         self.last_block_norms: BlockNorms | None = None
         self.last_spectra: dict[str, Spectrum] | None = None
@@ -315,7 +320,7 @@ class CurvatureAwareOptimizer(Optimizer):
                                 generator=self.inter_generator, strategy=self.strategy)  # fmt: skip
             spectra = layer_spectrum(
                 self.model, self.loss_fn, batch, layers=self.layer_blocks, steps=self.spectrum_steps,
-                slq_probes=2, slq_steps=max(2, self.spectrum_steps), generator=self.inter_generator,
+                slq_probes=self.spectrum_starts, slq_steps=max(2, self.spectrum_steps), generator=self.inter_generator,
                 strategy=self.strategy,
             )  # fmt: skip
         except Exception as exc:  # diagnostics must never stop training
@@ -434,6 +439,9 @@ class CurvatureAwareOptimizer(Optimizer):
             "strategy": self.strategy,
             "distributed_probes": self.distributed_probes,
             "inter_every": self.inter_every,
+            "inter_probes": self.inter_probes,
+            "spectrum_steps": self.spectrum_steps,
+            "spectrum_starts": self.spectrum_starts,
             "world_size": dist_utils.world_size(self.process_group),
             "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
             "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),

@@ -180,6 +180,26 @@ def test_activation_space_map_matches_the_dense_activation_hessian(mlp_problem):
         activation_block_norms(ResidualMLP(), loss_fn, batch)
 
 
+def test_activation_map_with_dropout_and_bn_is_deterministic_and_leaves_rng_and_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 12), nn.BatchNorm1d(12), nn.Tanh(), nn.Dropout(0.3), nn.Linear(12, 3)).eval()
+    x, y = torch.randn(16, 5), torch.randint(0, 3, (16,))
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    loss_fn = nn.CrossEntropyLoss()
+    runs = [
+        activation_block_norms(model, loss_fn, (x, y), probes=3, generator=torch.Generator().manual_seed(9))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0].samples["hess"], runs[1].samples["hess"])  # one private dropout mask per call
+    assert torch.equal(torch.get_rng_state(), rng)  # the user's RNG stream is untouched
+    assert not model.training  # mode restored
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), k  # BN running statistics untouched
+    other = activation_block_norms(model, loss_fn, (x, y), probes=3, generator=torch.Generator().manual_seed(10))
+    assert not torch.equal(other.samples["hess"], runs[0].samples["hess"])
+
+
 def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_estimates(tmp_path):
     from conftest import mlp
 
@@ -191,7 +211,7 @@ def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_est
         model = mlp()
         opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
                                       every=1, probes=2, inter_every=inter_every, inter_probes=3, spectrum_steps=4,
-                                      logger=loggers)  # fmt: skip
+                                      spectrum_starts=3, logger=loggers)  # fmt: skip
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
             x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)
@@ -209,6 +229,8 @@ def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_est
     assert list(with_inter.history) == list(without.history)  # the main probe stream is untouched
     assert all(torch.equal(a, b) for a, b in zip(model_a.parameters(), model_b.parameters()))
     assert with_inter.last_block_norms is not None and set(with_inter.last_spectra) == {"0", "2", "4"}
+    assert with_inter.last_spectra["0"].nodes.shape[0] == 3  # spectrum_starts SLQ starts
+    assert with_inter.settings()["spectrum_starts"] == 3
     inter = [r for r in read_jsonl(tmp_path / "curvature.jsonl") if "curv/phi" in r]
     assert [r["step"] for r in inter] == [2, 4]
     assert len(inter[0]["curv/coupling"]) == 3 and "curv/top_eig/0" in inter[0] and "curv/stable_rank/4" in inter[0]

@@ -348,6 +348,11 @@ def test_logger_failure_warns_once_and_training_continues(tmp_path):
         ({"monitor": "ewma"}, ValueError, "monitor"),
         ({"lr_scaling": "adam"}, ValueError, "lr_scaling"),
         ({"curvature_batch_size": 0}, ValueError, "curvature_batch_size"),
+        ({"inter_every": -2}, ValueError, "inter_every"),
+        ({"inter_probes": 0}, ValueError, "inter_probes"),
+        ({"spectrum_steps": 2.5}, ValueError, "spectrum_steps"),
+        ({"spectrum_starts": True}, ValueError, "spectrum_starts"),
+        ({"distributed_probes": "ring"}, ValueError, "distributed_probes"),
     ],
 )
 def test_bad_arguments(kwargs, error, match):
