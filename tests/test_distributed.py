@@ -118,6 +118,18 @@ def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     assert ckpt["num_updates"] == 4
     assert metrics[-1]["curv/probes"] == WORLD * 2
 
+    # resume under torchrun: every rank loads the checkpoint; steps, schedule and W&B run continue
+    resume = [*cmd, "--resume", str(run_dir / "last.pth.tar")]
+    resume[resume.index("--epochs") + 1] = "3"
+    done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("resuming at epoch 2, update 4") == 1
+    metrics = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "metrics"]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
+    ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 2 and ckpt["optimizer"]["curvopt"]["step_count"] == 6
+    assert len({p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}) == 1  # one W&B run id
+
 
 def test_fsdp_is_rejected_clearly_on_every_rank(tmp_path):
     results = _spawn(tmp_path, "fsdp")
