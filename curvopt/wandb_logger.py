@@ -6,9 +6,9 @@ so they never fight the user's own ``wandb.log`` step): ``curv/trace/<layer>``,
 ``curv/lr_scale/<layer>``, ``curv/total/*``, ``curv/alarm``; every ``heatmap_every`` estimates an
 image ``curv/trace_heatmap`` (layers × steps) over the whole run so far, from at most
 ``heatmap_columns`` evenly spaced estimates (:class:`ThinnedHistory`: memory does not grow with
-the run's length). With the
-optimizer's ``inter_every``: images ``curv/coupling`` and ``curv/resonance`` (L × L) and scalars
-``curv/phi``, ``curv/top_eig/<layer>``, ``curv/stable_rank/<layer>``.
+the run's length). With the optimizer's ``inter_every``: images ``curv/coupling`` and
+``curv/resonance`` (L × L) and scalars ``curv/phi``, ``curv/top_eig/<layer>``,
+``curv/stable_rank/<layer>``.
 
 Mode: ``WANDB_MODE`` when set; otherwise online when credentials exist (``WANDB_API_KEY`` or a
 netrc entry for the W&B host) and **offline** when there are none, so a run never prompts for a
