@@ -37,7 +37,7 @@ def _worker(rank: int, world: int, init: str, out: str, threads: int, local_batc
         dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         from curvopt import CurvatureAwareOptimizer
-        from curvopt import distributed as dist_utils
+        from curvopt.estimators import distributed as dist_utils
 
         model = _model()
         if world > 1:

@@ -35,8 +35,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float,
 
 def run(args: tuple[str, bool, int, int, float]) -> dict:
     from curvopt import CurvatureAwareOptimizer
-    from curvopt.models import small_cnn
-    from curvopt.synthetic import make_synthetic_images
+    from curvopt.programs.models import small_cnn
+    from curvopt.programs.synthetic import make_synthetic_images
 
     opt_name, scaling, seed, steps, noise = args
     torch.set_num_threads(1)

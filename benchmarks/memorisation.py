@@ -1,7 +1,7 @@
 """Memorisation-detection benchmark: CUSUM alarms on clean vs noisy/random-label runs.
 
-A small CNN (``curvopt.models.small_cnn``) trained with SGD on the learnable synthetic image task
-(``curvopt.synthetic``, 2048 training images, 10 classes), wrapped in ``CurvatureAwareOptimizer``
+A small CNN (``curvopt.programs.models.small_cnn``) trained with SGD on the learnable synthetic image task
+(``curvopt.programs.synthetic``, 2048 training images, 10 classes), wrapped in ``CurvatureAwareOptimizer``
 with the *default* ``CusumMonitor`` settings, K = 8 probes on 32 samples every 20 steps, 800 steps
 of batch 64. Conditions, each over ``--seeds`` seeds:
 
@@ -34,8 +34,8 @@ CONDITIONS = ("clean", "p0.5", "p1", "switch")
 def run(args: tuple[str, int, int, int]) -> tuple[str, int, int | None]:
     """Train one run; return (condition, seed, step of the first alarm or None)."""
     from curvopt import CurvatureAwareOptimizer
-    from curvopt.models import small_cnn
-    from curvopt.synthetic import corrupt_labels, make_synthetic_images
+    from curvopt.programs.models import small_cnn
+    from curvopt.programs.synthetic import corrupt_labels, make_synthetic_images
 
     condition, seed, steps, every = args
     torch.set_num_threads(1)

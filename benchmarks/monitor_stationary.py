@@ -14,7 +14,7 @@ import math
 import random
 
 from curvopt import CusumMonitor
-from curvopt.monitor import AGGREGATE
+from curvopt.control.monitor import AGGREGATE
 
 
 def draw(rng: random.Random, heavy: bool) -> float:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from curvopt import activation_block_norms, block_norms, layer_spectrum
-from curvopt.spectra import MODEL
+from curvopt.estimators.spectra import MODEL
 
 
 class Block(nn.Module):

@@ -1,23 +1,28 @@
 """curvopt: per-layer curvature of the training loss, measured while you train.
 
-Data flow, top to bottom: ``layers`` (which tensors form a block) -> ``context`` and
-``products`` (Hessian/GGN-vector products) -> ``estimate`` (Hutchinson estimators) ->
-``variance`` (probe budget), ``monitor`` (CUSUM alarms), ``scaling`` (layer-wise LR) ->
-``optimizer`` (the wrapper) -> ``loggers`` / ``wandb_logger`` and ``plots`` / ``report`` (display) ->
-``data``, ``recipes``, ``train``, ``demo``, ``cli`` (the programs).
+The package reads top to bottom, each subpackage importing only from those above it:
+
+* :mod:`curvopt.engine` — layers, the probing context, probes, Hessian/GGN-vector products;
+* :mod:`curvopt.estimators` — per-layer traces and GN-Gap, inter-layer block norms, spectra,
+  the probe budget, the distributed reduction;
+* :mod:`curvopt.control` — the CUSUM monitor, LR-scaling policies, the optimizer wrapper;
+* :mod:`curvopt.reporting` — JSONL/callback loggers, W&B, plots, reports, tables;
+* :mod:`curvopt.programs` — the ``curvopt`` command: demo, ``train``, recipes, datasets, models.
+
+The names below are the public API.
 """
 
-from .blocks import BlockNorms, activation_block_norms, block_norms
-from .estimate import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
-from .layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
-from .loggers import CallbackLogger, JsonlLogger, read_jsonl
-from .monitor import Alarm, CusumMonitor
-from .optimizer import CurvatureAwareOptimizer
-from .products import STRATEGIES, CurvatureInputError
-from .scaling import TraceScaling
-from .spectra import Spectrum, layer_spectrum
-from .variance import ProbeBudgetTracker
-from .wandb_logger import WandbLogger
+from .control.monitor import Alarm, CusumMonitor
+from .control.optimizer import CurvatureAwareOptimizer
+from .control.scaling import TraceScaling
+from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
+from .engine.products import STRATEGIES, CurvatureInputError
+from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
+from .estimators.budget import ProbeBudgetTracker
+from .estimators.spectra import Spectrum, layer_spectrum
+from .estimators.trace import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
+from .reporting.loggers import CallbackLogger, JsonlLogger, read_jsonl
+from .reporting.wandb_logger import WandbLogger
 
 __version__ = "0.1.0"
 

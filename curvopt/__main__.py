@@ -1,5 +1,5 @@
 """``python -m curvopt`` is the ``curvopt`` command."""
 
-from .cli import main
+from .programs.cli import main
 
 raise SystemExit(main())

@@ -130,7 +130,7 @@ def scenario_syncbn(rank: int, world: int) -> dict:
 
 def scenario_train_helpers(rank: int, world: int) -> dict:
     """`curvopt train`'s collective pieces: the NaN-skip vote and the sharded validation."""
-    from curvopt.train import _finite_on_every_rank, _rank_shard, evaluate
+    from curvopt.programs.train.run import _finite_on_every_rank, _rank_shard, evaluate
 
     nan_on_rank1 = torch.tensor(float("nan") if rank == 1 else 1.0)
     votes = {

@@ -12,7 +12,7 @@ from conftest import bn_cnn
 from torch import nn
 
 from curvopt import STRATEGIES, estimate_curvature
-from curvopt.products import OutputHessian
+from curvopt.engine.products import OutputHessian
 
 
 def _samples(model, loss_fn, batch, strategy, seed=0, probes=5, **kw):

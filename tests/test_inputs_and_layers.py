@@ -19,7 +19,7 @@ from curvopt import (
     group_parameters,
     read_jsonl,
 )
-from curvopt.cli import main as cli_main
+from curvopt.programs.cli import main as cli_main
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from torch import nn
 from torch.func import functional_call, hessian
 
 from curvopt import activation_block_norms, block_norms, group_parameters, layer_spectrum
-from curvopt.spectra import MODEL
+from curvopt.estimators.spectra import MODEL
 
 Z = 4.0  # tolerance in reported standard errors
 K = 64
@@ -204,7 +204,7 @@ def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_est
     from conftest import mlp
 
     from curvopt import CurvatureAwareOptimizer, JsonlLogger, WandbLogger, read_jsonl
-    from curvopt.report import make_report
+    from curvopt.reporting.report import make_report
 
     def run(inter_every, loggers):
         torch.manual_seed(0)

@@ -12,7 +12,7 @@ from conftest import mlp
 from torch import nn
 
 from curvopt import CusumMonitor, estimate_curvature
-from curvopt.monitor import AGGREGATE, Alarm, signal_values
+from curvopt.control.monitor import AGGREGATE, Alarm, signal_values
 
 # Stated budget (README / monitor docstring): with default settings, at most 5 % of stationary
 # runs raise an alarm within 1000 estimates (Gaussian log-noise) and at most 10 % with

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from curvopt import CallbackLogger, CurvatureAwareOptimizer, JsonlLogger, read_jsonl
-from curvopt.models import small_cnn
-from curvopt.synthetic import corrupt_labels, make_synthetic_images
+from curvopt.programs.models import small_cnn
+from curvopt.programs.synthetic import corrupt_labels, make_synthetic_images
 
 
 def _model(seed: int = 0) -> nn.Module:

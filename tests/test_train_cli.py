@@ -12,9 +12,9 @@ import wandb_offline as wb
 import yaml
 
 from curvopt import read_jsonl
-from curvopt.cli import main as cli_main
-from curvopt.recipes import RecipeError, build_parser, load_recipe, parse_train_args
-from curvopt.train import adapt_to_small_inputs
+from curvopt.programs.cli import main as cli_main
+from curvopt.programs.recipes import RecipeError, build_parser, load_recipe, parse_train_args
+from curvopt.programs.train.run import adapt_to_small_inputs
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -130,15 +130,15 @@ class _PoisonedFirstSample(torch.utils.data.Dataset):
 def test_a_nan_loss_skips_its_batch_and_never_reaches_the_weights(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    import curvopt.train
+    import curvopt.programs.train.run
 
-    real = curvopt.train.build_datasets
+    real = curvopt.programs.train.run.build_datasets
 
     def poisoned(*args, **kwargs):
         splits = real(*args, **kwargs)
         return dataclasses.replace(splits, train=_PoisonedFirstSample(splits.train))
 
-    monkeypatch.setattr(curvopt.train, "build_datasets", poisoned)
+    monkeypatch.setattr(curvopt.programs.train.run, "build_datasets", poisoned)
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, run_dir = _train(tmp_path, "--epochs", "2", "--opt", "adamw", "--lr", "1e-3")
     assert code == 0, capsys.readouterr().err
@@ -158,7 +158,7 @@ def test_a_nan_loss_skips_its_batch_and_never_reaches_the_weights(tmp_path, caps
 def test_noisy_labels_fixed_subset_random_classes_only_while_active():
     from torch.utils.data import TensorDataset
 
-    from curvopt.data import NoisyLabels
+    from curvopt.programs.data import NoisyLabels
 
     n = 4000
     base = TensorDataset(torch.zeros(n, 1), torch.zeros(n, dtype=torch.long))

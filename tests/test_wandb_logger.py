@@ -11,7 +11,7 @@ import wandb_offline as wb
 from torch import nn
 
 from curvopt import Alarm, CurvatureAwareOptimizer, WandbLogger
-from curvopt.wandb_logger import ThinnedHistory, resolve_mode
+from curvopt.reporting.wandb_logger import ThinnedHistory, resolve_mode
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,6 @@
 """Figures of a run's curvature log (matplotlib, no display needed).
 
-Pure functions from logged records to ``matplotlib.figure.Figure`` objects; :mod:`curvopt.report`
+Pure functions from logged records to ``matplotlib.figure.Figure`` objects; :mod:`curvopt.reporting.report`
 saves them as PNG/HTML and :class:`curvopt.WandbLogger` sends the trace heatmap to W&B.
 Records are the dicts of :func:`curvopt.read_jsonl` (``type`` = ``metrics``, ``alarm``,
 ``train``, ``eval``, ``config``).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .estimate import CurvatureEstimate
-from .monitor import AGGREGATE, CusumMonitor
+from ..control.monitor import AGGREGATE, CusumMonitor
+from ..estimators.trace import CurvatureEstimate
 
 
 def format_table(

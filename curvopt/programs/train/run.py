@@ -29,12 +29,12 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .data import DataSplits, NoisyLabels, build_datasets
-from .loggers import JsonlLogger
-from .monitor import CusumMonitor
-from .optimizer import CurvatureAwareOptimizer
-from .tables import format_table
-from .wandb_logger import WandbLogger
+from ...control.monitor import CusumMonitor
+from ...control.optimizer import CurvatureAwareOptimizer
+from ...reporting.loggers import JsonlLogger
+from ...reporting.tables import format_table
+from ...reporting.wandb_logger import WandbLogger
+from ..data import DataSplits, NoisyLabels, build_datasets
 
 CHECKPOINT = "last.pth.tar"
 BEST = "model_best.pth.tar"

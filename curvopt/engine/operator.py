@@ -1,9 +1,9 @@
 """The curvature of one batch as a linear operator on parameter vectors, with layer restriction.
 
-:func:`curvature_operator` opens the probing context of :mod:`curvopt.context` once and yields a
+:func:`curvature_operator` opens the probing context of :mod:`curvopt.engine.context` once and yields a
 :class:`CurvatureOperator` whose ``matvec`` applies H (and, with ``gn``, G) to stacked vectors
 through the same product engines as :func:`curvopt.estimate_curvature`. The inter-layer
-estimators (:mod:`curvopt.blocks`) and the spectra (:mod:`curvopt.spectra`) are built on it:
+estimators (:mod:`curvopt.estimators.blocks`) and the spectra (:mod:`curvopt.estimators.spectra`) are built on it:
 
 * ``matvec(v)`` — v: list of per-tensor ``[k, *shape]`` tensors → (H v, G v or None).
 * ``embed(l, x)`` — a flat vector of layer l's coordinates as a full, zero-padded direction.

@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .context import probing_context
-from .layers import Layer, LayerSpec, flat_params, resolve_blocks
-from .probes import DISTRIBUTIONS, sample_probes
-from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
+from ..engine.context import probing_context
+from ..engine.layers import Layer, LayerSpec, flat_params, resolve_blocks
+from ..engine.probes import DISTRIBUTIONS, sample_probes
+from ..engine.products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
 
 # Rows of CurvatureEstimate.samples, per probe and layer.
 SAMPLE_KINDS = ("trace", "gn_trace", "hess_row_sq", "gn_row_sq", "tensor_row_sq")
@@ -236,7 +236,7 @@ def estimate_curvature(
 
     The loss is ``loss_fn(model(inputs), targets)`` in training mode with batch statistics,
     one dropout mask per estimate, autocast off; nothing of the model or the caller's state
-    is modified (see :mod:`curvopt.context`). Probes are drawn from ``generator`` (pass one
+    is modified (see :mod:`curvopt.engine.context`). Probes are drawn from ``generator`` (pass one
     for reproducible results; ``None`` draws a fresh seed from the OS).
 
     Args:
@@ -246,8 +246,8 @@ def estimate_curvature(
         probes: K ≥ 1 probes (one Hessian-vector product each, serving every layer).
         gn: also compute Gauss-Newton products on the same probes (GN traces, GN-Gap).
         generator: source of probes and of the dropout-mask seed.
-        layers: custom grouping (see :func:`curvopt.layers.group_parameters`) or prebuilt
-            :class:`~curvopt.layers.Layer` objects.
+        layers: custom grouping (see :func:`curvopt.engine.layers.group_parameters`) or prebuilt
+            :class:`~curvopt.engine.layers.Layer` objects.
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
         strategy: ``"auto"`` or one of ``STRATEGIES`` (all exact; they differ in speed).
         chunk_size: probes per vmapped call for ``"func-vmap"``.

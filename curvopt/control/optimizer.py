@@ -30,14 +30,14 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from . import distributed as dist_utils
-from .blocks import BlockNorms, block_norms
-from .estimate import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
-from .layers import group_parameters, unwrap_model
+from ..engine.layers import group_parameters, unwrap_model
+from ..estimators import distributed as dist_utils
+from ..estimators.blocks import BlockNorms, block_norms
+from ..estimators.budget import ProbeBudgetTracker
+from ..estimators.spectra import Spectrum, layer_spectrum
+from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
 from .monitor import Alarm, CusumMonitor
 from .scaling import make_policy
-from .spectra import Spectrum, layer_spectrum
-from .variance import ProbeBudgetTracker
 
 log = logging.getLogger("curvopt")
 
@@ -70,7 +70,7 @@ class CurvatureAwareOptimizer(Optimizer):
         curvature_batch_size: the curvature sub-batch is the first N samples of the batch.
         gn: also estimate Gauss-Newton traces and GN-Gap.
         monitor: ``"cusum"`` (default settings), a ``CusumMonitor``, or ``None``.
-        lr_scaling: ``None``, ``"trace"`` or a policy object (see :mod:`curvopt.scaling`).
+        lr_scaling: ``None``, ``"trace"`` or a policy object (see :mod:`curvopt.control.scaling`).
         logger: a sink (``log``/``alert``) or a list of them; failures warn once, never raise.
         callbacks: called as ``callback(alarm)`` for every alarm.
         seed: seeds the probe generator (probes and dropout masks of estimates).
@@ -80,7 +80,7 @@ class CurvatureAwareOptimizer(Optimizer):
         distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
             its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
             exactly the single-process estimate on the concatenated batch). See
-            :mod:`curvopt.distributed`; estimates, alarms and LR scales are identical on all ranks,
+            :mod:`curvopt.estimators.distributed`; estimates, alarms and LR scales are identical on all ranks,
             and only rank 0 logs, warns and calls the alarm callbacks.
         process_group: the group to reduce over (default: the default group, when initialised).
         inter_every: a second, slower cadence (0: off) for the inter-layer map (block norms with

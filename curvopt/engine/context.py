@@ -12,7 +12,7 @@ The function whose curvature is estimated is the *training* loss as a training s
   update them once per forward, and torch.func transforms reject the in-place update.)
   ``SyncBatchNorm`` behaves as a local BatchNorm while probing (each rank's curvature batch uses
   its own statistics): its cross-rank collective has no double backward, and each rank probes
-  its own batch anyway (:mod:`curvopt.distributed`).
+  its own batch anyway (:mod:`curvopt.estimators.distributed`).
 * **Dropout / DropPath.** Active, as in training, with *one* mask per estimate: the RNG is
   forked, seeded once, and rewound to the same state before every forward, so all K probes
   (and the GGN products) see the same mask. The caller's CPU and CUDA RNG streams are left

@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .context import probing_context
-from .layers import Layer, LayerSpec
-from .operator import curvature_operator
-from .probes import DISTRIBUTIONS
+from ..engine.context import probing_context
+from ..engine.layers import Layer, LayerSpec
+from ..engine.operator import curvature_operator
+from ..engine.probes import DISTRIBUTIONS
 
 MAP_KINDS = ("hess", "gn", "tensor")
 
@@ -201,7 +201,7 @@ def activation_block_norms(
     of *this batch* (B × features per layer, no weight sharing across samples), the Hessian has
     no term from a layer's own weights, and R/C measure how strongly the loss couples the
     representations of two depths rather than two parameter blocks. Default ``modules``: the
-    children that own parameters. Runs in :func:`~curvopt.context.probing_context`, like the
+    children that own parameters. Runs in :func:`~curvopt.engine.context.probing_context`, like the
     parameter-space estimators: train mode with batch-statistic BN and the model's state
     restored, autocast off, math attention. All probes differentiate one forward pass, so they
     share one dropout mask, drawn from a private RNG stream seeded from ``generator`` (the

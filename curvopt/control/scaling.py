@@ -21,7 +21,7 @@ import math
 import statistics
 from collections.abc import Mapping
 
-from .estimate import CurvatureEstimate
+from ..estimators.trace import CurvatureEstimate
 
 
 class TraceScaling:

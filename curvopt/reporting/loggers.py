@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .monitor import Alarm
+from ..control.monitor import Alarm
 
 
 def _jsonable(value: Any) -> Any:

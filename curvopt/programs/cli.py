@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import __version__
+from .. import __version__
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -51,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
 def _train(argv: Sequence[str]) -> int:
     from .data import DatasetUnavailableError
     from .recipes import RecipeError, parse_train_args
-    from .train import TrainError, run_training
+    from .train.run import TrainError, run_training
 
     try:
         args = parse_train_args(argv)
@@ -65,7 +65,7 @@ def _train(argv: Sequence[str]) -> int:
 
 
 def _report(run_dir: str, out_dir: str | None, html_page: bool) -> int:
-    from .report import ReportError, make_report
+    from ..reporting.report import ReportError, make_report
 
     try:
         paths = make_report(run_dir, out_dir, html_page=html_page)

@@ -47,7 +47,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .estimate import CurvatureEstimate
+from ..estimators.trace import CurvatureEstimate
 
 AGGREGATE = "aggregate"
 SIGNALS = ("frobenius", "trace")

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .estimate import CurvatureEstimate
+from .trace import CurvatureEstimate
 
 PROBE_MODES = ("independent", "shared")
 _RANK_STRIDE = 1_000_003  # seeds of rank r: base + r·stride (independent probes)

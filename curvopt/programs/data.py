@@ -2,7 +2,7 @@
 
 CIFAR is loaded by torchvision with ``download=`` as asked; when it is neither on disk nor
 downloadable (offline machines), :class:`DatasetUnavailableError` says in one line where to put a
-local copy. The synthetic dataset (:mod:`curvopt.synthetic`) needs nothing and feeds the tests.
+local copy. The synthetic dataset (:mod:`curvopt.programs.synthetic`) needs nothing and feeds the tests.
 """
 
 from __future__ import annotations

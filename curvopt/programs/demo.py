@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .loggers import JsonlLogger
+from ..control.monitor import AGGREGATE
+from ..control.optimizer import CurvatureAwareOptimizer
+from ..reporting.loggers import JsonlLogger
+from ..reporting.report import make_report
+from ..reporting.tables import format_table
+from ..reporting.wandb_logger import WandbLogger
 from .models import small_cnn
-from .monitor import AGGREGATE
-from .optimizer import CurvatureAwareOptimizer
-from .report import make_report
 from .synthetic import corrupt_labels, make_synthetic_images
-from .tables import format_table
-from .wandb_logger import WandbLogger
 
 
 def _quiet_wandb() -> object:

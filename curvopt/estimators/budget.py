@@ -25,7 +25,7 @@ from collections import deque
 
 import torch
 
-from .estimate import CurvatureEstimate
+from .trace import CurvatureEstimate
 
 
 class ProbeBudgetTracker:

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .layers import Layer, LayerSpec
-from .operator import CurvatureOperator, curvature_operator
+from ..engine.layers import Layer, LayerSpec
+from ..engine.operator import CurvatureOperator, curvature_operator
 
 MODEL = "(model)"
 Matvec = Callable[[torch.Tensor], torch.Tensor]

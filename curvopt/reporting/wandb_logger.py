@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlparse
 
-from .monitor import Alarm
+from ..control.monitor import Alarm
 
 log = logging.getLogger("curvopt")
 

@@ -1,0 +1,1 @@
+"""``curvopt train``: a timm training script around :class:`~curvopt.CurvatureAwareOptimizer`."""
