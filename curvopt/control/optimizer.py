@@ -6,25 +6,18 @@ the optimizer it wraps (as timm's Lookahead does), so torch and timm LR schedule
 
 Every ``every`` optimizer steps it estimates per-layer curvature on a slice of the current
 batch (``step(batch=...)`` or an earlier ``observe(x, y)``), feeds the CUSUM monitor and the
-LR-scaling policy, and hands metrics and alarms to the loggers and callbacks.
-
-**LR scaling mechanism.** Scales act on the *update*: θ ← θ_old + s_l (θ_new − θ_old) after
-the inner step. For SGD (with torch's momentum convention) and Adam/AdamW (weight decay
-included) this is exactly a per-layer learning rate lr·s_l, for any optimizer it is a
-per-layer step-size multiplier, it works where gradient scaling does not (Adam is invariant
-to gradient scale), leaves the inner optimizer's groups, state and fused/foreach kernels as
-they are, and leaves schedulers in charge of the base rate. Its cost is one copy of the
-scaled parameters per step, paid only while some scale differs from 1 (measured in
-``benchmarks/overhead.py``).
+LR-scaling policy, and hands metrics and alarms to the loggers and callbacks. The parts:
+:mod:`~curvopt.control.settings` (validated settings), :mod:`~curvopt.control.estimation` (one
+estimate, DDP included), :mod:`~curvopt.control.diagnostics` (the slower inter-layer cadence),
+:mod:`~curvopt.control.update_scaling` (how LR scales reach the parameters) and
+:mod:`~curvopt.control.notify` (loggers, callbacks, warnings).
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,24 +25,16 @@ from torch.optim import Optimizer
 
 from ..engine.layers import group_parameters, unwrap_model
 from ..estimators import distributed as dist_utils
-from ..estimators.blocks import BlockNorms, block_norms
-from ..estimators.budget import ProbeBudgetTracker
-from ..estimators.spectra import Spectrum, layer_spectrum
-from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
+from ..estimators.trace import CurvatureEstimate
+from .diagnostics import InterLayerDiagnostics
+from .estimation import EstimateRunner, curvature_batch
 from .monitor import Alarm, CusumMonitor
+from .notify import CurvatureSink, Notifier, as_sinks
 from .scaling import make_policy
+from .settings import CurvatureSettings
+from .update_scaling import ScaledLayer, scaled_step
 
-log = logging.getLogger("curvopt")
-
-
-class CurvatureSink(Protocol):
-    """What a logger gives the optimizer: metrics by step, and alarms."""
-
-    def log(self, step: int, metrics: Mapping[str, float]) -> None: ...
-
-    def alert(self, alarm: Alarm) -> None: ...
-
-    # optional: ``log_config(settings)`` receives :meth:`CurvatureAwareOptimizer.settings` once
+__all__ = ["CurvatureAwareOptimizer", "CurvatureSink"]
 
 
 class CurvatureAwareOptimizer(Optimizer):
@@ -80,8 +65,8 @@ class CurvatureAwareOptimizer(Optimizer):
         distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
             its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
             exactly the single-process estimate on the concatenated batch). See
-            :mod:`curvopt.estimators.distributed`; estimates, alarms and LR scales are identical on all ranks,
-            and only rank 0 logs, warns and calls the alarm callbacks.
+            :mod:`curvopt.estimators.distributed`; estimates, alarms and LR scales are identical on
+            all ranks, and only rank 0 logs, warns and calls the alarm callbacks.
         process_group: the group to reduce over (default: the default group, when initialised).
         inter_every: a second, slower cadence (0: off) for the inter-layer map (block norms with
             ``inter_probes`` probes: resonance, coupling, cross-block mass Φ) and per-layer
@@ -119,25 +104,15 @@ class CurvatureAwareOptimizer(Optimizer):
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"every must be an integer >= 0 (0 turns monitoring off), got {every!r}")
-        if probes != "auto" and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 1):
-            raise ValueError(f"probes must be an integer >= 1 or 'auto', got {probes!r}")
-        if not isinstance(curvature_batch_size, int) or curvature_batch_size < 1:
-            raise ValueError(f"curvature_batch_size must be an integer >= 1, got {curvature_batch_size!r}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
-        if history < 1:
-            raise ValueError("history must be >= 1")
-        if isinstance(inter_every, bool) or not isinstance(inter_every, int) or inter_every < 0:
-            raise ValueError(f"inter_every must be an integer >= 0 (0: off), got {inter_every!r}")
-        for name, value in (("inter_probes", inter_probes), ("spectrum_steps", spectrum_steps),
-                            ("spectrum_starts", spectrum_starts)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if distributed_probes not in dist_utils.PROBE_MODES:
-            raise ValueError(f"distributed_probes must be one of {dist_utils.PROBE_MODES}, got {distributed_probes!r}")
-        self._check_ownership(optimizer, model)
+        self.config = CurvatureSettings(
+            every=every, probes=probes, curvature_batch_size=curvature_batch_size, gn=gn, strategy=strategy,
+            seed=seed, history=history, auto_probes=tuple(auto_probes), distributed_probes=distributed_probes,
+            inter_every=inter_every, inter_probes=inter_probes, spectrum_steps=spectrum_steps,
+            spectrum_starts=spectrum_starts,
+        )  # fmt: skip
+        _check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
@@ -147,30 +122,13 @@ class CurvatureAwareOptimizer(Optimizer):
 
         self.model = model
         self.loss_fn = loss_fn
-        self.every = every
-        self.probes = probes
-        self.auto_probes = auto_probes
-        self.curvature_batch_size = curvature_batch_size
-        self.gn = gn
-        self.strategy = strategy
-        self.distributed_probes = distributed_probes
         self.process_group = process_group
-        self.inter_every = inter_every
-        self.inter_probes = inter_probes
-        self.spectrum_steps = spectrum_steps
-        self.spectrum_starts = spectrum_starts
-        self.inter_generator = torch.Generator().manual_seed(seed + 1)  # never touches the main probe stream
-        self.last_block_norms: BlockNorms | None = None
-        self.last_spectra: dict[str, Spectrum] | None = None
-        self.monitor = self._make_monitor(monitor)
+        self.monitor = _make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
-        self.loggers: list[CurvatureSink] = (
-            [] if logger is None else list(logger) if isinstance(logger, (list, tuple)) else [logger]
-        )
-        self.callbacks = list(callbacks)
         self.layer_blocks = group_parameters(unwrap_model(model), layers)
-        self.generator = torch.Generator().manual_seed(seed)
-        self.probe_tracker = ProbeBudgetTracker(window=20)
+        self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group)
+        self.diagnostics = InterLayerDiagnostics(model, loss_fn, self.layer_blocks, self.config)
+        self.notifier = Notifier(as_sinks(logger), callbacks, process_group)
 
         self.step_count = 0
         self.history: deque[dict[str, float]] = deque(maxlen=history)
@@ -179,30 +137,24 @@ class CurvatureAwareOptimizer(Optimizer):
         self.last_estimate: CurvatureEstimate | None = None
         self.skipped_estimates = 0
         self._pending_batch: tuple[Any, Any] | None = None
-        self._warned: set[str] = set()
-        for sink in self.loggers if self._reports() else []:
-            log_config = getattr(sink, "log_config", None)  # optional part of the sink protocol
-            if callable(log_config):
-                self._call_safely(log_config, self.settings(), what=f"logger {type(sink).__name__} log_config")
+        self.notifier.config(self.settings())
 
-    # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _check_ownership(optimizer: Optimizer, model: nn.Module) -> None:
-        owned = {id(p) for p in unwrap_model(model).parameters()}
-        foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
-        if foreign:
-            raise ValueError(
-                f"{len(foreign)} parameter tensor(s) of the optimizer do not belong to the model "
-                f"{type(model).__name__}: pass the model whose parameters the optimizer updates"
-            )
+    # ------------------------------------------------------------------ settings, as attributes
+    every = property(lambda self: self.config.every, doc="Estimate every N optimizer steps (0: never).")
+    probes = property(lambda self: self.config.probes, doc="K, or ``'auto'``.")
+    curvature_batch_size = property(lambda self: self.config.curvature_batch_size)
+    gn = property(lambda self: self.config.gn, doc="Whether Gauss-Newton traces and GN-Gap are estimated.")
+    strategy = property(lambda self: self.config.strategy, doc="The product strategy.")
+    loggers = property(lambda self: self.notifier.loggers, doc="The sinks metrics and alarms go to.")
+    callbacks = property(lambda self: self.notifier.callbacks, doc="Functions called with every alarm.")
+    generator = property(lambda self: self.runner.generator, doc="The probe generator (checkpointed).")
+    probe_tracker = property(lambda self: self.runner.probe_tracker, doc="The K* variance tracker.")
+    last_block_norms = property(lambda self: self.diagnostics.last_block_norms)
+    last_spectra = property(lambda self: self.diagnostics.last_spectra)
 
-    @staticmethod
-    def _make_monitor(monitor: str | CusumMonitor | None) -> CusumMonitor | None:
-        if monitor is None or isinstance(monitor, CusumMonitor):
-            return monitor
-        if monitor == "cusum":
-            return CusumMonitor()
-        raise ValueError(f"unknown monitor {monitor!r}; expected 'cusum', a CusumMonitor or None")
+    @property
+    def monitoring(self) -> bool:
+        return self.config.every > 0
 
     # ------------------------------------------------------------------ torch.optim interface
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -219,79 +171,47 @@ class CurvatureAwareOptimizer(Optimizer):
         """Hand the wrapper this step's batch, for code that calls a bare ``step()``."""
         self._pending_batch = (inputs, targets)
 
-    @property
-    def monitoring(self) -> bool:
-        return self.every > 0
-
-    def _due(self) -> bool:
-        return self.monitoring and (self.step_count + 1) % self.every == 0
-
     def step(self, closure: Callable[[], Any] | None = None, *, batch: tuple[Any, Any] | None = None) -> Any:
         """Inner ``step(closure)``; on every ``every``-th step, estimate curvature first."""
         if batch is not None:
             self._pending_batch = batch
-        if self._due():
+        upcoming = self.step_count + 1
+        if self.config.due(upcoming):
             self._estimate_and_update()
-        if self.inter_every and (self.step_count + 1) % self.inter_every == 0 and self._reports():
+        if self.config.inter_due(upcoming) and self.notifier.reports:
             self._inter_layer_diagnostics()
         self._pending_batch = None
-        scaled = self._scaled_layers()
-        if not scaled:
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-        else:
-            with torch.no_grad():
-                before = [torch._foreach_mul(list(params), 1.0) for _, params in scaled]  # snapshot θ_old
-            result = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-            with torch.no_grad():
-                for (scale, params), old in zip(scaled, before):
-                    # θ ← θ_new + (1 − s)(θ_old − θ_new) = θ_old + s (θ_new − θ_old), in place
-                    torch._foreach_lerp_(list(params), old, 1.0 - scale)
+        result = scaled_step(lambda: self.optimizer.step(closure) if closure is not None else self.optimizer.step(),
+                             self._scaled_layers())  # fmt: skip
         self.step_count += 1
         return result
 
-    def _scaled_layers(self) -> list[tuple[float, tuple[torch.Tensor, ...]]]:
+    def _scaled_layers(self) -> list[ScaledLayer]:
         if self.lr_policy is None:
             return []
         return [(self.lr_scales[b.name], b.params) for b in self.layer_blocks if self.lr_scales.get(b.name, 1.0) != 1.0]
 
     # ------------------------------------------------------------------ estimation
-    def _curvature_batch(self) -> tuple[Any, Any] | None:
-        if self._pending_batch is None:
-            return None
-        n = self.curvature_batch_size
-        x, y = (t[:n] if isinstance(t, torch.Tensor) else t for t in self._pending_batch)
-        return x, y
-
-    def _current_probes(self) -> int:
-        if self.probes != "auto":
-            return int(self.probes)
-        low, high = self.auto_probes
-        if self.probe_tracker.count < 3:
-            return max(low, min(high, 8))
-        return self.probe_tracker.suggest_probes(low, high)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned and self._reports():
-            self._warned.add(key)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            log.warning(message)
-
     def _estimate_and_update(self) -> None:
+        """Estimate at the upcoming step, then feed the monitor, the LR policy and the loggers."""
         step = self.step_count + 1
-        distributed = dist_utils.is_active(self.process_group)
-        estimate, problem = self._local_estimate(step, distributed)
-        if distributed:
-            estimate, problem = self._combine_ranks(estimate, problem)
-        if estimate is None:
+        outcome = self.runner.run(step, self._pending_batch)
+        if outcome.estimate is None:
             self.skipped_estimates += 1
-            if problem is not None:
-                key, message = problem
-                self._warn_once(key, message)
-            self._emit({"curv/skipped_estimates": float(self.skipped_estimates)}, step)
+            if outcome.problem is not None:
+                self.notifier.warn_once(*outcome.problem)
+            self.notifier.metrics(step, {"curv/skipped_estimates": float(self.skipped_estimates)})
             return
+        metrics, new_alarms = self._absorb(step, outcome.estimate)
+        self.history.append({"step": float(step), **metrics})
+        self.notifier.metrics(step, metrics)
+        for alarm in new_alarms:
+            self.alarms.append(alarm)
+            self.notifier.alarm(alarm)
+
+    def _absorb(self, step: int, estimate: CurvatureEstimate) -> tuple[dict[str, float], list[Alarm]]:
+        """Fold one estimate into the monitor and the LR policy; return its metrics and new alarms."""
         self.last_estimate = estimate
-        if estimate.probes >= 2:
-            self.probe_tracker.update(estimate)
         metrics = {f"curv/{k}": v for k, v in estimate.to_dict().items()}
         metrics["curv/probes"] = float(estimate.probes)
         new_alarms: list[Alarm] = []
@@ -302,146 +222,36 @@ class CurvatureAwareOptimizer(Optimizer):
             self.lr_scales |= self.lr_policy.update(estimate)
             metrics |= {f"curv/lr_scale/{k}": v for k, v in self.lr_scales.items()}
         metrics["curv/alarm"] = float(bool(new_alarms))
-        record = {"step": float(step), **metrics}
-        self.history.append(record)
-        self._emit(metrics, step)
-        for alarm in new_alarms:
-            self.alarms.append(alarm)
-            self._announce(alarm)
+        return metrics, new_alarms
 
     def _inter_layer_diagnostics(self) -> None:
         """Block norms and per-layer spectra on the curvature batch; logged, never applied."""
         step = self.step_count + 1
-        batch = self._curvature_batch()
-        if batch is None:
+        if self._pending_batch is None:
             return
         try:
-            norms = block_norms(self.model, self.loss_fn, batch, probes=self.inter_probes, layers=self.layer_blocks,
-                                generator=self.inter_generator, strategy=self.strategy)  # fmt: skip
-            spectra = layer_spectrum(
-                self.model, self.loss_fn, batch, layers=self.layer_blocks, steps=self.spectrum_steps,
-                slq_probes=self.spectrum_starts, slq_steps=max(2, self.spectrum_steps), generator=self.inter_generator,
-                strategy=self.strategy,
-            )  # fmt: skip
+            metrics = self.diagnostics.run(curvature_batch(self._pending_batch, self.config.curvature_batch_size))
         except Exception as exc:  # diagnostics must never stop training
-            self._warn_once(f"inter-{type(exc).__name__}", f"curvopt: inter-layer diagnostics at step {step} "
-                            f"failed and were skipped: {type(exc).__name__}: {exc}")  # fmt: skip
+            self.notifier.warn_once(f"inter-{type(exc).__name__}", f"curvopt: inter-layer diagnostics at step {step} "
+                                    f"failed and were skipped: {type(exc).__name__}: {exc}")  # fmt: skip
             return
-        self.last_block_norms, self.last_spectra = norms, spectra
-        phi, phi_se = norms.phi()
-        metrics: dict[str, Any] = {
-            "curv/phi": phi,
-            "curv/phi_se": phi_se,
-            "curv/inter_layers": list(norms.layers),
-            "curv/resonance": norms.resonance()[0].tolist(),
-            "curv/coupling": norms.coupling()[0].tolist(),
-        }
-        for name, spectrum in spectra.items():
-            metrics[f"curv/top_eig/{name}"] = spectrum.top[0]
-            metrics[f"curv/stable_rank/{name}"] = spectrum.stable_rank
-        self._emit(metrics, step)
-
-    def _local_estimate(self, step: int, distributed: bool) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
-        """This process's estimate, or ``None`` and a (warning key, message) saying why not."""
-        generator = (
-            dist_utils.rank_generator(self.generator, self.distributed_probes, self.process_group)
-            if distributed
-            else self.generator
-        )
-        batch = self._curvature_batch()
-        if batch is None:
-            return None, (
-                "no-batch",
-                f"curvopt: step {step} is a curvature step but no batch was given; pass "
-                "step(batch=(x, y)) or call observe(x, y) before step(). Estimate skipped.",
-            )
-        try:
-            estimate = estimate_curvature(
-                self.model,
-                self.loss_fn,
-                batch,
-                probes=self._current_probes(),
-                gn=self.gn,
-                generator=generator,
-                layers=self.layer_blocks,
-                strategy=self.strategy,
-            )
-        except FloatingPointError as exc:
-            return None, ("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})")
-        except Exception as exc:  # estimation must never stop training
-            return None, (
-                f"error-{type(exc).__name__}",
-                f"curvopt: curvature estimate at step {step} failed and was skipped: {type(exc).__name__}: {exc}",
-            )
-        return estimate, None
-
-    def _combine_ranks(
-        self, estimate: CurvatureEstimate | None, problem: tuple[str, str] | None
-    ) -> tuple[CurvatureEstimate | None, tuple[str, str] | None]:
-        """The one collective of an estimate; every rank joins it, also when its own estimate failed."""
-        kinds = [k for k in SAMPLE_KINDS if self.gn or k in ("trace", "hess_row_sq")]
-        names = [b.name for b in self.layer_blocks]
-        layout = dist_utils.Layout(
-            layers=names, numel={b.name: b.numel for b in self.layer_blocks}, kinds=kinds, probes=self._current_probes()
-        )
-        if estimate is not None and (estimate.layers != names or sorted(estimate.samples) != sorted(kinds)):
-            estimate, problem = None, ("layout", "curvopt: the estimate's layers or kinds differ from the wrapper's")
-        combined, failed = dist_utils.all_gather_estimate(
-            estimate,
-            layout,
-            mode=self.distributed_probes,
-            group=self.process_group,
-            device=dist_utils.collective_device(self.process_group),
-        )
-        if combined is None and problem is None:
-            message = f"curvopt: rank(s) {failed} could not estimate; the estimate is skipped on all ranks"
-            problem = ("rank-failed", message)
-        return combined, problem
-
-    def _call_safely(self, fn: Callable[..., None], *args: Any, what: str) -> None:
-        """Run a logger or callback; a failure warns once per ``what`` and never stops training."""
-        try:
-            fn(*args)
-        except Exception as exc:
-            self._warn_once(what, f"curvopt: {what} failed: {exc}")
-
-    def _reports(self) -> bool:
-        """Loggers, warnings and alarm callbacks run on one process only (rank 0 of the group)."""
-        return dist_utils.rank(self.process_group) == 0
-
-    def _emit(self, metrics: Mapping[str, float], step: int) -> None:
-        if not self._reports():
-            return
-        for sink in self.loggers:
-            self._call_safely(sink.log, step, metrics, what=f"logger {type(sink).__name__} ({id(sink):x})")
-
-    def _announce(self, alarm: Alarm) -> None:
-        if not self._reports():
-            return
-        message = f"curvopt: {alarm.describe()}"
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        log.warning(message)
-        for sink in self.loggers:
-            self._call_safely(sink.alert, alarm, what=f"logger {type(sink).__name__} alert ({id(sink):x})")
-        for callback in self.callbacks:
-            self._call_safely(
-                callback, alarm, what=f"alarm callback {getattr(callback, '__name__', '')} ({id(callback):x})"
-            )
+        self.notifier.metrics(step, metrics)
 
     def settings(self) -> dict[str, Any]:
         """The wrapper's configuration as plain values (for run configs and logs)."""
+        c = self.config
         return {
             "optimizer": type(self.optimizer).__name__,
-            "every": self.every,
-            "probes": self.probes,
-            "curvature_batch_size": self.curvature_batch_size,
-            "gn": self.gn,
-            "strategy": self.strategy,
-            "distributed_probes": self.distributed_probes,
-            "inter_every": self.inter_every,
-            "inter_probes": self.inter_probes,
-            "spectrum_steps": self.spectrum_steps,
-            "spectrum_starts": self.spectrum_starts,
+            "every": c.every,
+            "probes": c.probes,
+            "curvature_batch_size": c.curvature_batch_size,
+            "gn": c.gn,
+            "strategy": c.strategy,
+            "distributed_probes": c.distributed_probes,
+            "inter_every": c.inter_every,
+            "inter_probes": c.inter_probes,
+            "spectrum_steps": c.spectrum_steps,
+            "spectrum_starts": c.spectrum_starts,
             "world_size": dist_utils.world_size(self.process_group),
             "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
             "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),
@@ -451,19 +261,20 @@ class CurvatureAwareOptimizer(Optimizer):
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """Inner optimizer state plus everything needed to continue monitoring exactly."""
+        runner = self.runner.state_dict()
         return {
             "optimizer": self.optimizer.state_dict(),
             "curvopt": {
                 "step_count": self.step_count,
-                "generator": self.generator.get_state(),
-                "inter_generator": self.inter_generator.get_state(),
+                "generator": runner["generator"],
+                "inter_generator": self.diagnostics.generator.get_state(),
                 "monitor": None if self.monitor is None else self.monitor.state_dict(),
                 "lr_policy": None if self.lr_policy is None else self.lr_policy.state_dict(),
                 "lr_scales": dict(self.lr_scales),
                 "alarms": [a.to_dict() for a in self.alarms],
                 "history": list(self.history),
                 "skipped_estimates": self.skipped_estimates,
-                "probe_tracker": self.probe_tracker.state_dict(),
+                "probe_tracker": runner["probe_tracker"],
             },
         }
 
@@ -475,9 +286,9 @@ class CurvatureAwareOptimizer(Optimizer):
         self.state = self.optimizer.state
         extra = state_dict["curvopt"]
         self.step_count = int(extra["step_count"])
-        self.generator.set_state(extra["generator"])
+        self.runner.load_state_dict({"generator": extra["generator"], "probe_tracker": extra["probe_tracker"]})
         if "inter_generator" in extra:
-            self.inter_generator.set_state(extra["inter_generator"])
+            self.diagnostics.generator.set_state(extra["inter_generator"])
         if self.monitor is not None and extra["monitor"] is not None:
             self.monitor.load_state_dict(extra["monitor"])
         if self.lr_policy is not None and extra["lr_policy"] is not None:
@@ -486,7 +297,6 @@ class CurvatureAwareOptimizer(Optimizer):
         self.alarms = [Alarm.from_dict(a) for a in extra["alarms"]]
         self.history = deque(extra["history"], maxlen=self.history.maxlen)
         self.skipped_estimates = int(extra["skipped_estimates"])
-        self.probe_tracker.load_state_dict(extra["probe_tracker"])
 
     def __repr__(self) -> str:
         return (
@@ -494,3 +304,21 @@ class CurvatureAwareOptimizer(Optimizer):
             f"monitor={type(self.monitor).__name__ if self.monitor else None}, "
             f"lr_scaling={getattr(self.lr_policy, 'name', self.lr_policy)})"
         )
+
+
+def _check_ownership(optimizer: Optimizer, model: nn.Module) -> None:
+    owned = {id(p) for p in unwrap_model(model).parameters()}
+    foreign = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in owned]
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} parameter tensor(s) of the optimizer do not belong to the model "
+            f"{type(model).__name__}: pass the model whose parameters the optimizer updates"
+        )
+
+
+def _make_monitor(monitor: str | CusumMonitor | None) -> CusumMonitor | None:
+    if monitor is None or isinstance(monitor, CusumMonitor):
+        return monitor
+    if monitor == "cusum":
+        return CusumMonitor()
+    raise ValueError(f"unknown monitor {monitor!r}; expected 'cusum', a CusumMonitor or None")

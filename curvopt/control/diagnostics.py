@@ -1,0 +1,62 @@
+"""The wrapper's second, slower cadence: the inter-layer map and per-layer spectra, logged only.
+
+Block norms (resonance, coupling, cross-block mass Φ) and per-layer Lanczos spectra (top
+eigenvalue, stable rank) on the curvature batch, from a probe stream of their own, so the main
+estimates, the monitor and the LR scales are the same with or without them. A failure warns and
+skips; it never stops training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..engine.layers import Layer
+from ..estimators.blocks import BlockNorms, block_norms
+from ..estimators.spectra import Spectrum, layer_spectrum
+from .settings import CurvatureSettings
+
+
+class InterLayerDiagnostics:
+    """Runs :func:`~curvopt.block_norms` and :func:`~curvopt.layer_spectrum` every ``inter_every`` steps."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        blocks: Sequence[Layer],
+        settings: CurvatureSettings,
+    ) -> None:
+        self.model = model
+        self.loss_fn = loss_fn
+        self.blocks = list(blocks)
+        self.settings = settings
+        self.generator = torch.Generator().manual_seed(settings.seed + 1)  # never touches the main probe stream
+        self.last_block_norms: BlockNorms | None = None
+        self.last_spectra: dict[str, Spectrum] | None = None
+
+    def run(self, batch: tuple[Any, Any]) -> dict[str, Any]:
+        """Compute both on ``batch``; return the metrics to log (exceptions propagate to the caller)."""
+        s = self.settings
+        norms = block_norms(self.model, self.loss_fn, batch, probes=s.inter_probes, layers=self.blocks,
+                            generator=self.generator, strategy=s.strategy)  # fmt: skip
+        spectra = layer_spectrum(
+            self.model, self.loss_fn, batch, layers=self.blocks, steps=s.spectrum_steps, slq_probes=s.spectrum_starts,
+            slq_steps=max(2, s.spectrum_steps), generator=self.generator, strategy=s.strategy,
+        )  # fmt: skip
+        self.last_block_norms, self.last_spectra = norms, spectra
+        phi, phi_se = norms.phi()
+        metrics: dict[str, Any] = {
+            "curv/phi": phi,
+            "curv/phi_se": phi_se,
+            "curv/inter_layers": list(norms.layers),
+            "curv/resonance": norms.resonance()[0].tolist(),
+            "curv/coupling": norms.coupling()[0].tolist(),
+        }
+        for name, spectrum in spectra.items():
+            metrics[f"curv/top_eig/{name}"] = spectrum.top[0]
+            metrics[f"curv/stable_rank/{name}"] = spectrum.stable_rank
+        return metrics
