@@ -130,22 +130,22 @@ def scenario_syncbn(rank: int, world: int) -> dict:
 
 def scenario_train_helpers(rank: int, world: int) -> dict:
     """`curvopt train`'s collective pieces: the NaN-skip vote and the sharded validation."""
-    from curvopt.programs.train.run import _finite_on_every_rank, _rank_shard, evaluate
+    from curvopt.programs.train.loop import evaluate, finite_on_every_rank, rank_shard
 
     nan_on_rank1 = torch.tensor(float("nan") if rank == 1 else 1.0)
     votes = {
-        "nan_on_one_rank": _finite_on_every_rank(nan_on_rank1, True),
-        "all_finite": _finite_on_every_rank(torch.tensor(2.0), True),
+        "nan_on_one_rank": finite_on_every_rank(nan_on_rank1, True),
+        "all_finite": finite_on_every_rank(torch.tensor(2.0), True),
     }
     model = _mlp().eval()
     g = torch.Generator().manual_seed(7)
     val = torch.utils.data.TensorDataset(torch.randn(37, 6, generator=g), torch.randint(0, 4, (37,), generator=g))
-    sharded = torch.utils.data.DataLoader(_rank_shard(val, rank, world), batch_size=5)
+    sharded = torch.utils.data.DataLoader(rank_shard(val, rank, world), batch_size=5)
     whole = torch.utils.data.DataLoader(val, batch_size=5)
     cpu = torch.device("cpu")
     return {
         **votes,
-        "shard_size": len(_rank_shard(val, rank, world)),
+        "shard_size": len(rank_shard(val, rank, world)),
         "sharded": evaluate(model, sharded, cpu, nullcontext, distributed=True),
         "whole": evaluate(model, whole, cpu, nullcontext),
     }

@@ -130,15 +130,15 @@ class _PoisonedFirstSample(torch.utils.data.Dataset):
 def test_a_nan_loss_skips_its_batch_and_never_reaches_the_weights(tmp_path, capsys, monkeypatch):
     import dataclasses
 
-    import curvopt.programs.train.run
+    import curvopt.programs.train.setup
 
-    real = curvopt.programs.train.run.build_datasets
+    real = curvopt.programs.train.setup.build_datasets
 
     def poisoned(*args, **kwargs):
         splits = real(*args, **kwargs)
         return dataclasses.replace(splits, train=_PoisonedFirstSample(splits.train))
 
-    monkeypatch.setattr(curvopt.programs.train.run, "build_datasets", poisoned)
+    monkeypatch.setattr(curvopt.programs.train.setup, "build_datasets", poisoned)
     with pytest.warns(RuntimeWarning, match="non-finite loss"):
         code, run_dir = _train(tmp_path, "--epochs", "2", "--opt", "adamw", "--lr", "1e-3")
     assert code == 0, capsys.readouterr().err

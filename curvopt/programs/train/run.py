@@ -1,11 +1,12 @@
 """``curvopt train``: a timm training script with the curvature-aware optimizer.
 
-Built from timm's own parts, in timm ``train.py``'s order: ``create_model`` →
-``create_optimizer_v2`` → :class:`CurvatureAwareOptimizer` (wrapped *after* creation: timm's
-factory only knows its own ``lookahead_`` prefix) → ``create_scheduler_v2`` (it rewrites
+Built from timm's own parts, in timm ``train.py``'s order (:mod:`.setup`): ``create_model`` →
+``create_optimizer_v2`` → :class:`~curvopt.CurvatureAwareOptimizer` (wrapped *after* creation:
+timm's factory only knows its own ``lookahead_`` prefix) → ``create_scheduler_v2`` (it rewrites
 ``group['lr']`` of the shared groups) → ``Mixup``/CutMix with ``SoftTargetCrossEntropy``, label
 smoothing, AMP with ``NativeScaler`` (which calls a bare ``optimizer.step()``, so the batch
-reaches the wrapper through ``observe``), model EMA, gradient accumulation, checkpoints and resume.
+reaches the wrapper through ``observe``), model EMA, gradient accumulation (:mod:`.loop`),
+checkpoints and resume (:mod:`.checkpoint`).
 
 The run directory holds ``curvature.jsonl`` (curvature metrics, alarms, training and validation
 metrics: what ``curvopt report`` reads), ``last.pth.tar`` / ``model_best.pth.tar``, ``args.yaml``
@@ -17,10 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import time
 import warnings
-from contextlib import ExitStack, nullcontext
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,104 +30,72 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from ...control.monitor import CusumMonitor
 from ...control.optimizer import CurvatureAwareOptimizer
 from ...reporting.loggers import JsonlLogger
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
-from ..data import DataSplits, NoisyLabels, build_datasets
+from .checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from .errors import TrainError
+from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
+from .setup import (
+    Data,
+    adapt_to_small_inputs,
+    build_data,
+    build_loss,
+    build_optimizer,
+    build_precision,
+    build_scheduler,
+    check_args,
+    create_model,
+    place_model,
+    resolve_device,
+    updates_per_epoch,
+)
 
-CHECKPOINT = "last.pth.tar"
-BEST = "model_best.pth.tar"
-
-
-class TrainError(RuntimeError):
-    """A setup problem reported as one line (unknown model, bad argument, unreadable checkpoint)."""
-
-
-# ---------------------------------------------------------------------- model
-def adapt_to_small_inputs(model: nn.Module) -> str:
-    """Make an ImageNet-shaped timm model fit 32×32 inputs; returns what was changed.
-
-    * ResNet family (``conv1`` a strided 7×7 conv and a ``maxpool``): a 3×3 stride-1 stem and no
-      max-pool, so stage 1 sees 32×32 rather than 8×8 (the usual CIFAR ResNet).
-    * VGG (``pre_logits`` a 7×7 ``ConvMlp``): the 1×1 feature map would be pooled up to 7×7 and
-      convolved by a 7×7 kernel, the same function class as a 1×1 kernel with 49× the
-      parameters; it becomes a 1×1 ``ConvMlp`` of the same widths.
-    """
-    conv1 = getattr(model, "conv1", None)
-    if isinstance(conv1, nn.Conv2d) and hasattr(model, "maxpool"):
-        model.conv1 = nn.Conv2d(conv1.in_channels, conv1.out_channels, 3, stride=1, padding=1, bias=False)
-        model.maxpool = nn.Identity()
-        return "3x3 stride-1 stem, no max-pool"
-    pre_logits = getattr(model, "pre_logits", None)
-    if pre_logits is not None and type(pre_logits).__name__ == "ConvMlp" and hasattr(pre_logits, "fc1"):
-        fc1, fc2 = pre_logits.fc1, pre_logits.fc2
-        model.pre_logits = type(pre_logits)(
-            fc1.in_channels, fc2.out_channels, 1, mlp_ratio=fc1.out_channels / fc2.out_channels,
-            drop_rate=pre_logits.drop.p,
-        )  # fmt: skip
-        return "1x1 head (ConvMlp) instead of 7x7"
-    raise TrainError(
-        f"--cifar-stem does not know how to adapt {type(model).__name__}; supported: timm ResNets with a plain "
-        "conv1 stem, and VGGs"
-    )
+__all__ = ["TrainError", "adapt_to_small_inputs", "run_training"]
 
 
-def create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, str]:
-    import timm
-
-    if not timm.is_model(args.model):
-        close = timm.list_models(f"*{args.model}*")[:5]
-        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise TrainError(f"unknown model '{args.model}'{hint}")
-    kwargs: dict[str, Any] = dict(args.model_kwargs or {})
-    if args.drop_path is not None:
-        kwargs["drop_path_rate"] = args.drop_path
-    try:
-        model = timm.create_model(
-            args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop, **kwargs
-        )
-    except TypeError as exc:
-        raise TrainError(f"model '{args.model}' rejected its arguments: {exc}") from None
-    except (OSError, RuntimeError) as exc:
-        if args.pretrained:
-            raise TrainError(f"pretrained weights for '{args.model}' could not be loaded (offline?): {exc}") from None
-        raise
-    note = adapt_to_small_inputs(model) if args.cifar_stem else ""
-    return model, note
+def _silent(*args: Any, **kwargs: Any) -> None:
+    """``print`` on ranks other than 0."""
 
 
-# ---------------------------------------------------------------------- helpers
-def _device(args: argparse.Namespace) -> torch.device:
-    """The device, after joining the process group when launched by torchrun (timm's own helper).
+@dataclass
+class TrainingRun:
+    """The parts of one run, built by :func:`set_up` and used by every later stage."""
 
-    Sets ``args.distributed``, ``args.rank``, ``args.world_size``, ``args.local_rank``.
-    """
-    from timm.utils import init_distributed_device
+    args: argparse.Namespace
+    device: torch.device
+    data: Data
+    model: nn.Module
+    train_model: nn.Module
+    model_ema: Any
+    opt: CurvatureAwareOptimizer
+    scheduler: Any
+    num_epochs: int
+    autocast: Any
+    loss_scaler: Any
+    run_dir: Path
+    jsonl: JsonlLogger | None
+    wandb_logger: WandbLogger | None
+    epoch_context: EpochContext
+    say: Any = print
+    start_epoch: int = 0
+    num_updates: int = 0
+    best_top1: float = -math.inf
+    skipped_batches: int = 0
+    last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise TrainError(f"--device {args.device}: CUDA is not available on this machine")
-    return init_distributed_device(args)
+    @property
+    def main_process(self) -> bool:
+        return self.args.rank == 0
+
+    @property
+    def sinks(self) -> list[Any]:
+        return [s for s in (self.jsonl, self.wandb_logger) if s is not None]
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps,
-                "log_interval": args.log_interval, "curv_batch_size": args.curv_batch_size}  # fmt: skip
-    for name, value in positive.items():
-        if value < 1:
-            raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.curv_every < 0:
-        raise TrainError(f"--curv-every must be >= 0, got {args.curv_every}")
-    if not 0.0 <= args.label_noise <= 1.0:
-        raise TrainError(f"--label-noise must be in [0, 1], got {args.label_noise}")
-    if args.lr <= 0:
-        raise TrainError(f"--lr must be > 0, got {args.lr}")
-
-
-def _run_dir(args: argparse.Namespace) -> Path:
+# ---------------------------------------------------------------------- stages
+def run_dir_for(args: argparse.Namespace) -> Path:
     if args.experiment:
         return Path(args.output) / args.experiment
     if args.resume:
@@ -135,390 +104,218 @@ def _run_dir(args: argparse.Namespace) -> Path:
     return Path(args.output) / f"{args.dataset.replace('/', '_')}-{args.model}-{stamp}"
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write to a temporary file and rename: an interruption never leaves a torn checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def open_logs(args: argparse.Namespace, run_dir: Path, resume: dict[str, Any] | None) -> tuple[Any, Any]:
+    """Rank 0 writes ``args.yaml`` and the JSONL log and starts (or resumes) the W&B run."""
+    if args.rank != 0:
+        return None, None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True), encoding="utf-8")
+    jsonl = JsonlLogger(run_dir / "curvature.jsonl")
+    wandb_logger = None
+    if args.log_wandb:
+        wandb_logger = WandbLogger(
+            project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=vars(args),
+            tags=list(args.wandb_tags) or None, id=(resume or {}).get("wandb_id"), resume="allow",
+        )  # fmt: skip
+    return jsonl, wandb_logger
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise TrainError(f"--resume {path}: no such checkpoint") from None
-    except Exception as exc:
-        raise TrainError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainingRun:
+    """Device, data, model, loss, logs, optimizer, schedule and precision, in timm's order."""
+    check_args(args)
+    device = resolve_device(args)
+    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
+    data = build_data(args, device)
+    model, stem_note = create_model(args, data.splits.num_classes)
+    model, train_model, model_ema = place_model(args, model, device)
+    loss_fn, mixup_fn = build_loss(args, data.splits.num_classes)
+    run_dir = run_dir_for(args)
+    jsonl, wandb_logger = open_logs(args, run_dir, resume)
+    sinks = [s for s in (jsonl, wandb_logger) if s is not None]
+
+    def announce(alarm: Any) -> None:
+        tqdm.write(f"ALARM: {alarm.describe()}")
+
+    opt = build_optimizer(args, model, train_model, loss_fn, sinks, [announce])
+    scheduler, num_epochs = build_scheduler(args, opt, updates_per_epoch(args, data.train_loader))
+    autocast, loss_scaler = build_precision(args, device)
+
+    def log_training(step: int, row: dict[str, float]) -> None:
+        for sink in sinks:
+            sink.log_training(step, row)
+
+    ctx = EpochContext(
+        args=args, model=model, train_model=train_model, model_ema=model_ema, opt=opt, scheduler=scheduler,
+        loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
+        buffers=BufferCheckpoint(model), log_training=log_training,
+        show_progress=not args.no_progress and args.rank == 0,
+    )  # fmt: skip
+    say = print if args.rank == 0 else _silent
+    run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
+                      loss_scaler, run_dir, jsonl, wandb_logger, ctx, say=say)  # fmt: skip
+    _announce_start(run, stem_note)
+    return run
 
 
-def _accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    hard = targets.argmax(-1) if targets.ndim == 2 else targets
-    return float((logits.argmax(-1) == hard).float().mean()) * 100.0
+def restore(run: TrainingRun, state: dict[str, Any]) -> None:
+    """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, counters, schedule."""
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.model_ema is not None and state.get("model_ema") is not None:
+        run.model_ema.load_state_dict(state["model_ema"])
+    if run.loss_scaler is not None and state.get("scaler") is not None:
+        run.loss_scaler.load_state_dict(state["scaler"])
+    run.start_epoch = int(state["epoch"]) + 1
+    run.num_updates = int(state["num_updates"])
+    run.best_top1 = float(state.get("best_top1", -math.inf))
+    if run.start_epoch > 0:
+        if run.args.sched_on_updates:
+            run.scheduler.step_update(run.num_updates)
+        else:
+            run.scheduler.step(run.start_epoch)
 
 
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, loader: Any, device: torch.device, autocast: Any, distributed: bool = False
-) -> dict[str, float]:
-    """Validation loss and top-1 (model in eval mode for the pass, its mode restored after).
-
-    Under DDP each rank evaluates its own shard (:func:`_rank_shard`) and the sums
-    (Σ loss, Σ correct, n) are all-reduced, so every rank gets the metrics of the whole set.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
-    try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            with autocast():
-                logits = model(x)
-            sums[0] += nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
-            sums[1] += (logits.argmax(-1) == y).sum()
-            sums[2] += len(y)
-    finally:
-        model.train(was_training)
-    if distributed:
-        torch.distributed.all_reduce(sums)
-    loss_sum, correct, count = sums.tolist()
-    return {"loss": loss_sum / max(count, 1), "top1": 100.0 * correct / max(count, 1)}
+def _announce_start(run: TrainingRun, stem_note: str) -> None:
+    args, splits = run.args, run.data.splits
+    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
+    run.say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
+            f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}")  # fmt: skip
+    if stem_note:
+        run.say(f"  small-input adaptation: {stem_note}")
+    if run.data.noisy is not None:
+        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch}")
+    if run.wandb_logger is not None:
+        run.wandb_logger.update_config({"run_dir": str(run.run_dir)})
 
 
-class BufferCheckpoint:
-    """The model's buffers as they were before the current batch's forward.
-
-    BatchNorm updates ``running_mean``/``running_var`` inside the forward, before the loss is
-    known: a batch with a non-finite loss has already written NaN into them. Skipping such a
-    batch therefore restores the buffers too (:meth:`restore`), so a NaN batch leaves the model
-    exactly as it was. :meth:`save` is one in-place copy per buffer (a few thousand floats for a
-    ResNet-18), made before every training forward.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        self.buffers = list(model.buffers())
-        self.saved = [b.detach().clone() for b in self.buffers]
-
-    @torch.no_grad()
-    def save(self) -> None:
-        for saved, buffer in zip(self.saved, self.buffers, strict=True):
-            saved.copy_(buffer, non_blocking=True)
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for saved, buffer in zip(self.saved, self.buffers, strict=True):
-            buffer.copy_(saved, non_blocking=True)
+def _announce_schedule(run: TrainingRun) -> None:
+    upe = updates_per_epoch(run.args, run.data.train_loader)
+    resuming = f"; resuming at epoch {run.start_epoch}, update {run.num_updates}" if run.start_epoch else ""
+    run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
+            + resuming)  # fmt: skip
 
 
-def _rank_shard(dataset: Any, rank: int, world_size: int) -> Any:
-    """Samples rank, rank + W, rank + 2W, ...: the shards cover the set exactly once (no padding,
-    unlike ``DistributedSampler``), so all-reduced validation sums are those of the whole set."""
-    return torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+def run_epoch(run: TrainingRun, epoch: int) -> None:
+    """Train one epoch, validate, step the epoch schedule, checkpoint and log."""
+    args, data = run.args, run.data
+    if data.sampler is not None:
+        data.sampler.set_epoch(epoch)
+    if data.noisy is not None:
+        data.noisy.active = epoch >= args.label_noise_start_epoch
+    mixup_fn = run.epoch_context.mixup_fn
+    if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        mixup_fn.mixup_enabled = False
+    start = time.perf_counter()
+    result = train_one_epoch(run.epoch_context, data.train_loader, epoch, run.num_updates)
+    run.num_updates = result.updates
+    run.skipped_batches += result.skipped
+    stats = _validate(run, result)
+    run.scheduler.step(epoch + 1, stats["eval/top1"])
+    best = stats["eval/top1"] > run.best_top1
+    run.best_top1 = max(run.best_top1, stats["eval/top1"])
+    _checkpoint(run, epoch, best)
+    for sink in run.sinks:
+        sink.log_epoch(epoch, stats)
+    run.last_epoch_stats = stats
+    _print_epoch(run, epoch, stats, time.perf_counter() - start)
 
 
-def _finite_on_every_rank(loss: torch.Tensor, distributed: bool) -> bool:
-    """Whether the loss is finite here and, under DDP, on every rank.
+def _validate(run: TrainingRun, result: Any) -> dict[str, float]:
+    args = run.args
+    val = evaluate(run.model, run.data.val_loader, run.device, run.autocast, args.distributed)
+    stats = {"eval/loss": val["loss"], "eval/top1": val["top1"], "step": run.num_updates,
+             "train/loss_epoch": result.loss, "train/acc_epoch": result.acc,
+             "train/lr": run.opt.param_groups[0]["lr"]}  # fmt: skip
+    if run.model_ema is not None:
+        ema_val = evaluate(run.model_ema.module, run.data.val_loader, run.device, run.autocast, args.distributed)
+        stats["eval/top1_ema"] = ema_val["top1"]
+    return stats
 
-    A rank that skipped its backward while the others ran theirs would leave DDP's gradient
-    all-reduce waiting for it forever, so the ranks decide together: one one-element all-reduce
-    (MIN) per batch.
-    """
-    flag = torch.isfinite(loss.detach()).all().to(torch.int32).reshape(1)
-    if distributed:
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+
+def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
+    """``last.pth.tar`` every epoch and ``model_best.pth.tar`` on a new best top-1 (rank 0 only)."""
+    if not run.main_process:
+        return
+    state = {
+        "epoch": epoch, "num_updates": run.num_updates, "arch": run.args.model, "args": vars(run.args),
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+        "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
+        "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
+        "best_top1": run.best_top1, "wandb_id": getattr(getattr(run.wandb_logger, "run", None), "id", None),
+    }  # fmt: skip
+    save_checkpoint(run.run_dir / CHECKPOINT, state)
+    if best:
+        save_checkpoint(run.run_dir / BEST, state)
 
 
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """``print`` on ranks other than 0."""
+def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
+    curv = run.opt.last_estimate
+    curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
+    run.say(f"epoch {epoch:>3}/{run.num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
+            f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
+            f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
+
+
+def close(run: TrainingRun, finished: bool) -> None:
+    """Close the logs and, under DDP, leave the process group together."""
+    if run.jsonl is not None:
+        run.jsonl.close()
+    if run.wandb_logger is not None:
+        run.wandb_logger.finish()
+    if run.args.distributed and torch.distributed.is_initialized():
+        if finished:  # every rank is here: no rank tears the group down while a peer still uses it
+            torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def summarise(run: TrainingRun) -> None:
+    """The final per-layer table, the alarms and where everything was written."""
+    say, opt = run.say, run.opt
+    if run.skipped_batches:
+        say(f"{run.skipped_batches} batch(es) with a non-finite loss were skipped")
+    if opt.last_estimate is not None:
+        say("\nlast curvature estimate, per layer:")
+        say(format_table(opt.last_estimate, opt.lr_scales if run.args.lr_scaling else None, opt.monitor))
+    for alarm in opt.alarms:
+        say(f"alarm: {alarm.describe()}")
+    if not opt.alarms and opt.monitor is not None:
+        say("no memorisation alarm")
+    run_dir = run.run_dir
+    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / 'curvature.jsonl'}")
+    if run.wandb_logger is not None and run.wandb_logger.local_dir is not None:
+        say(f"W&B run:     {run.wandb_logger.local_dir}")
+    say(f"report:      curvopt report {run_dir}")
+    if run.last_epoch_stats:
+        say(f"final val top1 {run.last_epoch_stats['eval/top1']:.2f}%")
 
 
 # ---------------------------------------------------------------------- the run
 def run_training(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0 on success. Setup errors raise :class:`TrainError`."""
-    from timm.data import Mixup
-    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import ModelEmaV3, NativeScaler
-
-    _check_args(args)
-    device = _device(args)
-    main_process = args.rank == 0
-    say = print if main_process else _silent
-    torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     resume = load_checkpoint(args.resume) if args.resume else None
-
-    try:
-        splits: DataSplits = build_datasets(
-            args.dataset, data_dir=args.data_dir, download=args.dataset_download, hflip=args.hflip,
-            crop_padding=args.crop_padding, synthetic_samples=args.synthetic_samples, img_size=args.img_size,
-            num_classes=args.num_classes, seed=args.seed,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-    train_set: Any = splits.train
-    noisy: NoisyLabels | None = None
-    if args.label_noise > 0:
-        noisy = NoisyLabels(train_set, args.label_noise, splits.num_classes, seed=args.seed + 1,
-                            active=args.label_noise_start_epoch <= 0)  # fmt: skip
-        train_set = noisy
-    loader_gen = torch.Generator().manual_seed(args.seed)
-    sampler = None
-    if args.distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(train_set, seed=args.seed, drop_last=True)
-    train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=args.workers, generator=loader_gen, pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    if len(train_loader) == 0:
-        raise TrainError(f"the training set ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
-    val_set = _rank_shard(splits.val, args.rank, args.world_size) if args.distributed else splits.val
-    val_loader = torch.utils.data.DataLoader(
-        val_set, batch_size=args.validation_batch_size or args.batch_size, num_workers=args.workers
-    )
-
-    model, stem_note = create_model(args, splits.num_classes)
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model.to(device)
-    model_ema = ModelEmaV3(model, decay=args.model_ema_decay) if args.model_ema else None
-    train_model: nn.Module = model
-    if args.distributed:
-        ids = [device.index if device.index is not None else args.local_rank] if device.type == "cuda" else None
-        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-    mixup_fn = None
-    if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                         num_classes=splits.num_classes)  # fmt: skip
-        train_loss_fn: nn.Module = SoftTargetCrossEntropy()
-    elif args.smoothing > 0:
-        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
-    else:
-        train_loss_fn = nn.CrossEntropyLoss()
-
-    opt_kwargs: dict[str, Any] = {}
-    if args.opt_eps is not None:
-        opt_kwargs["eps"] = args.opt_eps
-    if args.opt_betas is not None:
-        opt_kwargs["betas"] = tuple(args.opt_betas)
-    try:
-        base = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, **opt_kwargs)  # fmt: skip
-    except (ValueError, AssertionError) as exc:
-        raise TrainError(f"optimizer '{args.opt}': {exc}") from None
-
-    run_dir = _run_dir(args)
-    jsonl: JsonlLogger | None = None
-    wandb_logger = None
-    if main_process:  # only rank 0 writes logs and checkpoints
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True), encoding="utf-8")
-        jsonl = JsonlLogger(run_dir / "curvature.jsonl")
-    if main_process and args.log_wandb:
-        wandb_logger = WandbLogger(
-            project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=vars(args),
-            tags=list(args.wandb_tags) or None, id=(resume or {}).get("wandb_id"), resume="allow",
-        )  # fmt: skip
-    sinks: list[Any] = [s for s in (jsonl, wandb_logger) if s is not None]
-
-    def announce(alarm: Any) -> None:
-        tqdm.write(f"ALARM: {alarm.describe()}")
-
-    monitor = None
-    if args.cusum:
-        monitor = CusumMonitor(h=args.cusum_threshold, k=args.cusum_k, warmup=args.cusum_warmup)
-    try:
-        opt = CurvatureAwareOptimizer(
-            base, train_model, train_loss_fn, every=args.curv_every, probes=args.curv_probes,
-            curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
-            lr_scaling=args.lr_scaling, logger=sinks, callbacks=[announce], seed=args.seed,
-            distributed_probes=args.curv_dist_probes, inter_every=args.curv_inter_every,
-        )  # fmt: skip
-    except (ValueError, TypeError) as exc:
-        raise TrainError(str(exc)) from None
-
-    updates_per_epoch = math.ceil(len(train_loader) / args.grad_accum_steps)
-    scheduler, num_epochs = create_scheduler_v2(
-        opt, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
-    )  # fmt: skip
-
-    amp_dtype = torch.bfloat16 if args.amp_dtype == "bfloat16" else torch.float16
-    if args.amp:
-
-        def autocast() -> Any:
-            return torch.autocast(device.type, dtype=amp_dtype)
-    else:
-        autocast = nullcontext
-    loss_scaler = NativeScaler(device=device.type) if args.amp and amp_dtype == torch.float16 else None
-
-    start_epoch, num_updates, best_top1 = 0, 0, -math.inf
+    run = set_up(args, resume)
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        opt.load_state_dict(resume["optimizer"])
-        if model_ema is not None and resume.get("model_ema") is not None:
-            model_ema.load_state_dict(resume["model_ema"])
-        if loss_scaler is not None and resume.get("scaler") is not None:
-            loss_scaler.load_state_dict(resume["scaler"])
-        start_epoch = int(resume["epoch"]) + 1
-        num_updates = int(resume["num_updates"])
-        best_top1 = float(resume.get("best_top1", -math.inf))
-        if start_epoch > 0:
-            if args.sched_on_updates:
-                scheduler.step_update(num_updates)
-            else:
-                scheduler.step(start_epoch)
-
-    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
-    say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
-        f"{splits.num_classes} classes) on {device}{ranks}; run dir {run_dir}")  # fmt: skip
-    if stem_note:
-        say(f"  small-input adaptation: {stem_note}")
-    say(f"  {opt!r}; {len(opt.layer_blocks)} layers; {updates_per_epoch} updates/epoch, {num_epochs} epochs"
-          + (f"; resuming at epoch {start_epoch}, update {num_updates}" if resume else ""))  # fmt: skip
-    if noisy is not None:
-        say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch}")
-    if wandb_logger is not None:
-        wandb_logger.update_config({"run_dir": str(run_dir)})
-
-    skipped_batches = 0
-    buffers = BufferCheckpoint(model)
-    last_epoch_stats: dict[str, float] = {}
-    curvopt_log = logging.getLogger("curvopt")
-    log_level = curvopt_log.level
-    curvopt_log.setLevel(logging.ERROR)  # alarms are printed by `announce`, other problems arrive as warnings
-    quiet = ExitStack()
-    quiet.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="curvopt: memorisation alarm", category=RuntimeWarning)
+        restore(run, resume)
+    _announce_schedule(run)
     finished = False
-    try:
-        for epoch in range(start_epoch, num_epochs):
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            if noisy is not None:
-                noisy.active = epoch >= args.label_noise_start_epoch
-            if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                mixup_fn.mixup_enabled = False
-            epoch_start = time.perf_counter()
-            model.train()
-            loss_sum = acc_sum = 0.0
-            batches = 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
-                       disable=args.no_progress or not main_process)  # fmt: skip
-            last_index = len(train_loader) - 1
-            opt.zero_grad()
-            for batch_idx, (x, y) in enumerate(bar):
-                update = (batch_idx + 1) % args.grad_accum_steps == 0 or batch_idx == last_index
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if mixup_fn is not None:
-                    x, y = mixup_fn(x, y)
-                # DDP all-reduces gradients only on the micro-batch that ends an accumulation window
-                no_sync = train_model.no_sync() if args.distributed and not update else nullcontext()
-                with no_sync:
-                    buffers.save()
-                    with autocast():
-                        logits = train_model(x)
-                        loss = train_loss_fn(logits, y)
-                    if not _finite_on_every_rank(loss, args.distributed):
-                        skipped_batches += 1
-                        warnings.warn(f"curvopt train: non-finite loss at epoch {epoch} batch {batch_idx}; "
-                                      "batch skipped (with the gradients accumulated so far)",
-                                      RuntimeWarning, stacklevel=1)  # fmt: skip
-                        buffers.restore()  # BN running statistics saw the bad batch in the forward
-                        opt.zero_grad()
-                        continue
-                    scaled_loss = loss / args.grad_accum_steps
-                    if update:
-                        opt.observe(x, y)  # the curvature batch (a bare step() follows, e.g. from NativeScaler)
-                    if loss_scaler is not None:
-                        loss_scaler(scaled_loss, opt, clip_grad=args.clip_grad, parameters=model.parameters(),
-                                    need_update=update)  # fmt: skip
-                    else:
-                        scaled_loss.backward()
-                        if update:
-                            if args.clip_grad is not None:
-                                nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-                            opt.step()
-                loss_value = float(loss.detach())
-                batch_acc = _accuracy(logits.detach(), y)
-                loss_sum += loss_value
-                acc_sum += batch_acc
-                batches += 1
-                if not update:
-                    continue
-                opt.zero_grad()
-                num_updates += 1
-                if model_ema is not None:
-                    model_ema.update(model, step=num_updates)
-                scheduler.step_update(num_updates=num_updates)
-                if num_updates % args.log_interval == 0:
-                    row = {"train/loss": loss_value, "train/acc": batch_acc,
-                           "train/lr": opt.param_groups[0]["lr"], "epoch": epoch}  # fmt: skip
-                    for sink in sinks:
-                        sink.log_training(num_updates, row)
-                bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.3g}",
-                                alarms=len(opt.alarms))  # fmt: skip
-            bar.close()
-            val = evaluate(model, val_loader, device, autocast, args.distributed)
-            stats = {"eval/loss": val["loss"], "eval/top1": val["top1"], "step": num_updates,
-                     "train/loss_epoch": loss_sum / max(batches, 1), "train/acc_epoch": acc_sum / max(batches, 1),
-                     "train/lr": opt.param_groups[0]["lr"]}  # fmt: skip
-            if model_ema is not None:
-                ema_val = evaluate(model_ema.module, val_loader, device, autocast, args.distributed)
-                stats["eval/top1_ema"] = ema_val["top1"]
-            scheduler.step(epoch + 1, val["top1"])
-            best = val["top1"] > best_top1
-            best_top1 = max(best_top1, val["top1"])
-            state = {
-                "epoch": epoch, "num_updates": num_updates, "arch": args.model, "args": vars(args),
-                "model": model.state_dict(), "optimizer": opt.state_dict(),
-                "model_ema": model_ema.state_dict() if model_ema is not None else None,
-                "scaler": loss_scaler.state_dict() if loss_scaler is not None else None,
-                "best_top1": best_top1, "wandb_id": getattr(getattr(wandb_logger, "run", None), "id", None),
-            }  # fmt: skip
-            if main_process:
-                save_checkpoint(run_dir / CHECKPOINT, state)
-                if best:
-                    save_checkpoint(run_dir / BEST, state)
-            for sink in sinks:
-                sink.log_epoch(epoch, stats)
-            last_epoch_stats = stats
-            elapsed = time.perf_counter() - epoch_start
-            curv = opt.last_estimate
-            curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
-            say(f"epoch {epoch:>3}/{num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
-                  f"acc {stats['train/acc_epoch']:5.1f}%  val loss {val['loss']:.4f} top1 {val['top1']:5.1f}%  "
-                  f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
-        finished = True
-    finally:
-        quiet.close()
-        curvopt_log.setLevel(log_level)
-        if jsonl is not None:
-            jsonl.close()
-        if wandb_logger is not None:
-            wandb_logger.finish()
-        if args.distributed and torch.distributed.is_initialized():
-            if finished:  # every rank is here: no rank tears the group down while a peer still uses it
-                torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-    if skipped_batches:
-        say(f"{skipped_batches} batch(es) with a non-finite loss were skipped")
-    if opt.last_estimate is not None:
-        say("\nlast curvature estimate, per layer:")
-        say(format_table(opt.last_estimate, opt.lr_scales if args.lr_scaling else None, opt.monitor))
-    for alarm in opt.alarms:
-        say(f"alarm: {alarm.describe()}")
-    if not opt.alarms and opt.monitor is not None:
-        say("no memorisation alarm")
-    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / 'curvature.jsonl'}")
-    if wandb_logger is not None and wandb_logger.local_dir is not None:
-        say(f"W&B run:     {wandb_logger.local_dir}")
-    say(f"report:      curvopt report {run_dir}")
-    if last_epoch_stats:
-        say(f"final val top1 {last_epoch_stats['eval/top1']:.2f}%")
+    with _quiet_alarms():
+        try:
+            for epoch in range(run.start_epoch, run.num_epochs):
+                run_epoch(run, epoch)
+            finished = True
+        finally:
+            close(run, finished)
+    summarise(run)
     return 0
+
+
+def _quiet_alarms() -> ExitStack:
+    """Alarms are printed by the run's own callback: silence the wrapper's warning and log record for them."""
+    stack = ExitStack()
+    curvopt_log = logging.getLogger("curvopt")
+    level = curvopt_log.level
+    curvopt_log.setLevel(logging.ERROR)  # other problems arrive as warnings
+    stack.callback(curvopt_log.setLevel, level)
+    stack.enter_context(warnings.catch_warnings())
+    warnings.filterwarnings("ignore", message="curvopt: memorisation alarm", category=RuntimeWarning)
+    return stack
