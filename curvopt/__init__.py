@@ -15,8 +15,9 @@ The names below are the public API.
 from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.scaling import TraceScaling
+from .engine.batch import CurvatureInputError
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
-from .engine.products import STRATEGIES, CurvatureInputError
+from .engine.products import STRATEGIES, CurvatureStrategyError
 from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
 from .estimators.budget import ProbeBudgetTracker
 from .estimators.spectra import Spectrum, layer_spectrum
@@ -35,6 +36,7 @@ __all__ = [
     "CurvatureAwareOptimizer",
     "CurvatureEstimate",
     "CurvatureInputError",
+    "CurvatureStrategyError",
     "CusumMonitor",
     "JsonlLogger",
     "Layer",

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import copy
 import os
+
+# One intra-op thread per test process, set before torch loads its thread pool. pytest-xdist runs
+# two test processes (pyproject.toml), and DDP workers and CLI subprocesses inherit this: on a busy
+# 2-core machine, spinning OpenMP teams of several threads per process slow the suite down 3-4x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 from dataclasses import dataclass
 
 import pytest
 import torch
-from torch import nn
-from torch.func import functional_call, hessian, jacrev
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+from torch import nn  # noqa: E402
+from torch.func import functional_call, hessian, jacrev  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -92,6 +92,7 @@ def test_train_loop_skips_a_nan_batch_on_every_rank_and_validates_on_disjoint_sh
     assert r0["shard_size"] + r1["shard_size"] == 37  # 19 + 18: no sample padded in twice
 
 
+@pytest.mark.slow
 def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
     cmd = [

@@ -7,12 +7,13 @@ import weakref
 
 import pytest
 import timm
+import timm.loss
 import torch
 from conftest import bn_cnn
 from torch import nn
 
 from curvopt import STRATEGIES, estimate_curvature
-from curvopt.engine.products import OutputHessian
+from curvopt.engine.output_hessian import OutputHessian
 
 
 def _samples(model, loss_fn, batch, strategy, seed=0, probes=5, **kw):
@@ -52,24 +53,39 @@ def test_dropout_mask_is_shared_by_all_probes():
     _assert_same_samples(a, b)
 
 
-def test_cross_entropy_closed_form_matches_autodiff():
+def test_closed_form_output_hessians_match_autodiff():
+    """Every closed form equals reverse-over-reverse differentiation at the outputs (the generic path)."""
     torch.manual_seed(2)
-    out = torch.randn(7, 5)
-    v = torch.randn(7, 5)
-    cases = [
-        (nn.CrossEntropyLoss(), torch.randint(0, 5, (7,))),
-        (nn.CrossEntropyLoss(reduction="sum"), torch.randint(0, 5, (7,))),
-        (nn.CrossEntropyLoss(label_smoothing=0.1), torch.randint(0, 5, (7,))),
-        (nn.CrossEntropyLoss(), torch.softmax(torch.randn(7, 5), -1)),
-    ]
-    for loss_fn, targets in cases:
+    out = torch.randn(7, 5, dtype=torch.float64)
+    v = torch.randn(3, 7, 5, dtype=torch.float64)
+    hard = torch.tensor([0, 1, -100, 2, 3, 4, 0])
+    soft = torch.softmax(torch.randn(7, 5, dtype=torch.float64), -1)
+    unnormalised = torch.rand(7, 5, dtype=torch.float64) * 2  # multi-label targets: rows do not sum to 1
+    weight = torch.rand(5, dtype=torch.float64) + 0.5
+    cases = {
+        "ce": (nn.CrossEntropyLoss(), hard.clamp_min(0), "cross-entropy"),
+        "ce sum": (nn.CrossEntropyLoss(reduction="sum"), hard.clamp_min(0), "cross-entropy"),
+        "ce smoothed": (nn.CrossEntropyLoss(label_smoothing=0.1), hard.clamp_min(0), "cross-entropy"),
+        "ce weighted+ignore+smoothed": (nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2), hard, "cross-entropy"),
+        "ce soft": (nn.CrossEntropyLoss(), soft, "cross-entropy"),
+        "ce soft unnormalised weighted": (nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1), unnormalised,
+                                          "cross-entropy"),
+        "timm soft": (timm.loss.SoftTargetCrossEntropy(), unnormalised, "cross-entropy"),
+        "timm smoothing": (timm.loss.LabelSmoothingCrossEntropy(0.1), hard.clamp_min(0), "cross-entropy"),
+        "functional ce": (nn.functional.cross_entropy, hard, "cross-entropy"),
+        "mse": (nn.MSELoss(), torch.randn(7, 5, dtype=torch.float64), "mse"),
+        "mse sum": (nn.MSELoss(reduction="sum"), torch.randn(7, 5, dtype=torch.float64), "mse"),
+        "bce logits": (nn.BCEWithLogitsLoss(weight=weight, pos_weight=weight.flip(0)), soft, "bce-with-logits"),
+        "nll": (nn.NLLLoss(), hard.clamp_min(0), "zero"),
+        "huber": (nn.HuberLoss(delta=0.5), torch.randn(7, 5, dtype=torch.float64), "generic"),
+    }  # fmt: skip
+    for name, (loss_fn, targets, kind) in cases.items():
         closed = OutputHessian(loss_fn, out, targets)
         generic = OutputHessian(loss_fn, out, targets, closed_form=False)
-        assert closed.closed_form and not generic.closed_form
-        torch.testing.assert_close(closed(v), generic(v), rtol=1e-5, atol=1e-6)
-    # ignore_index present: the closed form does not apply and the generic path is used
-    targets = torch.tensor([0, 1, -100, 2, 3, 4, 0])
-    assert not OutputHessian(nn.CrossEntropyLoss(), out, targets).closed_form
+        assert closed.kind == kind and generic.kind == "generic", name
+        expected = torch.stack([generic(vi) for vi in v])
+        got = torch.stack([closed(vi) for vi in v])
+        torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-10, msg=name)  # torch smooths in fp32
 
 
 def _snapshot(model):

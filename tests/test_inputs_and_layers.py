@@ -173,6 +173,7 @@ def test_cli_version_and_help(capsys):
     assert "demo" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_demo_fires_the_alarm_after_the_switch(capsys, tmp_path):
     """The README's main job, at its default settings: exit 0 means the alarm fired after the label switch."""
     assert cli_main(["demo", "--no-progress", "--out-dir", str(tmp_path)]) == 0

@@ -383,6 +383,7 @@ def test_probes_auto_adapts_within_bounds():
     assert all(3 <= k <= 12 for k in used) and len(used) == 20
 
 
+@pytest.mark.slow
 def test_end_to_end_alarm_only_with_random_labels():
     """A tiny CNN: clean labels raise no alarm; random labels switched on half-way raise one after the switch."""
     x, y = make_synthetic_images(1024, seed=3, noise=1.0)

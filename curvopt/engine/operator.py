@@ -1,30 +1,34 @@
 """The curvature of one batch as a linear operator on parameter vectors, with layer restriction.
 
-:func:`curvature_operator` opens the probing context of :mod:`curvopt.engine.context` once and yields a
-:class:`CurvatureOperator` whose ``matvec`` applies H (and, with ``gn``, G) to stacked vectors
-through the same product engines as :func:`curvopt.estimate_curvature`. The inter-layer
-estimators (:mod:`curvopt.estimators.blocks`) and the spectra (:mod:`curvopt.estimators.spectra`) are built on it:
+:func:`curvature_operator` is the one place a probing session opens: it checks the batch, resolves
+the blocks and the strategy, enters the probing context of :mod:`curvopt.engine.context` once and
+yields a :class:`CurvatureOperator` whose ``engine`` / ``matvec`` apply H (and, with ``gn``, G) to
+stacked vectors. Every estimator is built on it (:mod:`curvopt.estimators`):
 
 * ``matvec(v)`` — v: list of per-tensor ``[k, *shape]`` tensors → (H v, G v or None).
 * ``embed(l, x)`` — a flat vector of layer l's coordinates as a full, zero-padded direction.
 * ``restrict(l, u)`` — layer l's coordinates of a full direction, flattened.
 
-so ``restrict(l, H embed(l, x))`` is the diagonal block H_ll x.
+so ``restrict(l, H embed(l, x))`` is the diagonal block H_ll x. On exit the loss is checked: a
+non-finite loss raises ``FloatingPointError`` (curvature of a NaN loss is undefined).
 """
 
 from __future__ import annotations
 
 import contextlib
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from .batch import Forward, batch_size, check_finite_loss, split_batch
 from .context import probing_context
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
-from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
+from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine
 
 Tensors = list[torch.Tensor]
 
@@ -37,7 +41,9 @@ class CurvatureOperator:
     params: list[torch.Tensor]
     engine: Callable[[Tensors], tuple[Tensors, Tensors | None]]
     chunk_size: int
-    loss: float
+    strategy: str = "autograd"
+    batch_size: int = 0
+    loss: float = float("nan")  # set when the session closes
     matvecs: int = 0
 
     @property
@@ -106,10 +112,33 @@ class CurvatureOperator:
         return self.restrict(layer, h)
 
 
+_warned: set[str] = set()
+
+
+def _warn_zero_gauss_newton(loss_fn: Callable) -> None:
+    name = type(loss_fn).__name__
+    if name in _warned:
+        return
+    _warned.add(name)
+    warnings.warn(
+        f"curvopt: {name} is (piecewise) linear in the model's outputs, so its output Hessian is 0: the "
+        "Gauss-Newton part G = Jᵀ H_out J is exactly 0 and every GN-Gap is inf. The split H = G + Hᵀ depends on "
+        "where the model's output ends: for NLLLoss/KLDivLoss after log_softmax, return the logits and use "
+        "CrossEntropyLoss, so the softmax curvature lands in G.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def draw_mask_seed(generator: torch.Generator) -> int:
+    """The seed of one estimate's dropout masks, drawn from the probe generator."""
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+
+
 @contextlib.contextmanager
 def curvature_operator(
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     batch: tuple[object, object],
     *,
     gn: bool = False,
@@ -117,26 +146,39 @@ def curvature_operator(
     generator: torch.Generator | None = None,
     strategy: str = "auto",
     chunk_size: int = 4,
+    forward: Forward | None = None,
 ) -> Iterator[CurvatureOperator]:
-    """The operator of ``loss_fn(model(x), y)`` on ``batch``, in the probing context (train mode,
-    batch statistics, one dropout mask drawn from ``generator``, everything restored on exit)."""
-    inputs, targets = split_batch(batch)
+    """The operator of ``loss_fn(forward(model, x), y)`` on ``batch`` in the probing context (train
+    mode, batch statistics, one dropout mask drawn from ``generator``, everything restored on exit).
+
+    Raises ``ValueError`` for bad arguments and :class:`~curvopt.CurvatureInputError` for a batch,
+    model or loss that cannot be probed (a configuration mistake); ``FloatingPointError`` on exit
+    for a non-finite loss.
+    """
     if strategy != "auto" and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be callable as forward(model, inputs), got {type(forward).__name__}")
+    inputs, targets = split_batch(batch)
     core, blocks = resolve_blocks(model, layers)
     params = flat_params(blocks)
     if strategy == "auto":
         strategy = default_strategy(params[0].device)
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-    mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     names = [n for block in blocks for n in block.param_names]
-    with probing_context(core, mask_seed=mask_seed) as rewind:
-        problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind)
+    with probing_context(core, mask_seed=draw_mask_seed(generator)) as rewind:
+        problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind, forward)
         engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
-        operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, float(engine.loss.detach()))
+        if engine.out_hessian is not None and engine.out_hessian.is_zero:
+            _warn_zero_gauss_newton(loss_fn)
+        operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, strategy, batch_size(inputs))
         try:
             yield operator
         finally:
+            operator.loss = float(engine.loss.detach())
             operator.engine = None  # type: ignore[assignment]  # release the kept graph
             del engine, problem
+    check_finite_loss(operator.loss)

@@ -33,9 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..engine.batch import call_loss, call_model, check_finite_loss, split_batch
 from ..engine.context import probing_context
 from ..engine.layers import Layer, LayerSpec
-from ..engine.operator import curvature_operator
+from ..engine.operator import curvature_operator, draw_mask_seed
 from ..engine.probes import DISTRIBUTIONS
 
 MAP_KINDS = ("hess", "gn", "tensor")
@@ -177,11 +178,10 @@ def block_norms(
             if gn and gz is not None:
                 samples["gn"][:, :, w] = op.layer_sq_norms(gz)
                 samples["tensor"][:, :, w] = op.layer_sq_norms([h - g for h, g in zip(hz, gz)])
-        loss = op.loss
     bad = [name for kind in kinds for name, ok in zip(op.layers, torch.isfinite(samples[kind]).all(0).all(0)) if not ok]
     if bad:
         raise FloatingPointError(f"non-finite block norms for layer(s) {sorted(set(bad))}")
-    return BlockNorms(op.layers, op.numel, samples, loss)
+    return BlockNorms(op.layers, op.numel, samples, op.loss)
 
 
 def activation_block_norms(
@@ -220,7 +220,7 @@ def activation_block_norms(
         raise ValueError(f"no child module(s) {missing} in the Sequential")
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-    x, y = batch
+    x, y = split_batch(batch)
     deltas: dict[str, torch.Tensor] = {}
 
     def hook_for(name: str) -> Callable:
@@ -231,12 +231,12 @@ def activation_block_norms(
 
         return hook
 
-    mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    mask_seed = draw_mask_seed(generator)
     handles = [children[n].register_forward_hook(hook_for(n)) for n in names]
     try:
         with probing_context(model, mask_seed=mask_seed) as rewind:
             rewind()
-            loss = loss_fn(model(x), y)
+            loss = call_loss(loss_fn, call_model(model, x, None), y)
             order = [deltas[n] for n in names]
             grads = torch.autograd.grad(loss, order, create_graph=True)
             n = len(names)
@@ -250,5 +250,6 @@ def activation_block_norms(
     finally:
         for handle in handles:
             handle.remove()
+    check_finite_loss(float(loss.detach()))
     numel = {n: deltas[n].numel() for n in names}
     return BlockNorms(names, numel, {"hess": samples}, float(loss.detach()))

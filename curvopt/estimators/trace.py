@@ -28,14 +28,15 @@ import math
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from ..engine.context import probing_context
-from ..engine.layers import Layer, LayerSpec, flat_params, resolve_blocks
+from ..engine.batch import Forward
+from ..engine.layers import Layer, LayerSpec
+from ..engine.operator import CurvatureOperator, curvature_operator
 from ..engine.probes import DISTRIBUTIONS, sample_probes
-from ..engine.products import STRATEGIES, ProbeProblem, default_strategy, make_engine, split_batch
 
 # Rows of CurvatureEstimate.samples, per probe and layer.
 SAMPLE_KINDS = ("trace", "gn_trace", "hess_row_sq", "gn_row_sq", "tensor_row_sq")
@@ -215,13 +216,9 @@ def _reduce_chunk(
     return out
 
 
-def _batch_size(inputs: object) -> int:
-    return int(inputs.shape[0]) if isinstance(inputs, torch.Tensor) and inputs.ndim else 0
-
-
 def estimate_curvature(
     model: nn.Module,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
     batch: tuple[object, object],
     *,
     probes: int = 8,
@@ -231,6 +228,7 @@ def estimate_curvature(
     distribution: str = "rademacher",
     strategy: str = "auto",
     chunk_size: int = 4,
+    forward: Forward | None = None,
 ) -> CurvatureEstimate:
     """Estimate per-layer Hessian traces (and, with ``gn``, GN traces and GN-Gap) on one batch.
 
@@ -241,8 +239,9 @@ def estimate_curvature(
 
     Args:
         model: the model; DDP/DataParallel/torch.compile wrappers are stripped.
-        loss_fn: maps (outputs, targets) to a scalar.
-        batch: ``(inputs, targets)``.
+        loss_fn: maps (outputs, targets) to a scalar; any loss (closed-form output Hessians for
+            cross-entropy, MSE and BCE-with-logits, reverse-mode differentiation otherwise).
+        batch: ``(inputs, targets)``; inputs may be a tensor, a tuple or a dict of tensors.
         probes: K ≥ 1 probes (one Hessian-vector product each, serving every layer).
         gn: also compute Gauss-Newton products on the same probes (GN traces, GN-Gap).
         generator: source of probes and of the dropout-mask seed.
@@ -251,6 +250,8 @@ def estimate_curvature(
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
         strategy: ``"auto"`` or one of ``STRATEGIES`` (all exact; they differ in speed).
         chunk_size: probes per vmapped call for ``"func-vmap"``.
+        forward: ``forward(model, inputs) -> outputs`` when the model is not called as
+            ``model(inputs)`` (e.g. ``lambda m, x: m(**x).logits``).
 
     Raises:
         ValueError: bad arguments, no trainable parameters, a non-scalar loss, a batch the
@@ -262,44 +263,36 @@ def estimate_curvature(
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
-    if strategy != "auto" and strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
-    inputs, targets = split_batch(batch)
-    core, blocks = resolve_blocks(model, layers)
-    params = flat_params(blocks)
-    device = params[0].device
-    if strategy == "auto":
-        strategy = default_strategy(device)
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-    mask_seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
-    index = _layer_index(blocks, device)
-    names = [n for layer in blocks for n in layer.param_names]
+    with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy,
+                            chunk_size=chunk_size, forward=forward) as op:  # fmt: skip
+        samples = _probe_samples(op, probes, distribution, generator)
+    return _checked_estimate(op, samples, distribution)
 
+
+def _probe_samples(
+    op: CurvatureOperator, probes: int, distribution: str, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """``[K, L]`` per-probe, per-layer statistics (``SAMPLE_KINDS``) from K products of ``op``."""
+    index = _layer_index(op.blocks, op.params[0].device)
+    buffer = torch.empty(min(op.chunk_size, probes) * op.dim, dtype=torch.float32, device=generator.device)
     chunks: list[dict[str, torch.Tensor]] = []
-    with probing_context(core, mask_seed=mask_seed) as rewind:
-        problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind)
-        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
-        remaining = probes
-        buffer = torch.empty(
-            min(engine.chunk_size, probes) * sum(p.numel() for p in params),
-            dtype=torch.float32,
-            device=generator.device,
-        )
-        while remaining:
-            k = min(engine.chunk_size, remaining)
-            z = sample_probes(params, k, distribution, generator, buffer=buffer)
-            hz, gz = engine(z)
-            chunks.append(_reduce_chunk(z, hz, gz, index))
-            del z, hz, gz
-            remaining -= k
-        loss = float(engine.loss.detach())
-        del engine, problem, buffer
-    samples = {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
+    remaining = probes
+    while remaining:
+        k = min(op.chunk_size, remaining)
+        z = sample_probes(op.params, k, distribution, generator, buffer=buffer)
+        hz, gz = op.engine(z)
+        chunks.append(_reduce_chunk(z, hz, gz, index))
+        del z, hz, gz
+        remaining -= k
+    return {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
+
+
+def _checked_estimate(op: CurvatureOperator, samples: dict[str, torch.Tensor], distribution: str) -> CurvatureEstimate:
+    """The estimate of ``samples``, or a :class:`NonFiniteCurvatureError` naming the layers with NaN/Inf."""
     finite = torch.stack([torch.isfinite(s).all(0) for s in samples.values()]).all(0)
-    bad = [block.name for block, ok in zip(blocks, finite.tolist()) if not ok]
+    bad = [block.name for block, ok in zip(op.blocks, finite.tolist()) if not ok]
     if bad:
         raise NonFiniteCurvatureError(
             f"non-finite curvature products in layer(s) {', '.join(bad)} "
@@ -307,11 +300,11 @@ def estimate_curvature(
             bad,
         )
     return CurvatureEstimate(
-        layers=[b.name for b in blocks],
-        numel={b.name: b.numel for b in blocks},
+        layers=op.layers,
+        numel=op.numel,
         samples=samples,
-        loss=loss,
+        loss=op.loss,
         distribution=distribution,
-        strategy=strategy,
-        batch_size=_batch_size(inputs),
+        strategy=op.strategy,
+        batch_size=op.batch_size,
     )
