@@ -1,4 +1,4 @@
-"""Shared test helpers: dense Hessian / GGN references computed independently with torch.func."""
+"""Shared test helpers: dense Hessian / GGN references in float64 (double backward), small models."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from torch import nn  # noqa: E402
-from torch.func import functional_call, hessian, jacrev  # noqa: E402
+from torch.func import functional_call  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -43,12 +44,25 @@ class DenseCurvature:
         return self.H - self.G
 
 
-def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, list[str]]) -> DenseCurvature:
+def _to_double(obj):
+    """Floating tensors (also inside tuples, lists and dicts) as float64; everything else as it is."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to_double(v) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_double(v) for v in obj)
+    return obj
+
+
+def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, list[str]], forward=None):
     """Exact curvature of the train-mode loss (batch statistics) in float64.
 
     Independent of curvopt's machinery: a deep copy in float64 whose norm layers are built to use
     batch statistics (``track_running_stats=False`` and no buffers, i.e. the textbook train-mode
-    function), differentiated by ``torch.func.hessian`` / ``jacrev`` w.r.t. a flat vector.
+    function), differentiated by ``torch.autograd.functional.hessian`` / ``jacobian`` (double backward)
+    with respect to a flat vector. Not ``torch.func.hessian``: on torch 2.15 it is wrong through an
+    affine LayerNorm (test_losses.py checks this reference against finite differences).
     """
     ref = copy.deepcopy(model).double().train()
     for m in ref.modules():
@@ -56,8 +70,8 @@ def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, li
             m.track_running_stats = False
             m.running_mean = None
             m.running_var = None
-    x, y = batch
-    x = x.double() if x.is_floating_point() else x
+    ref_loss = copy.deepcopy(loss_fn).double() if isinstance(loss_fn, nn.Module) else loss_fn
+    x, y = _to_double(batch[0]), _to_double(batch[1])
     names = [n for ps in layer_params.values() for n in ps]
     named = dict(ref.named_parameters(remove_duplicate=False))
     tensors = [named[n].detach() for n in names]
@@ -69,15 +83,19 @@ def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, li
         return {n: p.view_as(t) for n, p, t in zip(names, parts, tensors)}
 
     def outputs(v):
-        return functional_call(ref, unflatten(v), (x,))
+        if forward is None:
+            return functional_call(ref, unflatten(v), (x,))
+        with torch.nn.utils.stateless._reparametrize_module(ref, unflatten(v)):
+            return forward(ref, x)
 
     def loss(v):
-        return loss_fn(outputs(v), y)
+        return ref_loss(outputs(v), y)
 
-    H = hessian(loss)(flat)
-    out = outputs(flat).detach()
-    J = jacrev(outputs)(flat).reshape(out.numel(), -1)
-    H_out = hessian(lambda o: loss_fn(o.view_as(out), y))(out.reshape(-1))
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no double backward
+        H = torch.autograd.functional.hessian(loss, flat)
+        out = outputs(flat).detach()
+        J = torch.autograd.functional.jacobian(outputs, flat).reshape(out.numel(), -1)
+    H_out = torch.autograd.functional.hessian(lambda o: ref_loss(o.view_as(out), y), out.reshape(-1))
     G = J.T @ H_out @ J
     slices, start = {}, 0
     for layer, ps in layer_params.items():
@@ -137,6 +155,42 @@ def bn_cnn(dropout: float = 0.0) -> nn.Module:
         nn.Dropout(dropout),
         nn.Linear(3 * 3 * 3, 4),
     )
+
+
+class LayerNormGELU(nn.Module):
+    """Linear → affine LayerNorm → GELU → Linear: the case where torch.func.hessian is wrong on torch 2.15."""
+
+    def __init__(self, d_in: int = 5, width: int = 6, classes: int = 3):
+        super().__init__()
+        self.inp = nn.Linear(d_in, width)
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.out(nn.functional.gelu(self.norm(self.inp(x))))
+
+
+class TinyAttention(nn.Module):
+    """One self-attention head over T tokens (scaled_dot_product_attention), pre-LayerNorm, mean-pooled head."""
+
+    def __init__(self, d: int = 4, classes: int = 3):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):  # x: [B, T, d]
+        q, k, v = self.qkv(self.norm(x)).chunk(3, dim=-1)
+        h = x + self.proj(nn.functional.scaled_dot_product_attention(q, k, v))
+        return self.head(h.mean(1))
+
+
+def layer_params(model: nn.Module) -> dict[str, list[str]]:
+    """curvopt's default grouping as {layer: parameter names}, for dense references."""
+    from curvopt import group_parameters
+
+    return {layer.name: list(layer.param_names) for layer in group_parameters(model)}
 
 
 @pytest.fixture

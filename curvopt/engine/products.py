@@ -91,6 +91,8 @@ class ReverseOverReverse:
         self.out_hessian: OutputHessian | None = None
         if gn:
             (self.out_grad,) = torch.autograd.grad(self.loss, out, create_graph=True)
+            if not self.out_grad.requires_grad:  # a loss linear in the outputs: r is constant, H_out = 0
+                self.out_grad = self.out_grad.detach().requires_grad_()
             grads = torch.autograd.grad(out, self.params, self.out_grad, create_graph=True, allow_unused=True)
             self.out = out
             self.out_hessian = OutputHessian(problem.loss_fn, out, problem.targets, closed_form=closed_form)
@@ -187,7 +189,8 @@ class ForwardOverReverse:
         self.split = gn or not _loss_has_forward_mode(loss_fn, out, targets)
         self.out_hessian: OutputHessian | None = None
         if self.split:
-            out, self._vjp_fn = vjp(forward, self.primals)
+            with torch.no_grad():  # the transforms differentiate; no tape to parameters outside the blocks
+                out, self._vjp_fn = vjp(forward, self.primals)
             self.out_hessian = OutputHessian(loss_fn, out, targets, closed_form=closed_form)
             r = grad(lambda o: loss_fn(o, targets))(out.detach())  # ∇_o ℓ, fixed
 
@@ -216,6 +219,7 @@ class ForwardOverReverse:
         hz = [a + b for a, b in zip(first_list, gz_list)]  # H z = Σ_k r_k ∇²f_k z + G z
         return hz, gz_list if self.gn else None
 
+    @torch.no_grad()  # the transforms differentiate; no tape to parameters outside the blocks
     def _products(self, probe: Tensors) -> tuple[Tensors, Tensors | None]:
         if self.chunk_size == 1 and probe[0].shape[0] == 1:
             hz, gz = self._single([t[0] for t in probe])
