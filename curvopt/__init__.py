@@ -14,7 +14,7 @@ The names below are the public API.
 
 from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
-from .control.scaling import TraceScaling
+from .control.scaling import LR_SCALING_POLICIES, TraceScaling
 from .engine.batch import CurvatureInputError
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
 from .engine.products import STRATEGIES, CurvatureStrategyError
@@ -28,6 +28,7 @@ from .reporting.wandb_logger import WandbLogger
 __version__ = "0.1.0"
 
 __all__ = [
+    "LR_SCALING_POLICIES",
     "ROOT_LAYER",
     "STRATEGIES",
     "Alarm",

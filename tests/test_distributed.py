@@ -124,7 +124,7 @@ def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     resume[resume.index("--epochs") + 1] = "3"
     done = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("resuming at epoch 2, update 4") == 1
+    assert done.stdout.count("resuming at epoch 3, update 4") == 1
     metrics = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "metrics"]
     assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)

@@ -12,7 +12,7 @@ import timm.scheduler
 import torch
 from torch import nn
 
-from curvopt import CallbackLogger, CurvatureAwareOptimizer, JsonlLogger, read_jsonl
+from curvopt import CallbackLogger, CurvatureAwareOptimizer, CurvatureInputError, JsonlLogger, read_jsonl
 from curvopt.programs.models import small_cnn
 from curvopt.programs.synthetic import corrupt_labels, make_synthetic_images
 
@@ -198,17 +198,29 @@ def test_grad_scaler_and_autocast_path_with_observe():
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
-def test_monitoring_step_without_batch_warns_once_and_continues():
+def test_no_batch_ever_given_raises_at_the_first_curvature_step():
     model = _model()
     opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(), every=2)
     x, y = _batches(1)[0]
-    with pytest.warns(RuntimeWarning, match="no batch") as record:
-        for _ in range(6):
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    opt.step()  # step 1: not a curvature step
+    with pytest.raises(CurvatureInputError, match="step 2 is a curvature step but no batch was ever given"):
+        opt.step()
+    assert opt.step_count == 1  # the failing step did not update the parameters
+
+
+def test_a_batch_missing_at_one_curvature_step_warns_once_and_training_continues():
+    model = _model()
+    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(), every=2,
+                                  probes=2)  # fmt: skip
+    x, y = _batches(1)[0]
+    with pytest.warns(RuntimeWarning, match="no batch was given") as record:
+        for step in range(1, 9):
             opt.zero_grad()
             nn.CrossEntropyLoss()(model(x), y).backward()
-            opt.step()
+            opt.step(batch=(x, y) if step <= 2 else None)
     assert sum("no batch" in str(w.message) for w in record) == 1
-    assert opt.step_count == 6 and not opt.history
+    assert opt.step_count == 8 and len(opt.history) == 1 and opt.skipped_estimates == 3
 
 
 def test_gradient_accumulation_counts_optimizer_steps():

@@ -41,7 +41,7 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     code, run_dir = _train(tmp_path, "--epochs", "2", "--log-wandb")
     assert code == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "epoch   1/1" in out and "JSONL log" in out and "W&B run" in out
+    assert "epoch   2/2" in out and "JSONL log" in out and "W&B run" in out
 
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1 and ckpt["num_updates"] == 12
@@ -81,7 +81,7 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     # resume: the step count, the estimate schedule and the W&B run continue
     code, _ = _train(tmp_path, "--epochs", "3", "--log-wandb", "--resume", str(run_dir / "last.pth.tar"))
     assert code == 0, capsys.readouterr().err
-    assert "resuming at epoch 2, update 12" in capsys.readouterr().out
+    assert "resuming at epoch 3, update 12" in capsys.readouterr().out
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 2 and ckpt["optimizer"]["curvopt"]["step_count"] == 18
     assert [r["step"] for r in _metrics(run_dir)] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
@@ -178,7 +178,7 @@ def test_noisy_labels_fixed_subset_random_classes_only_while_active():
 def test_label_noise_from_a_later_epoch_runs(tmp_path, capsys):
     code, _ = _train(tmp_path, "--epochs", "2", "--label-noise", "1.0", "--label-noise-start-epoch", "1")
     assert code == 0, capsys.readouterr().err
-    assert "label noise p=1.0 from epoch 1" in capsys.readouterr().out
+    assert "label noise p=1.0 from epoch 2" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

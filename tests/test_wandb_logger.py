@@ -136,8 +136,11 @@ def test_optimizer_settings_reach_the_config(tmp_path):
     assert logger.owns_run
     run_dir = logger.local_dir
     logger.finish()
-    config = wb.config(wb.read_records(wb.run_file(run_dir)))
-    assert config["recipe"] == "x" and config["curvopt"]["every"] == 7 and config["curvopt"]["layers"] == ["0"]
+    records = wb.read_records(wb.run_file(run_dir))
+    config = wb.config(records)
+    seen = [(kind, r.run.config if kind == "run" else "") for r in records for kind in [r.WhichOneof("record_type")]]
+    assert config.get("recipe") == "x", seen
+    assert config["curvopt"]["every"] == 7 and config["curvopt"]["layers"] == ["0"]
 
 
 @pytest.mark.parametrize("capacity", [2, 3, 5, 8])

@@ -29,8 +29,10 @@ class InterLayerDiagnostics:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         blocks: Sequence[Layer],
         settings: CurvatureSettings,
+        forward: Any = None,
     ) -> None:
         self.model = model
+        self.forward = forward
         self.loss_fn = loss_fn
         self.blocks = list(blocks)
         self.settings = settings
@@ -42,10 +44,10 @@ class InterLayerDiagnostics:
         """Compute both on ``batch``; return the metrics to log (exceptions propagate to the caller)."""
         s = self.settings
         norms = block_norms(self.model, self.loss_fn, batch, probes=s.inter_probes, layers=self.blocks,
-                            generator=self.generator, strategy=s.strategy)  # fmt: skip
+                            generator=self.generator, strategy=s.strategy, forward=self.forward)  # fmt: skip
         spectra = layer_spectrum(
             self.model, self.loss_fn, batch, layers=self.blocks, steps=s.spectrum_steps, slq_probes=s.spectrum_starts,
-            slq_steps=max(2, s.spectrum_steps), generator=self.generator, strategy=s.strategy,
+            slq_steps=max(2, s.spectrum_steps), generator=self.generator, strategy=s.strategy, forward=self.forward,
         )  # fmt: skip
         self.last_block_norms, self.last_spectra = norms, spectra
         phi, phi_se = norms.phi()

@@ -1,10 +1,15 @@
 """One curvature estimate at a training step: the curvature batch, the probe budget, the DDP
 combine, and what went wrong when there is no estimate.
 
-:class:`EstimateRunner` never raises for a problem of one step (no batch, a non-finite product,
-an exception inside the estimator): it returns ``None`` with a warning key and a message, and the
-wrapper skips that estimate. Under ``torch.distributed`` every rank joins the one collective of
-:mod:`curvopt.estimators.distributed`, also when its own estimate failed, so no rank waits forever.
+Two kinds of failure are told apart. A *configuration error* (:class:`~curvopt.CurvatureInputError`:
+a non-scalar loss, a model or loss that cannot take the batch, a strategy the model cannot run, no
+batch ever given) will fail every estimate: with ``strict`` (the wrapper's first curvature steps,
+before any estimate succeeded) :class:`EstimateRunner` raises it, with the message the estimator
+gave. Anything else (a non-finite product, a transient exception, a missing batch at one step) is
+returned as ``None`` with a warning key and a message, and the wrapper skips that estimate. Under
+``torch.distributed`` every rank joins the one collective of :mod:`curvopt.estimators.distributed`,
+also when its own estimate failed, so no rank waits forever, and a configuration error on any rank
+raises on every rank.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..engine.batch import CurvatureInputError, Forward, slice_batch, split_batch
 from ..engine.layers import Layer
 from ..estimators import distributed as dist_utils
 from ..estimators.budget import ProbeBudgetTracker
@@ -27,16 +33,17 @@ Problem = tuple[str, str]  # (warning key, message)
 
 @dataclass
 class Outcome:
-    """An estimate, or the reason there is none."""
+    """An estimate, or the reason there is none (``error``: a configuration error, re-raised when strict)."""
 
     estimate: CurvatureEstimate | None
     problem: Problem | None = None
+    error: CurvatureInputError | None = None
 
 
 def curvature_batch(batch: tuple[Any, Any], size: int) -> tuple[Any, Any]:
-    """The first ``size`` samples of a batch (tensors are sliced, anything else passes through)."""
-    x, y = (t[:size] if isinstance(t, torch.Tensor) else t for t in batch)
-    return x, y
+    """The first ``size`` samples of every tensor in a batch (inputs may be tensors, tuples or dicts)."""
+    x, y = split_batch(batch)
+    return slice_batch(x, size), slice_batch(y, size)
 
 
 class EstimateRunner:
@@ -49,9 +56,11 @@ class EstimateRunner:
         blocks: Sequence[Layer],
         settings: CurvatureSettings,
         process_group: Any = None,
+        forward: Forward | None = None,
     ) -> None:
         self.model = model
         self.loss_fn = loss_fn
+        self.forward = forward
         self.blocks = list(blocks)
         self.settings = settings
         self.process_group = process_group
@@ -67,32 +76,46 @@ class EstimateRunner:
             return max(low, min(high, 8))
         return self.probe_tracker.suggest_probes(low, high)
 
-    def run(self, step: int, batch: tuple[Any, Any] | None) -> Outcome:
-        """The estimate of optimizer step ``step`` on ``batch`` (combined over ranks under DDP)."""
+    def run(
+        self, step: int, batch: tuple[Any, Any] | None, *, strict: bool = False, ever_batched: bool = True
+    ) -> Outcome:
+        """The estimate of optimizer step ``step`` on ``batch`` (combined over ranks under DDP).
+
+        With ``strict``, a configuration error raises :class:`~curvopt.CurvatureInputError`; no
+        batch at all (``ever_batched`` false) counts as one.
+        """
         distributed = dist_utils.is_active(self.process_group)
-        outcome = self._local(step, batch, distributed)
+        outcome = self._local(step, batch, distributed, ever_batched)
         if distributed:
-            outcome = self._combine_ranks(outcome)
+            outcome = self._combine_ranks(outcome, strict)
+        if strict and outcome.error is not None:
+            raise outcome.error
         if outcome.estimate is not None and outcome.estimate.probes >= 2:
             self.probe_tracker.update(outcome.estimate)
         return outcome
 
-    def _local(self, step: int, batch: tuple[Any, Any] | None, distributed: bool) -> Outcome:
+    def _local(self, step: int, batch: tuple[Any, Any] | None, distributed: bool, ever_batched: bool) -> Outcome:
         generator = (
             dist_utils.rank_generator(self.generator, self.settings.distributed_probes, self.process_group)
             if distributed
             else self.generator
         )
         if batch is None:
-            message = (f"curvopt: step {step} is a curvature step but no batch was given; pass step(batch=(x, y)) "
-                       "or call observe(x, y) before step(). Estimate skipped.")  # fmt: skip
+            how = "pass step(batch=(x, y)) or call observe(x, y) before step()"
+            if not ever_batched:
+                error = CurvatureInputError(f"step {step} is a curvature step but no batch was ever given: {how}")
+                return Outcome(None, ("no-batch", f"curvopt: {error}"), error)
+            message = f"curvopt: step {step} is a curvature step but no batch was given; {how}. Estimate skipped."
             return Outcome(None, ("no-batch", message))
         try:
             estimate = estimate_curvature(
                 self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
                 probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
-                strategy=self.settings.strategy,
+                strategy=self.settings.strategy, forward=self.forward,
             )  # fmt: skip
+        except CurvatureInputError as exc:
+            message = f"curvopt: curvature estimate at step {step} failed and was skipped: {exc}"
+            return Outcome(None, (f"config-{type(exc).__name__}", message), exc)
         except FloatingPointError as exc:
             return Outcome(None, ("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})"))
         except Exception as exc:  # estimation must never stop training
@@ -100,7 +123,7 @@ class EstimateRunner:
                                   f"and was skipped: {type(exc).__name__}: {exc}"))  # fmt: skip
         return Outcome(estimate)
 
-    def _combine_ranks(self, outcome: Outcome) -> Outcome:
+    def _combine_ranks(self, outcome: Outcome, strict: bool) -> Outcome:
         """The one collective of an estimate; every rank joins it, also when its own estimate failed."""
         kinds = [k for k in SAMPLE_KINDS if self.settings.gn or k in ("trace", "hess_row_sq")]
         names = [b.name for b in self.blocks]
@@ -109,14 +132,17 @@ class EstimateRunner:
         estimate, problem = outcome.estimate, outcome.problem
         if estimate is not None and (estimate.layers != names or sorted(estimate.samples) != sorted(kinds)):
             estimate, problem = None, ("layout", "curvopt: the estimate's layers or kinds differ from the wrapper's")
-        combined, failed = dist_utils.all_gather_estimate(
+        combined, failed, fatal = dist_utils.all_gather_estimate(
             estimate, layout, mode=self.settings.distributed_probes, group=self.process_group,
-            device=dist_utils.collective_device(self.process_group),
+            device=dist_utils.collective_device(self.process_group), configuration_error=outcome.error is not None,
         )  # fmt: skip
+        error = outcome.error
+        if strict and fatal and error is None:
+            error = CurvatureInputError(f"rank(s) {fatal} cannot estimate curvature (a configuration error there)")
         if combined is None and problem is None:
             message = f"curvopt: rank(s) {failed} could not estimate; the estimate is skipped on all ranks"
             problem = ("rank-failed", message)
-        return Outcome(combined, problem)
+        return Outcome(combined, problem, error)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "probe_tracker": self.probe_tracker.state_dict()}

@@ -69,9 +69,10 @@ class Alarm:
         where = ", ".join(self.layers[:max_layers]) if self.layers else "model-wide only"
         if len(self.layers) > max_layers:
             where += f" and {len(self.layers) - max_layers} more"
+        statistic, threshold = distinct_numbers(self.statistic, self.threshold)
         return (
             f"memorisation alarm at step {self.step}: curvature rising ({self.kind} CUSUM "
-            f"{self.statistic:.2f} > {self.threshold:.2f}; layers: {where})"
+            f"{statistic} > {threshold}; layers: {where})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -80,6 +81,15 @@ class Alarm:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Alarm:
         return cls(**dict(data))
+
+
+def distinct_numbers(a: float, b: float, digits: int = 2) -> tuple[str, str]:
+    """``a`` and ``b`` with the fewest decimals (at least ``digits``, at most 12) that tell them apart."""
+    for d in range(digits, 13):
+        text_a, text_b = f"{a:.{d}f}", f"{b:.{d}f}"
+        if text_a != text_b:
+            return text_a, text_b
+    return f"{a!r}", f"{b!r}"
 
 
 @dataclass
@@ -254,10 +264,30 @@ class CusumMonitor:
         return [Alarm(step, [n], self.series[n].s, self.h, "layer") for n in started if n != AGGREGATE]
 
     def statistics(self) -> dict[str, float]:
-        """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": h}`` for loggers."""
+        """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": h, "monitor_ready": 0|1}``."""
         stats = {f"cusum/{name}": s.s for name, s in self.series.items()}
         stats["cusum/threshold"] = self.h
+        stats["monitor_ready"] = float(self.ready)
         return stats
+
+    @property
+    def ready(self) -> bool:
+        """Calibrated: the model-wide series has its noise scale and trough, so the next estimate can alarm."""
+        series = self.series.get(AGGREGATE)
+        return series is not None and series.sigma is not None and series.trough is not None
+
+    @property
+    def estimates_until_ready(self) -> int:
+        """How many more estimates before the monitor is calibrated (0 when :attr:`ready`).
+
+        Self-calibrated: the first estimate starts the series, σ0 needs ``warmup`` increments and the
+        trough one more estimate, so the first alarm can come at estimate ``warmup + 2``. With a
+        :meth:`fit` reference: at the third estimate.
+        """
+        if self.ready:
+            return 0
+        needed = 2 if (self.reference or {}).get(AGGREGATE) is not None else self.warmup + 1
+        return max(needed - self.count, 1)
 
     # ------------------------------------------------------------------ reference calibration
     def fit(self, histories: Iterable[Sequence[CurvatureEstimate | Mapping[str, float]]]) -> CusumMonitor:

@@ -2,8 +2,9 @@
 
 A logger is any object with ``log(step, metrics)`` and ``alert(alarm)`` (:class:`CurvatureSink`),
 optionally ``log_config(settings)``. A failing logger or callback warns once per kind and never
-stops training. Under ``torch.distributed`` only rank 0 of the group reports, so logs, warnings
-and callbacks appear once however many ranks train.
+stops training. Problems arrive as ``RuntimeWarning`` (once each); alarms as a ``WARNING`` record
+of the ``curvopt`` logger: each appears once on the console. Under ``torch.distributed`` only
+rank 0 of the group reports, so logs, warnings and callbacks appear once however many ranks train.
 """
 
 from __future__ import annotations
@@ -56,12 +57,11 @@ class Notifier:
         return dist_utils.rank(self.process_group) == 0
 
     def warn_once(self, key: str, message: str) -> None:
-        """``message`` as a RuntimeWarning (and a log record), the first time ``key`` occurs."""
+        """``message`` as a RuntimeWarning, the first time ``key`` occurs (once on the console)."""
         if key in self._warned or not self.reports:
             return
         self._warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
-        log.warning(message)
 
     def call_safely(self, fn: Callable[..., None], *args: Any, what: str) -> None:
         """Run a logger or callback; a failure warns once per ``what`` and never stops training."""
@@ -86,12 +86,11 @@ class Notifier:
             self.call_safely(sink.log, step, metrics, what=f"logger {type(sink).__name__} ({id(sink):x})")
 
     def alarm(self, alarm: Alarm) -> None:
-        """Console (warning and log record), every logger's ``alert`` and every alarm callback."""
+        """A ``WARNING`` record on the ``curvopt`` logger (on the console once, also with logging
+        unconfigured), every logger's ``alert`` and every alarm callback."""
         if not self.reports:
             return
-        message = f"curvopt: {alarm.describe()}"
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-        log.warning(message)
+        log.warning("curvopt: %s", alarm.describe())
         for sink in self.loggers:
             self.call_safely(sink.alert, alarm, what=f"logger {type(sink).__name__} alert ({id(sink):x})")
         for callback in self.callbacks:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..engine.batch import split_batch
 from ..engine.layers import group_parameters, unwrap_model
 from ..estimators import distributed as dist_utils
 from ..estimators.trace import CurvatureEstimate
@@ -62,6 +63,8 @@ class CurvatureAwareOptimizer(Optimizer):
         history: how many past estimates (as flat dicts) to keep in ``opt.history``.
         layers: custom grouping, as for :func:`curvopt.estimate_curvature`.
         strategy: product strategy, as for :func:`curvopt.estimate_curvature`.
+        forward: ``forward(model, inputs) -> outputs`` when the model is not called as
+            ``model(inputs)`` (dict inputs: ``lambda m, x: m(**x).logits``); used by every estimate.
         distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
             its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
             exactly the single-process estimate on the concatenated batch). See
@@ -101,11 +104,14 @@ class CurvatureAwareOptimizer(Optimizer):
         inter_probes: int = 4,
         spectrum_steps: int = 20,
         spectrum_starts: int = 2,
+        forward: Any = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not callable(loss_fn):
             raise TypeError("loss_fn must be callable")
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be callable as forward(model, inputs), got {type(forward).__name__}")
         self.config = CurvatureSettings(
             every=every, probes=probes, curvature_batch_size=curvature_batch_size, gn=gn, strategy=strategy,
             seed=seed, history=history, auto_probes=tuple(auto_probes), distributed_probes=distributed_probes,
@@ -126,8 +132,8 @@ class CurvatureAwareOptimizer(Optimizer):
         self.monitor = _make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
         self.layer_blocks = group_parameters(unwrap_model(model), layers)
-        self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group)
-        self.diagnostics = InterLayerDiagnostics(model, loss_fn, self.layer_blocks, self.config)
+        self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group, forward)
+        self.diagnostics = InterLayerDiagnostics(model, loss_fn, self.layer_blocks, self.config, forward)
         self.notifier = Notifier(as_sinks(logger), callbacks, process_group)
 
         self.step_count = 0
@@ -137,6 +143,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.last_estimate: CurvatureEstimate | None = None
         self.skipped_estimates = 0
         self._pending_batch: tuple[Any, Any] | None = None
+        self._ever_batched = False
         self.notifier.config(self.settings())
 
     # ------------------------------------------------------------------ settings, as attributes
@@ -169,12 +176,23 @@ class CurvatureAwareOptimizer(Optimizer):
 
     def observe(self, inputs: Any, targets: Any) -> None:
         """Hand the wrapper this step's batch, for code that calls a bare ``step()``."""
-        self._pending_batch = (inputs, targets)
+        self._hand_over((inputs, targets))
+
+    def _hand_over(self, batch: Any) -> None:
+        split_batch(batch)  # a wrong batch raises here, where it is given, not at the next curvature step
+        self._pending_batch = (batch[0], batch[1])
+        self._ever_batched = True
 
     def step(self, closure: Callable[[], Any] | None = None, *, batch: tuple[Any, Any] | None = None) -> Any:
-        """Inner ``step(closure)``; on every ``every``-th step, estimate curvature first."""
+        """Inner ``step(closure)``; on every ``every``-th step, estimate curvature first.
+
+        ``batch`` is ``(inputs, targets)`` (checked here). A configuration error that will fail every
+        estimate (a non-scalar loss, a batch the model or loss cannot take, no batch ever given)
+        raises :class:`~curvopt.CurvatureInputError` at the first curvature step; later problems of one
+        step (a missing batch, non-finite curvature) skip that estimate with one warning.
+        """
         if batch is not None:
-            self._pending_batch = batch
+            self._hand_over(batch)
         upcoming = self.step_count + 1
         if self.config.due(upcoming):
             self._estimate_and_update()
@@ -195,7 +213,8 @@ class CurvatureAwareOptimizer(Optimizer):
     def _estimate_and_update(self) -> None:
         """Estimate at the upcoming step, then feed the monitor, the LR policy and the loggers."""
         step = self.step_count + 1
-        outcome = self.runner.run(step, self._pending_batch)
+        strict = self.last_estimate is None and not self.history  # nothing has worked yet: a config error is final
+        outcome = self.runner.run(step, self._pending_batch, strict=strict, ever_batched=self._ever_batched)
         if outcome.estimate is None:
             self.skipped_estimates += 1
             if outcome.problem is not None:

@@ -23,6 +23,9 @@ from collections.abc import Mapping
 
 from ..estimators.trace import CurvatureEstimate
 
+LR_SCALING_POLICIES = ("trace",)
+"""The names accepted as ``lr_scaling=`` (and by ``curvopt train --lr-scaling``)."""
+
 
 class TraceScaling:
     """The ``"trace"`` policy: s_l = clip((τ_ref / τ̄_l)^β, s_min, s_max)."""

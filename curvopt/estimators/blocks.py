@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..engine.batch import call_loss, call_model, check_finite_loss, split_batch
+from ..engine.batch import Forward, call_loss, call_model, check_finite_loss, split_batch
 from ..engine.context import probing_context
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import curvature_operator, draw_mask_seed
@@ -154,6 +154,7 @@ def block_norms(
     generator: torch.Generator | None = None,
     distribution: str = "rademacher",
     strategy: str = "auto",
+    forward: Forward | None = None,
 ) -> BlockNorms:
     """Estimate the L × L map ‖H_vw‖_F² (and with ``gn`` ‖G_vw‖_F², ‖Hᵀ_vw‖_F²) from K·L restricted products.
 
@@ -167,7 +168,7 @@ def block_norms(
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator,
-                            strategy=strategy) as op:  # fmt: skip
+                            strategy=strategy, forward=forward) as op:  # fmt: skip
         n = len(op.blocks)
         kinds = MAP_KINDS if gn else ("hess",)
         samples = {kind: torch.zeros(probes, n, n, dtype=torch.float64) for kind in kinds}

@@ -88,10 +88,17 @@ def all_gather_estimate(
     mode: str = "independent",
     group: object = None,
     device: torch.device | None = None,
-) -> tuple[CurvatureEstimate | None, list[int]]:
-    """One ``all_reduce`` → the combined estimate on every rank, or ``None`` and the failed ranks."""
+    configuration_error: bool = False,
+) -> tuple[CurvatureEstimate | None, list[int], list[int]]:
+    """One ``all_reduce`` → ``(combined estimate or None, ranks that failed, ranks with a configuration error)``.
+
+    A rank without an estimate sends status 0, or −1 with ``configuration_error`` (a mistake that
+    will fail every estimate, which the caller may raise on every rank together).
+    """
     world, me = dist.get_world_size(group), dist.get_rank(group)
     buffer = torch.zeros(world, layout.width, dtype=torch.float64, device=device)
+    if estimate is None and configuration_error:
+        buffer[me, 0] = -1.0
     if estimate is not None:
         row = buffer[me]
         row[0] = 1.0
@@ -105,8 +112,9 @@ def all_gather_estimate(
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     buffer = buffer.cpu()
     failed = [r for r in range(world) if buffer[r, 0].item() != 1.0]
+    fatal = [r for r in range(world) if buffer[r, 0].item() == -1.0]
     if failed or estimate is None:  # this rank's own row is valid exactly when it has an estimate
-        return None, failed
+        return None, failed, fatal
     k, n_layers = layout.probes, len(layout.layers)
     samples: dict[str, torch.Tensor] = {}
     offset = 3
@@ -124,6 +132,7 @@ def all_gather_estimate(
             strategy=estimate.strategy,
             batch_size=int(buffer[:, 2].sum()),
         ),
+        [],
         [],
     )
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..engine.batch import Forward
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import CurvatureOperator, curvature_operator
 
@@ -171,6 +172,7 @@ def layer_spectrum(
     only: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
     strategy: str = "auto",
+    forward: Forward | None = None,
 ) -> dict[str, Spectrum]:
     """Lanczos top eigenvalues, stable rank and SLQ density per layer block (and of the whole H).
 
@@ -182,7 +184,8 @@ def layer_spectrum(
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     out: dict[str, Spectrum] = {}
-    with curvature_operator(model, loss_fn, batch, layers=layers, generator=generator, strategy=strategy) as op:
+    with curvature_operator(model, loss_fn, batch, layers=layers, generator=generator, strategy=strategy,
+                            forward=forward) as op:  # fmt: skip
         wanted = op.layers if only is None else list(only)
         unknown = [n for n in wanted if n not in op.layers]
         if unknown:

@@ -1,8 +1,9 @@
 """Arguments of ``curvopt train``: timm ``train.py`` flag names, YAML recipes as their defaults.
 
 As with timm's ``--config``, a recipe (YAML mapping of argument names, ``drop_path`` or
-``drop-path``) sets the defaults and flags on the command line override it. Unlike timm, an
-unknown recipe key is an error (a typo must not silently train something else).
+``drop-path``) sets the defaults and flags on the command line override it. Unlike timm, a recipe
+is checked before anything runs: an unknown key is an error that suggests the closest flag, and a
+value of the wrong type (``epochs: 1.5``, ``lr: [0.1]``) is an error that names the key.
 """
 
 from __future__ import annotations
@@ -15,9 +16,27 @@ from typing import Any
 
 import yaml
 
+from ..control.scaling import LR_SCALING_POLICIES
+from .data import DATASETS
+
+ON_ALARM = ("warn", "checkpoint", "stop")
+
+# Keys people write in recipes that are spelled differently here (PyTorch Lightning, HF, Keras, timm habits).
+SYNONYMS = {
+    "learning_rate": "lr", "base_lr": "lr", "optimizer": "opt", "optim": "opt", "scheduler": "sched",
+    "lr_scheduler": "sched", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
+    "batch": "batch_size", "bs": "batch_size", "train_batch_size": "batch_size", "wd": "weight_decay",
+    "arch": "model", "architecture": "model", "model_name": "model", "data": "data_dir", "data_path": "data_dir",
+    "root": "data_dir", "output_dir": "output", "out_dir": "output", "label_smoothing": "smoothing",
+    "ema": "model_ema", "ema_decay": "model_ema_decay", "warmup": "warmup_epochs", "num_workers": "workers",
+    "mixed_precision": "amp", "precision": "amp_dtype", "grad_clip": "clip_grad", "gradient_clipping": "clip_grad",
+    "accumulate_grad_batches": "grad_accum_steps", "gradient_accumulation_steps": "grad_accum_steps",
+    "wandb": "log_wandb", "project": "wandb_project", "name": "experiment", "run_name": "experiment",
+}  # fmt: skip
+
 
 class RecipeError(ValueError):
-    """A recipe file that cannot be read, or a key that is not a ``curvopt train`` argument."""
+    """A recipe file that cannot be read, a key that is not a ``curvopt train`` argument, or a wrong value."""
 
 
 def _bool(text: str) -> bool:
@@ -29,105 +48,140 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+def _probes(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds ``(default: …)`` once, only where the help text does not already speak of a default and the
+    default says something (not ``None``, empty, or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, "", [], argparse.SUPPRESS):
+            return text
+        if not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
+
+def _flag(group: Any, *names: str, **kwargs: Any) -> None:
+    if "help" not in kwargs:  # every flag says what it does (tested)
+        raise TypeError(f"{names[0]} needs help text")
+    group.add_argument(*names, **kwargs)
+
+
+def _switch(group: Any, name: str, default: bool, help: str) -> None:
+    group.add_argument(name, type=_bool, default=default, nargs="?", const=True, metavar="BOOL", help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="curvopt train",
-        description="Train a timm model with the curvature-aware optimizer (timm train.py flags, YAML recipes).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a timm model with the curvature-aware optimizer (timm train.py flags, YAML recipes). "
+        "A recipe's keys set the defaults; flags override them. Switches take an optional true/false.",
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("-c", "--config", default="", metavar="FILE", help="YAML recipe; its keys set the defaults")
+    _flag(p, "-c", "--config", default="", metavar="FILE", help="YAML recipe whose keys set the defaults")
 
     g = p.add_argument_group("dataset")
-    g.add_argument("--data-dir", default="data", help="where the dataset lives (or is downloaded to)")
-    g.add_argument("--dataset", default="synthetic", help="cifar10, cifar100 (also torch/cifar10) or synthetic")
-    g.add_argument("--dataset-download", type=_bool, default=False, nargs="?", const=True,
-                   help="download the dataset when it is missing")  # fmt: skip
-    g.add_argument("--num-classes", type=int, default=None, help="defaults to the dataset's")
-    g.add_argument("--synthetic-samples", type=int, default=2048, help="training samples of the synthetic dataset")
-    g.add_argument("--img-size", type=int, default=32, help="input size of the synthetic dataset")
-    g.add_argument("-j", "--workers", type=int, default=0, help="data-loader worker processes")
-    g.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (CIFAR)")
-    g.add_argument("--crop-padding", type=int, default=4, help="random-crop padding in pixels (CIFAR, 0: none)")
+    _flag(g, "--data-dir", default="data", help="where the dataset lives (or is downloaded to)")
+    _flag(g, "--dataset", default="synthetic", help=f"one of {', '.join(DATASETS)} (timm's torch/cifar10 too)")
+    _switch(g, "--dataset-download", False, "download the dataset when it is missing")
+    _flag(g, "--num-classes", type=int, default=None, help="number of classes (default: the dataset's)")
+    _flag(g, "--synthetic-samples", type=int, default=2048, help="training samples of the synthetic dataset")
+    _flag(g, "--img-size", type=int, default=32, help="input size of the synthetic dataset")
+    _flag(g, "-j", "--workers", type=int, default=0, help="data-loader worker processes")
+    _flag(g, "--hflip", type=float, default=0.5, help="horizontal flip probability (CIFAR)")
+    _flag(g, "--crop-padding", type=int, default=4, help="random-crop padding in pixels (CIFAR; 0: none)")
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="resnet18", help="timm model name")
-    g.add_argument("--pretrained", type=_bool, default=False, nargs="?", const=True)
-    g.add_argument("--cifar-stem", type=_bool, default=False, nargs="?", const=True,
-                   help="fit 32x32 inputs (ResNet: 3x3 stride-1 stem, no max-pool; VGG: 1x1 head)")  # fmt: skip
-    g.add_argument("--drop", type=float, default=0.0, help="dropout rate")
-    g.add_argument("--drop-path", type=float, default=None, help="drop-path rate")
-    g.add_argument("--model-kwargs", type=yaml.safe_load, default=None, help="extra create_model kwargs (YAML)")
+    _flag(g, "--model", default="resnet18", help="timm model name (timm.list_models())")
+    _switch(g, "--pretrained", False, "start from timm's pretrained weights (needs them cached or a network)")
+    _switch(g, "--cifar-stem", False, "fit 32x32 inputs (ResNet: 3x3 stride-1 stem, no max-pool; VGG: 1x1 head)")
+    _flag(g, "--drop", type=float, default=0.0, help="dropout rate of the classifier")
+    _flag(g, "--drop-path", type=float, default=None, help="stochastic-depth rate (default: the model's)")
+    _flag(g, "--model-kwargs", type=yaml.safe_load, default=None, help="extra timm.create_model kwargs, as YAML")
 
     g = p.add_argument_group("optimizer")
-    g.add_argument("--opt", default="sgd", help="timm optimizer name (create_optimizer_v2)")
-    g.add_argument("--opt-eps", type=float, default=None)
-    g.add_argument("--opt-betas", type=float, nargs="+", default=None)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight-decay", type=float, default=5e-4)
-    g.add_argument("--clip-grad", type=float, default=None, help="gradient clipping (norm)")
-    g.add_argument("--lr", type=float, default=0.1)
+    _flag(g, "--opt", default="sgd", help="timm optimizer name (create_optimizer_v2: sgd, adamw, lamb, ...)")
+    _flag(g, "--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
+    _flag(g, "--opt-betas", type=float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
+    _flag(g, "--momentum", type=float, default=0.9, help="SGD momentum")
+    _flag(g, "--weight-decay", type=float, default=5e-4, help="weight decay")
+    _flag(g, "--clip-grad", type=float, default=None, help="clip the gradient norm to this value (default: off)")
+    _flag(g, "--lr", type=float, default=0.1, help="base learning rate")
 
     g = p.add_argument_group("schedule")
-    g.add_argument("--sched", default="cosine", help="timm scheduler name (create_scheduler_v2)")
-    g.add_argument("--sched-on-updates", type=_bool, default=False, nargs="?", const=True)
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--warmup-epochs", type=int, default=0)
-    g.add_argument("--warmup-lr", type=float, default=1e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--decay-epochs", type=float, default=90)
-    g.add_argument("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
-    g.add_argument("--decay-rate", type=float, default=0.1)
-    g.add_argument("--cooldown-epochs", type=int, default=0)
+    _flag(g, "--sched", default="cosine", help="timm scheduler name (create_scheduler_v2: cosine, step, ...)")
+    _switch(g, "--sched-on-updates", False, "step the schedule every update instead of every epoch")
+    _flag(g, "--epochs", type=int, default=10, help="epochs to train")
+    _flag(g, "--warmup-epochs", type=int, default=0, help="linear warm-up epochs")
+    _flag(g, "--warmup-lr", type=float, default=1e-5, help="learning rate at the start of warm-up")
+    _flag(g, "--min-lr", type=float, default=0.0, help="lowest learning rate of the schedule")
+    _flag(g, "--decay-epochs", type=float, default=90, help="step schedule: epochs between decays")
+    _flag(g, "--decay-milestones", type=int, nargs="+", default=[90, 180, 270], help="multistep schedule: epochs")
+    _flag(g, "--decay-rate", type=float, default=0.1, help="step schedules: factor per decay")
+    _flag(g, "--cooldown-epochs", type=int, default=0, help="epochs at the lowest rate after the schedule")
 
     g = p.add_argument_group("training")
-    g.add_argument("-b", "--batch-size", type=int, default=128)
-    g.add_argument("-vb", "--validation-batch-size", type=int, default=None)
-    g.add_argument("--grad-accum-steps", type=int, default=1)
-    g.add_argument("--amp", type=_bool, default=False, nargs="?", const=True, help="mixed precision (autocast)")
-    g.add_argument("--amp-dtype", default="float16", choices=["float16", "bfloat16"])
-    g.add_argument("--device", default=None, help="cuda, cpu, cuda:1 (default: cuda when available)")
-    g.add_argument("--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
-    g.add_argument("--dist-url", default="env://", help="process-group init URL (torchrun sets env://)")
-    g.add_argument("--sync-bn", type=_bool, default=False, nargs="?", const=True,
-                   help="SyncBatchNorm across ranks (CUDA); curvature uses per-rank batch statistics")  # fmt: skip
-    g.add_argument("--curv-dist-probes", default="independent", choices=["independent", "shared"],
-                   help="torchrun: per-rank probes (effective K = world size x K) or shared")  # fmt: skip
-    g.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
-    g.add_argument("--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
-    g.add_argument("--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
-    g.add_argument("--mixup-prob", type=float, default=1.0)
-    g.add_argument("--mixup-switch-prob", type=float, default=0.5)
-    g.add_argument("--mixup-mode", default="batch", choices=["batch", "pair", "elem"])
-    g.add_argument("--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
-    g.add_argument("--model-ema", type=_bool, default=False, nargs="?", const=True)
-    g.add_argument("--model-ema-decay", type=float, default=0.998)
-    g.add_argument("--seed", type=int, default=42)
-    g.add_argument("--log-interval", type=int, default=50, help="log training metrics every N updates")
-    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _flag(g, "-b", "--batch-size", type=int, default=128, help="training batch size (per process)")
+    _flag(g, "-vb", "--validation-batch-size", type=int, default=None, help="validation batch size "
+          "(default: the training batch size)")  # fmt: skip
+    _flag(g, "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update")
+    _switch(g, "--amp", False, "mixed precision (autocast); curvature is always estimated in fp32")
+    _flag(g, "--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
+    _flag(g, "--device", default=None, help="cuda, cpu, cuda:1 (default: cuda when available)")
+    _flag(g, "--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
+    _flag(g, "--dist-url", default="env://", help="process-group init URL (torchrun sets env://)")
+    _switch(g, "--sync-bn", False, "SyncBatchNorm across ranks; curvature uses per-rank batch statistics")
+    _flag(g, "--curv-dist-probes", default="independent", choices=["independent", "shared"],
+          help="torchrun: per-rank probes (effective K = world size x K) or one shared set")  # fmt: skip
+    _flag(g, "--smoothing", type=float, default=0.0, help="label smoothing")
+    _flag(g, "--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
+    _flag(g, "--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
+    _flag(g, "--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
+    _flag(g, "--mixup-switch-prob", type=float, default=0.5, help="probability of cutmix when both are on")
+    _flag(g, "--mixup-mode", default="batch", choices=["batch", "pair", "elem"], help="how mixup pairs samples")
+    _flag(g, "--mixup-off-epoch", type=int, default=0, help="turn mixup off from this epoch (0: never)")
+    _switch(g, "--model-ema", False, "keep an exponential moving average of the weights (validated too)")
+    _flag(g, "--model-ema-decay", type=float, default=0.998, help="EMA decay per update")
+    _flag(g, "--seed", type=int, default=42, help="seed of the model, the data order and the probes")
+    _flag(g, "--log-interval", type=int, default=50, help="log training metrics every N updates")
+    _flag(g, "--no-progress", action="store_true", help="no progress bars")
 
     g = p.add_argument_group("output and tracking")
-    g.add_argument("--output", default="runs/train", help="parent directory of run directories")
-    g.add_argument("--experiment", default="", help="run directory name (default: <dataset>-<model>-<time>)")
-    g.add_argument("--resume", default="", metavar="CHECKPOINT", help="continue from a checkpoint (last.pth.tar)")
-    g.add_argument("--log-wandb", type=_bool, default=False, nargs="?", const=True,
-                   help="log to Weights & Biases (offline when there is no API key)")  # fmt: skip
-    g.add_argument("--wandb-project", default="curvopt")
-    g.add_argument("--wandb-tags", nargs="*", default=[])
+    _flag(g, "--output", default=None, help="parent directory of run directories (default: runs/train; on "
+          "--resume, the checkpoint's run directory)")  # fmt: skip
+    _flag(g, "--experiment", default="", help="run directory name (default: <dataset>-<model>-<time>)")
+    _flag(g, "--resume", default="", metavar="CHECKPOINT", help="continue from a checkpoint (last.pth.tar)")
+    _switch(g, "--log-wandb", False, "log to Weights & Biases (offline when there is no API key)")
+    _flag(g, "--wandb-project", default="curvopt", help="W&B project")
+    _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")
 
     g = p.add_argument_group("curvature")
-    g.add_argument("--curv-every", type=int, default=500, help="estimate every N optimizer steps (0: off)")
-    g.add_argument("--curv-probes", default="8", help="Hutchinson probes K, or 'auto'")
-    g.add_argument("--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
-    g.add_argument("--curv-gn", type=_bool, default=True, nargs="?", const=True, help="estimate GN traces and GN-Gap")
-    g.add_argument("--curv-inter-every", type=int, default=0,
-                   help="inter-layer map + per-layer spectra every N steps (0: off; costly)")  # fmt: skip
-    g.add_argument("--lr-scaling", default=None, choices=["trace"], help="layer-wise LR scaling policy")
-    g.add_argument("--cusum", type=_bool, default=True, nargs="?", const=True, help="run the CUSUM monitor")
-    g.add_argument("--cusum-threshold", type=float, default=10.0, help="CUSUM threshold h")
-    g.add_argument("--cusum-k", type=float, default=1.0, help="CUSUM reference value k (σ units)")
-    g.add_argument("--cusum-warmup", type=int, default=8, help="estimates used to calibrate the monitor")
-    g.add_argument("--label-noise", type=float, default=0.0, help="random-class label w.p. p")
-    g.add_argument("--label-noise-start-epoch", type=int, default=0, help="first epoch with noisy labels")
+    _flag(g, "--curv-every", type=int, default=500, help="estimate every N optimizer updates (0: off)")
+    _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
+    _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
+    _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
+    _flag(g, "--curv-inter-every", type=int, default=0,
+          help="inter-layer map + per-layer spectra every N updates (0: off; costly)")  # fmt: skip
+    _flag(g, "--lr-scaling", default=None, choices=list(LR_SCALING_POLICIES),
+          help="layer-wise LR scaling policy (default: off)")  # fmt: skip
+    _switch(g, "--cusum", True, "run the CUSUM memorisation monitor")
+    _flag(g, "--cusum-threshold", type=float, default=10.0, help="CUSUM threshold h")
+    _flag(g, "--cusum-k", type=float, default=1.0, help="CUSUM reference value k (σ units)")
+    _flag(g, "--cusum-warmup", type=int, default=8, help="estimates the monitor calibrates on")
+    _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
+          "checkpoint alarm-<update>.pth.tar; or stop the run cleanly")  # fmt: skip
+    _flag(g, "--label-noise", type=float, default=0.0, help="replace each training label by a random class w.p. p")
+    _flag(g, "--label-noise-start-epoch", type=int, default=0, help="first epoch with noisy labels (0-based)")
     return p
 
 
@@ -135,8 +189,73 @@ def _argument_names(parser: argparse.ArgumentParser) -> set[str]:
     return {a.dest for a in parser._actions if a.dest not in ("help", "config")}
 
 
+def suggest_flag(key: str, known: Sequence[str]) -> str | None:
+    """The argument a mistyped recipe key most likely means: a known synonym, the key's initials
+    (``learning_rate`` → ``lr``), or the closest spelling."""
+    if key in SYNONYMS and SYNONYMS[key] in known:
+        return SYNONYMS[key]
+    initials = "".join(part[0] for part in key.split("_") if part)
+    if len(initials) > 1 and initials in known:
+        return initials
+    squashed = {name.replace("_", ""): name for name in known}
+    if key.replace("_", "") in squashed:
+        return squashed[key.replace("_", "")]
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.7)
+    return close[0] if close else None
+
+
+def _check_value(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    """The recipe value converted as argparse would convert the flag, or a :class:`RecipeError` naming the key."""
+    if action.nargs in ("+", "*"):
+        if not isinstance(value, list):
+            value = [value]
+        return [_check_scalar(key, v, action, where) for v in value]
+    if action.type is yaml.safe_load:
+        return value
+    return _check_scalar(key, value, action, where)
+
+
+def _check_scalar(key: str, value: Any, action: argparse.Action, where: str) -> Any:
+    kind = action.type
+    if isinstance(action, argparse._StoreTrueAction) or kind is _bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _bool(value)
+            except argparse.ArgumentTypeError:
+                pass
+        raise RecipeError(f"{where}: '{key}' must be true or false, got {value!r}")
+    if isinstance(value, (list, dict)) or (value is None and action.default is not None):
+        raise RecipeError(f"{where}: '{key}' must be a single value, got {value!r}")
+    if value is None:
+        return None
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{where}: '{key}' must be an integer, got {value!r}")
+    elif kind is float:
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}")
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}") from None
+    elif kind is _probes:
+        value = value if isinstance(value, int) and not isinstance(value, bool) else str(value)
+        if isinstance(value, str):
+            try:
+                value = _probes(value)
+            except argparse.ArgumentTypeError as exc:
+                raise RecipeError(f"{where}: '{key}' {exc}") from None
+    elif kind is None:
+        value = str(value)
+    if action.choices is not None and value not in action.choices:
+        raise RecipeError(f"{where}: '{key}' must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
 def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """The recipe's mapping with keys normalised to argument names; unknown keys are an error."""
+    """The recipe's mapping with keys normalised to argument names and values checked against their flags."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -148,28 +267,40 @@ def load_recipe(path: str | Path, parser: argparse.ArgumentParser) -> dict[str, 
         return {}
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping of argument names to values")
-    known = _argument_names(parser)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
     recipe: dict[str, Any] = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+        if name not in actions:
+            close = suggest_flag(name, sorted(actions))
+            hint = f" (did you mean '{close}'?)" if close else ""
             raise RecipeError(f"recipe {path}: unknown key '{key}'{hint}")
-        recipe[name] = value
+        recipe[name] = _check_value(str(key), value, actions[name], f"recipe {path}")
     return recipe
 
 
+def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> set[str]:
+    """The argument names given on the command line (not defaults, not the recipe)."""
+    quiet = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs: dict[str, Any] = {"dest": action.dest, "nargs": action.nargs}
+            if isinstance(action, argparse._StoreTrueAction):
+                kwargs = {"dest": action.dest, "action": "store_true"}
+            elif action.const is not None:
+                kwargs["const"] = action.const
+            quiet.add_argument(*action.option_strings, **kwargs)
+    given, _ = quiet.parse_known_args(argv)
+    return set(vars(given))
+
+
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Recipe defaults, then command-line flags; the recipe path is kept in ``args.config``."""
+    """Recipe defaults, then command-line flags; ``args.config`` keeps the recipe path and
+    ``args.explicit`` the names given on the command line."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
         parser.set_defaults(**load_recipe(first.config, parser))
     args = parser.parse_args(argv)
-    if args.curv_probes != "auto":
-        try:
-            args.curv_probes = int(args.curv_probes)
-        except ValueError:
-            parser.error(f"--curv-probes must be an integer or 'auto', got {args.curv_probes!r}")
+    args.explicit = sorted(explicit_flags(parser, argv))
     return args

@@ -126,6 +126,7 @@ class EpochContext:
     buffers: BufferCheckpoint
     log_training: Callable[[int, dict[str, float]], None]
     show_progress: bool
+    num_epochs: int = 0
 
 
 def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int) -> EpochResult:
@@ -134,7 +135,7 @@ def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int
     ctx.model.train()
     loss_sum = acc_sum = 0.0
     batches = skipped = 0
-    bar = tqdm(loader, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True,
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{ctx.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not ctx.show_progress)  # fmt: skip
     last_index = len(loader) - 1
     opt.zero_grad()

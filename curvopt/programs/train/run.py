@@ -95,13 +95,16 @@ class TrainingRun:
 
 
 # ---------------------------------------------------------------------- stages
+DEFAULT_OUTPUT = "runs/train"
+
+
 def run_dir_for(args: argparse.Namespace) -> Path:
     if args.experiment:
-        return Path(args.output) / args.experiment
+        return Path(args.output or DEFAULT_OUTPUT) / args.experiment
     if args.resume:
         return Path(args.resume).resolve().parent
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(args.output) / f"{args.dataset.replace('/', '_')}-{args.model}-{stamp}"
+    return Path(args.output or DEFAULT_OUTPUT) / f"{args.dataset.replace('/', '_')}-{args.model}-{stamp}"
 
 
 def open_logs(args: argparse.Namespace, run_dir: Path, resume: dict[str, Any] | None) -> tuple[Any, Any]:
@@ -148,7 +151,7 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainingR
         args=args, model=model, train_model=train_model, model_ema=model_ema, opt=opt, scheduler=scheduler,
         loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
         buffers=BufferCheckpoint(model), log_training=log_training,
-        show_progress=not args.no_progress and args.rank == 0,
+        show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
     run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
@@ -183,23 +186,48 @@ def _announce_start(run: TrainingRun, stem_note: str) -> None:
     if stem_note:
         run.say(f"  small-input adaptation: {stem_note}")
     if run.data.noisy is not None:
-        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch}")
+        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
     if run.wandb_logger is not None:
         run.wandb_logger.update_config({"run_dir": str(run.run_dir)})
 
 
 def _announce_schedule(run: TrainingRun) -> None:
     upe = updates_per_epoch(run.args, run.data.train_loader)
-    resuming = f"; resuming at epoch {run.start_epoch}, update {run.num_updates}" if run.start_epoch else ""
+    resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
     run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
             + resuming)  # fmt: skip
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of every random stream in epoch ``epoch`` on rank ``rank`` (a fixed function of the three)."""
+    return (seed * 1_000_003 + epoch * 7_919 + rank) % (2**63)
+
+
+def seed_epoch(run: TrainingRun, epoch: int) -> None:
+    """Reseed every source of randomness the loop uses from (seed, epoch, rank): the loader's shuffle,
+    torch (dropout, drop-path, augmentation), NumPy (Mixup/CutMix) and Python's ``random``.
+
+    An epoch then depends only on the state at its start, which the previous epoch's checkpoint holds,
+    so a run resumed from a checkpoint replays the epoch exactly as the uninterrupted run did.
+    """
+    import random
+
+    import numpy as np
+
+    args = run.args
+    value = epoch_seed(args.seed, epoch, args.rank)
+    torch.manual_seed(value)  # also every CUDA device
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    run.data.train_loader.generator.manual_seed(value)
+    if run.data.sampler is not None:
+        run.data.sampler.set_epoch(epoch)
 
 
 def run_epoch(run: TrainingRun, epoch: int) -> None:
     """Train one epoch, validate, step the epoch schedule, checkpoint and log."""
     args, data = run.args, run.data
-    if data.sampler is not None:
-        data.sampler.set_epoch(epoch)
+    seed_epoch(run, epoch)
     if data.noisy is not None:
         data.noisy.active = epoch >= args.label_noise_start_epoch
     mixup_fn = run.epoch_context.mixup_fn
@@ -251,7 +279,7 @@ def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
 def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
     curv = run.opt.last_estimate
     curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
-    run.say(f"epoch {epoch:>3}/{run.num_epochs - 1}  train loss {stats['train/loss_epoch']:.4f} "
+    run.say(f"epoch {epoch + 1:>3}/{run.num_epochs}  train loss {stats['train/loss_epoch']:.4f} "
             f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
             f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
 
