@@ -12,13 +12,15 @@ import logging
 import os
 import time
 import warnings
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..control.monitor import AGGREGATE
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..reporting.loggers import JsonlLogger
 from ..reporting.report import make_report
@@ -27,12 +29,115 @@ from ..reporting.wandb_logger import WandbLogger
 from .models import small_cnn
 from .synthetic import corrupt_labels, make_synthetic_images
 
+BATCH = 64
 
-def _quiet_wandb() -> object:
-    """W&B settings without console chatter (the demo prints where the run went)."""
+
+@dataclass
+class _Demo:
+    """What one demo run holds."""
+
+    model: nn.Module
+    opt: CurvatureAwareOptimizer
+    images: torch.Tensor
+    labels: torch.Tensor
+    random_labels: torch.Tensor
+    switch: int
+    sinks: list[Any]
+    wandb_logger: WandbLogger | None
+    log_path: Path
+    mode: str
+
+
+def _start_wandb(out: Path, mode: str, config: dict[str, Any]) -> WandbLogger | None:
+    """An offline (or ``mode``) W&B run under ``out/wandb``, quietly; ``None`` when disabled or failing."""
+    if mode == "disabled":
+        return None
     import wandb
 
-    return wandb.Settings(silent=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger = WandbLogger(project="curvopt-demo", dir=str(out), mode=mode, settings=wandb.Settings(silent=True),
+                             config=config)  # fmt: skip
+    return logger if logger.active else None
+
+
+def _set_up(steps: int, every: int, probes: int, seed: int, out: Path, lr_scaling: str | None, mode: str,
+            stack: ExitStack) -> _Demo:  # fmt: skip
+    log_path = out / "curvature.jsonl"
+    log_path.unlink(missing_ok=True)
+    torch.manual_seed(seed)
+    images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
+    random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)
+    model = small_cnn()
+    jsonl = stack.enter_context(JsonlLogger(log_path))
+    config = {"steps": steps, "every": every, "probes": probes, "seed": seed, "model": "small_cnn",
+              "dataset": "synthetic 16x16", "optimizer": "SGD(lr=0.05, momentum=0.9)", "batch_size": BATCH,
+              "label_noise": f"random labels from step {steps // 2 + 1}"}  # fmt: skip
+    jsonl.log_run(config)
+    wandb_logger = _start_wandb(out, mode, config)
+    sinks: list[Any] = [jsonl] + ([wandb_logger] if wandb_logger is not None else [])
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, nn.CrossEntropyLoss(), every=every,
+        probes=probes, lr_scaling=lr_scaling, logger=sinks, seed=seed,
+    )  # fmt: skip
+    return _Demo(model, opt, images, labels, random_labels, steps // 2, sinks, wandb_logger, log_path, mode)
+
+
+def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
+    """The training loop: clean labels up to the switch, random labels after it."""
+    loss_fn, opt, monitor = nn.CrossEntropyLoss(), demo.opt, demo.opt.monitor
+    bar = tqdm(range(1, steps + 1), disable=not progress, unit="step", dynamic_ncols=True)
+    correct = seen = 0
+    try:
+        for step in bar:
+            y_all = demo.random_labels if step > demo.switch else demo.labels
+            idx = torch.randint(0, demo.images.shape[0], (BATCH,))
+            x, y = demo.images[idx], y_all[idx]
+            opt.zero_grad()
+            logits = demo.model(x)
+            loss = loss_fn(logits, y)
+            loss.backward()
+            opt.step(batch=(x, y))
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            if step % every == 0:
+                for sink in demo.sinks:
+                    sink.log_training(step, {"train/loss": loss.item(), "train/acc": 100.0 * correct / seen})
+                ready = monitor.ready
+                cusum = f"{monitor.statistics()['cusum/aggregate']:.1f}" if ready else "calibrating"
+                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}", cusum=cusum,
+                                alarms=len(opt.alarms))  # fmt: skip
+                correct = seen = 0
+            if step == demo.switch:
+                bar.write(f"step {step}: labels switched to random")
+                for sink in demo.sinks:
+                    sink.log_event(step + 1, "label_noise_start", "labels random from here (p = 1)")
+            for alarm in opt.alarms:
+                if alarm.step == step:
+                    bar.write(f"step {step}: ALARM: {alarm.describe()}")
+    finally:
+        bar.close()
+
+
+def _print_summary(demo: _Demo, steps: int, elapsed: float, lr_scaling: str | None) -> None:
+    opt = demo.opt
+    print(f"\ntrained {steps} steps in {elapsed:.1f} s; {len(opt.history)} curvature estimates")
+    if opt.last_estimate is not None:
+        print("\nlast estimate, per layer:")
+        print(format_table(opt.last_estimate, opt.lr_scales if lr_scaling else None, opt.monitor))
+    print()
+    for alarm in opt.alarms:
+        print(f"alarm: {alarm.describe()}")
+    if not opt.alarms:
+        print("no alarm was raised")
+    print(f"JSONL log:  {demo.log_path}")
+    if demo.wandb_logger is not None and demo.wandb_logger.local_dir is not None:
+        print(f"W&B run:    {demo.wandb_logger.local_dir} ({demo.mode}; `wandb sync` uploads an offline run)")
+    try:
+        plots = make_report(demo.log_path, html_page=True)
+        print(f"plots:      {plots[0].parent}/ ({', '.join(p.name for p in plots)})")
+    except Exception as exc:  # a plotting problem must not hide the demo's result
+        print(f"plots:      not written ({type(exc).__name__}: {exc})")
 
 
 def run_demo(
@@ -48,9 +153,9 @@ def run_demo(
 ) -> int:
     """Train, corrupt the labels half-way, report. Returns 0 when the alarm fired after the switch.
 
-    Writes ``out_dir/curvature.jsonl``, the plots of ``curvopt report`` under ``out_dir/report`` and a
-    W&B run under ``out_dir/wandb`` (``wandb_mode``, else ``WANDB_MODE``, else offline: the demo never
-    needs an account or the network; ``"disabled"`` skips it).
+    Writes ``out_dir/curvature.jsonl``, the plots and page of ``curvopt report`` under
+    ``out_dir/report`` and a W&B run under ``out_dir/wandb`` (``wandb_mode``, else ``WANDB_MODE``,
+    else offline: the demo never needs an account or the network; ``"disabled"`` skips it).
     """
     if steps < 4 or every < 1:
         raise ValueError("--steps must be >= 4 and --every >= 1")
@@ -58,101 +163,29 @@ def run_demo(
         raise ValueError("--probes must be >= 1")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "curvature.jsonl"
-    log_path.unlink(missing_ok=True)
     mode = wandb_mode or os.environ.get("WANDB_MODE") or "offline"
-
-    torch.manual_seed(seed)
-    images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
-    random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)
-    switch = steps // 2
-    model = small_cnn()
-    loss_fn = nn.CrossEntropyLoss()
-    with JsonlLogger(log_path) as jsonl:
-        sinks: list = [jsonl]
-        wandb_logger = None
-        if mode != "disabled":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                config = {"steps": steps, "every": every, "probes": probes, "seed": seed}
-                wandb_logger = WandbLogger(
-                    project="curvopt-demo", dir=str(out), mode=mode, settings=_quiet_wandb(), config=config
-                )
-            if wandb_logger.active:
-                sinks.append(wandb_logger)
-        opt = CurvatureAwareOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-            model,
-            loss_fn,
-            every=every,
-            probes=probes,
-            lr_scaling=lr_scaling,
-            logger=sinks,
-            seed=seed,
-        )
-        print(
-            f"curvopt demo: small CNN, synthetic 16x16 images, SGD; K={probes} probes every {every} steps.\n"
-            f"Labels are clean until step {switch}, then replaced by random classes (memorisation starts)."
-        )
+    curvopt_log = logging.getLogger("curvopt")
+    with ExitStack() as stack:
+        demo = _set_up(steps, every, probes, seed, out, lr_scaling, mode, stack)
+        if demo.wandb_logger is not None:
+            stack.callback(_finish_quietly, demo.wandb_logger)
+        calibrating = demo.opt.monitor.estimates_until_ready
+        print(f"curvopt demo: small CNN, synthetic 16x16 images, SGD; K={probes} probes every {every} steps.\n"
+              f"Labels are clean until step {demo.switch}, then replaced by random classes (memorisation starts).\n"
+              f"The monitor calibrates on its first {calibrating} estimates: the earliest alarm is at step "
+              f"{(calibrating + 1) * every}.")  # fmt: skip
+        stack.callback(curvopt_log.setLevel, curvopt_log.level)
+        curvopt_log.setLevel(logging.ERROR)  # alarms are printed by the loop, not as log records mid-bar
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore")
         start = time.perf_counter()
-        bar = tqdm(range(1, steps + 1), disable=not progress, unit="step", dynamic_ncols=True)
-        correct = seen = 0
-        quiet = logging.getLogger("curvopt")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)  # alarms are printed below, not as log records mid-bar
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                for step in bar:
-                    y_all = random_labels if step > switch else labels
-                    idx = torch.randint(0, images.shape[0], (64,))
-                    x, y = images[idx], y_all[idx]
-                    opt.zero_grad()
-                    logits = model(x)
-                    loss = loss_fn(logits, y)
-                    loss.backward()
-                    opt.step(batch=(x, y))
-                    correct += int((logits.argmax(1) == y).sum())
-                    seen += len(y)
-                    if step % every == 0:
-                        for sink in sinks:
-                            sink.log_training(step, {"train/loss": loss.item(), "train/acc": 100.0 * correct / seen})
-                        stat = opt.monitor.series.get(AGGREGATE)
-                        bar.set_postfix(
-                            loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}",
-                            cusum=f"{stat.s:.1f}" if stat else "warm-up", alarms=len(opt.alarms),
-                        )  # fmt: skip
-                        correct = seen = 0
-                    if step == switch:
-                        bar.write(f"step {step}: labels switched to random")
-                    for alarm in opt.alarms:
-                        if alarm.step == step:
-                            bar.write(f"step {step}: ALARM: {alarm.describe()}")
-        finally:
-            bar.close()
-            quiet.setLevel(level)
-            if wandb_logger is not None:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    wandb_logger.finish()
-    elapsed = time.perf_counter() - start
-    print(f"\ntrained {steps} steps in {elapsed:.1f} s; {len(opt.history)} curvature estimates")
-    if opt.last_estimate is not None:
-        print("\nlast estimate, per layer (trace = Hutchinson tr H_ll; gn_gap = ||H^T_l,:||_F / ||G_l,:||_F):")
-        print(format_table(opt.last_estimate, opt.lr_scales if lr_scaling else None, opt.monitor))
-    print()
-    if opt.alarms:
-        for alarm in opt.alarms:
-            print(f"alarm: {alarm.describe()}")
-    else:
-        print("no alarm was raised")
-    print(f"JSONL log:  {log_path}")
-    if wandb_logger is not None and wandb_logger.local_dir is not None:
-        print(f"W&B run:    {wandb_logger.local_dir} ({mode}; `wandb sync` uploads an offline run)")
-    try:
-        plots = make_report(log_path)
-        print(f"plots:      {plots[0].parent}/ ({', '.join(p.name for p in plots)})")
-    except Exception as exc:  # a plotting problem must not hide the demo's result
-        print(f"plots:      not written ({type(exc).__name__}: {exc})")
-    fired_after_switch = any(a.step > switch for a in opt.alarms)
-    return 0 if fired_after_switch else 1
+        _train(demo, steps, every, progress)
+        elapsed = time.perf_counter() - start
+    _print_summary(demo, steps, elapsed, lr_scaling)
+    return 0 if any(a.step > demo.switch for a in demo.opt.alarms) else 1
+
+
+def _finish_quietly(logger: WandbLogger) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logger.finish()

@@ -62,6 +62,15 @@ class JsonlLogger:
         """An ``eval`` record (per-epoch validation metrics)."""
         self._write({"type": "eval", "epoch": epoch, **metrics})
 
+    def log_run(self, config: Mapping[str, Any]) -> None:
+        """A ``run`` record: what was trained (model, dataset, optimizer, label noise, ...), for reports."""
+        self._write({"type": "run", **config})
+
+    def log_event(self, step: int, kind: str, text: str = "") -> None:
+        """An ``event`` record at optimizer step ``step`` (``label_noise_start``, ``resume``, ``lr_restart``, ...):
+        plots mark it on every time axis."""
+        self._write({"type": "event", "step": step, "kind": kind, "text": text})
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()

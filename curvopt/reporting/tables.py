@@ -25,7 +25,9 @@ def format_table(
             f"{estimate.gn_trace.get(name, math.nan):>11.3g}{estimate.gn_gap.get(name, math.nan):>8.3g}"
             f"{scale:>10}{cusum:>8}"
         )
-    if monitor is not None and AGGREGATE in monitor.series:
+    if monitor is not None and not monitor.ready:
+        rows.append(f"monitor: calibrating ({monitor.estimates_until_ready} more estimate(s) before it can alarm)")
+    elif monitor is not None and AGGREGATE in monitor.series:
         rows.append(
             f"{'model':<{w}}{sum(estimate.numel.values()):>9}{estimate.total_trace:>11.3g}"
             f"{estimate.total_trace_se:>9.2g}{estimate.total_gn_trace:>11.3g}{estimate.total_gn_gap:>8.3g}"

@@ -132,6 +132,7 @@ class WandbLogger:
         self.owns_run = False
         self._warned: set[str] = set()
         self._traces: ThinnedHistory[tuple[int, dict[str, float]]] = ThinnedHistory(heatmap_columns)
+        self._events: list[list[Any]] = []
         try:
             import wandb
 
@@ -249,6 +250,18 @@ class WandbLogger:
     def log_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         """Per-epoch metrics (``eval/*``, summaries) against ``epoch``."""
         self._log({"epoch": epoch, **metrics})
+
+    def log_run(self, config: Mapping[str, Any]) -> None:
+        """What was trained, into the run's config."""
+        self.update_config(dict(config))
+
+    def log_event(self, step: int, kind: str, text: str = "") -> None:
+        """A training event (label-noise start, resume, ...): the ``curv/events`` table, re-logged whole."""
+        if self.run is None:
+            return
+        self._events.append([step, kind, text])
+        self._safely("events", lambda: self.run.log({CURV_STEP: step, "curv/events": self._wandb.Table(
+            columns=["step", "kind", "text"], data=[list(e) for e in self._events])}))  # fmt: skip
 
     def finish(self) -> None:
         """Finish the run if this logger started it (flushes an offline run to disk)."""
