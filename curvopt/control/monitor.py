@@ -323,6 +323,12 @@ class CusumMonitor:
         self.reset()
         return self
 
+    def update_settings(self, **changes: Any) -> None:
+        """Change settings mid-run (``h``, ``k``, ``warmup``, ...), keeping the state; validated as in ``__init__``."""
+        CusumMonitor(**{**self.settings(), **changes})  # raises ValueError for a bad value
+        for key, value in changes.items():
+            setattr(self, key, value)
+
     def settings(self) -> dict[str, Any]:
         return {
             "k": self.k, "h": self.h, "warmup": self.warmup, "smoothing": self.smoothing,

@@ -70,11 +70,11 @@ class Notifier:
         except Exception as exc:
             self.warn_once(what, f"curvopt: {what} failed: {exc}")
 
-    def config(self, settings: Mapping[str, Any]) -> None:
-        """Hand the wrapper's settings to every logger that takes them (``log_config``)."""
+    def config(self, settings: Mapping[str, Any], only: CurvatureSink | None = None) -> None:
+        """Hand the wrapper's settings to every logger (or ``only`` one) that takes them (``log_config``)."""
         if not self.reports:
             return
-        for sink in self.loggers:
+        for sink in self.loggers if only is None else [only]:
             log_config = getattr(sink, "log_config", None)  # optional part of the sink protocol
             if callable(log_config):
                 self.call_safely(log_config, settings, what=f"logger {type(sink).__name__} log_config")

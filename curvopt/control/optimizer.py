@@ -142,6 +142,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.lr_scales: dict[str, float] = {b.name: 1.0 for b in self.layer_blocks}
         self.last_estimate: CurvatureEstimate | None = None
         self.skipped_estimates = 0
+        self.skips: dict[str, Any] = {}  # first_step, last_step, last_reason of skipped estimates
         self._pending_batch: tuple[Any, Any] | None = None
         self._ever_batched = False
         self.notifier.config(self.settings())
@@ -177,6 +178,11 @@ class CurvatureAwareOptimizer(Optimizer):
     def observe(self, inputs: Any, targets: Any) -> None:
         """Hand the wrapper this step's batch, for code that calls a bare ``step()``."""
         self._hand_over((inputs, targets))
+
+    def add_logger(self, sink: CurvatureSink) -> None:
+        """Send metrics and alarms to one more sink from now on (it gets :meth:`settings` first)."""
+        self.notifier.loggers.append(sink)
+        self.notifier.config(self.settings(), only=sink)
 
     def _hand_over(self, batch: Any) -> None:
         split_batch(batch)  # a wrong batch raises here, where it is given, not at the next curvature step
@@ -217,9 +223,12 @@ class CurvatureAwareOptimizer(Optimizer):
         outcome = self.runner.run(step, self._pending_batch, strict=strict, ever_batched=self._ever_batched)
         if outcome.estimate is None:
             self.skipped_estimates += 1
+            reason = outcome.problem[1] if outcome.problem is not None else "unknown"
+            self.skips = {"first_step": self.skips.get("first_step", step), "last_step": step, "last_reason": reason}
             if outcome.problem is not None:
                 self.notifier.warn_once(*outcome.problem)
-            self.notifier.metrics(step, {"curv/skipped_estimates": float(self.skipped_estimates)})
+            self.notifier.metrics(step, {"curv/skipped_estimates": float(self.skipped_estimates),
+                                         "curv/skip_reason": reason})  # fmt: skip
             return
         metrics, new_alarms = self._absorb(step, outcome.estimate)
         self.history.append({"step": float(step), **metrics})
@@ -293,6 +302,7 @@ class CurvatureAwareOptimizer(Optimizer):
                 "alarms": [a.to_dict() for a in self.alarms],
                 "history": list(self.history),
                 "skipped_estimates": self.skipped_estimates,
+                "skips": dict(self.skips),
                 "probe_tracker": runner["probe_tracker"],
             },
         }
@@ -316,6 +326,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.alarms = [Alarm.from_dict(a) for a in extra["alarms"]]
         self.history = deque(extra["history"], maxlen=self.history.maxlen)
         self.skipped_estimates = int(extra["skipped_estimates"])
+        self.skips = dict(extra.get("skips", {}))
 
     def __repr__(self) -> str:
         return (

@@ -32,6 +32,12 @@ class Layer:
     name: str
     param_names: tuple[str, ...]
     params: tuple[nn.Parameter, ...]
+    kind: str = ""  # the owning module's class (``Conv2d``); empty for a custom grouping
+
+    @property
+    def label(self) -> str:
+        """What people recognise: ``layer1.0.conv1 · Conv2d``, ``0 · Linear`` (the name alone without a kind)."""
+        return f"{self.name} · {self.kind}" if self.kind else self.name
 
     @property
     def numel(self) -> int:
@@ -74,6 +80,7 @@ def _module_layers(model: nn.Module) -> list[Layer]:
     """Default grouping: one layer per module that directly owns trainable tensors."""
     owner: dict[int, tuple[str, str]] = {}  # id(param) -> (layer name, qualified param name)
     order: list[str] = []
+    kinds: dict[str, str] = {}
     members: dict[str, list[tuple[str, nn.Parameter]]] = {}
     for module_name, module in model.named_modules():
         for local_name, param in module._parameters.items():
@@ -85,8 +92,12 @@ def _module_layers(model: nn.Module) -> list[Layer]:
             if layer_name not in members:
                 members[layer_name] = []
                 order.append(layer_name)
+                kinds[layer_name] = type(module).__name__
             members[layer_name].append((qualified, param))
-    return [Layer(name, tuple(n for n, _ in members[name]), tuple(p for _, p in members[name])) for name in order]
+    return [
+        Layer(name, tuple(n for n, _ in members[name]), tuple(p for _, p in members[name]), kinds[name])
+        for name in order
+    ]
 
 
 def _custom_layers(model: nn.Module, spec: LayerSpec) -> list[Layer]:

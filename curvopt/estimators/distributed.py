@@ -131,6 +131,7 @@ def all_gather_estimate(
             distribution=estimate.distribution,
             strategy=estimate.strategy,
             batch_size=int(buffer[:, 2].sum()),
+            layer_types=dict(estimate.layer_types),
         ),
         [],
         [],

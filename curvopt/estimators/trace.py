@@ -37,6 +37,7 @@ from ..engine.batch import Forward
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import CurvatureOperator, curvature_operator
 from ..engine.probes import DISTRIBUTIONS, sample_probes
+from .summary import format_estimate
 
 # Rows of CurvatureEstimate.samples, per probe and layer.
 SAMPLE_KINDS = ("trace", "gn_trace", "hess_row_sq", "gn_row_sq", "tensor_row_sq")
@@ -76,6 +77,7 @@ class CurvatureEstimate:
             (``gn_trace`` and the row norms of G and Hᵀ only when ``gn``).
         loss: the mini-batch loss the curvature belongs to.
         distribution, strategy, batch_size: how it was computed.
+        layer_types: the owning module's class per layer (``Conv2d``), for labels.
     """
 
     layers: list[str]
@@ -85,6 +87,7 @@ class CurvatureEstimate:
     distribution: str = "rademacher"
     strategy: str = "autograd"
     batch_size: int = 0
+    layer_types: dict[str, str] = field(default_factory=dict)
     trace: dict[str, float] = field(init=False)
     trace_se: dict[str, float] = field(init=False)
     gn_trace: dict[str, float] = field(init=False, default_factory=dict)
@@ -117,6 +120,22 @@ class CurvatureEstimate:
     @property
     def has_gn(self) -> bool:
         return "gn_trace" in self.samples
+
+    def label(self, name: str) -> str:
+        """``layer1.0.conv1 · Conv2d`` (the name alone when the type is unknown)."""
+        kind = self.layer_types.get(name, "")
+        return f"{name} · {kind}" if kind else name
+
+    def summary(self) -> str:
+        """The per-layer table: trace ± SE, GN trace and GN-Gap per layer, the model total and a legend."""
+        return format_estimate(self)
+
+    def __repr__(self) -> str:
+        gap = f", GN-Gap {self.total_gn_gap:.3g}" if self.has_gn else ""
+        return (
+            f"CurvatureEstimate({len(self.layers)} layers, K={self.probes}, tr H = {self.total_trace:.4g} ± "
+            f"{self.total_trace_se:.2g}{gap}, loss {self.loss:.4g}, batch {self.batch_size})"
+        )
 
     @property
     def probes(self) -> int:
@@ -307,4 +326,5 @@ def _checked_estimate(op: CurvatureOperator, samples: dict[str, torch.Tensor], d
         distribution=distribution,
         strategy=op.strategy,
         batch_size=op.batch_size,
+        layer_types={b.name: b.kind for b in op.blocks if b.kind},
     )

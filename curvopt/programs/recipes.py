@@ -295,12 +295,13 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: Sequence[str] | None) 
 
 
 def parse_train_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Recipe defaults, then command-line flags; ``args.config`` keeps the recipe path and
-    ``args.explicit`` the names given on the command line."""
+    """Recipe defaults, then command-line flags; ``args.config`` keeps the recipe path, ``args.explicit``
+    the names given on the command line and ``args.from_recipe`` those the recipe set."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
-    if first.config:
-        parser.set_defaults(**load_recipe(first.config, parser))
+    recipe = load_recipe(first.config, parser) if first.config else {}
+    parser.set_defaults(**recipe)
     args = parser.parse_args(argv)
     args.explicit = sorted(explicit_flags(parser, argv))
+    args.from_recipe = sorted(recipe)
     return args

@@ -29,20 +29,31 @@ def _jsonable(value: Any) -> Any:
 
 class JsonlLogger:
     """Appends one JSON object per line, ``{"type": "metrics", "step": …, …}``, ``{"type": "alarm", …}``,
-    and from training loops ``train``/``eval``/``config`` records.
+    and from training loops ``train``/``eval``/``config``/``run``/``event`` records.
 
-    Lines are flushed as they are written, so an interrupted run leaves a readable file (at
-    most the line being written is lost). ``curvopt report`` reads this format.
+    Lines are flushed as they are written, so an interrupted run leaves a readable file (at most
+    the line being written is torn). A torn last line is cut off when the file is opened again, so
+    it never swallows the next record. With ``run_id`` every record carries it. ``curvopt report``
+    reads this format.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, run_id: str | None = None) -> None:
         self.path = Path(path)
+        self.run_id = run_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _cut_torn_tail(self.path)
         self._file = self.path.open("a", encoding="utf-8")
 
     def _write(self, record: Mapping[str, Any]) -> None:
+        if self.run_id is not None:
+            record = {**record, "run_id": self.run_id}
         self._file.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
         self._file.flush()
+
+    def position(self) -> int:
+        """Bytes written so far (everything flushed): where a checkpoint taken now should cut the log back to."""
+        self._file.flush()
+        return self._file.tell()
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._write({"type": "metrics", "step": step, **metrics})
@@ -82,6 +93,19 @@ class JsonlLogger:
         self.close()
 
 
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate a log to its last complete line (an interrupted writer may have left half a record)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        handle.seek(-1, 2)
+        if handle.read(1) == b"\n":
+            return
+        handle.seek(0)
+        data = handle.read()
+        handle.truncate(data.rfind(b"\n") + 1)
+
+
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """All complete records of a JSONL log (a torn last line from an interrupted run is skipped)."""
     records = []
@@ -91,6 +115,24 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+_KEYS = {"metrics": "step", "train": "step", "alarm": "step", "eval": "epoch"}
+
+
+def deduplicate(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (type, step) — per epoch for ``eval`` — keeping the last one written, in log order.
+
+    Logs of runs resumed by older versions (or appended to by hand) repeat the steps redone after the
+    last checkpoint; the later record is the one the continued run built on.
+    """
+    last: dict[tuple[Any, ...], int] = {}
+    for i, record in enumerate(records):
+        key_field = _KEYS.get(record.get("type", ""))
+        if key_field is not None and key_field in record:
+            last[(record["type"], record[key_field])] = i
+    keep = set(last.values())
+    return [r for i, r in enumerate(records) if _KEYS.get(r.get("type", "")) not in r or i in keep]
 
 
 class CallbackLogger:

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .loggers import read_jsonl
+from .loggers import deduplicate, read_jsonl
 
 LOG_NAME = "curvature.jsonl"
 
@@ -45,7 +45,7 @@ def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page
     )
 
     log_path = find_log(run)
-    records = read_jsonl(log_path)
+    records = deduplicate(read_jsonl(log_path))
     steps, traces = layer_series(records, "trace")
     if not steps:
         raise ReportError(f"{log_path} holds no curvature estimates yet")

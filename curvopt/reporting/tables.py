@@ -1,36 +1,34 @@
-"""Plain-text per-layer tables for terminals (the demo and ``curvopt train`` summaries)."""
+"""Plain-text per-layer tables for terminals (the demo and ``curvopt train`` summaries).
+
+The estimate's own table (:func:`curvopt.estimators.summary.format_estimate`) plus what the
+optimizer adds: each layer's LR scale and CUSUM statistic, and the monitor's state.
+"""
 
 from __future__ import annotations
 
-import math
-
 from ..control.monitor import AGGREGATE, CusumMonitor
+from ..estimators.summary import Column, format_estimate
 from ..estimators.trace import CurvatureEstimate
 
 
 def format_table(
     estimate: CurvatureEstimate, scales: dict[str, float] | None = None, monitor: CusumMonitor | None = None
 ) -> str:
-    """Per layer: d_l, trace ± SE, GN trace, GN-Gap (Frobenius form), LR scale, CUSUM statistic."""
-    w = max([10, *(len(n) + 2 for n in estimate.layers)])
-    header = (
-        f"{'layer':<{w}}{'numel':>9}{'trace':>11}{'± se':>9}{'gn_trace':>11}{'gn_gap':>8}{'lr_scale':>10}{'cusum':>8}"
-    )
-    rows = [header, "-" * len(header)]
-    for name in estimate.layers:
-        scale = f"{scales[name]:.2f}" if scales is not None else "off"
-        cusum = f"{monitor.series[name].s:.2f}" if monitor is not None and name in monitor.series else "–"
-        rows.append(
-            f"{name:<{w}}{estimate.numel[name]:>9}{estimate.trace[name]:>11.3g}{estimate.trace_se[name]:>9.2g}"
-            f"{estimate.gn_trace.get(name, math.nan):>11.3g}{estimate.gn_gap.get(name, math.nan):>8.3g}"
-            f"{scale:>10}{cusum:>8}"
+    """Per layer: d_l, trace ± SE, GN trace, GN-Gap (Frobenius form), LR scale, CUSUM statistic, and a legend."""
+    extra: list[Column] = []
+    legend: list[str] = []
+    if scales is not None:
+        extra.append(("lr_scale", 10, {n: f"{scales.get(n, 1.0):.2f}" for n in estimate.layers}, ""))
+    if monitor is not None:
+        cells = {n: f"{s.s:.2f}" for n, s in monitor.series.items() if n != AGGREGATE}
+        model_cell = f"{monitor.series[AGGREGATE].s:.2f}" if AGGREGATE in monitor.series else "–"
+        extra.append(("cusum", 8, cells, model_cell))
+        state = (
+            f"the monitor alarms when the model-wide S > h = {monitor.h:g}"
+            if monitor.ready
+            else f"the monitor is calibrating: {monitor.estimates_until_ready} more estimate(s) before it can alarm"
         )
-    if monitor is not None and not monitor.ready:
-        rows.append(f"monitor: calibrating ({monitor.estimates_until_ready} more estimate(s) before it can alarm)")
-    elif monitor is not None and AGGREGATE in monitor.series:
-        rows.append(
-            f"{'model':<{w}}{sum(estimate.numel.values()):>9}{estimate.total_trace:>11.3g}"
-            f"{estimate.total_trace_se:>9.2g}{estimate.total_gn_trace:>11.3g}{estimate.total_gn_gap:>8.3g}"
-            f"{'':>10}{monitor.series[AGGREGATE].s:>8.2f}"
-        )
-    return "\n".join(rows)
+        legend.append(f"cusum: CUSUM statistic S of each layer's curvature rise (0: no rise); {state}")
+    if scales is not None:
+        legend.append("lr_scale: the layer's learning-rate multiplier s_l (1: unchanged)")
+    return format_estimate(estimate, extra, legend)

@@ -127,6 +127,7 @@ class EpochContext:
     log_training: Callable[[int, dict[str, float]], None]
     show_progress: bool
     num_epochs: int = 0
+    should_stop: Callable[[], bool] = lambda: False  # checked after every update (--on-alarm stop)
 
 
 def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int) -> EpochResult:
@@ -156,6 +157,8 @@ def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int
             continue
         num_updates = _after_update(ctx, num_updates, epoch, loss_value, batch_acc)
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.3g}", alarms=len(opt.alarms))
+        if ctx.should_stop():
+            break
     bar.close()
     return EpochResult(loss_sum / max(batches, 1), acc_sum / max(batches, 1), num_updates, skipped)
 

@@ -5,12 +5,17 @@ Built from timm's own parts, in timm ``train.py``'s order (:mod:`.setup`): ``cre
 timm's factory only knows its own ``lookahead_`` prefix) → ``create_scheduler_v2`` (it rewrites
 ``group['lr']`` of the shared groups) → ``Mixup``/CutMix with ``SoftTargetCrossEntropy``, label
 smoothing, AMP with ``NativeScaler`` (which calls a bare ``optimizer.step()``, so the batch
-reaches the wrapper through ``observe``), model EMA, gradient accumulation (:mod:`.loop`),
-checkpoints and resume (:mod:`.checkpoint`).
+reaches the wrapper through ``observe``), model EMA, gradient accumulation (:mod:`.loop`).
+
+Runs survive (:mod:`.rundir`, :mod:`.checkpoint`, :mod:`.resume`): everything is built and checked
+before anything is written; one live run owns a run directory; every random stream is reseeded
+per epoch, so a resume replays the interrupted epoch exactly; on resume the JSONL is cut back to
+the checkpoint, so no step is logged twice; checkpoints are atomic and verified.
 
 The run directory holds ``curvature.jsonl`` (curvature metrics, alarms, training and validation
-metrics: what ``curvopt report`` reads), ``last.pth.tar`` / ``model_best.pth.tar``, ``args.yaml``
-and, with ``--log-wandb``, the W&B run under ``wandb/``.
+metrics, run configuration and events: what ``curvopt report`` reads), ``last.pth.tar`` /
+``model_best.pth.tar`` (and ``alarm-<update>.pth.tar`` with ``--on-alarm checkpoint``),
+``args.yaml`` and, with ``--log-wandb``, the W&B run under ``wandb/``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import secrets
 import time
 import warnings
 from contextlib import ExitStack
@@ -30,13 +36,16 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from ...control.monitor import Alarm
 from ...control.optimizer import CurvatureAwareOptimizer
 from ...reporting.loggers import JsonlLogger
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
-from .checkpoint import BEST, CHECKPOINT, load_checkpoint, save_checkpoint
+from .checkpoint import BEST, CHECKPOINT, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import TrainError
 from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
+from .resume import merge_resume_args
+from .rundir import RunDirLock, claim_fresh_dir, make_dir, remove_unstarted, truncate_log
 from .setup import (
     Data,
     adapt_to_small_inputs,
@@ -53,6 +62,9 @@ from .setup import (
 )
 
 __all__ = ["TrainError", "adapt_to_small_inputs", "run_training"]
+
+DEFAULT_OUTPUT = "runs/train"
+LOG_NAME = "curvature.jsonl"
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
@@ -74,15 +86,20 @@ class TrainingRun:
     num_epochs: int
     autocast: Any
     loss_scaler: Any
-    run_dir: Path
-    jsonl: JsonlLogger | None
-    wandb_logger: WandbLogger | None
     epoch_context: EpochContext
+    stem_note: str = ""
     say: Any = print
+    run_dir: Path = Path()
+    run_id: str = ""
+    jsonl: JsonlLogger | None = None
+    wandb_logger: WandbLogger | None = None
     start_epoch: int = 0
     num_updates: int = 0
     best_top1: float = -math.inf
+    best_epoch: int = -1
     skipped_batches: int = 0
+    epoch: int = 0
+    stop_alarm: Alarm | None = None
     last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -93,38 +110,14 @@ class TrainingRun:
     def sinks(self) -> list[Any]:
         return [s for s in (self.jsonl, self.wandb_logger) if s is not None]
 
-
-# ---------------------------------------------------------------------- stages
-DEFAULT_OUTPUT = "runs/train"
-
-
-def run_dir_for(args: argparse.Namespace) -> Path:
-    if args.experiment:
-        return Path(args.output or DEFAULT_OUTPUT) / args.experiment
-    if args.resume:
-        return Path(args.resume).resolve().parent
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path(args.output or DEFAULT_OUTPUT) / f"{args.dataset.replace('/', '_')}-{args.model}-{stamp}"
+    def log_event(self, step: int, kind: str, text: str) -> None:
+        for sink in self.sinks:
+            sink.log_event(step, kind, text)
 
 
-def open_logs(args: argparse.Namespace, run_dir: Path, resume: dict[str, Any] | None) -> tuple[Any, Any]:
-    """Rank 0 writes ``args.yaml`` and the JSONL log and starts (or resumes) the W&B run."""
-    if args.rank != 0:
-        return None, None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "args.yaml").write_text(yaml.safe_dump(vars(args), sort_keys=True), encoding="utf-8")
-    jsonl = JsonlLogger(run_dir / "curvature.jsonl")
-    wandb_logger = None
-    if args.log_wandb:
-        wandb_logger = WandbLogger(
-            project=args.wandb_project, name=run_dir.name, dir=str(run_dir), config=vars(args),
-            tags=list(args.wandb_tags) or None, id=(resume or {}).get("wandb_id"), resume="allow",
-        )  # fmt: skip
-    return jsonl, wandb_logger
-
-
-def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainingRun:
-    """Device, data, model, loss, logs, optimizer, schedule and precision, in timm's order."""
+# ---------------------------------------------------------------------- set-up: nothing written yet
+def set_up(args: argparse.Namespace) -> TrainingRun:
+    """Device, data, model, loss, optimizer, schedule and precision, in timm's order; writes nothing."""
     check_args(args)
     device = resolve_device(args)
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
@@ -132,19 +125,17 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainingR
     model, stem_note = create_model(args, data.splits.num_classes)
     model, train_model, model_ema = place_model(args, model, device)
     loss_fn, mixup_fn = build_loss(args, data.splits.num_classes)
-    run_dir = run_dir_for(args)
-    jsonl, wandb_logger = open_logs(args, run_dir, resume)
-    sinks = [s for s in (jsonl, wandb_logger) if s is not None]
+    run_box: list[TrainingRun] = []  # the callbacks below see the run once it exists
 
-    def announce(alarm: Any) -> None:
-        tqdm.write(f"ALARM: {alarm.describe()}")
+    def on_alarm(alarm: Alarm) -> None:
+        handle_alarm(run_box[0], alarm)
 
-    opt = build_optimizer(args, model, train_model, loss_fn, sinks, [announce])
+    opt = build_optimizer(args, model, train_model, loss_fn, [], [on_alarm])
     scheduler, num_epochs = build_scheduler(args, opt, updates_per_epoch(args, data.train_loader))
     autocast, loss_scaler = build_precision(args, device)
 
     def log_training(step: int, row: dict[str, float]) -> None:
-        for sink in sinks:
+        for sink in run_box[0].sinks:
             sink.log_training(step, row)
 
     ctx = EpochContext(
@@ -152,25 +143,34 @@ def set_up(args: argparse.Namespace, resume: dict[str, Any] | None) -> TrainingR
         loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
         buffers=BufferCheckpoint(model), log_training=log_training,
         show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
+        should_stop=lambda: run_box[0].stop_alarm is not None,
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
     run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
-                      loss_scaler, run_dir, jsonl, wandb_logger, ctx, say=say)  # fmt: skip
-    _announce_start(run, stem_note)
+                      loss_scaler, ctx, stem_note=stem_note, say=say)  # fmt: skip
+    run_box.append(run)
     return run
 
 
-def restore(run: TrainingRun, state: dict[str, Any]) -> None:
-    """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, counters, schedule."""
+def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
+    """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, schedule, counters;
+    then the changed settings that concern the wrapper's monitor (the others were applied at set-up)."""
     run.model.load_state_dict(state["model"])
     run.opt.load_state_dict(state["optimizer"])
     if run.model_ema is not None and state.get("model_ema") is not None:
         run.model_ema.load_state_dict(state["model_ema"])
     if run.loss_scaler is not None and state.get("scaler") is not None:
         run.loss_scaler.load_state_dict(state["scaler"])
+    if state.get("scheduler") is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
     run.start_epoch = int(state["epoch"]) + 1
     run.num_updates = int(state["num_updates"])
     run.best_top1 = float(state.get("best_top1", -math.inf))
+    run.best_epoch = int(state.get("best_epoch", -1))
+    monitor_changes = {new: changes[old][1] for old, new in (("cusum_threshold", "h"), ("cusum_k", "k"),
+                                                             ("cusum_warmup", "warmup")) if old in changes}  # fmt: skip
+    if monitor_changes and run.opt.monitor is not None:
+        run.opt.monitor.update_settings(**monitor_changes)  # the checkpoint's monitor state, the new thresholds
     if run.start_epoch > 0:
         if run.args.sched_on_updates:
             run.scheduler.step_update(run.num_updates)
@@ -178,26 +178,84 @@ def restore(run: TrainingRun, state: dict[str, Any]) -> None:
             run.scheduler.step(run.start_epoch)
 
 
-def _announce_start(run: TrainingRun, stem_note: str) -> None:
+# ---------------------------------------------------------------------- the run directory and the logs
+def choose_run_dir(args: argparse.Namespace) -> Path:
+    """The directory asked for: ``--output/--experiment``; on resume the checkpoint's unless ``--output``
+    or ``--experiment`` was given on the command line; else ``<output>/<dataset>-<model>-<time>``."""
+    explicit = set(getattr(args, "explicit", ()))
+    if args.resume and not ({"output", "experiment"} & explicit):
+        return Path(args.resume).resolve().parent
+    if args.experiment:
+        return Path(args.output or DEFAULT_OUTPUT) / args.experiment
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(args.output or DEFAULT_OUTPUT) / f"{args.dataset.replace('/', '_')}-{args.model}-{stamp}"
+
+
+def claim_run_dir(run: TrainingRun, resume: dict[str, Any] | None, stack: ExitStack) -> None:
+    """Rank 0 takes its directory (a fresh run never reuses another run's) and holds its lock to the end."""
+    wanted = choose_run_dir(run.args)
+    if not run.main_process:
+        run.run_dir = wanted
+        return
+    if resume is None:
+        run.run_dir, renamed = claim_fresh_dir(wanted)
+        if renamed:
+            run.say(f"  {wanted} already holds a run: this run writes to {run.run_dir}")
+    else:
+        run.run_dir = wanted
+        make_dir(run.run_dir)
+    lock = RunDirLock(run.run_dir)
+    lock.acquire()
+    stack.callback(lock.release)
+    remove_stale_temporaries(run.run_dir)
+
+
+def open_logs(run: TrainingRun, resume: dict[str, Any] | None, changes: dict[str, tuple[Any, Any]]) -> None:
+    """``args.yaml``, the JSONL log (cut back to the checkpoint on resume) and W&B (the same run id on resume)."""
+    if not run.main_process:
+        return
+    args = run.args
+    run.run_id = (resume or {}).get("run_id") or (resume or {}).get("wandb_id") or secrets.token_hex(4)
+    log_path = run.run_dir / LOG_NAME
+    if resume is not None and resume.get("log_position") is not None:
+        note = truncate_log(log_path, int(resume["log_position"]))
+        if note:
+            run.say(f"  {LOG_NAME}: {note}")
+    saved = {k: v for k, v in vars(args).items() if k not in ("explicit", "from_recipe")}
+    (run.run_dir / "args.yaml").write_text(yaml.safe_dump(saved, sort_keys=True), encoding="utf-8")
+    run.jsonl = JsonlLogger(log_path, run_id=run.run_id)
+    if args.log_wandb:
+        run.wandb_logger = WandbLogger(
+            project=args.wandb_project, name=run.run_dir.name, dir=str(run.run_dir), config=saved,
+            tags=list(args.wandb_tags) or None, id=run.run_id, resume="allow",
+        )  # fmt: skip
+    for sink in run.sinks:
+        run.opt.add_logger(sink)
+        sink.log_run(_run_config(run))
+    if resume is not None:
+        run.log_event(run.num_updates + 1, "resume", f"resumed from epoch {run.start_epoch} (update {run.num_updates})")
+    if changes:
+        text = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
+        run.log_event(run.num_updates + 1, "settings_changed", text)
+        run.say(f"  settings changed on resume: {text}")
+    if args.label_noise > 0:
+        start = args.label_noise_start_epoch * updates_per_epoch(args, run.data.train_loader)
+        run.log_event(start + 1, "label_noise_start", f"label noise p={args.label_noise}")
+
+
+def _run_config(run: TrainingRun) -> dict[str, Any]:
     args, splits = run.args, run.data.splits
-    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
-    run.say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
-            f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}")  # fmt: skip
-    if stem_note:
-        run.say(f"  small-input adaptation: {stem_note}")
-    if run.data.noisy is not None:
-        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
-    if run.wandb_logger is not None:
-        run.wandb_logger.update_config({"run_dir": str(run.run_dir)})
+    noise = f"p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}" if args.label_noise else "none"
+    return {
+        "model": args.model, "dataset": args.dataset, "train_samples": len(splits.train),
+        "val_samples": len(splits.val), "classes": splits.num_classes,
+        "optimizer": f"{args.opt} (lr {args.lr}, weight decay {args.weight_decay})",
+        "schedule": f"{args.sched}, {run.num_epochs} epochs, batch {args.batch_size}", "label_noise": noise,
+        "lr_scaling": args.lr_scaling or "off", "on_alarm": args.on_alarm, "run_dir": str(run.run_dir),
+    }  # fmt: skip
 
 
-def _announce_schedule(run: TrainingRun) -> None:
-    upe = updates_per_epoch(run.args, run.data.train_loader)
-    resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
-    run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
-            + resuming)  # fmt: skip
-
-
+# ---------------------------------------------------------------------- epochs
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The seed of every random stream in epoch ``epoch`` on rank ``rank`` (a fixed function of the three)."""
     return (seed * 1_000_003 + epoch * 7_919 + rank) % (2**63)
@@ -225,8 +283,9 @@ def seed_epoch(run: TrainingRun, epoch: int) -> None:
 
 
 def run_epoch(run: TrainingRun, epoch: int) -> None:
-    """Train one epoch, validate, step the epoch schedule, checkpoint and log."""
+    """Train one epoch (or up to a stopping alarm), validate, step the epoch schedule, log, checkpoint."""
     args, data = run.args, run.data
+    run.epoch = epoch
     seed_epoch(run, epoch)
     if data.noisy is not None:
         data.noisy.active = epoch >= args.label_noise_start_epoch
@@ -240,10 +299,11 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
     stats = _validate(run, result)
     run.scheduler.step(epoch + 1, stats["eval/top1"])
     best = stats["eval/top1"] > run.best_top1
-    run.best_top1 = max(run.best_top1, stats["eval/top1"])
-    _checkpoint(run, epoch, best)
-    for sink in run.sinks:
+    if best:
+        run.best_top1, run.best_epoch = stats["eval/top1"], epoch
+    for sink in run.sinks:  # the epoch's log first, then its checkpoint: a kill in between loses neither
         sink.log_epoch(epoch, stats)
+    _checkpoint(run, epoch, best)
     run.last_epoch_stats = stats
     _print_epoch(run, epoch, stats, time.perf_counter() - start)
 
@@ -260,20 +320,43 @@ def _validate(run: TrainingRun, result: Any) -> dict[str, float]:
     return stats
 
 
+def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    return {
+        "epoch": epoch, "num_updates": run.num_updates, "arch": run.args.model,
+        "args": {k: v for k, v in vars(run.args).items() if k not in ("explicit", "from_recipe")},
+        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+        "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
+        "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
+        "scheduler": run.scheduler.state_dict(), "best_top1": run.best_top1, "best_epoch": run.best_epoch,
+        "run_id": run.run_id, "wandb_id": run.run_id if run.wandb_logger is not None else None,
+        "log_position": run.jsonl.position() if run.jsonl is not None else None,
+        "stopped_at_alarm": run.stop_alarm.step if run.stop_alarm is not None else None,
+    }  # fmt: skip
+
+
 def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
     """``last.pth.tar`` every epoch and ``model_best.pth.tar`` on a new best top-1 (rank 0 only)."""
     if not run.main_process:
         return
-    state = {
-        "epoch": epoch, "num_updates": run.num_updates, "arch": run.args.model, "args": vars(run.args),
-        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
-        "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
-        "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
-        "best_top1": run.best_top1, "wandb_id": getattr(getattr(run.wandb_logger, "run", None), "id", None),
-    }  # fmt: skip
+    state = _state(run, epoch)
     save_checkpoint(run.run_dir / CHECKPOINT, state)
     if best:
         save_checkpoint(run.run_dir / BEST, state)
+
+
+def handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
+    """``--on-alarm``: print it (always), save ``alarm-<update>.pth.tar`` (checkpoint), or end the run (stop)."""
+    tqdm.write(f"ALARM: {alarm.describe()}")
+    action = run.args.on_alarm
+    if action == "checkpoint" and run.main_process:
+        path = run.run_dir / f"alarm-{alarm.step}.pth.tar"
+        state = _state(run, run.epoch - 1)  # a resume from it restarts the alarm's epoch from these weights
+        state.update(alarm=alarm.to_dict(), mid_epoch=True)  # the state at the alarm, before its update
+        save_checkpoint(path, state)
+        tqdm.write(f"  saved {path}")
+    elif action == "stop" and run.stop_alarm is None:
+        run.stop_alarm = alarm
+        tqdm.write("  --on-alarm stop: the run ends after this update")
 
 
 def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
@@ -282,6 +365,21 @@ def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed:
     run.say(f"epoch {epoch + 1:>3}/{run.num_epochs}  train loss {stats['train/loss_epoch']:.4f} "
             f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
             f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
+
+
+def _announce(run: TrainingRun) -> None:
+    args, splits = run.args, run.data.splits
+    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
+    run.say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
+            f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}")  # fmt: skip
+    if run.stem_note:
+        run.say(f"  small-input adaptation: {run.stem_note}")
+    if run.data.noisy is not None:
+        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
+    upe = updates_per_epoch(args, run.data.train_loader)
+    resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
+    run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
+            + resuming)  # fmt: skip
 
 
 def close(run: TrainingRun, finished: bool) -> None:
@@ -297,7 +395,7 @@ def close(run: TrainingRun, finished: bool) -> None:
 
 
 def summarise(run: TrainingRun) -> None:
-    """The final per-layer table, the alarms and where everything was written."""
+    """The final per-layer table, the alarms, what the monitor could not see, and where everything is."""
     say, opt = run.say, run.opt
     if run.skipped_batches:
         say(f"{run.skipped_batches} batch(es) with a non-finite loss were skipped")
@@ -306,10 +404,12 @@ def summarise(run: TrainingRun) -> None:
         say(format_table(opt.last_estimate, opt.lr_scales if run.args.lr_scaling else None, opt.monitor))
     for alarm in opt.alarms:
         say(f"alarm: {alarm.describe()}")
-    if not opt.alarms and opt.monitor is not None:
-        say("no memorisation alarm")
+    say(_monitor_verdict(opt))
     run_dir = run.run_dir
-    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / 'curvature.jsonl'}")
+    if run.stop_alarm is not None:
+        best = f"{run_dir / BEST} (epoch {run.best_epoch + 1}, val top-1 {run.best_top1:.2f}%)"
+        say(f"stopped at the alarm at update {run.stop_alarm.step} (--on-alarm stop); best checkpoint: {best}")
+    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / LOG_NAME}")
     if run.wandb_logger is not None and run.wandb_logger.local_dir is not None:
         say(f"W&B run:     {run.wandb_logger.local_dir}")
     say(f"report:      curvopt report {run_dir}")
@@ -317,19 +417,45 @@ def summarise(run: TrainingRun) -> None:
         say(f"final val top1 {run.last_epoch_stats['eval/top1']:.2f}%")
 
 
+def _monitor_verdict(opt: CurvatureAwareOptimizer) -> str:
+    """What the monitor saw; a monitor that saw nothing must not read like a clean run."""
+    if opt.monitor is None:
+        return "memorisation monitor off"
+    skipped, skips = opt.skipped_estimates, opt.skips
+    total = skipped + len(opt.history)
+    if skipped and not opt.history:
+        return (f"no memorisation verdict: the monitor saw nothing, all {skipped} curvature estimates were skipped "
+                f"(since update {skips.get('first_step')}; last reason: {skips.get('last_reason')})")  # fmt: skip
+    note = f" ({skipped} of {total} estimates skipped, first at update {skips.get('first_step')})" if skipped else ""
+    if not opt.monitor.ready:
+        return f"no memorisation verdict: the monitor was still calibrating{note}"
+    return ("memorisation alarm(s) raised" if opt.alarms else "no memorisation alarm") + note
+
+
 # ---------------------------------------------------------------------- the run
 def run_training(args: argparse.Namespace) -> int:
-    """Train as ``args`` says; returns 0 on success. Setup errors raise :class:`TrainError`."""
+    """Train as ``args`` says; returns 0 on success. Problems before the start raise :class:`TrainError`."""
     resume = load_checkpoint(args.resume) if args.resume else None
-    run = set_up(args, resume)
+    changes = merge_resume_args(args, resume) if resume is not None else {}
+    run = set_up(args)
     if resume is not None:
-        restore(run, resume)
-    _announce_schedule(run)
+        restore(run, resume, changes)
     finished = False
-    with _quiet_alarms():
+    with ExitStack() as stack:
+        claim_run_dir(run, resume, stack)
+        try:
+            open_logs(run, resume, changes)
+        except BaseException:
+            if resume is None and run.main_process:
+                remove_unstarted(run.run_dir)
+            raise
+        _announce(run)
+        stack.enter_context(_quiet_alarms())
         try:
             for epoch in range(run.start_epoch, run.num_epochs):
                 run_epoch(run, epoch)
+                if run.stop_alarm is not None:
+                    break
             finished = True
         finally:
             close(run, finished)
@@ -338,12 +464,11 @@ def run_training(args: argparse.Namespace) -> int:
 
 
 def _quiet_alarms() -> ExitStack:
-    """Alarms are printed by the run's own callback: silence the wrapper's warning and log record for them."""
+    """Alarms are printed by the run's own callback: silence the wrapper's log record for them."""
     stack = ExitStack()
     curvopt_log = logging.getLogger("curvopt")
     level = curvopt_log.level
     curvopt_log.setLevel(logging.ERROR)  # other problems arrive as warnings
     stack.callback(curvopt_log.setLevel, level)
     stack.enter_context(warnings.catch_warnings())
-    warnings.filterwarnings("ignore", message="curvopt: memorisation alarm", category=RuntimeWarning)
     return stack
