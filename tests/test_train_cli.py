@@ -58,8 +58,8 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     (run_path,) = wb.offline_runs(run_dir)
     rec = wb.read_records(wb.run_file(run_path))
     summary = wb.summary(rec)
-    for key in ("curv/step", "curv/alarm", "curv/total/trace", "curv/total/gn_gap", "curv/cusum/aggregate",
-                "curv/trace/conv1", "curv/trace_se/conv1", "curv/gn_gap/conv1", "curv/cusum/conv1",
+    for key in ("curv/step", "curv/alarm", "curv/total/trace", "curv/total/gn_gap", "curv/cusum_aggregate",
+                "curv.trace/conv1", "curv.trace_se/conv1", "curv.gn_gap/conv1", "curv.cusum/conv1", "curv.frob/conv1",
                 "train/loss", "train/step", "eval/top1", "epoch"):  # fmt: skip
         assert key in summary, key
     assert summary["curv/step"] == 12
@@ -71,7 +71,7 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     assert cli_main(["report", str(run_dir), "--html"]) == 0
     written = capsys.readouterr().out.split()
     names = {Path(p).name for p in written}
-    assert names == {"trace_heatmap.png", "gn_gap.png", "cusum.png", "lr_scale.png", "training.png", "report.html"}
+    assert names == {"curvature_heatmap.png", "trace.png", "gn_gap.png", "cusum.png", "training.png", "report.html"}
     for path in written:
         if path.endswith(".png"):
             data = Path(path).read_bytes()

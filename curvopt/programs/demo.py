@@ -73,8 +73,8 @@ def _set_up(steps: int, every: int, probes: int, seed: int, out: Path, lr_scalin
     config = {"steps": steps, "every": every, "probes": probes, "seed": seed, "model": "small_cnn",
               "dataset": "synthetic 16x16", "optimizer": "SGD(lr=0.05, momentum=0.9)", "batch_size": BATCH,
               "label_noise": f"random labels from step {steps // 2 + 1}"}  # fmt: skip
-    jsonl.log_run(config)
     wandb_logger = _start_wandb(out, mode, config)
+    jsonl.log_run({**config, **(wandb_logger.describe() if wandb_logger is not None else {})})
     sinks: list[Any] = [jsonl] + ([wandb_logger] if wandb_logger is not None else [])
     opt = CurvatureAwareOptimizer(
         torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, nn.CrossEntropyLoss(), every=every,

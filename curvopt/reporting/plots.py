@@ -1,15 +1,25 @@
 """Figures of a run's curvature log (matplotlib, no display needed).
 
-Pure functions from logged records to ``matplotlib.figure.Figure`` objects; :mod:`curvopt.reporting.report`
-saves them as PNG/HTML and :class:`curvopt.WandbLogger` sends the trace heatmap to W&B.
-Records are the dicts of :func:`curvopt.read_jsonl` (``type`` = ``metrics``, ``alarm``,
-``train``, ``eval``, ``config``).
+Pure functions from logged records (the dicts of :func:`curvopt.read_jsonl`: ``metrics``, ``alarm``,
+``event``, ``train``, ``eval``, ``config``, ``run``) to ``matplotlib.figure.Figure`` objects;
+:mod:`curvopt.reporting.report` saves them as PNG/HTML and :class:`curvopt.WandbLogger` sends some
+to W&B. Conventions every figure follows:
+
+* layers are labelled ``name · Type`` (``layer1.0.conv1 · Conv2d``, ``0 · Linear``) and kept in
+  network order;
+* with many layers a line plot shows the ``top`` layers by the plotted quantity, and the others
+  as one grey band (their range at each step) — never 40 coloured lines;
+* the run's events (label-noise start, alarms, resumes, LR restarts, setting changes) are marked
+  on every time axis;
+* a figure is drawn only for a quantity the run has, with its reference line where one carries
+  meaning (s = 1, GN-Gap = 1, the CUSUM threshold h).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -17,12 +27,24 @@ import matplotlib
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.colors import SymLogNorm
+from matplotlib.colors import LogNorm, SymLogNorm
 from matplotlib.figure import Figure
 
 AGGREGATE_KEY = "aggregate"
+TOP = 8  # layers drawn as lines; the rest form a grey band
+WIDE = (10.5, 4.6)
+
+# How each kind of event is drawn: (colour, line style, legend text).
+EVENT_STYLE = {
+    "label_noise_start": ("purple", "-.", "label noise starts"),
+    "alarm": ("crimson", "--", "memorisation alarm"),
+    "resume": ("0.45", ":", "resumed"),
+    "lr_restart": ("darkorange", ":", "LR schedule restart"),
+    "settings_changed": ("0.6", (0, (1, 3)), "settings changed"),
+}
 
 
+# ---------------------------------------------------------------------- reading the records
 def layer_series(records: Sequence[Mapping[str, Any]], kind: str) -> tuple[list[int], dict[str, list[float]]]:
     """Steps and ``{layer: values}`` of ``curv/<kind>/<layer>`` over the ``metrics`` records (NaN where missing)."""
     prefix = f"curv/{kind}/"
@@ -37,16 +59,295 @@ def layer_series(records: Sequence[Mapping[str, Any]], kind: str) -> tuple[list[
     return steps, series
 
 
+def scalar_series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    rows = [r for r in records if r.get("type") == "metrics" and r.get(key) is not None]
+    return [int(r["step"]) for r in rows], [_num(r[key]) for r in rows]
+
+
 def _num(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
-def trace_heatmap_figure(traces: Sequence[tuple[int, Mapping[str, float]]], title: str = "") -> Figure:
-    """Layers (rows, in network order) × estimates (columns), colour = Hutchinson trace of H_ll.
+def layer_labels(records: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """``{name: "name · Type"}`` from the wrapper's ``config`` record (names alone when it has no types)."""
+    for record in records:
+        types = (record.get("curvopt") or {}).get("layer_types") if record.get("type") == "config" else None
+        if types:
+            return {name: f"{name} · {kind}" if kind else name for name, kind in types.items()}
+    return {}
 
-    A symmetric-log colour scale keeps the sign (negative traces in blue) and shows layers whose
-    traces differ by orders of magnitude on one picture.
-    """
+
+def label_of(name: str, labels: Mapping[str, str]) -> str:
+    if name == AGGREGATE_KEY:
+        return "model-wide"
+    return labels.get(name, name)
+
+
+@dataclass
+class Event:
+    step: int
+    kind: str
+    text: str = ""
+
+
+def run_events(records: Sequence[Mapping[str, Any]]) -> list[Event]:
+    """The run's events and alarms, in step order."""
+    events = [Event(int(r["step"]), str(r.get("kind", "event")), str(r.get("text", ""))) for r in records
+              if r.get("type") == "event" and r.get("step") is not None]  # fmt: skip
+    events += [Event(int(r["step"]), "alarm", f"CUSUM {r.get('statistic', math.nan):.2f} > {r.get('threshold')}")
+               for r in records if r.get("type") == "alarm"]  # fmt: skip
+    return sorted(events, key=lambda e: e.step)
+
+
+def mark_events(ax: Any, events: Sequence[Event], *, to_x: Any = None) -> None:
+    """Vertical lines at the events (``to_x`` maps a step to the axis's x, e.g. a heatmap column)."""
+    seen: set[str] = set()
+    for event in events:
+        colour, style, text = EVENT_STYLE.get(event.kind, ("0.3", ":", event.kind.replace("_", " ")))
+        x = event.step if to_x is None else to_x(event.step)
+        if x is None:
+            continue
+        label = None if event.kind in seen else text
+        ax.axvline(x, color=colour, linestyle=style, linewidth=1.4, label=label, zorder=3)
+        seen.add(event.kind)
+
+
+def top_layers(series: Mapping[str, Sequence[float]], count: int = TOP, *, by: str = "abs") -> list[str]:
+    """The ``count`` layers with the largest typical value (median over the second half of the run)."""
+
+    def size(values: Sequence[float]) -> float:
+        tail = [abs(v) if by == "abs" else abs(math.log(v)) for v in values[len(values) // 2 :]
+                if math.isfinite(v) and (by == "abs" or v > 0)]  # fmt: skip
+        return float(np.median(tail)) if tail else -math.inf
+
+    ranked = sorted(series, key=lambda n: size(series[n]), reverse=True)
+    chosen = set(ranked[:count])
+    return [n for n in series if n in chosen]  # network order
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, **kwargs)
+
+
+# ---------------------------------------------------------------------- figures
+def layer_lines_figure(
+    records: Sequence[Mapping[str, Any]],
+    kind: str,
+    *,
+    title: str,
+    ylabel: str,
+    log_y: bool = False,
+    reference: tuple[float, str] | None = None,
+    rank_by: str = "abs",
+    total_key: str | None = None,
+) -> Figure | None:
+    """The ``TOP`` layers of ``curv/<kind>/<layer>`` as lines, the rest as a grey band, the events, a
+    reference line; ``None`` when the run has no such quantity."""
+    steps, series = layer_series(records, kind)
+    series.pop(AGGREGATE_KEY, None)
+    series.pop("threshold", None)
+    if not steps or not series:
+        return None
+    labels, events = layer_labels(records), run_events(records)
+    shown = top_layers(series, by=rank_by)
+    rest = [n for n in series if n not in shown]
+    fig, ax = plt.subplots(figsize=WIDE, constrained_layout=True)
+    if rest:
+        block = np.array([series[n] for n in rest], dtype=float)
+        with np.errstate(all="ignore"):
+            low, high = np.nanmin(block, axis=0), np.nanmax(block, axis=0)
+        ax.fill_between(steps, low, high, color="0.85", linewidth=0, label=f"other {len(rest)} layers (range)")
+    colors = plt.cm.tab10(np.arange(len(shown)) % 10)
+    for color, name in zip(colors, shown):
+        ax.plot(steps, series[name], color=color, linewidth=1.3, label=label_of(name, labels))
+    if total_key is not None:
+        total_steps, total = scalar_series(records, total_key)
+        if total_steps:
+            ax.plot(total_steps, total, color="black", linewidth=2.2, label="model (all layers)")
+    if reference is not None:
+        ax.axhline(reference[0], color="0.3", linewidth=1.0, linestyle="-", alpha=0.7, label=reference[1])
+    if log_y and any(v > 0 for vs in series.values() for v in vs if math.isfinite(v)):
+        ax.set_yscale("log")
+    mark_events(ax, events)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=11)
+    _legend(ax)
+    return fig
+
+
+def curvature_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Layers (rows, network order) × estimates, colour = log of ‖H_l,:‖_F²/d_l (the monitor's per-layer
+    signal: the layer's mean squared Hessian eigenvalue, never negative), events as vertical lines."""
+    steps, series = layer_series(records, "frob")
+    if not steps or not series:
+        return None
+    labels, events = layer_labels(records), run_events(records)
+    names = list(series)
+    grid = np.array([series[n] for n in names], dtype=float)
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    norm = LogNorm(vmin=float(np.percentile(positive, 1)), vmax=float(positive.max())) if positive.size else None
+    height = min(11.0, 2.2 + 0.2 * len(names))
+    fig, ax = plt.subplots(figsize=(10.5, height), constrained_layout=True)
+    image = ax.imshow(np.ma.masked_less_equal(grid, 0), aspect="auto", interpolation="nearest", cmap="viridis",
+                      norm=norm)  # fmt: skip
+    every = max(1, math.ceil(len(names) / 30))  # at most ~30 legible tick labels
+    ticks = list(range(0, len(names), every))
+    ax.set_yticks(ticks, [label_of(names[i], labels) for i in ticks], fontsize=8 if len(names) <= 30 else 7)
+    xticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int)
+    ax.set_xticks(xticks, [str(steps[i]) for i in xticks])
+
+    def column(step: int) -> float | None:
+        if step < steps[0] or step > steps[-1]:
+            return None
+        return float(np.interp(step, steps, np.arange(len(steps))))
+
+    mark_events(ax, events, to_x=column)
+    ax.set_xlabel("optimizer step")
+    ax.set_title("Curvature per layer: mean squared Hessian eigenvalue ||H_l,:||_F^2 / d_l (log colour)", fontsize=11)
+    fig.colorbar(image, ax=ax, label="||H_l,:||_F^2 / d_l", pad=0.01)
+    _legend(ax)
+    return fig
+
+
+def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Per-layer Hutchinson traces of the ``TOP`` layers with ± 1 SE bands (symmetric log axis: traces can be
+    negative, and near convergence single estimates change sign within their noise)."""
+    fig = layer_lines_figure(records, "trace", title="Hessian trace per layer tr(H_ll), ± 1 standard error "
+                             "(top layers; symlog axis)", ylabel="tr(H_ll)", total_key="curv/total/trace")  # fmt: skip
+    if fig is None:
+        return None
+    ax = fig.axes[0]
+    steps, traces = layer_series(records, "trace")
+    _, errors = layer_series(records, "trace_se")
+    labels = layer_labels(records)
+    for line in ax.get_lines():
+        name = next((n for n in traces if label_of(n, labels) == line.get_label()), None)
+        if name is not None and name in errors:
+            mean, se = np.array(traces[name]), np.nan_to_num(np.array(errors[name]))
+            ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.15, linewidth=0)
+    values = [abs(v) for line in ax.get_lines() for v in line.get_ydata() if np.isfinite(v) and v != 0]
+    ax.set_yscale("symlog", linthresh=float(np.percentile(values, 10)) if values else 1.0)
+    return fig
+
+
+def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """The model-wide CUSUM statistic (thick), the top layers', threshold h, the calibration period, events."""
+    steps, series = layer_series(records, "cusum")
+    if not steps:
+        return None
+    threshold = series.pop("threshold", None)
+    aggregate = series.pop(AGGREGATE_KEY, None)
+    labels, events = layer_labels(records), run_events(records)
+    fig, ax = plt.subplots(figsize=WIDE, constrained_layout=True)
+    ready_steps, ready = scalar_series(records, "curv/monitor_ready")
+    calibrating = [s for s, r in zip(ready_steps, ready) if r == 0]
+    if calibrating:
+        ax.axvspan(steps[0], max(calibrating), color="0.93", label="monitor calibrating (no alarm possible)")
+    shown = top_layers(series) if series else []
+    for color, name in zip(plt.cm.tab10(np.arange(len(shown)) % 10), shown):
+        ax.plot(steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels))
+    if aggregate is not None:
+        ax.plot(steps, aggregate, color="black", linewidth=2.4, label="model-wide S (raises the alarm)")
+    if threshold is not None:
+        h = [v for v in threshold if math.isfinite(v)]
+        if h:
+            ax.axhline(h[-1], color="darkorange", linestyle=":", linewidth=1.8, label=f"threshold h = {h[-1]:g}")
+    mark_events(ax, events)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("CUSUM statistic S")
+    ax.set_title("Memorisation monitor: CUSUM of the rise in curvature (alarm when the model-wide S > h)",
+                 fontsize=11)  # fmt: skip
+    _legend(ax)
+    return fig
+
+
+def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Training loss (per logged step) and validation loss/accuracy (per epoch), events marked."""
+    train = [r for r in records if r.get("type") == "train" and r.get("train/loss") is not None]
+    evals = [r for r in records if r.get("type") == "eval"]
+    curv = [r for r in records if r.get("type") == "metrics" and r.get("curv/loss") is not None]
+    if not (train or evals or curv):
+        return None
+    events = run_events(records)
+    has_acc = any("train/acc" in r for r in train) or any("eval/top1" in r for r in evals)
+    fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12.5, 4.3), constrained_layout=True, squeeze=False)
+    ax_loss = axes[0][0]
+    if train:
+        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], linewidth=1, label="training loss")
+    elif curv:
+        ax_loss.plot([r["step"] for r in curv], [r["curv/loss"] for r in curv], label="loss on the curvature batch")
+    if any("eval/loss" in r for r in evals):
+        ax_loss.plot([r["step"] for r in evals], [_num(r.get("eval/loss")) for r in evals], "o-", markersize=3,
+                     label="validation loss")  # fmt: skip
+    mark_events(ax_loss, events)
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss")
+    _legend(ax_loss)
+    if has_acc:
+        ax_acc = axes[0][1]
+        curves = (("train/acc", "training accuracy (batch)", "-"), ("eval/top1", "validation top-1", "o-"),
+                  ("eval/top1_ema", "validation top-1 (EMA weights)", "s--"))  # fmt: skip
+        for key, text, style in curves:
+            rows = [r for r in train + evals if key in r]
+            if rows:
+                ax_acc.plot([r["step"] for r in rows], [_num(r[key]) for r in rows], style, markersize=3, linewidth=1,
+                            label=text)  # fmt: skip
+        mark_events(ax_acc, events)
+        ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="Accuracy")
+        _legend(ax_acc)
+    return fig
+
+
+def matrix_heatmap_figure(matrix: Sequence[Sequence[float]], layers: Sequence[str], title: str, label: str,
+                          labels: Mapping[str, str] | None = None) -> Figure:  # fmt: skip
+    """An L × L layer map (resonance, coupling) on a log colour scale, layers in network order."""
+    grid = np.array(matrix, dtype=float)
+    positive = grid[np.isfinite(grid) & (grid > 0)]
+    size = min(11.0, 3.0 + 0.22 * len(layers))
+    fig, ax = plt.subplots(figsize=(size + 2.5, size), constrained_layout=True)
+    norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
+    image = ax.imshow(np.ma.masked_less_equal(grid, 0), cmap="magma", norm=norm, interpolation="nearest")
+    every = max(1, math.ceil(len(layers) / 30))
+    ticks = list(range(0, len(layers), every))
+    names = [label_of(layers[i], labels or {}) for i in ticks]
+    fontsize = 7 if len(layers) > 20 else 9
+    ax.set_xticks(ticks, names, rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, names, fontsize=fontsize)
+    ax.set_xlabel("source layer w")
+    ax.set_ylabel("layer v")
+    ax.set_title(title, fontsize=11)
+    fig.colorbar(image, ax=ax, label=label)
+    return fig
+
+
+def inter_layer_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
+    """Cross-block mass Φ and each top layer's top Hessian eigenvalue over steps (inter-layer cadence)."""
+    rows = [r for r in records if r.get("type") == "metrics" and r.get("curv/phi") is not None]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    events = run_events(records)
+    fig, (ax_phi, ax_eig) = plt.subplots(1, 2, figsize=(13.5, 4.3), constrained_layout=True)
+    ax_phi.errorbar(steps, [r["curv/phi"] for r in rows], yerr=[_num(r.get("curv/phi_se")) for r in rows], fmt="o-")
+    ax_phi.set_ylim(0, 1)
+    mark_events(ax_phi, events)
+    ax_phi.set(xlabel="optimizer step", ylabel="Φ", title="Cross-block mass Φ (what block-diagonal methods drop)")
+    _, tops = layer_series(rows, "top_eig")
+    labels = layer_labels(records)
+    shown = top_layers(tops) if tops else []
+    for color, name in zip(plt.cm.tab10(np.arange(len(shown)) % 10), shown):
+        ax_eig.plot(steps, tops[name], color=color, label=label_of(name, labels), linewidth=1.2)
+    if any(v > 0 for vs in tops.values() for v in vs if math.isfinite(v)):
+        ax_eig.set_yscale("symlog", linthresh=1e-3)
+    mark_events(ax_eig, events)
+    ax_eig.set(xlabel="optimizer step", ylabel="λ_max(H_ll)", title="Top Hessian eigenvalue per layer (Lanczos)")
+    _legend(ax_eig)
+    return fig
+
+
+def trace_heatmap_figure(traces: Sequence[tuple[int, Mapping[str, float]]], title: str = "") -> Figure:
+    """Layers × estimates of the per-layer trace (symmetric log colour), for W&B's running heatmap."""
     names: list[str] = []
     for _, row in traces:
         names.extend(n for n in row if n not in names)
@@ -56,151 +357,15 @@ def trace_heatmap_figure(traces: Sequence[tuple[int, Mapping[str, float]]], titl
     vmax = float(finite.max()) if finite.size else 1.0
     positive = finite[finite > 0]
     linthresh = float(np.percentile(positive, 10)) if positive.size else 1e-6
-    height = min(12.0, 1.5 + 0.22 * len(names))
-    fig, ax = plt.subplots(figsize=(10, height), constrained_layout=True)
-    image = ax.imshow(
-        np.ma.masked_invalid(grid),
-        aspect="auto",
-        interpolation="nearest",
-        cmap="RdBu_r",
-        norm=SymLogNorm(linthresh=max(linthresh, 1e-12), vmin=-vmax, vmax=vmax),
-    )
-    ax.set_yticks(range(len(names)), names, fontsize=7 if len(names) > 20 else 9)
-    ticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int) if steps else []
-    ax.set_xticks(ticks, [str(steps[i]) for i in ticks])
+    fig, ax = plt.subplots(figsize=(10, min(11.0, 1.8 + 0.2 * len(names))), constrained_layout=True)
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap="RdBu_r",
+                      norm=SymLogNorm(linthresh=max(linthresh, 1e-12), vmin=-vmax, vmax=vmax))  # fmt: skip
+    every = max(1, math.ceil(len(names) / 30))
+    ticks = list(range(0, len(names), every))
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7 if len(names) > 20 else 9)
+    xticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int) if steps else []
+    ax.set_xticks(xticks, [str(steps[i]) for i in xticks])
     ax.set_xlabel("optimizer step")
-    ax.set_title(title or "Hessian trace per layer (Hutchinson), symmetric log scale")
+    ax.set_title(title or "Hessian trace per layer (Hutchinson), symmetric log colour", fontsize=11)
     fig.colorbar(image, ax=ax, label="tr H_ll")
-    return fig
-
-
-def _alarm_lines(ax: Any, records: Sequence[Mapping[str, Any]]) -> None:
-    alarms = [r for r in records if r.get("type") == "alarm"]
-    for i, alarm in enumerate(alarms):
-        ax.axvline(alarm["step"], color="crimson", linestyle="--", linewidth=1.2, label="alarm" if i == 0 else None)
-
-
-def layer_lines_figure(
-    records: Sequence[Mapping[str, Any]], kind: str, *, title: str, ylabel: str, log_y: bool = False
-) -> Figure:
-    """One line per layer of ``curv/<kind>/<layer>`` over steps; alarms as dashed red lines."""
-    steps, series = layer_series(records, kind)
-    fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(series), 1)))
-    for color, (name, values) in zip(colors, series.items()):
-        ax.plot(steps, values, color=color, linewidth=1.2, label=name)
-    if log_y and any(v > 0 for vs in series.values() for v in vs if math.isfinite(v)):
-        ax.set_yscale("log")
-    _alarm_lines(ax, records)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if series:
-        ax.legend(fontsize=7, ncol=max(1, len(series) // 12), loc="center left", bbox_to_anchor=(1.01, 0.5))
-    else:
-        ax.text(0.5, 0.5, f"no {kind} in this log", ha="center", va="center", transform=ax.transAxes)
-    return fig
-
-
-def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
-    """The model-wide CUSUM statistic (thick) and per-layer ones (thin) with threshold h and alarms."""
-    steps, series = layer_series(records, "cusum")
-    threshold = series.pop("threshold", None)
-    aggregate = series.pop(AGGREGATE_KEY, None)
-    fig, ax = plt.subplots(figsize=(10, 4.5), constrained_layout=True)
-    for values in series.values():
-        ax.plot(steps, values, color="0.75", linewidth=0.8)
-    if series:
-        ax.plot([], [], color="0.75", linewidth=0.8, label="per layer")
-    if aggregate is not None:
-        ax.plot(steps, aggregate, color="black", linewidth=2.0, label="model-wide S")
-    if threshold is not None and steps:
-        ax.plot(steps, threshold, color="darkorange", linestyle=":", linewidth=1.5, label="threshold h")
-    _alarm_lines(ax, records)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("CUSUM statistic S")
-    ax.set_title("Memorisation monitor: CUSUM of the rise in curvature (alarm when S > h)")
-    if steps:
-        ax.legend(loc="upper left")
-    else:
-        ax.text(0.5, 0.5, "no CUSUM statistics in this log (monitor off?)", ha="center", va="center",
-                transform=ax.transAxes)  # fmt: skip
-    return fig
-
-
-def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
-    """Training loss (per logged step) and validation loss/accuracy (per epoch) when logged."""
-    train = [r for r in records if r.get("type") == "train" and r.get("train/loss") is not None]
-    evals = [r for r in records if r.get("type") == "eval"]
-    curv = [r for r in records if r.get("type") == "metrics" and r.get("curv/loss") is not None]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
-    if train:
-        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label="train loss", linewidth=1)
-    elif curv:
-        ax_loss.plot([r["step"] for r in curv], [r["curv/loss"] for r in curv], label="loss (curvature batch)")
-    if evals and any("eval/loss" in r for r in evals):
-        ax_loss.plot([r["step"] for r in evals], [_num(r.get("eval/loss")) for r in evals], "o-", label="val loss")
-    _alarm_lines(ax_loss, records)
-    ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("loss")
-    ax_loss.set_title("Loss")
-    ax_loss.legend()
-    acc_keys = [k for k in ("train/acc", "eval/top1", "eval/top1_ema") if any(k in r for r in train + evals)]
-    for key in acc_keys:
-        rows = [r for r in train + evals if key in r]
-        ax_acc.plot([r["step"] for r in rows], [_num(r[key]) for r in rows], "o-" if key.startswith("eval") else "-",
-                    label=key, linewidth=1)  # fmt: skip
-    _alarm_lines(ax_acc, records)
-    ax_acc.set_xlabel("optimizer step")
-    ax_acc.set_ylabel("accuracy (%)")
-    ax_acc.set_title("Accuracy")
-    if acc_keys:
-        ax_acc.legend()
-    else:
-        ax_acc.text(0.5, 0.5, "no accuracy in this log", ha="center", va="center", transform=ax_acc.transAxes)
-    return fig
-
-
-def matrix_heatmap_figure(matrix: Sequence[Sequence[float]], layers: Sequence[str], title: str, label: str) -> Figure:
-    """An L × L layer map (resonance, coupling) on a log colour scale, layers in network order."""
-    from matplotlib.colors import LogNorm
-
-    grid = np.array(matrix, dtype=float)
-    positive = grid[np.isfinite(grid) & (grid > 0)]
-    size = min(11.0, 2.5 + 0.25 * len(layers))
-    fig, ax = plt.subplots(figsize=(size + 1.5, size), constrained_layout=True)
-    norm = LogNorm(vmin=float(positive.min()), vmax=float(positive.max())) if positive.size else None
-    image = ax.imshow(np.ma.masked_less_equal(grid, 0), cmap="magma", norm=norm, interpolation="nearest")
-    fontsize = 6 if len(layers) > 20 else 9
-    ax.set_xticks(range(len(layers)), layers, rotation=90, fontsize=fontsize)
-    ax.set_yticks(range(len(layers)), layers, fontsize=fontsize)
-    ax.set_xlabel("source layer w")
-    ax.set_ylabel("layer v")
-    ax.set_title(title)
-    fig.colorbar(image, ax=ax, label=label)
-    return fig
-
-
-def inter_layer_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
-    """Cross-block mass Φ and each layer's top Hessian eigenvalue over steps (inter-layer cadence)."""
-    rows = [r for r in records if r.get("type") == "metrics" and r.get("curv/phi") is not None]
-    steps = [r["step"] for r in rows]
-    fig, (ax_phi, ax_eig) = plt.subplots(1, 2, figsize=(13, 4.2), constrained_layout=True)
-    ax_phi.errorbar(steps, [r["curv/phi"] for r in rows], yerr=[_num(r.get("curv/phi_se")) for r in rows], fmt="o-")
-    ax_phi.set_ylim(0, 1)
-    ax_phi.set_xlabel("optimizer step")
-    ax_phi.set_ylabel("Φ")
-    ax_phi.set_title("Cross-block mass Φ = 1 − Σ‖H_vv‖² / ‖H‖² (what block-diagonal methods drop)")
-    _, tops = layer_series(rows, "top_eig")
-    colors = plt.cm.viridis(np.linspace(0, 1, max(len(tops), 1)))
-    for color, (name, values) in zip(colors, tops.items()):
-        ax_eig.plot(steps, values, color=color, label=name, linewidth=1.2)
-    if any(v > 0 for vs in tops.values() for v in vs if math.isfinite(v)):
-        ax_eig.set_yscale("symlog", linthresh=1e-3)
-    _alarm_lines(ax_eig, records)
-    ax_eig.set_xlabel("optimizer step")
-    ax_eig.set_ylabel("λ_max(H_ll)")
-    ax_eig.set_title("Top Hessian eigenvalue per layer (Lanczos); 2/λ_max bounds a stable step")
-    if tops:
-        ax_eig.legend(fontsize=7, ncol=max(1, len(tops) // 12), loc="center left", bbox_to_anchor=(1.01, 0.5))
     return fig

@@ -1,13 +1,23 @@
-"""``curvopt report RUN_DIR``: PNG (and optionally one self-contained HTML) report of a run's JSONL log."""
+"""``curvopt report RUN_DIR``: PNG figures and one self-contained HTML page from a run's JSONL log.
+
+The page tells the run's story: what was trained (model, data, optimizer, label noise, curvature
+settings), the alarms (when, which layers, the statistic), a per-layer table at the last estimate
+and at the first alarm, and every figure with a paragraph on how to read it; images are inline, so
+the page is one file to send. Figures are drawn only for quantities the run logged.
+"""
 
 from __future__ import annotations
 
 import base64
 import html
-from collections.abc import Mapping, Sequence
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..control.monitor import distinct_numbers
 from .loggers import deduplicate, read_jsonl
 
 LOG_NAME = "curvature.jsonl"
@@ -15,6 +25,54 @@ LOG_NAME = "curvature.jsonl"
 
 class ReportError(ValueError):
     """The run directory has no readable curvature log."""
+
+
+@dataclass(frozen=True)
+class Section:
+    """One figure of the report: file stem, heading, builder and how to read it."""
+
+    stem: str
+    heading: str
+    build: Callable[[Sequence[Mapping[str, Any]]], Any]
+    how_to_read: str
+
+
+def _sections() -> list[Section]:
+    from . import plots
+
+    return [
+        Section("curvature_heatmap", "Curvature per layer", plots.curvature_heatmap_figure,
+                "Each row is a layer (in network order), each column an estimate; colour is the layer's mean squared "
+                "Hessian eigenvalue on a log scale, the quantity the memorisation monitor watches. With clean labels "
+                "it falls by orders of magnitude early in training and then flattens; when the run starts fitting "
+                "noisy or random labels it rises again. Vertical lines mark the run's events."),
+        Section("trace", "Hessian trace per layer", plots.trace_figure,
+                "Hutchinson estimates of tr(H_ll) for the layers with the largest traces (the others as a grey range; "
+                "the model total in black). Traces can be negative (directions of negative curvature), and one "
+                "estimate is noisy: the table's ± gives its standard error."),
+        Section("gn_gap", "GN-Gap per layer", lambda r: plots.layer_lines_figure(
+                    r, "gn_gap", title="GN-Gap ||H^T_l,:||_F / ||G_l,:||_F per layer (log scale)", ylabel="GN-Gap",
+                    log_y=True, reference=(1.0, "GN-Gap = 1: tensor part as large as Gauss-Newton"),
+                    rank_by="log", total_key="curv/total/gn_gap"),
+                "How large the residual (non-Gauss-Newton) part of each layer's curvature is against its Gauss-Newton "
+                "part. Below 1 the Gauss-Newton matrix carries most of the layer's curvature (GGN and K-FAC "
+                "preconditioners see most of it); above 1 the residual dominates."),
+        Section("cusum", "Memorisation monitor", plots.cusum_figure,
+                "The CUSUM statistic adds up how far the smoothed model-wide curvature rises above its running trough, "
+                "in units of its own noise. The alarm fires when the thick line crosses the threshold h. Grey shading "
+                "is the calibration period, when no alarm is possible; thin lines show which layers rise."),
+        Section("lr_scale", "Layer-wise learning-rate scale", lambda r: plots.layer_lines_figure(
+                    r, "lr_scale", title="Layer-wise learning-rate scale s_l (top layers)", ylabel="scale s_l",
+                    log_y=True, reference=(1.0, "s = 1: unchanged"), rank_by="log"),
+                "The multiplier of each layer's learning rate chosen by the LR-scaling policy (1: the base rate)."),
+        Section("training", "Loss and accuracy", plots.training_figure,
+                "Training loss per logged step, validation loss and accuracy per epoch. On noisy labels validation "
+                "accuracy peaks and then falls while the training loss keeps falling: the model memorises."),
+        Section("inter_layer", "Cross-block mass and top eigenvalues", plots.inter_layer_figure,
+                "Φ is the share of the Hessian's squared Frobenius mass outside the diagonal layer blocks (what any "
+                "block-diagonal preconditioner ignores); the right panel follows each layer's largest eigenvalue "
+                "(2/λ_max bounds a stable step for that layer)."),
+    ]  # fmt: skip
 
 
 def find_log(run: str | Path) -> Path:
@@ -29,87 +87,172 @@ def find_log(run: str | Path) -> Path:
 
 
 def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page: bool = False) -> list[Path]:
-    """Write ``trace_heatmap.png``, ``gn_gap.png``, ``cusum.png``, ``lr_scale.png``, ``training.png``,
-    with inter-layer records also ``coupling.png``, ``resonance.png``, ``inter_layer.png`` (and
-    ``report.html`` with all of them inline) into ``out_dir`` (default ``RUN_DIR/report``)."""
+    """Write a PNG for every quantity the run logged (``curvature_heatmap``, ``trace``, ``gn_gap``,
+    ``cusum``, ``lr_scale``, ``training``, and with inter-layer records ``coupling``, ``resonance``,
+    ``inter_layer``) into ``out_dir`` (default ``RUN_DIR/report``), and with ``html_page`` one
+    ``report.html`` holding them all. Returns the files written."""
     import matplotlib.pyplot as plt
-
-    from .plots import (
-        cusum_figure,
-        inter_layer_figure,
-        layer_lines_figure,
-        layer_series,
-        matrix_heatmap_figure,
-        trace_heatmap_figure,
-        training_figure,
-    )
 
     log_path = find_log(run)
     records = deduplicate(read_jsonl(log_path))
-    steps, traces = layer_series(records, "trace")
-    if not steps:
+    if not any(r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r) for r in records):
         raise ReportError(f"{log_path} holds no curvature estimates yet")
     out = Path(out_dir) if out_dir is not None else log_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
-    columns = [(s, {n: v[i] for n, v in traces.items()}) for i, s in enumerate(steps)]
-    figures = {
-        "trace_heatmap": trace_heatmap_figure(columns),
-        "gn_gap": layer_lines_figure(
-            records,
-            "gn_gap",
-            title="GN-Gap per layer: ||H^T_l,:||_F / ||G_l,:||_F (0 = Gauss-Newton exact)",
-            ylabel="GN-Gap",
-            log_y=True,
-        ),
-        "cusum": cusum_figure(records),
-        "lr_scale": layer_lines_figure(records, "lr_scale", title="Layer-wise LR scale s_l", ylabel="scale"),
-        "training": training_figure(records),
-    }
-    inter = [r for r in records if r.get("type") == "metrics" and r.get("curv/coupling") is not None]
-    if inter:  # the slower inter-layer cadence (inter_every) was on
-        last = inter[-1]
-        figures["coupling"] = matrix_heatmap_figure(
-            last["curv/coupling"], last["curv/inter_layers"],
-            f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step {last['step']}", "C",
-        )  # fmt: skip
-        figures["resonance"] = matrix_heatmap_figure(
-            last["curv/resonance"], last["curv/inter_layers"], f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}",
-            "R",
-        )  # fmt: skip
-        figures["inter_layer"] = inter_layer_figure(records)
-    written = []
-    for name, figure in figures.items():
-        path = out / f"{name}.png"
+    written: list[tuple[Section, Path]] = []
+    for section in [*_sections(), *_map_sections(records)]:
+        figure = section.build(records)
+        if figure is None:  # the run has no such quantity: no placeholder figure
+            continue
+        path = out / f"{section.stem}.png"
         figure.savefig(path, dpi=110)
         plt.close(figure)
-        written.append(path)
+        written.append((section, path))
+    paths = [p for _, p in written]
     if html_page:
-        written.append(_write_html(out / "report.html", log_path, records, written))
-    return written
+        paths.append(_write_html(out / "report.html", log_path, records, written))
+    return paths
 
 
-def _summary_rows(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    metrics = [r for r in records if r.get("type") == "metrics"]
-    alarms = [r for r in records if r.get("type") == "alarm"]
-    rows = [("estimates", str(len(metrics))), ("last step", str(metrics[-1]["step"]) if metrics else "–")]
-    rows.append(("alarms", ", ".join(f"step {a['step']}" for a in alarms) or "none"))
-    evals = [r for r in records if r.get("type") == "eval"]
-    if evals and "eval/top1" in evals[-1]:
-        rows.append(("last val top-1", f"{evals[-1]['eval/top1']:.2f} %"))
+def _map_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
+    """The L × L coupling and resonance maps of the last inter-layer estimate, when the run has one."""
+    from .plots import layer_labels, matrix_heatmap_figure
+
+    inter = [r for r in records if r.get("type") == "metrics" and r.get("curv/coupling") is not None]
+    if not inter:
+        return []
+    last, labels = inter[-1], layer_labels(records)
+    layers = last["curv/inter_layers"]
+    return [
+        Section("coupling", "Inter-layer coupling", lambda _: matrix_heatmap_figure(
+            last["curv/coupling"], layers, f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step "
+            f"{last['step']}", "C", labels),
+            "How strongly the loss couples two layers' parameters, relative to each layer's own curvature "
+            "(1: as strong as within a layer). Bright off-diagonal entries are what block-diagonal methods miss."),
+        Section("resonance", "Inter-layer resonance", lambda _: matrix_heatmap_figure(
+            last["curv/resonance"], layers, f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}", "R", labels),
+            "The size of each block of the Hessian, ||H_vw||_F, on a log colour scale."),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------------- the HTML page
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–" if math.isnan(value) else ("∞" if value > 0 else "−∞")
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_fmt(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return "–" if value is None else str(value)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str] | None = None, cls: str = "") -> str:
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<div class='scroll'><table class='{cls}'>{head}{body}</table></div>"
+
+
+def _configuration(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for record in records:
+        if record.get("type") == "run":
+            rows += [(k.replace("_", " "), v) for k, v in record.items() if k not in ("type", "run_id")]
+            break
+    for record in records:
+        if record.get("type") == "config":
+            c = record.get("curvopt") or {}
+            rows += [("curvature", f"every {c.get('every')} steps, K = {c.get('probes')} probes on "
+                                   f"{c.get('curvature_batch_size')} samples, Gauss-Newton "
+                                   f"{'on' if c.get('gn') else 'off'}, strategy {c.get('strategy')}"),
+                     ("monitor", c.get("monitor") and {k: c["monitor"].get(k) for k in ("h", "k", "warmup", "signal")}),
+                     ("LR scaling", c.get("lr_scaling") or "off"), ("layers", len(c.get("layers", [])))]  # fmt: skip
+            break
     return rows
 
 
-def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]], images: Sequence[Path]) -> Path:
+def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
+    names = [k.removeprefix("curv/trace/") for k in record if k.startswith("curv/trace/")]
+    columns = [("trace", "trace"), ("trace_se", "± se"), ("gn_trace", "GN trace"), ("gn_gap", "GN-Gap"),
+               ("frob", "||H_l,:||²/d"), ("cusum", "CUSUM S"), ("lr_scale", "LR scale")]  # fmt: skip
+    present = [(key, title) for key, title in columns if any(f"curv/{key}/{n}" in record for n in names)]
+    rows = [[labels.get(n, n), *[record.get(f"curv/{key}/{n}") for key, _ in present]] for n in names]
+    totals = {key: record.get(f"curv/total/{key}") for key, _ in present}
+    totals["cusum"] = record.get("curv/cusum/aggregate")
+    rows.append(["model (all)", *[totals.get(key) for key, _ in present]])
+    return ["layer", *[title for _, title in present]], rows
+
+
+def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]],
+                figures: Sequence[tuple[Section, Path]]) -> Path:  # fmt: skip
+    from .plots import label_of, layer_labels
+
+    labels = layer_labels(records)
+    metrics = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
+    alarms = [r for r in records if r.get("type") == "alarm"]
+    events = [r for r in records if r.get("type") == "event"]
+    evals = [r for r in records if r.get("type") == "eval" and "eval/top1" in r]
+    run = next((r for r in records if r.get("type") == "run"), {})
+    title = f"curvopt report: {run.get('model', '')} on {run.get('dataset', '')}".rstrip(" on")
+    relative_log = os.path.relpath(log_path, path.parent)
+    links = [f"<a href='{html.escape(relative_log)}'>JSONL log</a> (<code>{html.escape(str(log_path))}</code>)"]
+    if run.get("wandb_url"):
+        links.append(f"<a href='{html.escape(run['wandb_url'])}'>W&amp;B run</a>")
+    elif run.get("wandb_dir"):
+        links.append(f"W&amp;B run (offline, <code>wandb sync {html.escape(run['wandb_dir'])}</code> uploads it)")
+    skipped = max((r.get("curv/skipped_estimates", 0) for r in records if r.get("type") == "metrics"), default=0)
+    summary = [("estimates", len(metrics)), ("last step", metrics[-1]["step"] if metrics else "–"),
+               ("alarms", len(alarms)), ("skipped estimates", skipped)]  # fmt: skip
+    if evals:
+        best = max(evals, key=lambda r: r["eval/top1"])
+        summary += [("last val top-1 (%)", evals[-1]["eval/top1"]),
+                    ("best val top-1 (%)", f"{best['eval/top1']:.2f} at epoch {best.get('epoch', 0) + 1}")]  # fmt: skip
     parts = [
-        "<!doctype html><meta charset='utf-8'><title>curvopt report</title>",
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}img{max-width:100%}"
-        "td{padding:2px 12px}</style>",
-        f"<h1>curvopt report</h1><p>log: <code>{html.escape(str(log_path))}</code></p><table>",
+        f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        "<style>body{font-family:system-ui,sans-serif;max-width:1150px;margin:1.5em auto;padding:0 1em;color:#222;"
+        "line-height:1.45}img{width:100%;height:auto;border:1px solid #ddd}table{border-collapse:collapse;"
+        "font-size:.9em}td,th{padding:3px 10px;border-bottom:1px solid #eee;text-align:left}th{background:#f6f6f6}"
+        ".scroll{overflow-x:auto;max-width:100%}.how{color:#444;background:#f8f8fb;padding:.6em .9em;"
+        "border-left:3px solid #99c}code{font-size:.9em;word-break:break-all}h2{margin-top:1.6em}</style>",
+        f"<h1>{html.escape(title)}</h1><p>{' · '.join(links)}</p>",
+        "<h2>Run</h2>", _table(_configuration(records) + summary, cls="config"),
+        "<h2>Alarms</h2>",
     ]
-    parts += [f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in _summary_rows(records)]
-    parts.append("</table>")
-    for image in images:
+    if alarms:
+        rows = [[a["step"], a.get("kind"), *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
+                 ", ".join(label_of(n, labels) for n in a.get("layers", [])) or "model-wide only"] for a in alarms]
+        parts.append(_table(rows, ["step", "kind", "CUSUM S", "threshold h", "layers"], "alarms"))
+    else:
+        parts.append("<p>No memorisation alarm.</p>")
+    if events:
+        parts += ["<h2>Events</h2>", _table([[e["step"], e.get("kind", "").replace("_", " "), e.get("text", "")]
+                                             for e in events], ["step", "event", "detail"])]  # fmt: skip
+    if metrics:
+        header, rows = _layer_rows(metrics[-1], labels)
+        heading = f"<h2>Per layer at the last estimate (step {metrics[-1]['step']})</h2>"
+        parts += [heading, _table(rows, header, "layers")]
+    if alarms and metrics:
+        at = next((m for m in metrics if m["step"] >= alarms[0]["step"]), metrics[-1])
+        header, rows = _layer_rows(at, labels)
+        parts += [f"<h2>Per layer at the first alarm (step {at['step']})</h2>", _table(rows, header, "layers")]
+    for section, image in figures:
         data = base64.b64encode(image.read_bytes()).decode("ascii")
-        parts.append(f"<h2>{html.escape(image.stem)}</h2><img src='data:image/png;base64,{data}'>")
+        parts += [f"<h2>{html.escape(section.heading)}</h2>", f"<p class='how'>{html.escape(section.how_to_read)}</p>",
+                  f"<img alt='{html.escape(section.heading)}' src='data:image/png;base64,{data}'>"]  # fmt: skip
+    parts.append(RENDER_CHECK)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path
+
+
+RENDER_CHECK = """<script>
+// Render self-check for headless browsers (benchmarks/report_screenshot.py): images loaded, no overflow.
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const broken = images.filter((i) => !(i.complete && i.naturalWidth > 0)).length;
+  const root = document.documentElement;
+  document.body.dataset.renderCheck = JSON.stringify({images: images.length, broken,
+    overflow: root.scrollWidth > root.clientWidth + 1});
+});
+</script>"""

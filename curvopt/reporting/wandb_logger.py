@@ -1,14 +1,17 @@
-"""``WandbLogger``: curvature metrics, alarms and layer × step heatmaps in Weights & Biases.
+"""``WandbLogger``: curvature metrics, alarms, events and layer × step heatmaps in Weights & Biases.
 
-Keys (all against a monotone ``curv/step`` via ``define_metric("curv/*", step_metric="curv/step")``,
-so they never fight the user's own ``wandb.log`` step): ``curv/trace/<layer>``,
-``curv/trace_se/<layer>``, ``curv/gn_gap/<layer>``, ``curv/cusum/<layer>``,
-``curv/lr_scale/<layer>``, ``curv/total/*``, ``curv/alarm``; every ``heatmap_every`` estimates an
-image ``curv/trace_heatmap`` (layers × steps) over the whole run so far, from at most
-``heatmap_columns`` evenly spaced estimates (:class:`ThinnedHistory`: memory does not grow with
-the run's length). With the optimizer's ``inter_every``: images ``curv/coupling`` and
-``curv/resonance`` (L × L) and scalars ``curv/phi``, ``curv/top_eig/<layer>``,
-``curv/stable_rank/<layer>``.
+Keys, all against a monotone ``curv/step`` (``define_metric``, so they never fight the user's own
+``wandb.log`` step). W&B groups panels into sections by the text before the first ``/``, so each
+per-layer quantity gets a section of its own: ``curv.trace/<layer>``, ``curv.trace_se/<layer>``,
+``curv.frob/<layer>``, ``curv.gn_trace/<layer>``, ``curv.gn_gap/<layer>``, ``curv.cusum/<layer>``,
+``curv.lr_scale/<layer>`` (and ``curv.top_eig``, ``curv.stable_rank`` with the inter-layer cadence),
+while the model-wide values share the ``curv`` section: ``curv/total/*``, ``curv/cusum_aggregate``,
+``curv/cusum_threshold``, ``curv/monitor_ready``, ``curv/alarm``, ``curv/loss``, ``curv/skipped_estimates``,
+``curv/phi``. Every ``heatmap_every`` estimates an image ``curv/trace_heatmap`` (layers × steps) over
+the whole run so far, from at most ``heatmap_columns`` evenly spaced estimates (:class:`ThinnedHistory`:
+memory does not grow with the run's length); with the inter-layer cadence images ``curv/coupling`` and
+``curv/resonance``. Alarms are W&B alerts (one per episode); events (label-noise start, resume, ...)
+and alarms form the ``curv/events`` table.
 
 Mode: ``WANDB_MODE`` when set; otherwise online when credentials exist (``WANDB_API_KEY`` or a
 netrc entry for the W&B host) and **offline** when there are none, so a run never prompts for a
@@ -32,6 +35,19 @@ from ..control.monitor import Alarm
 log = logging.getLogger("curvopt")
 
 CURV_STEP = "curv/step"
+PER_LAYER = ("trace", "trace_se", "frob", "gn_trace", "tensor_trace", "gn_gap", "gn_gap_trace", "cusum", "lr_scale",
+             "top_eig", "stable_rank")  # fmt: skip
+
+
+def wandb_key(key: str) -> str:
+    """The W&B name of a logged key: per-layer ``curv/<quantity>/<layer>`` → ``curv.<quantity>/<layer>`` (a panel
+    section per quantity); the model-wide CUSUM and threshold → ``curv/cusum_aggregate``, ``curv/cusum_threshold``."""
+    parts = key.split("/", 2)
+    if len(parts) == 3 and parts[0] == "curv" and parts[1] in PER_LAYER:
+        if parts[1] == "cusum" and parts[2] in ("aggregate", "threshold"):
+            return f"curv/cusum_{parts[2]}"
+        return f"curv.{parts[1]}/{parts[2]}"
+    return key
 TRAIN_STEP = "train/step"
 
 T = TypeVar("T")
@@ -152,6 +168,7 @@ class WandbLogger:
             self.local_dir = str(Path(run.dir).parent)
             run.define_metric(CURV_STEP)
             run.define_metric("curv/*", step_metric=CURV_STEP)
+            run.define_metric("curv.*", step_metric=CURV_STEP)
             run.define_metric(TRAIN_STEP)
             run.define_metric("train/*", step_metric=TRAIN_STEP)
             run.define_metric("epoch")
@@ -164,6 +181,20 @@ class WandbLogger:
     @property
     def active(self) -> bool:
         return self.run is not None
+
+    @property
+    def url(self) -> str | None:
+        """The run's page (``None`` offline or when W&B is off)."""
+        try:
+            return self.run.url if self.run is not None else None
+        except Exception:
+            return None
+
+    def describe(self) -> dict[str, str]:
+        """Where the run is, for a report: ``{"wandb_url": ...}`` online, ``{"wandb_dir": ...}`` offline."""
+        if self.url:
+            return {"wandb_url": self.url}
+        return {"wandb_dir": self.local_dir} if self.local_dir else {}
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -204,7 +235,7 @@ class WandbLogger:
         if self.run is None:
             return
         maps = {k: v for k, v in metrics.items() if isinstance(v, (list, tuple))}
-        self._log({CURV_STEP: step, **{k: v for k, v in metrics.items() if k not in maps}})
+        self._log({CURV_STEP: step, **{wandb_key(k): v for k, v in metrics.items() if k not in maps}})
         if "curv/coupling" in maps and "curv/inter_layers" in maps:
             self._safely("layer maps", self._log_maps, step, maps)
         traces = {k.removeprefix("curv/trace/"): v for k, v in metrics.items() if k.startswith("curv/trace/")}
@@ -231,8 +262,11 @@ class WandbLogger:
         self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._image(trace_heatmap_figure(self._traces.items()))})
 
     def alert(self, alarm: Alarm) -> None:
-        """One W&B alert per alarm episode (the monitor raises one ``Alarm`` per episode)."""
-        if self.run is None or not self.alerts:
+        """One W&B alert per alarm episode (the monitor raises one per episode), and a row of ``curv/events``."""
+        if self.run is None:
+            return
+        self.log_event(alarm.step, "alarm", alarm.describe())
+        if not self.alerts:
             return
         self._safely(
             "alert",

@@ -128,6 +128,7 @@ class EpochContext:
     show_progress: bool
     num_epochs: int = 0
     should_stop: Callable[[], bool] = lambda: False  # checked after every update (--on-alarm stop)
+    on_lr: Callable[[int, float], None] = lambda step, lr: None  # the LR after every update (restart detection)
 
 
 def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int) -> EpochResult:
@@ -209,6 +210,7 @@ def _after_update(ctx: EpochContext, num_updates: int, epoch: int, loss_value: f
     if ctx.model_ema is not None:
         ctx.model_ema.update(ctx.model, step=num_updates)
     ctx.scheduler.step_update(num_updates=num_updates)
+    ctx.on_lr(num_updates, opt.param_groups[0]["lr"])
     if num_updates % ctx.args.log_interval == 0:
         ctx.log_training(num_updates, {"train/loss": loss_value, "train/acc": batch_acc,
                                        "train/lr": opt.param_groups[0]["lr"], "epoch": epoch})  # fmt: skip

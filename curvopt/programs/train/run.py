@@ -99,6 +99,7 @@ class TrainingRun:
     best_epoch: int = -1
     skipped_batches: int = 0
     epoch: int = 0
+    last_lr: float | None = None
     stop_alarm: Alarm | None = None
     last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
@@ -122,7 +123,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     device = resolve_device(args)
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     data = build_data(args, device)
-    model, stem_note = create_model(args, data.splits.num_classes)
+    model, stem_note = create_model(args, data.splits.num_classes, data.splits.input_size[0])
     model, train_model, model_ema = place_model(args, model, device)
     loss_fn, mixup_fn = build_loss(args, data.splits.num_classes)
     run_box: list[TrainingRun] = []  # the callbacks below see the run once it exists
@@ -144,6 +145,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
         buffers=BufferCheckpoint(model), log_training=log_training,
         show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
         should_stop=lambda: run_box[0].stop_alarm is not None,
+        on_lr=lambda step, lr: note_lr(run_box[0], step, lr),
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
     run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
@@ -229,9 +231,10 @@ def open_logs(run: TrainingRun, resume: dict[str, Any] | None, changes: dict[str
             project=args.wandb_project, name=run.run_dir.name, dir=str(run.run_dir), config=saved,
             tags=list(args.wandb_tags) or None, id=run.run_id, resume="allow",
         )  # fmt: skip
+    config = _run_config(run) | (run.wandb_logger.describe() if run.wandb_logger is not None else {})
     for sink in run.sinks:
         run.opt.add_logger(sink)
-        sink.log_run(_run_config(run))
+        sink.log_run(config)
     if resume is not None:
         run.log_event(run.num_updates + 1, "resume", f"resumed from epoch {run.start_epoch} (update {run.num_updates})")
     if changes:
@@ -298,6 +301,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
     run.skipped_batches += result.skipped
     stats = _validate(run, result)
     run.scheduler.step(epoch + 1, stats["eval/top1"])
+    note_lr(run, run.num_updates, run.opt.param_groups[0]["lr"])
     best = stats["eval/top1"] > run.best_top1
     if best:
         run.best_top1, run.best_epoch = stats["eval/top1"], epoch
@@ -342,6 +346,14 @@ def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
     save_checkpoint(run.run_dir / CHECKPOINT, state)
     if best:
         save_checkpoint(run.run_dir / BEST, state)
+
+
+def note_lr(run: TrainingRun, step: int, lr: float) -> None:
+    """Record an ``lr_restart`` event when the schedule jumps the LR up (≥ 2×) after warm-up (cosine restarts)."""
+    previous, run.last_lr = run.last_lr, lr
+    warming_up = run.epoch < run.args.warmup_epochs + 1
+    if previous is not None and lr >= 2 * previous and not warming_up:
+        run.log_event(step + 1, "lr_restart", f"learning rate {previous:.3g} -> {lr:.3g}")
 
 
 def handle_alarm(run: TrainingRun, alarm: Alarm) -> None:

@@ -125,7 +125,7 @@ def adapt_to_small_inputs(model: nn.Module) -> str:
     )
 
 
-def create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, str]:
+def create_model(args: argparse.Namespace, num_classes: int, in_chans: int = 3) -> tuple[nn.Module, str]:
     """The timm model (and what the small-input adaptation changed, or ``""``)."""
     import timm
 
@@ -138,7 +138,8 @@ def create_model(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module,
         kwargs["drop_path_rate"] = args.drop_path
     try:
         model = timm.create_model(
-            args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop, **kwargs
+            args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop, in_chans=in_chans,
+            **kwargs,
         )
     except TypeError as exc:
         raise TrainError(f"model '{args.model}' rejected its arguments: {exc}") from None
