@@ -14,6 +14,8 @@ raises on every rank.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from torch import nn
 
 from ..engine.batch import CurvatureInputError, Forward, slice_batch, split_batch
 from ..engine.layers import Layer
+from ..engine.probes import probe_generator
 from ..estimators import distributed as dist_utils
 from ..estimators.budget import ProbeBudgetTracker
 from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
@@ -64,7 +67,8 @@ class EstimateRunner:
         self.blocks = list(blocks)
         self.settings = settings
         self.process_group = process_group
-        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.device = self.blocks[0].params[0].device
+        self.generator = probe_generator(settings.seed, self.device)  # probes drawn where the parameters live
         self.probe_tracker = ProbeBudgetTracker(window=20)
 
     def probes(self) -> int:
@@ -72,9 +76,11 @@ class EstimateRunner:
         if self.settings.probes != "auto":
             return int(self.settings.probes)
         low, high = self.settings.auto_probes
-        if self.probe_tracker.count < 3:
-            return max(low, min(high, 8))
-        return self.probe_tracker.suggest_probes(low, high)
+        k = max(low, min(high, 8)) if self.probe_tracker.count < 3 else self.probe_tracker.suggest_probes(low, high)
+        if self.settings.estimator == "hutchinson":
+            return k
+        k = max(k, 6)  # the deflated estimators need a sketch and at least two samples
+        return k + (k % 2) if self.settings.estimator == "xtrace" else k
 
     def run(
         self, step: int, batch: tuple[Any, Any] | None, *, strict: bool = False, ever_batched: bool = True
@@ -111,7 +117,7 @@ class EstimateRunner:
             estimate = estimate_curvature(
                 self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
                 probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
-                strategy=self.settings.strategy, forward=self.forward,
+                strategy=self.settings.strategy, forward=self.forward, estimator=self.settings.estimator,
             )  # fmt: skip
         except CurvatureInputError as exc:
             message = f"curvopt: curvature estimate at step {step} failed and was skipped: {exc}"
@@ -128,7 +134,7 @@ class EstimateRunner:
         kinds = [k for k in SAMPLE_KINDS if self.settings.gn or k in ("trace", "hess_row_sq")]
         names = [b.name for b in self.blocks]
         layout = dist_utils.Layout(layers=names, numel={b.name: b.numel for b in self.blocks}, kinds=kinds,
-                                   probes=self.probes())  # fmt: skip
+                                   probes=self.settings.samples_per_estimate(self.probes()))  # fmt: skip
         estimate, problem = outcome.estimate, outcome.problem
         if estimate is not None and (estimate.layers != names or sorted(estimate.samples) != sorted(kinds)):
             estimate, problem = None, ("layout", "curvopt: the estimate's layers or kinds differ from the wrapper's")
@@ -148,5 +154,13 @@ class EstimateRunner:
         return {"generator": self.generator.get_state(), "probe_tracker": self.probe_tracker.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
+        try:
+            self.generator.set_state(state["generator"])
+        except (RuntimeError, ValueError, TypeError):  # saved on another device type: its stream cannot continue here
+            seed = int.from_bytes(hashlib.blake2b(bytes(state["generator"].tolist()), digest_size=8).digest(), "little")
+            self.generator.manual_seed(seed % 2**62)
+            message = (f"curvopt: the checkpoint's probe stream was drawn on another device type; probes on "
+                       f"{self.device.type} continue from a seed derived from it (estimates stay exact, the "
+                       "probe sequence differs from the original device's)")  # fmt: skip
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
         self.probe_tracker.load_state_dict(state["probe_tracker"])

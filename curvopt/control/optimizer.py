@@ -65,6 +65,8 @@ class CurvatureAwareOptimizer(Optimizer):
         strategy: product strategy, as for :func:`curvopt.estimate_curvature`.
         forward: ``forward(model, inputs) -> outputs`` when the model is not called as
             ``model(inputs)`` (dict inputs: ``lambda m, x: m(**x).logits``); used by every estimate.
+        estimator: ``"hutchinson"`` (default), ``"hutch++"`` or ``"xtrace"``: how the K products become
+            per-layer traces (:mod:`curvopt.estimators.deflation`; benchmarks/RESULTS.md says when each wins).
         distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
             its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
             exactly the single-process estimate on the concatenated batch). See
@@ -105,6 +107,7 @@ class CurvatureAwareOptimizer(Optimizer):
         spectrum_steps: int = 20,
         spectrum_starts: int = 2,
         forward: Any = None,
+        estimator: str = "hutchinson",
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -116,7 +119,7 @@ class CurvatureAwareOptimizer(Optimizer):
             every=every, probes=probes, curvature_batch_size=curvature_batch_size, gn=gn, strategy=strategy,
             seed=seed, history=history, auto_probes=tuple(auto_probes), distributed_probes=distributed_probes,
             inter_every=inter_every, inter_probes=inter_probes, spectrum_steps=spectrum_steps,
-            spectrum_starts=spectrum_starts,
+            spectrum_starts=spectrum_starts, estimator=estimator,
         )  # fmt: skip
         _check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
@@ -275,6 +278,7 @@ class CurvatureAwareOptimizer(Optimizer):
             "curvature_batch_size": c.curvature_batch_size,
             "gn": c.gn,
             "strategy": c.strategy,
+            "estimator": c.estimator,
             "distributed_probes": c.distributed_probes,
             "inter_every": c.inter_every,
             "inter_probes": c.inter_probes,

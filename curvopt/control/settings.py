@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..estimators.deflation import ESTIMATORS, split_products
 from ..estimators.distributed import PROBE_MODES
 
 
@@ -32,6 +33,7 @@ class CurvatureSettings:
     inter_probes: int = 4
     spectrum_steps: int = 20
     spectrum_starts: int = 2
+    estimator: str = "hutchinson"
 
     def __post_init__(self) -> None:
         if not _is_int(self.every) or self.every < 0:
@@ -51,8 +53,16 @@ class CurvatureSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if self.estimator != "hutchinson" and self.probes != "auto":
+            split_products(self.estimator, int(self.probes))  # raises ValueError for a K it cannot split
         if self.distributed_probes not in PROBE_MODES:
             raise ValueError(f"distributed_probes must be one of {PROBE_MODES}, got {self.distributed_probes!r}")
+
+    def samples_per_estimate(self, products: int) -> int:
+        """Rows of an estimate's samples for K = ``products`` (K for Hutchinson; fewer for deflated estimators)."""
+        return products if self.estimator == "hutchinson" else split_products(self.estimator, products)[1]
 
     def due(self, step: int) -> bool:
         """Whether optimizer step ``step`` (1-based) is a curvature step."""

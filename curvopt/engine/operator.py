@@ -28,6 +28,7 @@ from torch import nn
 from .batch import Forward, batch_size, check_finite_loss, split_batch
 from .context import probing_context
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
+from .probes import derive_seed
 from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine
 
 Tensors = list[torch.Tensor]
@@ -81,6 +82,16 @@ class CurvatureOperator:
         g = [torch.cat([c[i] for c in gs]) for i in range(len(self.params))] if gs else None
         return h, g
 
+    def flatten(self, vectors: Tensors) -> torch.Tensor:
+        """Per-tensor ``[k, *shape]`` directions as one ``[k, P]`` float32 matrix (layer order)."""
+        k = vectors[0].shape[0]
+        return torch.cat([v.reshape(k, -1).to(torch.float32) for v in vectors], dim=1)
+
+    def unflatten(self, flat: torch.Tensor) -> Tensors:
+        """A ``[k, P]`` matrix as per-tensor ``[k, *shape]`` directions (the inverse of :meth:`flatten`)."""
+        pieces = torch.split(flat, [p.numel() for p in self.params], dim=1)
+        return [x.reshape(flat.shape[0], *p.shape).to(p.dtype) for x, p in zip(pieces, self.params)]
+
     def embed(self, layer: int, x: torch.Tensor) -> Tensors:
         """``[k, d_l]`` coordinates of layer ``layer`` → full ``[k, *shape]`` directions, zero elsewhere."""
         k = x.shape[0]
@@ -131,8 +142,8 @@ def _warn_zero_gauss_newton(loss_fn: Callable) -> None:
 
 
 def draw_mask_seed(generator: torch.Generator) -> int:
-    """The seed of one estimate's dropout masks, drawn from the probe generator."""
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
+    """The seed of one estimate's dropout masks, drawn from the probe generator (no device sync)."""
+    return derive_seed(generator)
 
 
 @contextlib.contextmanager

@@ -10,11 +10,32 @@ E[zᵀ A z] = tr A for any square A and E[‖A z‖²] = ‖A‖_F².
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import torch
 
 DISTRIBUTIONS = ("rademacher", "gaussian")
+
+
+def probe_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed``: probes are drawn where the parameters live (no host
+    round trip), reproducibly on a given device type (CPU and CUDA streams differ)."""
+    return torch.Generator(device=torch.device(device)).manual_seed(seed)
+
+
+def derive_seed(generator: torch.Generator) -> int:
+    """A fresh 62-bit seed from ``generator``, advancing it, without a device synchronisation.
+
+    A CPU generator draws it. For an accelerator generator, reading a drawn number would stall the
+    device, so the seed is a hash of the generator's host-side state (its seed and offset), and the
+    generator is then advanced by a device-side draw: the next call gives another seed.
+    """
+    if generator.device.type == "cpu":
+        return int(torch.randint(0, 2**62, (1,), generator=generator))
+    digest = hashlib.blake2b(generator.get_state().numpy().tobytes(), digest_size=8).digest()
+    torch.empty(1, device=generator.device).uniform_(generator=generator)
+    return int.from_bytes(digest, "little") % 2**62
 
 
 _BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..engine.probes import derive_seed, probe_generator
 from .trace import CurvatureEstimate
 
 PROBE_MODES = ("independent", "shared")
@@ -62,9 +63,9 @@ def rank_generator(shared: torch.Generator, mode: str, group: object = None) -> 
     """
     if mode not in PROBE_MODES:
         raise ValueError(f"unknown distributed probe mode {mode!r}; expected one of {PROBE_MODES}")
-    base = int(torch.randint(0, 2**62, (1,), generator=shared))
+    base = derive_seed(shared)
     offset = rank(group) * _RANK_STRIDE if mode == "independent" else 0
-    return torch.Generator().manual_seed(base + offset)
+    return probe_generator(base + offset, shared.device)
 
 
 @dataclass

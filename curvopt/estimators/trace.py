@@ -36,7 +36,9 @@ from torch import nn
 from ..engine.batch import Forward
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import CurvatureOperator, curvature_operator
-from ..engine.probes import DISTRIBUTIONS, sample_probes
+from ..engine.probes import DISTRIBUTIONS, probe_generator, sample_probes
+from .deflation import ESTIMATORS, deflated_samples, split_products
+from .reductions import layer_index, reduce_chunk
 from .summary import format_estimate
 
 # Rows of CurvatureEstimate.samples, per probe and layer.
@@ -78,6 +80,9 @@ class CurvatureEstimate:
         loss: the mini-batch loss the curvature belongs to.
         distribution, strategy, batch_size: how it was computed.
         layer_types: the owning module's class per layer (``Conv2d``), for labels.
+        estimator: ``"hutchinson"``, ``"hutch++"`` or ``"xtrace"`` (:mod:`curvopt.estimators.deflation`; then
+            ``samples`` hold one deflated value per row, each plus its exact low-rank part, and ``products``
+            is K).
     """
 
     layers: list[str]
@@ -88,6 +93,8 @@ class CurvatureEstimate:
     strategy: str = "autograd"
     batch_size: int = 0
     layer_types: dict[str, str] = field(default_factory=dict)
+    estimator: str = "hutchinson"
+    products: int = 0  # Hessian-vector products spent (0: one per probe)
     trace: dict[str, float] = field(init=False)
     trace_se: dict[str, float] = field(init=False)
     gn_trace: dict[str, float] = field(init=False, default_factory=dict)
@@ -205,48 +212,6 @@ class CurvatureEstimate:
         return flat
 
 
-def _layer_index(layers: Sequence[Layer], device: torch.device) -> torch.Tensor:
-    """One-hot ``[n_tensors, L]`` matrix summing per-tensor values into per-layer values."""
-    owners = [i for i, layer in enumerate(layers) for _ in layer.params]
-    index = torch.zeros(len(owners), len(layers), dtype=torch.float64, device=device)
-    index[torch.arange(len(owners)), torch.tensor(owners)] = 1.0
-    return index
-
-
-def _dots(a: list[torch.Tensor], b: list[torch.Tensor] | None = None) -> torch.Tensor:
-    """``[k, n_tensors]`` float64 of ⟨a_i[j], b_i[j]⟩ per probe j (⟨a, a⟩ when b is None).
-
-    BLAS dot products: no temporaries, blocked float32 accumulation (an order of magnitude
-    faster than an elementwise product followed by a float64 sum).
-    """
-    k = a[0].shape[0]
-    values = torch.empty(k, len(a), dtype=torch.float64, device=a[0].device)
-    for i, x in enumerate(a):
-        y = x if b is None else b[i]
-        for j in range(k):
-            xj, yj = x[j].reshape(-1), y[j].reshape(-1)
-            values[j, i] = torch.dot(xj, yj)
-    return values
-
-
-def _reduce_chunk(
-    z: list[torch.Tensor], hz: list[torch.Tensor], gz: list[torch.Tensor] | None, index: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Per-probe, per-layer statistics of one chunk of probes (each ``[k, L]``).
-
-    Products come back in whatever layout the backward kernels chose (conv-weight HVPs are
-    transposed on CPU); one ``contiguous()`` per product keeps every dot product copy-free.
-    """
-    hz = [h.contiguous() for h in hz]
-    out = {"trace": _dots(z, hz) @ index, "hess_row_sq": _dots(hz) @ index}
-    if gz is not None:
-        gz = [g.contiguous() for g in gz]
-        out["gn_trace"] = _dots(z, gz) @ index
-        out["gn_row_sq"] = _dots(gz) @ index
-        out["tensor_row_sq"] = _dots([h - g for h, g in zip(hz, gz)]) @ index
-    return out
-
-
 def estimate_curvature(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
@@ -260,6 +225,8 @@ def estimate_curvature(
     strategy: str = "auto",
     chunk_size: int = 4,
     forward: Forward | None = None,
+    estimator: str = "hutchinson",
+    sketch: int | None = None,
 ) -> CurvatureEstimate:
     """Estimate per-layer Hessian traces (and, with ``gn``, GN traces and GN-Gap) on one batch.
 
@@ -275,7 +242,8 @@ def estimate_curvature(
         batch: ``(inputs, targets)``; inputs may be a tensor, a tuple or a dict of tensors.
         probes: K ≥ 1 probes (one Hessian-vector product each, serving every layer).
         gn: also compute Gauss-Newton products on the same probes (GN traces, GN-Gap).
-        generator: source of probes and of the dropout-mask seed.
+        generator: source of probes and of the dropout-mask seed; probes are drawn on its device (default: a
+            fresh generator on the parameters' device).
         layers: custom grouping (see :func:`curvopt.engine.layers.group_parameters`) or prebuilt
             :class:`~curvopt.engine.layers.Layer` objects.
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
@@ -283,6 +251,10 @@ def estimate_curvature(
         chunk_size: probes per vmapped call for ``"func-vmap"``.
         forward: ``forward(model, inputs) -> outputs`` when the model is not called as
             ``model(inputs)`` (e.g. ``lambda m, x: m(**x).logits``).
+        estimator: ``"hutchinson"`` (K probes), ``"hutch++"`` (the same K products split into a sketch of
+            ``sketch`` probes, default K // 3, its products, and K − 2·sketch deflated probes) or ``"xtrace"``
+            (K/2 probes serve as sketch and as probes, by leaving each out in turn); see
+            :mod:`curvopt.estimators.deflation`.
 
     Raises:
         ValueError: bad arguments, no trainable parameters, a non-scalar loss, a batch the
@@ -294,19 +266,28 @@ def estimate_curvature(
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
     if distribution not in DISTRIBUTIONS:
         raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
-    if generator is None:
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
+    if estimator != "hutchinson":
+        split_products(estimator, probes, sketch)  # a bad split fails here, before any product
+    if generator is None:  # on the parameters' device: probes never cross the bus
+        generator = probe_generator(secrets.randbits(63), next(iter(model.parameters())).device)
     with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy,
                             chunk_size=chunk_size, forward=forward) as op:  # fmt: skip
-        samples = _probe_samples(op, probes, distribution, generator)
-    return _checked_estimate(op, samples, distribution)
+        if estimator != "hutchinson":
+            samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
+        else:
+            samples = _probe_samples(op, probes, distribution, generator)
+    estimate = _checked_estimate(op, samples, distribution)
+    estimate.estimator, estimate.products = estimator, probes
+    return estimate
 
 
 def _probe_samples(
     op: CurvatureOperator, probes: int, distribution: str, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
     """``[K, L]`` per-probe, per-layer statistics (``SAMPLE_KINDS``) from K products of ``op``."""
-    index = _layer_index(op.blocks, op.params[0].device)
+    index = layer_index(op.blocks, op.params[0].device)
     buffer = torch.empty(min(op.chunk_size, probes) * op.dim, dtype=torch.float32, device=generator.device)
     chunks: list[dict[str, torch.Tensor]] = []
     remaining = probes
@@ -314,7 +295,7 @@ def _probe_samples(
         k = min(op.chunk_size, remaining)
         z = sample_probes(op.params, k, distribution, generator, buffer=buffer)
         hz, gz = op.engine(z)
-        chunks.append(_reduce_chunk(z, hz, gz, index))
+        chunks.append(reduce_chunk(z, hz, gz, index))
         del z, hz, gz
         remaining -= k
     return {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
