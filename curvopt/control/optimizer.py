@@ -15,6 +15,7 @@ estimate, DDP included), :mod:`~curvopt.control.diagnostics` (the slower inter-l
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -26,12 +27,14 @@ from torch.optim import Optimizer
 from ..engine.batch import split_batch
 from ..engine.layers import group_parameters, unwrap_model
 from ..estimators import distributed as dist_utils
+from ..estimators.local import local_curvature
+from ..estimators.spectra import layer_spectrum
 from ..estimators.trace import CurvatureEstimate
 from .diagnostics import InterLayerDiagnostics
 from .estimation import EstimateRunner, curvature_batch
 from .monitor import Alarm, CusumMonitor
 from .notify import CurvatureSink, Notifier, as_sinks
-from .scaling import make_policy
+from .scaling import PolicyContext, make_policy
 from .settings import CurvatureSettings
 from .update_scaling import ScaledLayer, scaled_step
 
@@ -56,7 +59,8 @@ class CurvatureAwareOptimizer(Optimizer):
         curvature_batch_size: the curvature sub-batch is the first N samples of the batch.
         gn: also estimate Gauss-Newton traces and GN-Gap.
         monitor: ``"cusum"`` (default settings), a ``CusumMonitor``, or ``None``.
-        lr_scaling: ``None``, ``"trace"`` or a policy object (see :mod:`curvopt.control.scaling`).
+        lr_scaling: ``None`` (off), a name in ``curvopt.LR_SCALING_POLICIES`` (``"trace"``, ``"local"``,
+            ``"cap"``, ``"trust"``) or a policy object (see :mod:`curvopt.control.scaling`).
         logger: a sink (``log``/``alert``) or a list of them; failures warn once, never raise.
         callbacks: called as ``callback(alarm)`` for every alarm.
         seed: seeds the probe generator (probes and dropout masks of estimates).
@@ -134,6 +138,9 @@ class CurvatureAwareOptimizer(Optimizer):
         self.process_group = process_group
         self.monitor = _make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
+        self._policy_takes_context = self.lr_policy is not None and len(
+            inspect.signature(self.lr_policy.update).parameters) >= 2  # fmt: skip
+        self.policy_generator = torch.Generator().manual_seed(seed + 2)  # the policies' own probes
         self.layer_blocks = group_parameters(unwrap_model(model), layers)
         self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group, forward)
         self.diagnostics = InterLayerDiagnostics(model, loss_fn, self.layer_blocks, self.config, forward)
@@ -208,7 +215,10 @@ class CurvatureAwareOptimizer(Optimizer):
         if self.config.inter_due(upcoming) and self.notifier.reports:
             self._inter_layer_diagnostics()
         self._pending_batch = None
-        result = scaled_step(lambda: self.optimizer.step(closure) if closure is not None else self.optimizer.step(),
+        if getattr(self.lr_policy, "every_step", False):  # e.g. the trust ratio, from this step's gradients
+            self.lr_scales |= self.lr_policy.step_update(self.layer_blocks)
+        inner = self.optimizer
+        result = scaled_step(inner, lambda: inner.step(closure) if closure is not None else inner.step(),
                              self._scaled_layers())  # fmt: skip
         self.step_count += 1
         return result
@@ -250,10 +260,31 @@ class CurvatureAwareOptimizer(Optimizer):
             new_alarms = self.monitor.update(step, estimate)
             metrics |= {f"curv/{k}": v for k, v in self.monitor.statistics().items()}
         if self.lr_policy is not None:
-            self.lr_scales |= self.lr_policy.update(estimate)
+            if self._policy_takes_context:
+                self.lr_scales |= self.lr_policy.update(estimate, self._policy_context())
+            else:
+                self.lr_scales |= self.lr_policy.update(estimate)
             metrics |= {f"curv/lr_scale/{k}": v for k, v in self.lr_scales.items()}
         metrics["curv/alarm"] = float(bool(new_alarms))
         return metrics, new_alarms
+
+    def _policy_context(self) -> PolicyContext:
+        """What a policy may ask for at this step, computed lazily on the curvature batch."""
+        batch = curvature_batch(self._pending_batch, self.config.curvature_batch_size)
+        group_lr = {id(p): g["lr"] for g in self.optimizer.param_groups for p in g["params"]}
+        base_lrs = {b.name: float(group_lr.get(id(b.params[0]), 0.0)) for b in self.layer_blocks}
+
+        def top_eigenvalues() -> dict[str, float]:
+            spectra = layer_spectrum(self.model, self.loss_fn, batch, layers=self.layer_blocks, steps=8, slq_probes=0,
+                                     generator=self.policy_generator, strategy=self.config.strategy,
+                                     forward=self.runner.forward)  # fmt: skip
+            return {name: s.top[0] for name, s in spectra.items()}
+
+        def local() -> dict[str, float]:
+            return local_curvature(self.model, self.layer_blocks, batch, probes=4, generator=self.policy_generator,
+                                   forward=self.runner.forward)  # fmt: skip
+
+        return PolicyContext(self.layer_blocks, base_lrs, top_eigenvalues, local)
 
     def _inter_layer_diagnostics(self) -> None:
         """Block norms and per-layer spectra on the curvature batch; logged, never applied."""
@@ -301,6 +332,7 @@ class CurvatureAwareOptimizer(Optimizer):
                 "step_count": self.step_count,
                 "generator": runner["generator"],
                 "inter_generator": self.diagnostics.generator.get_state(),
+                "policy_generator": self.policy_generator.get_state(),
                 "monitor": None if self.monitor is None else self.monitor.state_dict(),
                 "lr_policy": None if self.lr_policy is None else self.lr_policy.state_dict(),
                 "lr_scales": dict(self.lr_scales),
@@ -323,6 +355,8 @@ class CurvatureAwareOptimizer(Optimizer):
         self.runner.load_state_dict({"generator": extra["generator"], "probe_tracker": extra["probe_tracker"]})
         if "inter_generator" in extra:
             self.diagnostics.generator.set_state(extra["inter_generator"])
+        if "policy_generator" in extra:
+            self.policy_generator.set_state(extra["policy_generator"])
         if self.monitor is not None and extra["monitor"] is not None:
             self.monitor.load_state_dict(extra["monitor"])
         if self.lr_policy is not None and extra["lr_policy"] is not None:

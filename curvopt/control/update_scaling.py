@@ -1,11 +1,20 @@
-r"""How per-layer scales s_l reach the parameters: scaling each layer's *update*.
+r"""How per-layer scales s_l reach the parameters: per-layer learning rates.
 
-θ_l ← θ_l,old + s_l (θ_l,new − θ_l,old) after the inner optimizer's step. For SGD (torch's
-momentum convention) and Adam/AdamW (weight decay included) this is exactly a per-layer learning
-rate lr·s_l; for any optimizer it is a per-layer step-size multiplier; it works where gradient
-scaling does not (Adam is invariant to the gradient's scale), leaves the inner optimizer's groups,
-state and fused/foreach kernels as they are, and leaves schedulers in charge of the base rate. Its
-cost is one copy of the scaled parameters per step, paid only while some scale differs from 1.
+Two mechanisms with the same effect, θ_l,new − θ_l,old = s_l × (the inner optimizer's update):
+
+* **Through the learning rate** (:func:`lr_scaled_step`), for optimizers whose update is linear in
+  the learning rate — ``torch.optim.SGD`` (momentum, Nesterov and weight decay included: θ ← θ − lr·buf),
+  ``Adam`` and ``AdamW`` (decoupled decay θ(1 − lr·wd) scales too). For the step only, each param
+  group is split by scale into groups with ``lr × s`` and otherwise the user's hyper-parameters; the
+  optimizer state is keyed by parameter, so nothing else changes, and the user's groups — which LR
+  schedulers write — are put back at once. Cost: a few dict copies per step.
+* **Through the update** (:func:`lerp_scaled_step`), for any optimizer (Lamb, Lookahead, timm's): snapshot
+  θ_old, run the inner step, set θ ← θ_old + s (θ_new − θ_old). It works where neither gradient scaling
+  (Adam is invariant to it) nor learning-rate scaling (a trust ratio cancels it) would, at the cost of
+  one copy of the scaled parameters per step, paid only while some scale differs from 1.
+
+Either way schedulers stay in charge of the base rate. :func:`scaled_step` picks the first where it is
+exact (tests/test_lr_scaling.py checks both against each other).
 """
 
 from __future__ import annotations
@@ -14,14 +23,46 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch.optim import Optimizer
 
 ScaledLayer = tuple[float, Sequence[torch.Tensor]]  # (s_l, the layer's parameter tensors)
+LR_LINEAR = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW)
+"""Optimizers (exact classes: a subclass may change the update) whose update is linear in ``lr``."""
 
 
-def scaled_step(step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
-    """Run the inner ``step()`` with each layer's update multiplied by its scale; returns its result."""
+def lr_is_linear(optimizer: Optimizer) -> bool:
+    return type(optimizer) in LR_LINEAR
+
+
+def scaled_step(optimizer: Optimizer, step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
+    """Run ``step()`` with each listed layer's update multiplied by its scale (the cheaper exact mechanism)."""
     if not scaled:
         return step()
+    if lr_is_linear(optimizer):
+        return lr_scaled_step(optimizer, step, scaled)
+    return lerp_scaled_step(step, scaled)
+
+
+def lr_scaled_step(optimizer: Optimizer, step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
+    """The step with per-layer learning rates: groups split by scale for this step only."""
+    scale_of = {id(p): s for s, params in scaled for p in params}
+    original = optimizer.param_groups
+    groups: list[dict[str, Any]] = []
+    for group in original:
+        by_scale: dict[float, list[torch.Tensor]] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale_of.get(id(p), 1.0), []).append(p)
+        for s, params in by_scale.items():
+            groups.append({**group, "params": params, "lr": group["lr"] * s})
+    optimizer.param_groups = groups
+    try:
+        return step()
+    finally:
+        optimizer.param_groups = original
+
+
+def lerp_scaled_step(step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
+    """The step with each layer's update scaled after the fact: θ ← θ_old + s (θ_new − θ_old)."""
     with torch.no_grad():
         before = [torch._foreach_mul(list(params), 1.0) for _, params in scaled]  # snapshot θ_old
     result = step()
