@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
     _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
     _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
+    _flag(g, "--curv-estimator", default="hutchinson", choices=["hutchinson", "hutch++", "xtrace"],
+          help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)")  # fmt: skip
     _flag(g, "--curv-inter-every", type=int, default=0,
           help="inter-layer map + per-layer spectra every N updates (0: off; costly)")  # fmt: skip
     _flag(g, "--lr-scaling", default=None, choices=list(LR_SCALING_POLICIES),
