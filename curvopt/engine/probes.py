@@ -38,20 +38,30 @@ def derive_seed(generator: torch.Generator) -> int:
     return int.from_bytes(digest, "little") % 2**62
 
 
-_BIT_SHIFTS: dict[torch.device, torch.Tensor] = {}
+_SIGN_TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _sign_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[256, 8]``: row b holds the signs 2·bit_k(b) − 1 of byte b, bit 0 first."""
+    table = _SIGN_TABLES.get((device, dtype))
+    if table is None:
+        bits = (torch.arange(256, dtype=torch.int64).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _SIGN_TABLES[(device, dtype)] = (2 * bits - 1).to(device=device, dtype=dtype)
+    return table
 
 
 def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
-    """Fill a flat float tensor with ±1: 64 signs per random int64 word, unpacked bit by bit."""
+    """Fill a flat contiguous tensor with ±1: 64 signs per random int64 word, coordinate 8·j + k taking bit k
+    of byte j, unpacked eight at a time through a 256-row sign table (one gather per byte)."""
     n = out.numel()
-    device = out.device
-    shifts = _BIT_SHIFTS.get(device)
-    if shifts is None:
-        shifts = _BIT_SHIFTS[device] = torch.arange(8, dtype=torch.uint8, device=device)
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=device, dtype=torch.int64)
-    bits = torch.bitwise_and(words.view(torch.uint8).unsqueeze(1) >> shifts, 1).reshape(-1)[:n]
-    torch.mul(bits, 2, out=out)
-    out.sub_(1)
+    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=out.device,
+                          dtype=torch.int64)  # fmt: skip
+    data = words.view(torch.uint8)
+    table = _sign_table(out.device, out.dtype)
+    full = n // 8
+    torch.index_select(table, 0, data[:full].long(), out=out[: full * 8].view(full, 8))
+    if n > full * 8:  # the last few coordinates: one more byte (indexed on the device, no host read)
+        out[full * 8 :] = torch.index_select(table, 0, data[full : full + 1].long())[0, : n - full * 8]
 
 
 def sample_probes(
