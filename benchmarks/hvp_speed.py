@@ -6,6 +6,11 @@ allocated). Times are medians over ``--reps`` repetitions after one warm-up.
 
     python benchmarks/hvp_speed.py                      # resnet18 + small ViT, K=8, batch 32
     python benchmarks/hvp_speed.py --models resnet18 --reps 3 --write benchmarks/RESULTS.md
+    python benchmarks/hvp_speed.py --device cuda --models resnet18,resnet50,vit_s --image-size 224 \
+        --batch-size 128 --write benchmarks/RESULTS.md     # GPU rows (+ the tf32/bf16 product rows)
+
+Models: ``resnet18``, ``resnet50`` (timm, 10 classes), ``vit`` (ViT-Tiny, depth 6, patch 4 at 32×32,
+patch 16 at 224×224) and ``vit_s`` (ViT-S/16; patch 4 at 32×32).
 """
 
 from __future__ import annotations
@@ -33,25 +38,34 @@ ROWS = [
     ("func", "curvopt traces, strategy=func (jvp over grad)", "train (batch stats)"),
     ("func+gn", "curvopt traces + GN-Gap, strategy=func", "train (batch stats)"),
     ("vmap4", "curvopt traces, strategy=func-vmap, chunk 4", "train (batch stats)"),
+    ("autograd+gn-tf32", "curvopt traces + GN-Gap, curvature_dtype=tf32 (CUDA)", "train (batch stats)"),
+    ("autograd+gn-bf16", "curvopt traces + GN-Gap, curvature_dtype=bfloat16", "train (batch stats)"),
     ("pyhessian", "PyHessian hessian(...).trace(), set-up included", "eval (forced)"),
     ("curvlinops", "curvlinops HessianLinearOperator + hutchinson_trace", "train (batch stats)"),
 ]
 
 
-def build(model_name: str, batch_size: int, device: str):
+DEFAULT_ROWS = ["fwd_bwd", "autograd", "autograd+gn", "func", "func+gn", "vmap4", "pyhessian", "curvlinops"]
+"""Rows run by default on CPU; CUDA adds the reduced-precision rows (or ask for them with ``--rows``)."""
+
+
+def build(model_name: str, batch_size: int, device: str, image_size: int = 32):
     import timm
 
     torch.manual_seed(0)
-    if model_name == "resnet18":
-        model = timm.create_model("resnet18", num_classes=10, pretrained=False)
+    patch = 4 if image_size <= 64 else 16
+    if model_name in ("resnet18", "resnet50"):
+        model = timm.create_model(model_name, num_classes=10, pretrained=False)
     elif model_name == "vit":
-        model = timm.create_model(
-            "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=32, patch_size=4, depth=6
-        )
+        model = timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=image_size,
+                                  patch_size=patch, depth=6)  # fmt: skip
+    elif model_name == "vit_s":
+        model = timm.create_model("vit_small_patch16_224", num_classes=10, pretrained=False, img_size=image_size,
+                                  patch_size=patch)  # fmt: skip
     else:
-        raise SystemExit(f"unknown model {model_name!r}")
+        raise SystemExit(f"unknown model {model_name!r}; expected resnet18, resnet50, vit or vit_s")
     model = model.to(device).train()
-    x = torch.randn(batch_size, 3, 32, 32, device=device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     return model, nn.CrossEntropyLoss(), x, y
 
@@ -80,8 +94,6 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
     """Return a zero-argument callable that runs the row once, plus a check on its result."""
     import curvopt
 
-    gen = torch.Generator().manual_seed(0)
-
     if row == "fwd_bwd":
 
         def run():
@@ -89,13 +101,17 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
             loss_fn(model(x), y).backward()
 
         return run
-    if row in {"autograd", "autograd+gn", "func", "func+gn", "vmap4"}:
-        strategy = {"vmap4": "func-vmap"}.get(row, row.split("+")[0])
-        gn = row.endswith("+gn")
+    if row.split("-")[0] in {"autograd", "autograd+gn", "func", "func+gn", "vmap4"}:
+        base, _, precision = row.partition("-")
+        strategy = {"vmap4": "func-vmap"}.get(base, base.split("+")[0])
+        gn = base.endswith("+gn")
+        dtype = {"": None, "tf32": "tf32", "bf16": "bfloat16"}[precision]
+        gen = torch.Generator(x.device).manual_seed(0)  # probes drawn on the model's device
 
         def run():
             est = curvopt.estimate_curvature(
-                model, loss_fn, (x, y), probes=probes, gn=gn, strategy=strategy, chunk_size=4, generator=gen
+                model, loss_fn, (x, y), probes=probes, gn=gn, strategy=strategy, chunk_size=4, generator=gen,
+                curvature_dtype=dtype,
             )
             assert est.probes == probes
             return est.total_trace
@@ -136,7 +152,7 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
 
 def run_row(args) -> dict:
     torch.set_num_threads(args.threads)
-    model, loss_fn, x, y = build(args.model, args.batch_size, args.device)
+    model, loss_fn, x, y = build(args.model, args.batch_size, args.device, args.image_size)
     cuda = args.device.startswith("cuda")
     fn = make_row(args.row, model, loss_fn, x, y, args.probes)
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
@@ -173,7 +189,7 @@ def table(model_name: str, results: list[dict], probes: int, device: str) -> str
     fb = next(r for r in results if r["row"] == "fwd_bwd")
     ph = next((r for r in results if r["row"] == "pyhessian"), None)
     lines = [
-        f"**{model_name}**, batch {args.batch_size}, 32×32, K = {probes}, {device}",
+        f"**{model_name}**, batch {args.batch_size}, {args.image_size}×{args.image_size}, K = {probes}, {device}",
         "",
         "| row | BN mode | total s | per probe s | per probe / fwd+bwd | vs PyHessian total | peak MB"
         " | peak / fwd+bwd |",
@@ -194,8 +210,8 @@ def table(model_name: str, results: list[dict], probes: int, device: str) -> str
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    begin, end = "<!-- hvp_speed:begin -->", "<!-- hvp_speed:end -->"
+def write_section(path: Path, body: str, key: str = "hvp_speed") -> None:
+    begin, end = f"<!-- {key}:begin -->", f"<!-- {key}:end -->"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     section = f"{begin}\n{body}\n{end}"
     if begin in text and end in text:
@@ -208,13 +224,16 @@ def write_section(path: Path, body: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,vit")
-    parser.add_argument("--rows", default=",".join(r for r, _, _ in ROWS))
+    parser.add_argument("--rows", default=None, help=f"comma-separated, from {[r for r, _, _ in ROWS]} "
+                        "(default: all but the reduced-precision rows on CPU, all on CUDA)")  # fmt: skip
+    parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--probes", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--write", type=Path, default=None, help="update this Markdown file's hvp_speed section")
+    parser.add_argument("--write", type=Path, default=None, help="update this Markdown file's section for the "
+                        "device, shape and batch size")  # fmt: skip
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -227,7 +246,9 @@ if __name__ == "__main__":
     sections = []
     for model_name in args.models.split(","):
         results = []
-        for row in args.rows.split(","):
+        rows = args.rows.split(",") if args.rows else DEFAULT_ROWS + (
+            ["autograd+gn-tf32", "autograd+gn-bf16"] if args.device.startswith("cuda") else [])  # fmt: skip
+        for row in rows:
             cmd = [
                 sys.executable,
                 __file__,
@@ -245,6 +266,8 @@ if __name__ == "__main__":
                 str(args.threads),
                 "--device",
                 args.device,
+                "--image-size",
+                str(args.image_size),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -257,4 +280,7 @@ if __name__ == "__main__":
     body = "\n\n".join([f"Machine: {machine()}, {args.threads} threads.", f"Command: `{command}`", *sections])
     print(body)
     if args.write:
-        write_section(args.write, body)
+        device_type = args.device.split(":")[0]
+        default_shape = device_type == "cpu" and args.image_size == 32 and args.batch_size == 32
+        key = "hvp_speed" if default_shape else f"hvp_speed_{device_type}_{args.image_size}_b{args.batch_size}"
+        write_section(args.write, body, key)

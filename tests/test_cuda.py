@@ -1,5 +1,6 @@
 """CUDA: estimates equal the CPU's on the same probes, nothing of the caller's state moves, the wrapper
-stays transparent under GradScaler (fp16) and bf16 autocast, probes live on the device and resume,
+stays transparent under GradScaler (fp16) and bf16 autocast, TF32/bf16 products stay within half a
+standard error of fp32 and restore the backend flags, probes live on the device and resume,
 an estimate synchronises the host only at its end, and one-process NCCL DDP works.
 Skipped where there is no CUDA device (benchmarks/RESULTS.md says where they ran)."""
 
@@ -87,6 +88,22 @@ def test_the_wrapper_is_transparent_under_autocast_and_grad_scaler(dtype):
         if wrap:
             assert len(opt.history) == 4
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("precision", ["tf32", "bfloat16"])
+def test_cheaper_products_stay_within_half_a_standard_error_and_restore_the_flags(precision):
+    torch.manual_seed(4)
+    model = bn_cnn().cuda()
+    batch = (torch.randn(64, 2, 5, 5, device="cuda"), torch.randint(0, 4, (64,), device="cuda"))
+    flags = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    exact = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=16, curvature_dtype="float32",
+                               generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
+    cheap = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=16, curvature_dtype=precision,
+                               generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == flags
+    for layer in exact.layers:
+        assert abs(cheap.trace[layer] - exact.trace[layer]) <= 0.5 * exact.trace_se[layer], layer
+        assert abs(cheap.gn_trace[layer] - exact.gn_trace[layer]) <= 0.5 * exact.gn_trace_se[layer], layer
 
 
 def test_resume_restores_the_device_probe_stream():

@@ -118,6 +118,7 @@ class EstimateRunner:
                 self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
                 probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
                 strategy=self.settings.strategy, forward=self.forward, estimator=self.settings.estimator,
+                curvature_dtype=self.settings.curvature_dtype,
             )  # fmt: skip
         except CurvatureInputError as exc:
             message = f"curvopt: curvature estimate at step {step} failed and was skipped: {exc}"

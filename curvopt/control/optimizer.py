@@ -71,6 +71,10 @@ class CurvatureAwareOptimizer(Optimizer):
             ``model(inputs)`` (dict inputs: ``lambda m, x: m(**x).logits``); used by every estimate.
         estimator: ``"hutchinson"`` (default), ``"hutch++"`` or ``"xtrace"``: how the K products become
             per-layer traces (:mod:`curvopt.estimators.deflation`; benchmarks/RESULTS.md says when each wins).
+        curvature_dtype: ``None`` (default: products in the parameters' dtype, fp32, whatever autocast the
+            training step uses), ``"float32"`` (also no TF32), ``"tf32"`` (CUDA TensorFloat-32) or ``"bfloat16"``
+            (bf16 autocast inside the products; probes and reductions stay fp32). Opt-in speed for a measured
+            error (benchmarks/RESULTS.md); ``"bfloat16"`` needs strategy ``"autograd"``/``"auto"`` or ``"func"``.
         distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
             its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
             exactly the single-process estimate on the concatenated batch). See
@@ -112,6 +116,7 @@ class CurvatureAwareOptimizer(Optimizer):
         spectrum_starts: int = 2,
         forward: Any = None,
         estimator: str = "hutchinson",
+        curvature_dtype: str | torch.dtype | None = None,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -123,7 +128,7 @@ class CurvatureAwareOptimizer(Optimizer):
             every=every, probes=probes, curvature_batch_size=curvature_batch_size, gn=gn, strategy=strategy,
             seed=seed, history=history, auto_probes=tuple(auto_probes), distributed_probes=distributed_probes,
             inter_every=inter_every, inter_probes=inter_probes, spectrum_steps=spectrum_steps,
-            spectrum_starts=spectrum_starts, estimator=estimator,
+            spectrum_starts=spectrum_starts, estimator=estimator, curvature_dtype=curvature_dtype,
         )  # fmt: skip
         _check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
@@ -310,6 +315,7 @@ class CurvatureAwareOptimizer(Optimizer):
             "gn": c.gn,
             "strategy": c.strategy,
             "estimator": c.estimator,
+            "curvature_dtype": c.curvature_dtype,
             "distributed_probes": c.distributed_probes,
             "inter_every": c.inter_every,
             "inter_probes": c.inter_probes,

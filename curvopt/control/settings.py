@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..engine.context import resolve_curvature_dtype
 from ..estimators.deflation import ESTIMATORS, split_products
 from ..estimators.distributed import PROBE_MODES
 
@@ -34,6 +35,7 @@ class CurvatureSettings:
     spectrum_steps: int = 20
     spectrum_starts: int = 2
     estimator: str = "hutchinson"
+    curvature_dtype: str | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.every) or self.every < 0:
@@ -57,6 +59,7 @@ class CurvatureSettings:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.estimator != "hutchinson" and self.probes != "auto":
             split_products(self.estimator, int(self.probes))  # raises ValueError for a K it cannot split
+        self.curvature_dtype = resolve_curvature_dtype(self.curvature_dtype)  # ValueError names the choices
         if self.distributed_probes not in PROBE_MODES:
             raise ValueError(f"distributed_probes must be one of {PROBE_MODES}, got {self.distributed_probes!r}")
 

@@ -21,7 +21,11 @@ The function whose curvature is estimated is the *training* loss as a training s
   kernels support neither forward-mode AD nor double backward) and timm attention modules
   get ``fused_attn = False`` while probing.
 * **Precision.** Autocast is disabled inside: products are computed in the parameters' dtype
-  (fp32 for a normal model) even if training runs under autocast.
+  (fp32 for a normal model) even if training runs under autocast. ``curvature_dtype`` opts into
+  cheaper products: ``"bfloat16"`` runs the forward and both backward passes under bf16 autocast
+  (the probes, the products' accumulation and every reduction stay fp32); ``"tf32"`` lets CUDA
+  matmuls and convolutions use TensorFloat-32; ``"float32"`` forbids TF32 while probing (strict
+  IEEE fp32 whatever the global flags say). ``None`` (default) keeps the global backend flags.
 
 Everything is restored in a ``finally`` block, so an exception inside leaves no trace.
 """
@@ -39,6 +43,64 @@ try:  # torch >= 2.3
 except ImportError:  # pragma: no cover - older torch
     SDPBackend = None
     sdpa_kernel = None
+
+
+CURVATURE_DTYPES = ("float32", "tf32", "bfloat16")
+
+
+def resolve_curvature_dtype(value: str | torch.dtype | None) -> str | None:
+    """``None`` or one of ``CURVATURE_DTYPES`` for a user's ``curvature_dtype`` (a name or a torch dtype).
+
+    >>> resolve_curvature_dtype(torch.bfloat16)
+    'bfloat16'
+    """
+    if value is None:
+        return None
+    if isinstance(value, torch.dtype):
+        value = {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(value, str(value))
+    name = str(value).removeprefix("torch.")
+    name = {"fp32": "float32", "bf16": "bfloat16"}.get(name, name)
+    if name in ("float16", "half", "fp16"):
+        raise ValueError(
+            "curvature_dtype float16 is not supported: second derivatives overflow its range; use 'bfloat16'"
+        )
+    if name not in CURVATURE_DTYPES:
+        raise ValueError(f"unknown curvature_dtype {value!r}; expected None or one of {CURVATURE_DTYPES}")
+    return name
+
+
+@contextlib.contextmanager
+def _cuda_fp32_precision(mode: str) -> Iterator[None]:
+    """CUDA matmuls and cuDNN convolutions in ``mode`` (``"tf32"`` or ``"ieee"``), restored on exit."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if not hasattr(matmul, "fp32_precision"):  # pragma: no cover - torch < 2.9: legacy flags
+        saved_legacy = (matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = mode == "tf32"
+        try:
+            yield
+        finally:
+            matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_legacy
+        return
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision = conv.fp32_precision = mode
+    try:
+        yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved
+
+
+def _precision_contexts(
+    curvature_dtype: str | None, device_type: str, cuda: bool
+) -> list[contextlib.AbstractContextManager]:
+    """The autocast / TF32 contexts of ``curvature_dtype`` (see the module docstring)."""
+    contexts: list[contextlib.AbstractContextManager] = [torch.autocast("cpu", enabled=False)]
+    if cuda:
+        contexts.append(torch.autocast("cuda", enabled=False))
+    if curvature_dtype == "bfloat16":
+        contexts.append(torch.autocast(device_type, dtype=torch.bfloat16))
+    elif cuda and curvature_dtype in ("tf32", "float32"):
+        contexts.append(_cuda_fp32_precision("tf32" if curvature_dtype == "tf32" else "ieee"))
+    return contexts
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
@@ -69,12 +131,15 @@ class _LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 @contextlib.contextmanager
-def probing_context(model: nn.Module, *, mask_seed: int) -> Iterator[Callable[[], None]]:
+def probing_context(
+    model: nn.Module, *, mask_seed: int, curvature_dtype: str | None = None
+) -> Iterator[Callable[[], None]]:
     """Context in which ``model``'s training loss is probed; yields an RNG rewinder.
 
     Args:
         model: the (unwrapped) model.
         mask_seed: seed of the private RNG stream that draws dropout masks for this estimate.
+        curvature_dtype: ``None`` or one of ``CURVATURE_DTYPES`` (see the module docstring).
 
     Yields:
         A callable that rewinds the private RNG stream; call it before each forward pass.
@@ -100,9 +165,10 @@ def probing_context(model: nn.Module, *, mask_seed: int) -> Iterator[Callable[[]
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
             stack.enter_context(torch.enable_grad())
-            stack.enter_context(torch.autocast("cpu", enabled=False))
-            if cuda_devices:
-                stack.enter_context(torch.autocast("cuda", enabled=False))
+            device_type = next((p.device.type for p in model.parameters()), "cpu")
+            precision = resolve_curvature_dtype(curvature_dtype)
+            for context in _precision_contexts(precision, device_type, bool(cuda_devices)):
+                stack.enter_context(context)
             if sdpa_kernel is not None:
                 stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             torch.random.default_generator.manual_seed(mask_seed)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .batch import Forward, batch_size, check_finite_loss, split_batch
-from .context import probing_context
+from .context import probing_context, resolve_curvature_dtype
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
 from .probes import derive_seed
 from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine
@@ -141,6 +141,15 @@ def _warn_zero_gauss_newton(loss_fn: Callable) -> None:
     )
 
 
+def _warn_no_tf32(device: torch.device) -> None:
+    warnings.warn(
+        f"curvature_dtype='tf32' has no effect on {device.type}: TensorFloat-32 is a CUDA format, "
+        "so the products are computed in float32",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
 def draw_mask_seed(generator: torch.Generator) -> int:
     """The seed of one estimate's dropout masks, drawn from the probe generator (no device sync)."""
     return derive_seed(generator)
@@ -158,9 +167,13 @@ def curvature_operator(
     strategy: str = "auto",
     chunk_size: int = 4,
     forward: Forward | None = None,
+    curvature_dtype: str | torch.dtype | None = None,
 ) -> Iterator[CurvatureOperator]:
     """The operator of ``loss_fn(forward(model, x), y)`` on ``batch`` in the probing context (train
     mode, batch statistics, one dropout mask drawn from ``generator``, everything restored on exit).
+
+    ``curvature_dtype`` (``None``, ``"float32"``, ``"tf32"``, ``"bfloat16"``) sets the products'
+    precision (:mod:`curvopt.engine.context`; the error of each is measured in benchmarks/RESULTS.md).
 
     Raises ``ValueError`` for bad arguments and :class:`~curvopt.CurvatureInputError` for a batch,
     model or loss that cannot be probed (a configuration mistake); ``FloatingPointError`` on exit
@@ -172,6 +185,7 @@ def curvature_operator(
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     if forward is not None and not callable(forward):
         raise TypeError(f"forward must be callable as forward(model, inputs), got {type(forward).__name__}")
+    precision = resolve_curvature_dtype(curvature_dtype)
     inputs, targets = split_batch(batch)
     core, blocks = resolve_blocks(model, layers)
     params = flat_params(blocks)
@@ -180,7 +194,14 @@ def curvature_operator(
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     names = [n for block in blocks for n in block.param_names]
-    with probing_context(core, mask_seed=draw_mask_seed(generator)) as rewind:
+    if precision == "bfloat16" and strategy == "func-vmap":
+        raise ValueError(
+            "curvature_dtype='bfloat16' cannot run strategy 'func-vmap': torch's batched backward of norm layers "
+            "rejects the mixed bf16/fp32 tensors autocast produces; use strategy 'autograd' (or 'auto') or 'func'"
+        )
+    if precision == "tf32" and params[0].device.type != "cuda":
+        _warn_no_tf32(params[0].device)
+    with probing_context(core, mask_seed=draw_mask_seed(generator), curvature_dtype=precision) as rewind:
         problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind, forward)
         engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
         if engine.out_hessian is not None and engine.out_hessian.is_zero:

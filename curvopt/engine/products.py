@@ -214,7 +214,7 @@ class ForwardOverReverse:
         first_list = [first[n] for n in self.names]
         if self.out_hessian is None:  # direct: first = H z
             return first_list, None
-        (gz,) = self._vjp_fn(self.out_hessian(jz))
+        (gz,) = self._vjp_fn(self.out_hessian(jz).to(jz.dtype))  # bf16 outputs under curvature_dtype
         gz_list = [gz[n] for n in self.names]
         hz = [a + b for a, b in zip(first_list, gz_list)]  # H z = Σ_k r_k ∇²f_k z + G z
         return hz, gz_list if self.gn else None

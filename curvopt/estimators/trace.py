@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..engine.batch import Forward
+from ..engine.context import resolve_curvature_dtype
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import CurvatureOperator, curvature_operator
 from ..engine.probes import DISTRIBUTIONS, probe_generator, sample_probes
@@ -95,6 +96,7 @@ class CurvatureEstimate:
     layer_types: dict[str, str] = field(default_factory=dict)
     estimator: str = "hutchinson"
     products: int = 0  # Hessian-vector products spent (0: one per probe)
+    curvature_dtype: str | None = None  # the products' precision (None: the parameters' dtype)
     trace: dict[str, float] = field(init=False)
     trace_se: dict[str, float] = field(init=False)
     gn_trace: dict[str, float] = field(init=False, default_factory=dict)
@@ -227,6 +229,7 @@ def estimate_curvature(
     forward: Forward | None = None,
     estimator: str = "hutchinson",
     sketch: int | None = None,
+    curvature_dtype: str | torch.dtype | None = None,
 ) -> CurvatureEstimate:
     """Estimate per-layer Hessian traces (and, with ``gn``, GN traces and GN-Gap) on one batch.
 
@@ -255,6 +258,10 @@ def estimate_curvature(
             ``sketch`` probes, default K // 3, its products, and K − 2·sketch deflated probes) or ``"xtrace"``
             (K/2 probes serve as sketch and as probes, by leaving each out in turn); see
             :mod:`curvopt.estimators.deflation`.
+        curvature_dtype: ``None`` (products in the parameters' dtype under the global backend flags),
+            ``"float32"`` (no TF32 while probing), ``"tf32"`` (CUDA TensorFloat-32 matmuls and convolutions)
+            or ``"bfloat16"`` (forward and backward passes under bf16 autocast; probes and reductions in
+            fp32). The cheaper formats' error is measured in benchmarks/RESULTS.md.
 
     Raises:
         ValueError: bad arguments, no trainable parameters, a non-scalar loss, a batch the
@@ -270,16 +277,18 @@ def estimate_curvature(
         raise ValueError(f"unknown estimator {estimator!r}; expected one of {ESTIMATORS}")
     if estimator != "hutchinson":
         split_products(estimator, probes, sketch)  # a bad split fails here, before any product
+    precision = resolve_curvature_dtype(curvature_dtype)
     if generator is None:  # on the parameters' device: probes never cross the bus
         generator = probe_generator(secrets.randbits(63), next(iter(model.parameters())).device)
     with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy,
-                            chunk_size=chunk_size, forward=forward) as op:  # fmt: skip
+                            chunk_size=chunk_size, forward=forward, curvature_dtype=precision) as op:  # fmt: skip
         if estimator != "hutchinson":
             samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
         else:
             samples = _probe_samples(op, probes, distribution, generator)
     estimate = _checked_estimate(op, samples, distribution)
     estimate.estimator, estimate.products = estimator, probes
+    estimate.curvature_dtype = precision
     return estimate
 
 

@@ -135,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "-vb", "--validation-batch-size", type=int, default=None, help="validation batch size "
           "(default: the training batch size)")  # fmt: skip
     _flag(g, "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update")
-    _switch(g, "--amp", False, "mixed precision (autocast); curvature is always estimated in fp32")
+    _switch(g, "--amp", False, "mixed precision (autocast); curvature stays fp32 unless --curv-dtype says otherwise")
     _flag(g, "--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
     _flag(g, "--device", default=None, help="cuda, cpu, cuda:1 (default: cuda when available)")
     _flag(g, "--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
     _flag(g, "--curv-estimator", default="hutchinson", choices=["hutchinson", "hutch++", "xtrace"],
           help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)")  # fmt: skip
+    _flag(g, "--curv-dtype", default=None, choices=["float32", "tf32", "bfloat16"],
+          help="precision of the curvature products (default: fp32 under the global flags; tf32: CUDA only; "
+          "bfloat16: bf16 autocast inside the products; errors in benchmarks/RESULTS.md)")  # fmt: skip
     _flag(g, "--curv-inter-every", type=int, default=0,
           help="inter-layer map + per-layer spectra every N updates (0: off; costly)")  # fmt: skip
     _flag(g, "--lr-scaling", default=None, choices=list(LR_SCALING_POLICIES),

@@ -18,7 +18,7 @@ from typing import Any
 from .errors import TrainError
 
 CHANGEABLE = frozenset({
-    "epochs", "curv_every", "curv_probes", "curv_batch_size", "curv_inter_every", "curv_estimator",
+    "epochs", "curv_every", "curv_probes", "curv_batch_size", "curv_inter_every", "curv_estimator", "curv_dtype",
     "cusum_threshold", "cusum_k", "cusum_warmup", "on_alarm", "log_interval", "log_wandb", "wandb_project",
     "wandb_tags", "no_progress", "workers", "validation_batch_size", "device", "dist_backend", "dist_url",
     "data_dir", "dataset_download",

@@ -210,7 +210,7 @@ def build_optimizer(
             curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
             lr_scaling=args.lr_scaling, logger=sinks, callbacks=callbacks, seed=args.seed,
             distributed_probes=args.curv_dist_probes, inter_every=args.curv_inter_every,
-            estimator=args.curv_estimator,
+            estimator=args.curv_estimator, curvature_dtype=args.curv_dtype,
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
