@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import statistics
+import sys
 import time
 import warnings
 from multiprocessing import Pool
@@ -49,9 +50,12 @@ from typing import Any
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # monitor_stationary, a sibling script
+
 CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
-SIGNALS = ("curv_frob", "curv_trace", "gn_gap", "layer_trace", "layer_frob", "train_loss", "train_loss_fall",
-           "grad_norm", "gap_val_train")  # fmt: skip
+RECORDED = ("curv_frob", "curv_trace", "gn_gap", "layer_trace", "layer_frob", "train_loss", "train_loss_fall",
+            "grad_norm", "gap_val_train")  # fmt: skip
+SIGNALS = (*RECORDED[:5], "geo_frob", *RECORDED[5:])
 LAYER_SIGNALS = {"layer_trace": "trace", "layer_frob": "frob"}
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
@@ -137,7 +141,7 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
     opt = CurvatureAwareOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, loss_fn, every=every, probes=8,
                                   curvature_batch_size=32, gn=True, monitor=None, seed=seed)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
-    series: dict[str, list] = {k: [] for k in ("step", *SIGNALS)}
+    series: dict[str, list] = {k: [] for k in ("step", *RECORDED)}
     epochs_log: list[dict[str, float]] = []
     losses: list[float] = []
     step = 0
@@ -168,7 +172,7 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
                                                          "train_loss_fall": 1.0 / train_loss,
                                                          "gap_val_train": math.exp(val_loss - train_loss)}  # fmt: skip
                     series["step"].append(step)
-                    for k in SIGNALS:
+                    for k in RECORDED:
                         series[k].append(row[k])
             pred_train = _predict(model, x).argmax(1)
             pred_val = _predict(model, xv).argmax(1)
@@ -286,15 +290,101 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
         print(f"\nRuns that memorised (corrupted-label fit > 2x chance): {memorised}")
 
 
+TUNE_GRID = {
+    "h": (3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 20.0),
+    "k": (0.25, 0.5, 1.0, 1.5),
+    "smoothing": (0.3, 0.6),
+    "leak": (0.02, 0.1),
+}
+"""Monitor settings the ``tune`` phase tries (every combination, every signal)."""
+STATIONARY_BUDGET = {"gaussian": 0.05, "heavy": 0.10, "horizon": 1000, "runs": 40}
+"""A candidate must also keep the monitor's stated false-alarm budget on long stationary series
+(benchmarks/monitor_stationary.py; per-layer signals with as many stationary layers as the model has)."""
+
+
+def stationary_ok(settings: dict[str, Any], layers: int) -> tuple[bool, str]:
+    """Whether ``settings`` keep :data:`STATIONARY_BUDGET`, and the two rates as text."""
+    from monitor_stationary import false_alarm_rate
+
+    b = STATIONARY_BUDGET
+    kwargs = {"runs": b["runs"], "horizon": b["horizon"], "layers": layers}
+    full = {**settings, "alarm_on": "layer" if layers > 1 else "aggregate"}
+    gauss = false_alarm_rate(full, heavy=False, **kwargs)
+    if gauss > b["gaussian"]:
+        return False, f"{100 * gauss:.0f} %"
+    heavy = false_alarm_rate(full, heavy=True, seed=1, **kwargs)
+    return heavy <= b["heavy"], f"{100 * gauss:.0f} % / {100 * heavy:.0f} %"
+
+
+def score(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[str, float]:
+    """Pooled detection rate, false-alarm rate, median delay and median val-acc cost of one rule."""
+    table = summarise(runs, signal, settings)
+    det = sum(t["detected"] for t in table.values())
+    mem = sum(t["memorising"] for t in table.values())
+    fa = sum(t["false_alarms"] for t in table.values())
+    clean = sum(t["clean_spans"] for t in table.values())
+    delays = [t["median_delay_epochs"] for t in table.values() if t["median_delay_epochs"] is not None]
+    costs = [t["median_acc_cost"] for c, t in table.items() if t["median_acc_cost"] is not None and c.startswith("p0")]
+    return {
+        "detection": det / mem if mem else float("nan"), "false_alarm": fa / clean if clean else 0.0,
+        "delay": statistics.median(delays) if delays else float("inf"),
+        "noisy_cost": statistics.median(costs) if costs else float("inf"),
+        "worst_condition": min((t["detected"] / t["memorising"] for t in table.values() if t["memorising"]),
+                               default=float("nan")),
+    }  # fmt: skip
+
+
+def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: bool = True) -> None:
+    """Grid search on development runs: per signal, the settings that meet the detection and false-alarm
+    targets (≥ 95 % in every condition, ≤ 5 %) and, with ``stationary``, the stationary budget, ranked by
+    the val-acc cost on noisy runs, then delay."""
+    import itertools
+
+    keys = list(TUNE_GRID)
+    grid = [dict(zip(keys, values)) for values in itertools.product(*TUNE_GRID.values())]
+    print(f"\nTuning on {len(runs)} runs, {len(grid)} settings per signal (targets: >= 95 % detected in every "
+          f"condition, <= 5 % false alarms{'; stationary budget ' + str(STATIONARY_BUDGET) if stationary else ''})\n")
+    print("| signal | settings | detected | worst condition | false alarms | median delay (epochs) "
+          "| median val-acc cost, noisy runs (pts) | stationary false alarms (Gaussian / heavy) |")  # fmt: skip
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for signal in signals:
+        layers = len(runs[0]["series"][signal][0]) if signal in LAYER_SIGNALS else 1
+        scored = [(settings, score(runs, signal, settings)) for settings in grid]
+        ok = [(s, r) for s, r in scored if r["worst_condition"] >= 0.95 and r["false_alarm"] <= 0.05]
+        pool = ok or scored
+        pool.sort(key=lambda sr: (sr[1]["noisy_cost"], sr[1]["delay"], -sr[1]["detection"], sr[1]["false_alarm"]))
+        shown = 0
+        for settings, r in pool:
+            passed, rates = stationary_ok(settings, layers) if stationary else (True, "not checked")
+            if not passed:
+                continue
+            mark = "" if ok else " (no setting meets the targets)"
+            print(f"| {signal}{mark} | {json.dumps(settings)} | {100 * r['detection']:.0f} % "
+                  f"| {100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {r['delay']:+.1f} "
+                  f"| {r['noisy_cost']:.1f} | {rates} |", flush=True)  # fmt: skip
+            shown += 1
+            if shown == top:
+                break
+
+
+def geometric_mean(values: dict[str, float]) -> float:
+    """exp(mean_l log v_l): every layer weighs the same, whatever its size or curvature."""
+    logs = [math.log(v) for v in values.values() if v > 0]
+    return math.exp(statistics.fmean(logs)) if logs else float("nan")
+
+
 def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
     runs = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
-    return [r for r in runs if seeds is None or r["seed"] in seeds]
+    runs = [r for r in runs if seeds is None or r["seed"] in seeds]
+    for run in runs:  # derived signals, computed from the recorded per-layer values
+        run["series"]["geo_frob"] = [geometric_mean(v) for v in run["series"]["layer_frob"]]
+    return runs
 
 
 # ---------------------------------------------------------------------- command line
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", nargs="?", choices=["record", "analyse"], default="record")
+    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune"], default="record")
     parser.add_argument("--task", nargs="+", default=["mnist-cnn"])
     parser.add_argument("--opt", nargs="+", default=["sgd", "adamw"])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
@@ -306,6 +396,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where runs are saved / read")
     parser.add_argument("--monitor", type=json.loads, default={}, help='CusumMonitor settings as JSON, e.g. {"h": 8}')
+    parser.add_argument("--signals", nargs="+", default=list(SIGNALS), choices=SIGNALS)
+    parser.add_argument("--no-stationary", action="store_true", help="tune: skip the stationary false-alarm check")
     parser.add_argument("--quick", action="store_true", help="mnist-cnn, sgd, 2 seeds, 16 epochs, end to end")
     args = parser.parse_args()
     if args.quick:
@@ -320,8 +412,11 @@ def main() -> None:
             for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 print(f"[{i}/{len(jobs)}] {name} ({time.perf_counter() - start:.0f} s)", flush=True)
     runs = [r for r in load_runs(args.runs, seeds) if r["task"] in args.task and r["opt"] in args.opt]
+    if args.phase == "tune":
+        tune(runs, tuple(args.signals), stationary=not args.no_stationary)
+        return
     print(f"\nCUSUM settings: {args.monitor or 'defaults'}; {len(runs)} runs from {args.runs}")
-    print_tables(runs, args.monitor)
+    print_tables(runs, args.monitor, tuple(args.signals))
 
 
 if __name__ == "__main__":

@@ -178,14 +178,16 @@ def test_cli_demo_fires_the_alarm_after_the_switch(capsys, tmp_path):
     """The README's main job, at its default settings: exit 0 means the alarm fired after the label switch."""
     assert cli_main(["demo", "--no-progress", "--out-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "ALARM" in out and "gn_gap" in out and "lr_scale" in out
+    assert "ALARM" in out and "gn_gap" in out and "cusum" in out
+    assert "lr_scale" not in out  # no scaling in the demo, so no column for it
     records = read_jsonl(tmp_path / "curvature.jsonl")
     assert any(r["type"] == "alarm" and r["step"] > 400 for r in records)
     assert sum(r["type"] == "metrics" for r in records) == 40
     # where the W&B run, the JSONL log and the plots went
     assert "W&B run:" in out and "JSONL log:" in out and "plots:" in out
     assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
-    assert {p.name for p in (tmp_path / "report").glob("*.png")} >= {"trace_heatmap.png", "cusum.png", "training.png"}
+    figures = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert figures >= {"curvature_heatmap.png", "cusum.png", "training.png"}
 
 
 def test_cli_demo_bad_arguments(capsys):

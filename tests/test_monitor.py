@@ -76,18 +76,41 @@ def test_steady_rise_is_detected():
     assert firsts and 50 < firsts[0] < 120
 
 
-def test_one_alarm_per_episode_and_alarm_fields():
-    monitor = CusumMonitor()
+@pytest.mark.parametrize("alarm_on", ["layer", AGGREGATE])
+def test_one_alarm_per_episode_and_alarm_fields(alarm_on):
+    monitor = CusumMonitor(alarm_on=alarm_on)
     alarms = []
     for t in range(200):
         level = -4.0 + (3.0 if t >= 100 else 0.0) + 0.3 * math.sin(t)
         alarms += monitor.update(t, {AGGREGATE: math.exp(level), "conv": math.exp(level)})
     assert len(alarms) == 1
     alarm = alarms[0]
-    assert alarm.kind == AGGREGATE and alarm.step >= 100 and alarm.statistic > alarm.threshold == monitor.h
+    assert alarm.kind == alarm_on and alarm.step >= 100 and alarm.statistic > alarm.threshold == monitor.h
     assert alarm.layers == ["conv"]
     assert "memorisation alarm" in alarm.describe()
     assert Alarm.from_dict(json.loads(json.dumps(alarm.to_dict()))) == alarm
+
+
+def test_per_layer_threshold_grows_with_the_number_of_layers():
+    """h_L = h + ln(L)/(0.7 k): L layers alarm no more often than one series (a union bound)."""
+    monitor = CusumMonitor(h=10, k=0.5)
+    monitor.update(0, {AGGREGATE: 1.0, **{f"l{i}": 1.0 for i in range(4)}})
+    assert monitor.threshold("l0") == pytest.approx(10 + math.log(4) / 0.35)
+    assert monitor.threshold(AGGREGATE) == 10 and monitor.alarm_threshold == monitor.threshold("l0")
+
+
+def test_false_alarm_rate_of_three_stationary_layers_within_budget():
+    """The default (per-layer) rule with L = 3 independent heavy-tailed layers stays within the budget."""
+    rng = random.Random(5)
+    runs, alarmed = 40, 0
+    for _ in range(runs):
+        monitor = CusumMonitor()
+        layers = [_stationary_run(rng, heavy=True) for _ in range(3)]
+        for t, values in enumerate(zip(*layers)):
+            if monitor.update(t, {AGGREGATE: sum(values) / 3, **{f"l{i}": v for i, v in enumerate(values)}}):
+                alarmed += 1
+                break
+    assert alarmed / runs <= HEAVY_BUDGET, f"{alarmed}/{runs} stationary 3-layer runs alarmed"
 
 
 def test_signal_values_from_estimate():

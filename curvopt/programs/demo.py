@@ -104,7 +104,7 @@ def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
                 for sink in demo.sinks:
                     sink.log_training(step, {"train/loss": loss.item(), "train/acc": 100.0 * correct / seen})
                 ready = monitor.ready
-                cusum = f"{monitor.statistics()['cusum/aggregate']:.1f}" if ready else "calibrating"
+                cusum = f"{monitor.alarm_statistic():.1f}/{monitor.alarm_threshold:.1f}" if ready else "calibrating"
                 bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}", cusum=cusum,
                                 alarms=len(opt.alarms))  # fmt: skip
                 correct = seen = 0

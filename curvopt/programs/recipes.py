@@ -180,8 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--lr-scaling", default=None, choices=list(LR_SCALING_POLICIES),
           help="layer-wise LR scaling policy (default: off)")  # fmt: skip
     _switch(g, "--cusum", True, "run the CUSUM memorisation monitor")
-    _flag(g, "--cusum-threshold", type=float, default=10.0, help="CUSUM threshold h")
-    _flag(g, "--cusum-k", type=float, default=1.0, help="CUSUM reference value k (σ units)")
+    _flag(g, "--cusum-threshold", type=float, default=10.0,
+          help="CUSUM threshold h (per layer: h + ln(L)/(0.7k) for L layers)")  # fmt: skip
+    _flag(g, "--cusum-k", type=float, default=0.5, help="CUSUM reference value k (σ units)")
+    _flag(g, "--cusum-alarm-on", default="layer", choices=["layer", "aggregate"],
+          help="which series raise the alarm: any layer's (default) or the model-wide one")  # fmt: skip
     _flag(g, "--cusum-warmup", type=int, default=8, help="estimates the monitor calibrates on")
     _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
           "checkpoint alarm-<update>.pth.tar; or stop the run cleanly")  # fmt: skip

@@ -242,6 +242,7 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     labels, events = layer_labels(records), run_events(records)
     fig, ax = plt.subplots(figsize=WIDE, constrained_layout=True)
     ready_steps, ready = scalar_series(records, "curv/monitor_ready")
+    per_layer = bool(scalar_series(records, "curv/monitor_per_layer")[1][-1:] == [1.0])
     calibrating = [s for s, r in zip(ready_steps, ready) if r == 0]
     if calibrating:
         ax.axvspan(steps[0], max(calibrating), color="0.93", label="monitor calibrating (no alarm possible)")
@@ -249,15 +250,18 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     for color, name in zip(plt.cm.tab10(np.arange(len(shown)) % 10), shown):
         ax.plot(steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels))
     if aggregate is not None:
-        ax.plot(steps, aggregate, color="black", linewidth=2.4, label="model-wide S (raises the alarm)")
+        role = "for reference; layers raise the alarm" if per_layer else "raises the alarm"
+        ax.plot(steps, aggregate, color="black", linewidth=1.4 if per_layer else 2.4, label=f"model-wide S ({role})")
     if threshold is not None:
         h = [v for v in threshold if math.isfinite(v)]
         if h:
-            ax.axhline(h[-1], color="darkorange", linestyle=":", linewidth=1.8, label=f"threshold h = {h[-1]:g}")
+            which = "per layer" if per_layer else "h"
+            ax.axhline(h[-1], color="darkorange", linestyle=":", lw=1.8, label=f"threshold {which} = {h[-1]:.3g}")
     mark_events(ax, events)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CUSUM statistic S")
-    ax.set_title("Memorisation monitor: CUSUM of the rise in curvature (alarm when the model-wide S > h)",
+    who = "a layer's S" if per_layer else "the model-wide S"
+    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature (alarm when {who} > the threshold)",
                  fontsize=11)  # fmt: skip
     _legend(ax)
     return fig

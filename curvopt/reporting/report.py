@@ -20,6 +20,7 @@ from typing import Any
 from ..control.monitor import distinct_numbers
 from .loggers import deduplicate, read_jsonl
 
+MONITOR_KEYS = ("h", "k", "warmup", "signal", "alarm_on")
 LOG_NAME = "curvature.jsonl"
 
 
@@ -166,7 +167,7 @@ def _configuration(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]
             rows += [("curvature", f"every {c.get('every')} steps, K = {c.get('probes')} probes on "
                                    f"{c.get('curvature_batch_size')} samples, Gauss-Newton "
                                    f"{'on' if c.get('gn') else 'off'}, strategy {c.get('strategy')}"),
-                     ("monitor", c.get("monitor") and {k: c["monitor"].get(k) for k in ("h", "k", "warmup", "signal")}),
+                     ("monitor", c.get("monitor") and {k: c["monitor"].get(k) for k in MONITOR_KEYS}),
                      ("LR scaling", c.get("lr_scaling") or "off"), ("layers", len(c.get("layers", [])))]  # fmt: skip
             break
     return rows

@@ -19,9 +19,9 @@ from .errors import TrainError
 
 CHANGEABLE = frozenset({
     "epochs", "curv_every", "curv_probes", "curv_batch_size", "curv_inter_every", "curv_estimator", "curv_dtype",
-    "cusum_threshold", "cusum_k", "cusum_warmup", "on_alarm", "log_interval", "log_wandb", "wandb_project",
-    "wandb_tags", "no_progress", "workers", "validation_batch_size", "device", "dist_backend", "dist_url",
-    "data_dir", "dataset_download",
+    "cusum_threshold", "cusum_k", "cusum_warmup", "cusum_alarm_on", "on_alarm", "log_interval", "log_wandb",
+    "wandb_project", "wandb_tags", "no_progress", "workers", "validation_batch_size", "device", "dist_backend",
+    "dist_url", "data_dir", "dataset_download",
 })  # fmt: skip
 """Settings a resume may change (applied from the resume step on, recorded as a ``settings_changed`` event)."""
 

@@ -170,7 +170,8 @@ def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[An
     run.best_top1 = float(state.get("best_top1", -math.inf))
     run.best_epoch = int(state.get("best_epoch", -1))
     monitor_changes = {new: changes[old][1] for old, new in (("cusum_threshold", "h"), ("cusum_k", "k"),
-                                                             ("cusum_warmup", "warmup")) if old in changes}  # fmt: skip
+                                                             ("cusum_warmup", "warmup"), ("cusum_alarm_on", "alarm_on"))
+                       if old in changes}  # fmt: skip
     if monitor_changes and run.opt.monitor is not None:
         run.opt.monitor.update_settings(**monitor_changes)  # the checkpoint's monitor state, the new thresholds
     if run.start_epoch > 0:
