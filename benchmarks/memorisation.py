@@ -288,6 +288,37 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
         memorised = {c: f"{sum(memorisation_onset(r) is not None for r in chosen if r['condition'] == c)}/"
                         f"{sum(r['condition'] == c for r in chosen)}" for c in present if c != "clean"}  # fmt: skip
         print(f"\nRuns that memorised (corrupted-label fit > 2x chance): {memorised}")
+        noisy = [c for c in present if c != "clean"]
+        print("\nVal-acc cost at the first alarm (pts, median over detected runs: best epoch minus the last epoch"
+              " completed at the alarm)\n")
+        print("| signal | " + " | ".join(noisy) + " |")
+        print("| --- |" + " ---: |" * len(noisy))
+        for signal in signals:
+            table = summarise(chosen, signal, settings)
+            cells = [f"{table[c]['median_acc_cost']:.1f}" if table[c]["median_acc_cost"] is not None else "–"
+                     for c in noisy]  # fmt: skip
+            print(f"| {signal} | " + " | ".join(cells) + " |")
+        print("\n" + reference_costs(chosen))
+
+
+def reference_costs(runs: list[dict]) -> str:
+    """What the alarms' val-acc cost compares with, per condition, on the memorising runs: stopping
+    exactly at the memorisation onset (an oracle) and never stopping (the last epoch)."""
+    parts = []
+    for condition in CONDITIONS[1:]:
+        at_onset: list[float] = []
+        at_end: list[float] = []
+        for run in runs:
+            onset = memorisation_onset(run)
+            if run["condition"] != condition or onset is None:
+                continue
+            accs = [e["val_acc"] for e in run["epochs_log"]]
+            at_onset.append(max(accs) - (accs[onset - 1] if onset >= 1 else accs[0]))
+            at_end.append(max(accs) - accs[-1])
+        if at_onset:
+            parts.append(f"{condition} {statistics.median(at_onset):.1f} / {statistics.median(at_end):.1f}")
+    return ("Reference val-acc costs (pts, median per condition over memorising runs), stopping at the onset "
+            "(oracle) / never stopping: " + ("; ".join(parts) or "no memorising runs"))
 
 
 TUNE_GRID = {

@@ -12,7 +12,7 @@ to W&B. Conventions every figure follows:
 * the run's events (label-noise start, alarms, resumes, LR restarts, setting changes) are marked
   on every time axis;
 * a figure is drawn only for a quantity the run has, with its reference line where one carries
-  meaning (s = 1, GN-Gap = 1, the CUSUM threshold h).
+  meaning (s = 1, GN-Gap = 1, the CUSUM threshold).
 """
 
 from __future__ import annotations
@@ -233,7 +233,7 @@ def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
 
 
 def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
-    """The model-wide CUSUM statistic (thick), the top layers', threshold h, the calibration period, events."""
+    """The top layers' CUSUM statistics, the model-wide one, the deciding threshold, the calibration period, events."""
     steps, series = layer_series(records, "cusum")
     if not steps:
         return None

@@ -59,9 +59,10 @@ def _sections() -> list[Section]:
                 "part. Below 1 the Gauss-Newton matrix carries most of the layer's curvature (GGN and K-FAC "
                 "preconditioners see most of it); above 1 the residual dominates."),
         Section("cusum", "Memorisation monitor", plots.cusum_figure,
-                "The CUSUM statistic adds up how far the smoothed model-wide curvature rises above its running trough, "
-                "in units of its own noise. The alarm fires when the thick line crosses the threshold h. Grey shading "
-                "is the calibration period, when no alarm is possible; thin lines show which layers rise."),
+                "The CUSUM statistic adds up how far each layer's smoothed curvature (the model-wide one in black) "
+                "rises above its running trough, in units of its own noise. By default the alarm fires when any "
+                "layer's line crosses the dotted threshold (h + ln L / 0.7k for L layers); with alarm_on='aggregate' "
+                "when the black line crosses h. Grey shading is the calibration period, when no alarm is possible."),
         Section("lr_scale", "Layer-wise learning-rate scale", lambda r: plots.layer_lines_figure(
                     r, "lr_scale", title="Layer-wise learning-rate scale s_l (top layers)", ylabel="scale s_l",
                     log_y=True, reference=(1.0, "s = 1: unchanged"), rank_by="log"),
@@ -224,7 +225,7 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
     if alarms:
         rows = [[a["step"], a.get("kind"), *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
                  ", ".join(label_of(n, labels) for n in a.get("layers", [])) or "model-wide only"] for a in alarms]
-        parts.append(_table(rows, ["step", "kind", "CUSUM S", "threshold h", "layers"], "alarms"))
+        parts.append(_table(rows, ["step", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
     else:
         parts.append("<p>No memorisation alarm.</p>")
     if events:
