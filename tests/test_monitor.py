@@ -91,6 +91,19 @@ def test_one_alarm_per_episode_and_alarm_fields(alarm_on):
     assert Alarm.from_dict(json.loads(json.dumps(alarm.to_dict()))) == alarm
 
 
+def test_layers_rising_one_after_another_raise_one_alarm_naming_them():
+    """Per layer, one model-level episode: layers that cross later join it instead of alarming again."""
+    monitor = CusumMonitor()
+    alarms = []
+    for t in range(300):
+        wiggle = 0.3 * math.sin(t)
+        a = -4.0 + (3.0 if t >= 100 else 0.0) + wiggle
+        b = -4.0 + (3.0 if t >= 130 else 0.0) + 0.3 * math.cos(t)
+        alarms += monitor.update(t, {AGGREGATE: math.exp((a + b) / 2), "a": math.exp(a), "b": math.exp(b)})
+    assert len(alarms) == 1 and alarms[0].layers[0] == "a" and 100 <= alarms[0].step < 130
+    assert alarms[0].kind == "layer" and alarms[0].threshold == monitor.threshold("a")
+
+
 def test_per_layer_threshold_grows_with_the_number_of_layers():
     """h_L = h + ln(L)/(0.7 k): L layers alarm no more often than one series (a union bound)."""
     monitor = CusumMonitor(h=10, k=0.5)
