@@ -218,6 +218,12 @@ def _epoch_of(run: dict, step: int) -> int:
     return (step - 1) // run["steps_per_epoch"]
 
 
+def accuracy_cost(run: dict, epoch: int) -> float:
+    """Best validation accuracy minus that of the last epoch completed when stopping during ``epoch``."""
+    accs = [e["val_acc"] for e in run["epochs_log"]]
+    return max(accs) - accs[max(epoch - 1, 0)]
+
+
 def summarise(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per condition: detections / memorising runs, false alarms / clean spans, delay and accuracy cost."""
     table: dict[str, dict[str, Any]] = {}
@@ -244,9 +250,7 @@ def summarise(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[s
                 alarm_epoch = _epoch_of(run, alarm)
                 delays.append(alarm_epoch - onset)
                 early += alarm_epoch < onset
-                accs = [e["val_acc"] for e in run["epochs_log"]]
-                at_alarm = accs[alarm_epoch - 1] if alarm_epoch >= 1 else accs[0]  # the last epoch completed
-                costs.append(max(accs) - at_alarm)
+                costs.append(accuracy_cost(run, alarm_epoch))
         table[condition] = {
             "runs": len(chosen), "memorising": mem, "detected": det, "false_alarms": fa, "clean_spans": clean,
             "median_delay_epochs": statistics.median(delays) if delays else None, "before_onset": early,
@@ -312,9 +316,8 @@ def reference_costs(runs: list[dict]) -> str:
             onset = memorisation_onset(run)
             if run["condition"] != condition or onset is None:
                 continue
-            accs = [e["val_acc"] for e in run["epochs_log"]]
-            at_onset.append(max(accs) - (accs[onset - 1] if onset >= 1 else accs[0]))
-            at_end.append(max(accs) - accs[-1])
+            at_onset.append(accuracy_cost(run, onset))
+            at_end.append(accuracy_cost(run, len(run["epochs_log"])))
         if at_onset:
             parts.append(f"{condition} {statistics.median(at_onset):.1f} / {statistics.median(at_end):.1f}")
     return ("Reference val-acc costs (pts, median per condition over memorising runs), stopping at the onset "
