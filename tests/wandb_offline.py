@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,19 @@ BLOCK = 32 * 1024
 HEADER = 7
 
 
-def read_records(path: str | Path) -> list[Any]:
+def read_records(path: str | Path, wait_s: float = 20.0) -> list[Any]:
+    """Every record of an offline run file. The writer (wandb-core, another process) may still be
+    flushing when ``finish()`` returns on a busy machine: re-read until the run's ``exit`` record is
+    there, for up to ``wait_s`` seconds, then return what the file holds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = _parse(path)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
+def _parse(path: str | Path) -> list[Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
@@ -61,10 +74,16 @@ def _key(item: Any) -> str:
 
 
 def summary(records: list[Any]) -> dict[str, Any]:
-    """The run's final summary (the last value of every key)."""
+    """The run's final summary: the last logged value of every key (history rows, as W&B derives its
+    default summary), updated by the summary records. The history rows are read too because the
+    offline writer may flush the final summary record late or in pieces under load."""
     out: dict[str, Any] = {}
     for record in records:
-        if record.WhichOneof("record_type") == "summary":
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            for item in record.history.item:
+                out[_key(item)] = json.loads(item.value_json)
+        elif kind == "summary":
             for item in record.summary.update:
                 out[_key(item)] = json.loads(item.value_json)
     return out
