@@ -159,9 +159,16 @@ def run_row(args) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     fn()  # warm-up (and first-touch allocations)
-    times = []
     # the forward+backward baseline divides every ratio: give it more repetitions
     reps = max(5 * args.reps, 15) if args.row == "fwd_bwd" else args.reps
+    time_s = median_time(fn, reps, cuda)
+    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
+    return {"row": args.row, "time_s": time_s, "peak_mb": max(peak, 0) / 2**20}
+
+
+def median_time(fn, reps: int, cuda: bool) -> float:
+    """Median wall time of ``reps`` calls of ``fn`` (synchronising the device around each on CUDA)."""
+    times = []
     for _ in range(reps):
         if cuda:
             torch.cuda.synchronize()
@@ -170,8 +177,7 @@ def run_row(args) -> dict:
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if cuda else peak_rss_bytes()) - base
-    return {"row": args.row, "time_s": statistics.median(times), "peak_mb": max(peak, 0) / 2**20}
+    return statistics.median(times)
 
 
 def machine() -> str:

@@ -16,13 +16,12 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_speed import build, machine, write_section
+from hvp_speed import build, machine, median_time, write_section
 
 import curvopt
 
@@ -35,16 +34,7 @@ def estimate(model, loss_fn, batch, precision: str, probes: int, device: str):
 
 def timed(fn, reps: int, cuda: bool) -> float:
     fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, reps, cuda)
 
 
 def compare(model_name: str, args) -> list[str]:
