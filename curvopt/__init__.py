@@ -16,8 +16,10 @@ from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.scaling import LR_SCALING_POLICIES, TraceScaling
 from .engine.batch import CurvatureInputError
+from .engine.finite_difference import FiniteDifferenceWarning
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
-from .engine.products import STRATEGIES, CurvatureStrategyError
+from .engine.products import CurvatureStrategyError, DoubleBackwardError
+from .engine.strategies import STRATEGIES
 from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
 from .estimators.budget import ProbeBudgetTracker
 from .estimators.spectra import Spectrum, layer_spectrum
@@ -39,6 +41,8 @@ __all__ = [
     "CurvatureInputError",
     "CurvatureStrategyError",
     "CusumMonitor",
+    "DoubleBackwardError",
+    "FiniteDifferenceWarning",
     "JsonlLogger",
     "Layer",
     "NonFiniteCurvatureError",

@@ -15,6 +15,7 @@ from conftest import bn_cnn
 from torch import nn
 
 from curvopt import STRATEGIES, CurvatureAwareOptimizer, estimate_curvature
+from curvopt.engine.products import EXACT_STRATEGIES
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 
@@ -27,7 +28,7 @@ def _problem(dtype=torch.float64, device="cuda"):
     return model, nn.CrossEntropyLoss(), (x, y)
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("strategy", EXACT_STRATEGIES)
 def test_cuda_estimates_equal_the_cpu_s_on_the_same_probes(strategy):
     cpu_model, loss_fn, (x, y) = _problem(device="cpu")
     gpu_model = copy.deepcopy(cpu_model).cuda()

@@ -132,13 +132,41 @@ def test_torchrun_curvopt_train_writes_one_set_of_logs(tmp_path):
     assert len({p.name.rsplit("-", 1)[1] for p in run_dir.glob("wandb/offline-run-*")}) == 1  # one W&B run id
 
 
-def test_fsdp_is_rejected_clearly_on_every_rank(tmp_path):
+def test_fsdp2_estimates_the_global_batch_curvature_on_every_rank(tmp_path):
     results = _spawn(tmp_path, "fsdp")
     if "skipped" in results[0]:
         pytest.skip(results[0]["skipped"])
+    r0, r1 = results
+    for kind in r0["sharded"].samples:  # one all-reduce: the same estimate on both ranks
+        assert torch.equal(r0["sharded"].samples[kind], r1["sharded"].samples[kind]), kind
+    sharded, fd, exact = r0["sharded"], r0["references"]["finite-difference"], r0["references"]["autograd"]
+    assert sharded.strategy == "finite-difference" and sharded.batch_size == 32
+    assert any("FSDP" in w and "finite differences" in w for w in r0["warnings"])
+    assert not any("disagree" in w for w in r0["warnings"])  # a smooth model passes the self-check
+    # the probes a single process draws, on the global batch: the same numbers up to rounding / ε
+    for kind in fd.samples:
+        torch.testing.assert_close(sharded.samples[kind], fd.samples[kind], rtol=2e-3, atol=1e-5, msg=kind)
+    for layer in exact.layers:  # and a small fraction of an SE from the exact products on those probes
+        assert abs(sharded.trace[layer] - exact.trace[layer]) < 0.05 * exact.trace_se[layer], layer
+        assert abs(sharded.gn_trace[layer] - exact.gn_trace[layer]) < 0.05 * exact.gn_trace_se[layer], layer
+    assert abs(sharded.loss - exact.loss) < 1e-6
     for result in results:
-        assert result["error"] is not None and "FSDP" in result["error"]
-        assert "DistributedDataParallel" in result["error"]
+        assert result["untouched"], "the estimate changed a parameter shard or .grad"
+        assert result["explicit_error"].startswith("DoubleBackwardError")
+        assert "finite-difference" in result["explicit_error"] and "FSDP" in result["explicit_error"]
+
+
+def test_fsdp2_training_through_the_wrapper_is_the_bare_optimizer_s(tmp_path):
+    results = _spawn(tmp_path, "fsdp_train")
+    if "skipped" in results[0]:
+        pytest.skip(results[0]["skipped"])
+    for result in results:
+        for bare, wrapped in zip(result["bare"]["params"], result["wrapped"]["params"]):
+            assert torch.equal(bare, wrapped)
+        assert result["wrapped"]["skipped"] == 0 and len(result["wrapped"]["history"]) == 4
+        assert result["wrapped"]["strategy"] == "finite-difference"
+        assert "finite-difference" in result["strict_error"]  # an explicit exact strategy raises at once
+    assert results[0]["wrapped"]["history"] == results[1]["wrapped"]["history"]
 
 
 def test_sync_batchnorm_is_probed_with_per_rank_statistics(tmp_path):

@@ -9,7 +9,14 @@ gave. Anything else (a non-finite product, a transient exception, a missing batc
 returned as ``None`` with a warning key and a message, and the wrapper skips that estimate. Under
 ``torch.distributed`` every rank joins the one collective of :mod:`curvopt.estimators.distributed`,
 also when its own estimate failed, so no rank waits forever, and a configuration error on any rank
-raises on every rank.
+raises on every rank. An FSDP2-sharded model is different: its estimate is collective by construction
+(every rank perturbs its shards along the same global probes and one all-reduce inside the estimate
+completes the sums, :mod:`curvopt.engine.sharding`), so the ranks draw shared probes and there is no
+second combine.
+
+Strategy. ``"auto"`` is resolved once: when the first estimate had to fall back to finite
+differences (no double backward through this model), later estimates go there directly instead of
+trying the exact strategy again. The finite-difference self-check runs at the first estimate only.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from torch import nn
 from ..engine.batch import CurvatureInputError, Forward, slice_batch, split_batch
 from ..engine.layers import Layer
 from ..engine.probes import probe_generator
+from ..engine.sharding import is_sharded
+from ..engine.strategies import FINITE_DIFFERENCE
 from ..estimators import distributed as dist_utils
 from ..estimators.budget import ProbeBudgetTracker
 from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
@@ -70,6 +79,9 @@ class EstimateRunner:
         self.device = self.blocks[0].params[0].device
         self.generator = probe_generator(settings.seed, self.device)  # probes drawn where the parameters live
         self.probe_tracker = ProbeBudgetTracker(window=20)
+        self.sharded = is_sharded([p for block in self.blocks for p in block.params])
+        self.strategy = settings.strategy  # "auto" until an estimate shows it must be finite differences
+        self.fd_checked = False
 
     def probes(self) -> int:
         """K for the next estimate: fixed, or K* from the tracker within ``auto_probes``."""
@@ -92,7 +104,7 @@ class EstimateRunner:
         """
         distributed = dist_utils.is_active(self.process_group)
         outcome = self._local(step, batch, distributed, ever_batched)
-        if distributed:
+        if distributed and not self.sharded:
             outcome = self._combine_ranks(outcome, strict)
         if strict and outcome.error is not None:
             raise outcome.error
@@ -101,11 +113,10 @@ class EstimateRunner:
         return outcome
 
     def _local(self, step: int, batch: tuple[Any, Any] | None, distributed: bool, ever_batched: bool) -> Outcome:
-        generator = (
-            dist_utils.rank_generator(self.generator, self.settings.distributed_probes, self.process_group)
-            if distributed
-            else self.generator
-        )
+        mode = "shared" if self.sharded else self.settings.distributed_probes  # FSDP: one global probe per draw
+        generator = self.generator
+        if distributed:
+            generator = dist_utils.rank_generator(self.generator, mode, self.process_group)
         if batch is None:
             how = "pass step(batch=(x, y)) or call observe(x, y) before step()"
             if not ever_batched:
@@ -117,8 +128,8 @@ class EstimateRunner:
             estimate = estimate_curvature(
                 self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
                 probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
-                strategy=self.settings.strategy, forward=self.forward, estimator=self.settings.estimator,
-                curvature_dtype=self.settings.curvature_dtype,
+                strategy=self.strategy, forward=self.forward, estimator=self.settings.estimator,
+                curvature_dtype=self.settings.curvature_dtype, fd_check=not self.fd_checked,
             )  # fmt: skip
         except CurvatureInputError as exc:
             message = f"curvopt: curvature estimate at step {step} failed and was skipped: {exc}"
@@ -128,6 +139,8 @@ class EstimateRunner:
         except Exception as exc:  # estimation must never stop training
             return Outcome(None, (f"error-{type(exc).__name__}", f"curvopt: curvature estimate at step {step} failed "
                                   f"and was skipped: {type(exc).__name__}: {exc}"))  # fmt: skip
+        if estimate.strategy == FINITE_DIFFERENCE:
+            self.strategy, self.fd_checked = FINITE_DIFFERENCE, True
         return Outcome(estimate)
 
     def _combine_ranks(self, outcome: Outcome, strict: bool) -> Outcome:

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..engine.context import resolve_curvature_dtype
+from ..engine.strategies import STRATEGIES
 from ..estimators.deflation import ESTIMATORS, split_products
 from ..estimators.distributed import PROBE_MODES
 
@@ -55,6 +56,8 @@ class CurvatureSettings:
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.strategy != "auto" and self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be 'auto' or one of {STRATEGIES}, got {self.strategy!r}")
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
         if self.estimator != "hutchinson" and self.probes != "auto":

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .sharding import is_fsdp1
+
 ROOT_LAYER = "(root)"
 
 LayerSpec = Mapping[str, Sequence[str | nn.Parameter | nn.Module]]
@@ -51,17 +53,18 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     ``DistributedDataParallel`` and ``DataParallel`` keep the real module in ``.module``;
     ``torch.compile`` keeps it in ``._orig_mod``. Probing the inner module avoids DDP's
     reducer (which ``autograd.grad`` would not fire anyway) and compiled graphs that do not
-    support double backward. FSDP shards parameters and has no double backward: it is rejected.
+    support double backward. An FSDP2 model (``fully_shard``) is its own module and is probed as it
+    is, with sharded parameters (finite differences, :mod:`curvopt.engine.sharding`); FSDP1
+    (``FullyShardedDataParallel``) hides its parameters in flat buffers and is rejected.
     """
     seen = 0
     while True:
-        cls_name = type(model).__name__
-        if cls_name in {"FullyShardedDataParallel", "FSDPModule"} or cls_name.startswith("FSDP"):
+        if is_fsdp1(model):
             raise TypeError(
-                "curvopt cannot probe an FSDP-wrapped model: FSDP shards parameters and does "
-                "not support double backward. Supported: a plain module, DataParallel, "
-                "DistributedDataParallel (torchrun; each rank probes its own batch) and torch.compile; "
-                "for FSDP training, estimate curvature on an unsharded replica instead."
+                "curvopt cannot probe a FullyShardedDataParallel (FSDP1) model: it flattens the parameters into "
+                "buffers the layers cannot be read from. Shard with FSDP2 instead "
+                "(torch.distributed.fsdp.fully_shard), which curvopt probes by finite differences "
+                "(strategy='auto' or 'finite-difference')."
             )
         inner = None
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):

@@ -10,7 +10,15 @@ stacked vectors. Every estimator is built on it (:mod:`curvopt.estimators`):
 * ``restrict(l, u)`` — layer l's coordinates of a full direction, flattened.
 
 so ``restrict(l, H embed(l, x))`` is the diagonal block H_ll x. On exit the loss is checked: a
-non-finite loss raises ``FloatingPointError`` (curvature of a NaN loss is undefined).
+non-finite loss raises ``FloatingPointError`` (curvature of a NaN loss is undefined), and a
+finite-difference session that ran its self-check warns about the layers where finite differences do
+not estimate autograd's Hessian (:class:`~curvopt.engine.finite_difference.FiniteDifferenceWarning`).
+
+**FSDP2.** On a model sharded by ``fully_shard`` (``strategy="finite-difference"`` or ``"auto"``) the
+engine works on this rank's shards: ``localize`` turns full directions (drawn identically on every rank)
+into shards, products come back as shards of the *global*-batch products (FSDP reduce-scatters the
+gradients), and ``sum_over_ranks`` completes any sum over coordinates. Only the per-probe estimators of
+:func:`~curvopt.estimate_curvature` (Hutchinson) run there; ``matvec`` refuses.
 """
 
 from __future__ import annotations
@@ -27,9 +35,18 @@ from torch import nn
 
 from .batch import Forward, batch_size, check_finite_loss, split_batch
 from .context import probing_context, resolve_curvature_dtype
+from .finite_difference import (
+    CHECK_FACTOR,
+    KINK_TOLERANCE,
+    FiniteDifferenceWarning,
+    kinked_modules,
+    layer_disagreement,
+)
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
 from .probes import derive_seed
-from .products import STRATEGIES, ProbeProblem, default_strategy, make_engine
+from .products import CurvatureStrategyError, ProbeProblem
+from .sharding import all_reduce_sum, is_sharded, localize, world_size
+from .strategies import FINITE_DIFFERENCE, STRATEGIES, AutoEngine, make_engine
 
 Tensors = list[torch.Tensor]
 
@@ -46,6 +63,15 @@ class CurvatureOperator:
     batch_size: int = 0
     loss: float = float("nan")  # set when the session closes
     matvecs: int = 0
+    sharded: bool = False
+
+    def localize(self, directions: Tensors) -> Tensors:
+        """Full ``[k, *shape]`` directions → this rank's shards (as they are when the model is not sharded)."""
+        return localize(directions, self.params) if self.sharded else directions
+
+    def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Complete a sum over coordinates whose per-rank parts ``values`` hold (identity when not sharded)."""
+        return all_reduce_sum(values) if self.sharded else values
 
     @property
     def layers(self) -> list[str]:
@@ -68,6 +94,12 @@ class CurvatureOperator:
 
     def matvec(self, v: Tensors) -> tuple[Tensors, Tensors | None]:
         """Apply the operator to ``k`` stacked directions (``k`` ≤ ``chunk_size`` per engine call)."""
+        if self.sharded:
+            raise CurvatureStrategyError(
+                "on an FSDP-sharded model only estimate_curvature's per-layer Hutchinson estimates run (block "
+                "norms, spectra and the deflated estimators need whole product vectors); estimate those on an "
+                "unsharded replica"
+            )
         k = v[0].shape[0]
         hs: list[Tensors] = []
         gs: list[Tensors] = []
@@ -150,6 +182,44 @@ def _warn_no_tf32(device: torch.device) -> None:
     )
 
 
+def _warn_finite_difference_check(
+    operator: CurvatureOperator, check: tuple, kinked: list[tuple[str, str]], dtype: torch.dtype, fell_back: bool
+) -> None:
+    """The self-check of a finite-difference session (:mod:`curvopt.engine.finite_difference`): warn once,
+    naming the layers whose products at ε and 8ε disagree beyond :data:`KINK_TOLERANCE` and the model's
+    piecewise-linear modules (one probe can miss a rare switch)."""
+    owners = [i for i, block in enumerate(operator.blocks) for _ in block.params]
+    ratios = layer_disagreement(check, owners, len(operator.blocks), operator.sharded)
+    bad = sorted(((r, b) for r, b in zip(ratios, operator.blocks) if r > KINK_TOLERANCE), key=lambda x: -x[0])
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    if not bad and (not kinked or low_precision):
+        return
+    findings = []
+    if bad:
+        names = ", ".join(f"'{b.name}' ({b.kind or 'layer'}, {r:.2g})" for r, b in bad[:6])
+        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+        findings.append(f"its products at steps ε and {CHECK_FACTOR:g}ε disagree in layer(s) {names}{more} (trace "
+                        f"samples differ by that many ‖(Hz)_l‖, tolerance {KINK_TOLERANCE:g})")  # fmt: skip
+    if kinked and not low_precision:
+        modules = ", ".join(f"'{n}' ({kind})" for n, kind in kinked[:4])
+        more = f" and {len(kinked) - 4} more" if len(kinked) > 4 else ""
+        findings.append(f"the model has piecewise-linear modules {modules}{more}")
+    if low_precision:
+        cause = (f"the passes compute in {str(dtype).removeprefix('torch.')}, where the difference of two gradients is "
+                 "mostly rounding: run the curvature passes in float32 (fp32 parameters, no bf16 param_dtype)")
+    elif fell_back or operator.sharded:
+        cause = ("units that switch between θ and θ+εz (ReLU, max-pooling) make the finite difference a smoothed "
+                 "curvature, not autograd's Hessian, and no exact strategy can run this model: read the traces as "
+                 "smoothed curvature (GN traces are not affected), or use smooth activations (GELU, SiLU, tanh)")
+    else:
+        cause = ("units that switch between θ and θ+εz (ReLU, max-pooling) make the finite difference a smoothed "
+                 "curvature, not autograd's Hessian (GN traces are not affected): use strategy='autograd' (exact)")
+    if bad and not kinked and not low_precision:
+        cause += "; for a smooth model, a smaller fd_step"
+    warnings.warn(f"curvopt: finite-difference curvature: {'; '.join(findings)}. {cause}",
+                  FiniteDifferenceWarning, stacklevel=4)  # fmt: skip
+
+
 def draw_mask_seed(generator: torch.Generator) -> int:
     """The seed of one estimate's dropout masks, drawn from the probe generator (no device sync)."""
     return derive_seed(generator)
@@ -168,12 +238,17 @@ def curvature_operator(
     chunk_size: int = 4,
     forward: Forward | None = None,
     curvature_dtype: str | torch.dtype | None = None,
+    fd_step: float | None = None,
+    fd_check: bool = True,
 ) -> Iterator[CurvatureOperator]:
     """The operator of ``loss_fn(forward(model, x), y)`` on ``batch`` in the probing context (train
     mode, batch statistics, one dropout mask drawn from ``generator``, everything restored on exit).
 
     ``curvature_dtype`` (``None``, ``"float32"``, ``"tf32"``, ``"bfloat16"``) sets the products'
     precision (:mod:`curvopt.engine.context`; the error of each is measured in benchmarks/RESULTS.md).
+    ``strategy``: ``"auto"`` or one of :data:`~curvopt.engine.strategies.STRATEGIES`; ``fd_step`` the
+    finite-difference relative step (``None``: by precision), ``fd_check`` its self-check on the first
+    product (one extra gradient; ``"auto"`` checks whenever it falls back to finite differences).
 
     Raises ``ValueError`` for bad arguments and :class:`~curvopt.CurvatureInputError` for a batch,
     model or loss that cannot be probed (a configuration mistake); ``FloatingPointError`` on exit
@@ -189,8 +264,6 @@ def curvature_operator(
     inputs, targets = split_batch(batch)
     core, blocks = resolve_blocks(model, layers)
     params = flat_params(blocks)
-    if strategy == "auto":
-        strategy = default_strategy(params[0].device)
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     names = [n for block in blocks for n in block.param_names]
@@ -199,18 +272,34 @@ def curvature_operator(
             "curvature_dtype='bfloat16' cannot run strategy 'func-vmap': torch's batched backward of norm layers "
             "rejects the mixed bf16/fp32 tensors autocast produces; use strategy 'autograd' (or 'auto') or 'func'"
         )
+    if precision == "bfloat16" and strategy == FINITE_DIFFERENCE:
+        raise ValueError(
+            "curvature_dtype='bfloat16' cannot run strategy 'finite-difference': the difference of two bf16 "
+            "gradients is mostly rounding; finite differences run in the parameters' precision (use None or 'float32')"
+        )
     if precision == "tf32" and params[0].device.type != "cuda":
         _warn_no_tf32(params[0].device)
+    sharded = is_sharded(params)
     with probing_context(core, mask_seed=draw_mask_seed(generator), curvature_dtype=precision) as rewind:
         problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind, forward)
-        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size)
+        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size, fd_step=fd_step, fd_check=fd_check)
         if engine.out_hessian is not None and engine.out_hessian.is_zero:
             _warn_zero_gauss_newton(loss_fn)
-        operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, strategy, batch_size(inputs))
+        samples = batch_size(inputs) * (world_size() if sharded else 1)
+        operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, engine.strategy, samples,
+                                     sharded=sharded)
         try:
             yield operator
         finally:
-            operator.loss = float(engine.loss.detach())
+            loss = engine.loss.detach().reshape(1).double().cpu()
+            operator.loss = float(operator.sum_over_ranks(loss)[0]) / (world_size() if sharded else 1)
+            operator.strategy = engine.strategy
+            check = getattr(engine, "check_products", None)
+            check_context = (kinked_modules(core), getattr(engine, "compute_dtype", torch.float32),
+                             isinstance(engine, AutoEngine))
             operator.engine = None  # type: ignore[assignment]  # release the kept graph
             del engine, problem
+    if check is not None:
+        _warn_finite_difference_check(operator, check, *check_context)
+        del check
     check_finite_loss(operator.loss)

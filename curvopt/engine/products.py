@@ -25,8 +25,12 @@ Three exact strategies produce both products from the same probe:
     ``vmap(randomness="same")``. A model with a layer that has no forward-mode rule (``nn.LSTM``
     on CPU) gets a :class:`CurvatureStrategyError` naming the module and ``"autograd"``.
 
-``"auto"`` resolves per device type from the measured table :data:`AUTO_STRATEGY`; it only ever
-picks a strategy that runs every model (reverse mode).
+A model with an operation that has no double-backward rule (a custom ``autograd.Function`` marked
+``@once_differentiable``, a fused kernel whose backward has no derivative, reentrant activation
+checkpointing, FSDP2-sharded parameters) cannot be probed by any of them: they raise
+:class:`DoubleBackwardError`, which names ``"finite-difference"`` (:mod:`curvopt.engine.finite_difference`),
+the strategy that needs only first derivatives. Such graphs are found, not trusted: torch's double
+backward through a ``@once_differentiable`` function *silently* returns no second derivative.
 """
 
 from __future__ import annotations
@@ -43,15 +47,60 @@ from .batch import CurvatureInputError, Forward, call_loss, call_model
 from .output_hessian import OutputHessian
 
 Tensors = list[torch.Tensor]
-STRATEGIES = ("autograd", "func", "func-vmap")
-AUTO_STRATEGY = {"cpu": "autograd", "cuda": "autograd"}
-"""``strategy="auto"`` per device type, from ``benchmarks/hvp_speed.py`` (CPU: autograd is the fastest
-exact strategy, benchmarks/RESULTS.md §1). CUDA has not been measured yet; it uses the strategy that
-runs every model. Device types not listed use ``"autograd"``."""
+EXACT_STRATEGIES = ("autograd", "func", "func-vmap")
 
 
 class CurvatureStrategyError(CurvatureInputError):
     """The chosen product strategy cannot run this model; the message names the module and an alternative."""
+
+
+class DoubleBackwardError(CurvatureStrategyError):
+    """The model has an operation without a double-backward rule: no exact strategy can probe it, finite
+    differences can (``strategy="finite-difference"``, or ``"auto"``, which falls back to it)."""
+
+
+_NO_SECOND_DERIVATIVE_NODES = ("Error", "DelayedError", "NotImplemented")
+_REENTRANT_HINT = "use_reentrant"
+
+
+def double_backward_error(strategy: str, why: str) -> DoubleBackwardError:
+    """The one-line error for a model an exact ``strategy`` cannot differentiate twice (``why`` says what)."""
+    extra = ""
+    if _REENTRANT_HINT in why:
+        why = "reentrant activation checkpointing (use_reentrant=True) refuses torch.autograd.grad"
+        extra = ", or checkpoint with use_reentrant=False (the exact strategies then work)"
+    return DoubleBackwardError(
+        f"strategy '{strategy}' cannot run this model: {why}. Use strategy='finite-difference' (or 'auto', which "
+        f"falls back to it; first derivatives only){extra}"
+    )
+
+
+def is_double_backward_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is torch refusing a second derivative (not a bug in the model or the batch)."""
+    text = str(exc)
+    return isinstance(exc, (RuntimeError, NotImplementedError)) and (
+        _REENTRANT_HINT in text
+        or "once_differentiable" in text
+        or ("derivative for" in text and "not implemented" in text)
+        or "double backward" in text.lower()
+        or "double backwards" in text.lower()
+    )
+
+
+def _first_order_only_node(roots: Sequence[torch.Tensor]) -> str | None:
+    """The name of a node in the graph of ``roots`` that cannot be differentiated (``@once_differentiable``'s
+    error node, an op whose backward has no derivative), or ``None``."""
+    stack = [t.grad_fn for t in roots if t.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in _NO_SECOND_DERIVATIVE_NODES:
+            return node.name()
+        stack.extend(child for child, _ in node.next_functions if child is not None)
+    return None
 
 
 @dataclass
@@ -68,11 +117,6 @@ class ProbeProblem:
     forward: Forward | None = None
 
 
-def default_strategy(device: torch.device) -> str:
-    """The strategy ``"auto"`` stands for on ``device`` (:data:`AUTO_STRATEGY`)."""
-    return AUTO_STRATEGY.get(torch.device(device).type, "autograd")
-
-
 def _zeros_for_none(values: Sequence[torch.Tensor | None], like: Sequence[torch.Tensor]) -> Tensors:
     return [torch.zeros_like(r) if v is None else v for v, r in zip(values, like)]
 
@@ -81,6 +125,7 @@ class ReverseOverReverse:
     """``"autograd"`` strategy: the gradient graph is built once and kept across probes."""
 
     chunk_size = 1
+    strategy = "autograd"
 
     def __init__(self, problem: ProbeProblem, *, gn: bool, closed_form: bool = True):
         self.params = list(problem.params)
@@ -89,17 +134,27 @@ class ReverseOverReverse:
         out = call_model(problem.model, problem.inputs, problem.forward)
         self.loss = call_loss(problem.loss_fn, out, problem.targets)
         self.out_hessian: OutputHessian | None = None
-        if gn:
-            (self.out_grad,) = torch.autograd.grad(self.loss, out, create_graph=True)
-            if not self.out_grad.requires_grad:  # a loss linear in the outputs: r is constant, H_out = 0
-                self.out_grad = self.out_grad.detach().requires_grad_()
-            grads = torch.autograd.grad(out, self.params, self.out_grad, create_graph=True, allow_unused=True)
-            self.out = out
-            self.out_hessian = OutputHessian(problem.loss_fn, out, problem.targets, closed_form=closed_form)
-        else:
-            grads = torch.autograd.grad(self.loss, self.params, create_graph=True, allow_unused=True)
+        try:
+            if gn:
+                (self.out_grad,) = torch.autograd.grad(self.loss, out, create_graph=True)
+                if not self.out_grad.requires_grad:  # a loss linear in the outputs: r is constant, H_out = 0
+                    self.out_grad = self.out_grad.detach().requires_grad_()
+                grads = torch.autograd.grad(out, self.params, self.out_grad, create_graph=True, allow_unused=True)
+                self.out = out
+                self.out_hessian = OutputHessian(problem.loss_fn, out, problem.targets, closed_form=closed_form)
+            else:
+                grads = torch.autograd.grad(self.loss, self.params, create_graph=True, allow_unused=True)
+        except (RuntimeError, NotImplementedError) as exc:
+            if is_double_backward_failure(exc):
+                raise double_backward_error(self.strategy, str(exc).splitlines()[0]) from exc
+            raise
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.grads = [grads[i] for i in self.live]
+        blocked = _first_order_only_node(self.grads)
+        if blocked is not None:
+            raise double_backward_error(self.strategy, f"its gradient passes through {blocked}, which has no "
+                                        "second derivative (a @once_differentiable autograd.Function or a fused "
+                                        "kernel): double backward would silently drop its curvature")  # fmt: skip
 
     def __call__(self, probe: Tensors) -> tuple[Tensors, Tensors | None]:
         z = [t[0] for t in probe]
@@ -107,9 +162,14 @@ class ReverseOverReverse:
         jz = None
         if self.live:
             inputs = self.params + ([self.out_grad] if self.gn else [])
-            result = torch.autograd.grad(
-                self.grads, inputs, [z[i] for i in self.live], retain_graph=True, allow_unused=True
-            )
+            try:
+                result = torch.autograd.grad(
+                    self.grads, inputs, [z[i] for i in self.live], retain_graph=True, allow_unused=True
+                )
+            except (RuntimeError, NotImplementedError) as exc:
+                if is_double_backward_failure(exc):
+                    raise double_backward_error(self.strategy, str(exc).splitlines()[0]) from exc
+                raise
             hz = list(result[: len(self.params)])
             if self.gn:
                 jz = result[-1]
@@ -256,16 +316,3 @@ class ForwardOverReverse:
             f"strategy '{self.strategy}' cannot run {culprit}: torch has no forward-mode rule it needs ({reason}). "
             "Use strategy='autograd' (or 'auto'), which needs only reverse mode."
         )
-
-
-def make_engine(
-    strategy: str, problem: ProbeProblem, *, gn: bool, chunk_size: int = 4, closed_form: bool = True
-) -> ReverseOverReverse | ForwardOverReverse:
-    """Build the product engine named ``strategy`` (see the module docstring)."""
-    if strategy == "autograd":
-        return ReverseOverReverse(problem, gn=gn, closed_form=closed_form)
-    if strategy == "func":
-        return ForwardOverReverse(problem, gn=gn, closed_form=closed_form, strategy="func")
-    if strategy == "func-vmap":
-        return ForwardOverReverse(problem, gn=gn, chunk_size=chunk_size, closed_form=closed_form, strategy="func-vmap")
-    raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES} or 'auto'")

@@ -230,6 +230,8 @@ def estimate_curvature(
     estimator: str = "hutchinson",
     sketch: int | None = None,
     curvature_dtype: str | torch.dtype | None = None,
+    fd_step: float | None = None,
+    fd_check: bool = True,
 ) -> CurvatureEstimate:
     """Estimate per-layer Hessian traces (and, with ``gn``, GN traces and GN-Gap) on one batch.
 
@@ -250,7 +252,11 @@ def estimate_curvature(
         layers: custom grouping (see :func:`curvopt.engine.layers.group_parameters`) or prebuilt
             :class:`~curvopt.engine.layers.Layer` objects.
         distribution: ``"rademacher"`` (default) or ``"gaussian"``.
-        strategy: ``"auto"`` or one of ``STRATEGIES`` (all exact; they differ in speed).
+        strategy: ``"auto"`` (exact ``"autograd"`` where it runs, finite differences where no exact strategy
+            can: FSDP2-sharded parameters, operations without double backward) or one of ``STRATEGIES``:
+            ``"autograd"``, ``"func"``, ``"func-vmap"`` (exact; they differ in speed) and ``"finite-difference"``
+            (first derivatives only, one forward+backward per probe; smooth models only, see
+            :mod:`curvopt.engine.finite_difference`).
         chunk_size: probes per vmapped call for ``"func-vmap"``.
         forward: ``forward(model, inputs) -> outputs`` when the model is not called as
             ``model(inputs)`` (e.g. ``lambda m, x: m(**x).logits``).
@@ -262,6 +268,14 @@ def estimate_curvature(
             ``"float32"`` (no TF32 while probing), ``"tf32"`` (CUDA TensorFloat-32 matmuls and convolutions)
             or ``"bfloat16"`` (forward and backward passes under bf16 autocast; probes and reductions in
             fp32). The cheaper formats' error is measured in benchmarks/RESULTS.md.
+        fd_step: finite differences: the relative step ρ = ‖εz‖/‖θ‖ (``None``: by precision, fp32 1e-3).
+        fd_check: finite differences: compare the first probe at ε and ε/8 and warn
+            (:class:`~curvopt.FiniteDifferenceWarning`) naming layers that disagree (kinks, rounding).
+
+    On an FSDP2-sharded model (``fully_shard``; ``"auto"`` or ``"finite-difference"``), call it on every
+    rank with the same ``generator`` state and each rank's local batch: every rank perturbs its own shards
+    along the full probe a single process would draw, and one all-reduce per estimate gives every rank
+    the same estimate of the global-batch curvature (Hutchinson only).
 
     Raises:
         ValueError: bad arguments, no trainable parameters, a non-scalar loss, a batch the
@@ -281,7 +295,8 @@ def estimate_curvature(
     if generator is None:  # on the parameters' device: probes never cross the bus
         generator = probe_generator(secrets.randbits(63), next(iter(model.parameters())).device)
     with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy,
-                            chunk_size=chunk_size, forward=forward, curvature_dtype=precision) as op:  # fmt: skip
+                            chunk_size=chunk_size, forward=forward, curvature_dtype=precision, fd_step=fd_step,
+                            fd_check=fd_check) as op:  # fmt: skip
         if estimator != "hutchinson":
             samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
         else:
@@ -302,12 +317,17 @@ def _probe_samples(
     remaining = probes
     while remaining:
         k = min(op.chunk_size, remaining)
-        z = sample_probes(op.params, k, distribution, generator, buffer=buffer)
+        z = op.localize(sample_probes(op.params, k, distribution, generator, buffer=buffer))
         hz, gz = op.engine(z)
         chunks.append(reduce_chunk(z, hz, gz, index))
         del z, hz, gz
         remaining -= k
-    return {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
+    samples = {kind: torch.cat([c[kind] for c in chunks]).cpu() for kind in chunks[0]}
+    if op.sharded:  # every value is a sum over coordinates: complete it over the ranks' shards, in one collective
+        kinds = list(samples)
+        stacked = op.sum_over_ranks(torch.stack([samples[kind] for kind in kinds]))
+        samples = dict(zip(kinds, stacked))
+    return samples
 
 
 def _checked_estimate(op: CurvatureOperator, samples: dict[str, torch.Tensor], distribution: str) -> CurvatureEstimate:
