@@ -10,7 +10,13 @@ allocated). Times are medians over ``--reps`` repetitions after one warm-up.
         --batch-size 128 --write benchmarks/RESULTS.md     # GPU rows (+ the tf32/bf16 product rows)
 
 Models: ``resnet18``, ``resnet50`` (timm, 10 classes), ``vit`` (ViT-Tiny, depth 6, patch 4 at 32×32,
-patch 16 at 224×224) and ``vit_s`` (ViT-S/16; patch 4 at 32×32).
+patch 16 at 224×224), ``vit_s`` (ViT-S/16; patch 4 at 32×32) and ``gpt`` (a GPT-2-style causal LM: 4 pre-LN
+blocks, width 128, 4 heads, GELU, causal SDPA, tied embedding, byte vocabulary 256, ``--image-size`` tokens
+per sequence; the loss is next-token cross-entropy over all positions).
+
+``fd`` / ``fd+gn`` are ``strategy="finite-difference"`` (one forward+backward per probe, one more backward for
+the GN part) without the once-per-run self-check. ResNets have ReLUs: their finite-difference rows measure
+speed only (the estimate is a smoothed curvature there; benchmarks/fd_error.py measures the bias).
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ ROWS = [
     ("func", "curvopt traces, strategy=func (jvp over grad)", "train (batch stats)"),
     ("func+gn", "curvopt traces + GN-Gap, strategy=func", "train (batch stats)"),
     ("vmap4", "curvopt traces, strategy=func-vmap, chunk 4", "train (batch stats)"),
+    ("fd", "curvopt traces, strategy=finite-difference", "train (batch stats)"),
+    ("fd+gn", "curvopt traces + GN-Gap, strategy=finite-difference", "train (batch stats)"),
     ("autograd+gn-tf32", "curvopt traces + GN-Gap, curvature_dtype=tf32 (CUDA)", "train (batch stats)"),
     ("autograd+gn-bf16", "curvopt traces + GN-Gap, curvature_dtype=bfloat16", "train (batch stats)"),
     ("pyhessian", "PyHessian hessian(...).trace(), set-up included", "eval (forced)"),
@@ -45,7 +53,8 @@ ROWS = [
 ]
 
 
-DEFAULT_ROWS = ["fwd_bwd", "autograd", "autograd+gn", "func", "func+gn", "vmap4", "pyhessian", "curvlinops"]
+DEFAULT_ROWS = ["fwd_bwd", "autograd", "autograd+gn", "func", "func+gn", "vmap4", "fd", "fd+gn", "pyhessian",
+                "curvlinops"]
 """Rows run by default on CPU; CUDA adds the reduced-precision rows (or ask for them with ``--rows``)."""
 
 
@@ -62,12 +71,54 @@ def build(model_name: str, batch_size: int, device: str, image_size: int = 32):
     elif model_name == "vit_s":
         model = timm.create_model("vit_small_patch16_224", num_classes=10, pretrained=False, img_size=image_size,
                                   patch_size=patch)  # fmt: skip
+    elif model_name == "gpt":
+        model = TinyCausalLM().to(device).train()
+        tokens = torch.randint(0, 256, (batch_size, image_size + 1), device=device)
+        return model, next_token_loss, tokens[:, :-1], tokens[:, 1:]
     else:
-        raise SystemExit(f"unknown model {model_name!r}; expected resnet18, resnet50, vit or vit_s")
+        raise SystemExit(f"unknown model {model_name!r}; expected resnet18, resnet50, vit, vit_s or gpt")
     model = model.to(device).train()
     x = torch.randn(batch_size, 3, image_size, image_size, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
     return model, nn.CrossEntropyLoss(), x, y
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        b, t, w = h.shape
+        q, k, v = self.qkv(self.ln1(h)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        a = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, w)
+        h = h + self.proj(a)
+        return h + self.mlp(self.ln2(h))
+
+
+class TinyCausalLM(nn.Module):
+    """A GPT-2-style decoder (pre-LN, GELU, learned positions, tied input/output embedding)."""
+
+    def __init__(self, vocab: int = 256, width: int = 128, depth: int = 4, heads: int = 4, context: int = 512):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(_Block(width, heads) for _ in range(depth))
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.tok.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.tok(tokens) + self.pos(torch.arange(tokens.shape[1], device=tokens.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.ln(h))
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
 def rss_bytes() -> int:
@@ -101,9 +152,9 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
             loss_fn(model(x), y).backward()
 
         return run
-    if row.split("-")[0] in {"autograd", "autograd+gn", "func", "func+gn", "vmap4"}:
+    if row.split("-")[0] in {"autograd", "autograd+gn", "func", "func+gn", "vmap4", "fd", "fd+gn"}:
         base, _, precision = row.partition("-")
-        strategy = {"vmap4": "func-vmap"}.get(base, base.split("+")[0])
+        strategy = {"vmap4": "func-vmap", "fd": "finite-difference"}.get(base.split("+")[0], base.split("+")[0])
         gn = base.endswith("+gn")
         dtype = {"": None, "tf32": "tf32", "bf16": "bfloat16"}[precision]
         gen = torch.Generator(x.device).manual_seed(0)  # probes drawn on the model's device
@@ -111,7 +162,7 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
         def run():
             est = curvopt.estimate_curvature(
                 model, loss_fn, (x, y), probes=probes, gn=gn, strategy=strategy, chunk_size=4, generator=gen,
-                curvature_dtype=dtype,
+                curvature_dtype=dtype, fd_check=False,
             )
             assert est.probes == probes
             return est.total_trace

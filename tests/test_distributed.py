@@ -173,3 +173,40 @@ def test_sync_batchnorm_is_probed_with_per_rank_statistics(tmp_path):
     for result in _spawn(tmp_path, "syncbn"):
         assert torch.equal(result["plain"], result["synced"])
         assert result["cls"] == "SyncBatchNorm"
+
+
+@pytest.mark.slow
+def test_torchrun_curvopt_train_fsdp_resumes_exactly(tmp_path):
+    """``--fsdp``: a ViT sharded over 2 ranks, curvature by finite differences; full-state checkpoints, so a run
+    stopped after 2 epochs and resumed to 3 ends with the uninterrupted 3-epoch run's weights and estimates (a step
+    schedule that does not decay within 3 epochs, so the runs' --epochs do not change the learning rates)."""
+    if not ddp_workers._fsdp_available():
+        pytest.skip("torch.distributed.fsdp.fully_shard is not available")
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+
+    def train(experiment: str, epochs: int, *extra: str) -> subprocess.CompletedProcess:
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORLD}",
+            "-m", "curvopt", "train", "--dataset", "synthetic", "--synthetic-samples", "64", "--img-size", "16",
+            "-b", "8", "--model", "vit_tiny_patch16_224", "--model-kwargs", "{patch_size: 4, depth: 2, img_size: 16}",
+            "--opt", "adamw", "--lr", "1e-3", "--sched", "step", "--epochs", str(epochs), "--curv-every", "1",
+            "--curv-probes", "2",
+            "--curv-batch-size", "4", "--grad-accum-steps", "2", "--fsdp", "--no-progress", "--output", str(tmp_path),
+            "--experiment", experiment, *extra,
+        ]  # fmt: skip
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    first = train("cut", 2)
+    assert "x 2 ranks (FSDP2)" in first.stdout and "FSDPLinear" not in first.stdout  # layers keep their own types
+    assert first.stderr.count("strategy 'auto' uses finite differences") == 1  # said once, by rank 0
+    train("cut", 3, "--resume", str(tmp_path / "cut" / "last.pth.tar"))
+    train("whole", 3)
+    cut = torch.load(tmp_path / "cut" / "last.pth.tar", map_location="cpu", weights_only=False)
+    whole = torch.load(tmp_path / "whole" / "last.pth.tar", map_location="cpu", weights_only=False)
+    assert cut["num_updates"] == whole["num_updates"] == 6
+    for name, tensor in whole["model"].items():  # full (unsharded) tensors in the checkpoint
+        assert torch.equal(cut["model"][name], tensor), name
+    assert cut["optimizer"]["curvopt"]["history"] == whole["optimizer"]["curvopt"]["history"]
+    assert whole["optimizer"]["curvopt"]["history"][-1]["curv/probes"] == 2  # FSDP: shared global probes

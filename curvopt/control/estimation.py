@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..engine.batch import CurvatureInputError, Forward, slice_batch, split_batch
+from ..engine.finite_difference import FiniteDifferenceWarning
 from ..engine.layers import Layer
 from ..engine.probes import probe_generator
 from ..engine.sharding import is_sharded
@@ -125,12 +126,10 @@ class EstimateRunner:
             message = f"curvopt: step {step} is a curvature step but no batch was given; {how}. Estimate skipped."
             return Outcome(None, ("no-batch", message))
         try:
-            estimate = estimate_curvature(
-                self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
-                probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
-                strategy=self.strategy, forward=self.forward, estimator=self.settings.estimator,
-                curvature_dtype=self.settings.curvature_dtype, fd_check=not self.fd_checked,
-            )  # fmt: skip
+            with warnings.catch_warnings():
+                if dist_utils.rank(self.process_group) != 0:  # one console for all ranks, as the Notifier does
+                    warnings.simplefilter("ignore", FiniteDifferenceWarning)
+                estimate = self._estimate(batch, generator)
         except CurvatureInputError as exc:
             message = f"curvopt: curvature estimate at step {step} failed and was skipped: {exc}"
             return Outcome(None, (f"config-{type(exc).__name__}", message), exc)
@@ -142,6 +141,14 @@ class EstimateRunner:
         if estimate.strategy == FINITE_DIFFERENCE:
             self.strategy, self.fd_checked = FINITE_DIFFERENCE, True
         return Outcome(estimate)
+
+    def _estimate(self, batch: tuple[Any, Any], generator: torch.Generator) -> CurvatureEstimate:
+        return estimate_curvature(
+            self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
+            probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
+            strategy=self.strategy, forward=self.forward, estimator=self.settings.estimator,
+            curvature_dtype=self.settings.curvature_dtype, fd_check=not self.fd_checked,
+        )  # fmt: skip
 
     def _combine_ranks(self, outcome: Outcome, strict: bool) -> Outcome:
         """The one collective of an estimate; every rank joins it, also when its own estimate failed."""

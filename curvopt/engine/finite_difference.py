@@ -132,7 +132,7 @@ class FiniteDifference:
         self.relative_step = relative_step(out.dtype) if step is None else float(step)
         if not self.relative_step > 0:
             raise ValueError(f"the finite-difference step must be > 0, got {step!r}")
-        theta_sq = torch.stack([s.double().pow(2).sum() for s in self._saved]).sum().reshape(1)
+        theta_sq = torch.stack(torch._foreach_norm(self._saved)).double().pow(2).sum().reshape(1).cpu()
         theta_norm = math.sqrt(float(self._sum_over_ranks(theta_sq)[0]))
         self.scale = self.relative_step * (theta_norm if theta_norm > 0 else 1.0)
 
@@ -174,14 +174,13 @@ class FiniteDifference:
 
     def _step(self, z: Tensors) -> float:
         """ε = ρ‖θ‖/‖z‖ (global norms when sharded)."""
-        z_sq = torch.stack([t.double().pow(2).sum() for t in z]).sum().reshape(1)
+        z_sq = torch.stack(torch._foreach_norm(z)).double().pow(2).sum().reshape(1).cpu()
         norm = math.sqrt(float(self._sum_over_ranks(z_sq)[0]))
         return self.scale / norm if norm > 0 else 0.0
 
     def _restore(self) -> None:
         with torch.no_grad():
-            for p, saved in zip(self.params, self._saved):
-                local(p).copy_(saved)
+            torch._foreach_copy_([local(p) for p in self.params], self._saved)
 
     def products(self, z: Tensors, eps: float, *, gn: bool) -> tuple[Tensors, Tensors | None]:
         """(d(ε), G z) for one probe, parameters restored afterwards."""
@@ -190,11 +189,13 @@ class FiniteDifference:
             return zeros, ([torch.zeros_like(t) for t in z] if gn else None)
         try:
             with torch.no_grad():
-                for p, t in zip(self.params, z):
-                    local(p).add_(t.to(p.dtype), alpha=eps)
+                torch._foreach_add_([local(p) for p in self.params], [t.to(p.dtype, copy=False) for t, p in
+                                                                       zip(z, self.params)], alpha=eps)  # fmt: skip
             out, loss = self._forward()
-            g1 = self._grads(loss, None, retain=gn)
-            hz = [(a - b) / eps for a, b in zip(g1, self.g0)]
+            hz = self._grads(loss, None, retain=gn)  # fresh tensors: turned into (g(θ+εz) − g(θ))/ε in place
+            with torch.no_grad():
+                torch._foreach_sub_(hz, self.g0)
+                torch._foreach_mul_(hz, 1.0 / eps)
             gz = None
             if gn:
                 jz = (out.detach() - self.out0) / eps

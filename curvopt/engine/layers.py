@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sharding import is_fsdp1
+from .sharding import is_fsdp1, module_kind
 
 ROOT_LAYER = "(root)"
 
@@ -95,7 +95,7 @@ def _module_layers(model: nn.Module) -> list[Layer]:
             if layer_name not in members:
                 members[layer_name] = []
                 order.append(layer_name)
-                kinds[layer_name] = type(module).__name__
+                kinds[layer_name] = module_kind(module)
             members[layer_name].append((qualified, param))
     return [
         Layer(name, tuple(n for n, _ in members[name]), tuple(p for _, p in members[name]), kinds[name])

@@ -43,6 +43,14 @@ def is_fsdp2(model: nn.Module) -> bool:
     return any(cls.__name__ == "FSDPModule" for cls in type(model).__mro__)
 
 
+def module_kind(module: nn.Module) -> str:
+    """The module's class name as the user wrote it: FSDP2's dynamic ``FSDPLinear`` is a ``Linear``."""
+    cls = type(module)
+    if is_fsdp2(module):
+        cls = next((c for c in cls.__mro__[1:] if c.__name__ != "FSDPModule" and issubclass(c, nn.Module)), cls)
+    return cls.__name__
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's shard of a DTensor (a view: in-place changes reach the parameter); other tensors as they are."""
     return tensor.to_local() if is_dtensor(tensor) else tensor

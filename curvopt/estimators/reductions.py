@@ -52,5 +52,5 @@ def reduce_chunk(
         gz = [g.contiguous() for g in gz]
         out["gn_trace"] = dots(z, gz) @ index
         out["gn_row_sq"] = dots(gz) @ index
-        out["tensor_row_sq"] = dots([h - g for h, g in zip(hz, gz)]) @ index
+        out["tensor_row_sq"] = dots(torch._foreach_sub(hz, gz)) @ index  # one fused pass, not a tensor per layer
     return out

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from ..control.scaling import LR_SCALING_POLICIES
+from ..engine.strategies import STRATEGIES
 from .data import DATASETS
 
 ON_ALARM = ("warn", "checkpoint", "stop")
@@ -141,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
     _flag(g, "--dist-url", default="env://", help="process-group init URL (torchrun sets env://)")
     _switch(g, "--sync-bn", False, "SyncBatchNorm across ranks; curvature uses per-rank batch statistics")
+    _switch(g, "--fsdp", False, "torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; curvature by "
+            "finite differences on the shards")  # fmt: skip
     _flag(g, "--curv-dist-probes", default="independent", choices=["independent", "shared"],
           help="torchrun: per-rank probes (effective K = world size x K) or one shared set")  # fmt: skip
     _flag(g, "--smoothing", type=float, default=0.0, help="label smoothing")
@@ -170,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
     _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
     _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
+    _flag(g, "--curv-strategy", default="auto", choices=["auto", *STRATEGIES],
+          help="how the products are computed: auto (exact autograd where it runs, finite differences where it "
+          "cannot: --fsdp, reentrant checkpointing), an exact strategy, or finite-difference (smooth models only)")
     _flag(g, "--curv-estimator", default="hutchinson", choices=["hutchinson", "hutch++", "xtrace"],
           help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)")  # fmt: skip
     _flag(g, "--curv-dtype", default=None, choices=["float32", "tf32", "bfloat16"],

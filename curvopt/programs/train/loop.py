@@ -127,7 +127,7 @@ class EpochContext:
     log_training: Callable[[int, dict[str, float]], None]
     show_progress: bool
     num_epochs: int = 0
-    should_stop: Callable[[], bool] = lambda: False  # checked after every update (--on-alarm stop)
+    should_stop: Callable[[], bool] = lambda: False  # after every update, on every rank: new alarms, --on-alarm
     on_lr: Callable[[int, float], None] = lambda step, lr: None  # the LR after every update (restart detection)
 
 
@@ -173,8 +173,12 @@ def _micro_batch(
     batch is skipped with the gradients accumulated so far, and the BN buffers are restored.
     """
     args, opt = ctx.args, ctx.opt
-    # DDP all-reduces gradients only on the micro-batch that ends an accumulation window
-    no_sync = ctx.train_model.no_sync() if args.distributed and not update else nullcontext()
+    # DDP all-reduces (FSDP reduce-scatters) gradients only on the micro-batch that ends an accumulation window
+    no_sync = nullcontext()
+    if getattr(args, "fsdp", False):
+        ctx.train_model.set_requires_gradient_sync(update)
+    elif args.distributed and not update:
+        no_sync = ctx.train_model.no_sync()
     with no_sync:
         ctx.buffers.save()
         with ctx.autocast():

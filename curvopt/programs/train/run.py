@@ -55,11 +55,13 @@ from .setup import (
     build_precision,
     build_scheduler,
     check_args,
+    check_fsdp,
     create_model,
     place_model,
     resolve_device,
     updates_per_epoch,
 )
+from .sharding import full_state, load_full_state
 
 __all__ = ["TrainError", "adapt_to_small_inputs", "run_training"]
 
@@ -101,6 +103,7 @@ class TrainingRun:
     epoch: int = 0
     last_lr: float | None = None
     stop_alarm: Alarm | None = None
+    alarms_handled: int = 0
     last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -121,17 +124,14 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     """Device, data, model, loss, optimizer, schedule and precision, in timm's order; writes nothing."""
     check_args(args)
     device = resolve_device(args)
+    check_fsdp(args)
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     data = build_data(args, device)
     model, stem_note = create_model(args, data.splits.num_classes, data.splits.input_size[0])
     model, train_model, model_ema = place_model(args, model, device)
     loss_fn, mixup_fn = build_loss(args, data.splits.num_classes)
     run_box: list[TrainingRun] = []  # the callbacks below see the run once it exists
-
-    def on_alarm(alarm: Alarm) -> None:
-        handle_alarm(run_box[0], alarm)
-
-    opt = build_optimizer(args, model, train_model, loss_fn, [], [on_alarm])
+    opt = build_optimizer(args, model, train_model, loss_fn, [], [])
     scheduler, num_epochs = build_scheduler(args, opt, updates_per_epoch(args, data.train_loader))
     autocast, loss_scaler = build_precision(args, device)
 
@@ -144,7 +144,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
         loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
         buffers=BufferCheckpoint(model), log_training=log_training,
         show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
-        should_stop=lambda: run_box[0].stop_alarm is not None,
+        should_stop=lambda: handle_new_alarms(run_box[0]),
         on_lr=lambda step, lr: note_lr(run_box[0], step, lr),
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
@@ -157,8 +157,13 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
 def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
     """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, schedule, counters;
     then the changed settings that concern the wrapper's monitor (the others were applied at set-up)."""
-    run.model.load_state_dict(state["model"])
-    run.opt.load_state_dict(state["optimizer"])
+    if run.args.fsdp:  # full state dicts into the shards; then the wrapper's own state
+        load_full_state(run.model, run.opt.optimizer, state["model"], state["optimizer"]["optimizer"])
+        run.opt.load_state_dict({"optimizer": run.opt.optimizer.state_dict(), "curvopt": state["optimizer"]["curvopt"]})
+    else:
+        run.model.load_state_dict(state["model"])
+        run.opt.load_state_dict(state["optimizer"])
+    run.alarms_handled = len(run.opt.alarms)
     if run.model_ema is not None and state.get("model_ema") is not None:
         run.model_ema.load_state_dict(state["model_ema"])
     if run.loss_scaler is not None and state.get("scaler") is not None:
@@ -326,10 +331,15 @@ def _validate(run: TrainingRun, result: Any) -> dict[str, float]:
 
 
 def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
+    """The checkpoint's contents (under ``--fsdp`` a collective that gathers the full state on rank 0)."""
+    model_state, optimizer_state = run.model.state_dict(), run.opt.state_dict()
+    if run.args.fsdp:
+        model_state, inner_state = full_state(run.model, run.opt.optimizer)
+        optimizer_state = {"optimizer": inner_state, "curvopt": optimizer_state["curvopt"]}
     return {
         "epoch": epoch, "num_updates": run.num_updates, "arch": run.args.model,
         "args": {k: v for k, v in vars(run.args).items() if k not in ("explicit", "from_recipe")},
-        "model": run.model.state_dict(), "optimizer": run.opt.state_dict(),
+        "model": model_state, "optimizer": optimizer_state,
         "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
         "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
         "scheduler": run.scheduler.state_dict(), "best_top1": run.best_top1, "best_epoch": run.best_epoch,
@@ -340,10 +350,12 @@ def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
 
 
 def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
-    """``last.pth.tar`` every epoch and ``model_best.pth.tar`` on a new best top-1 (rank 0 only)."""
+    """``last.pth.tar`` every epoch and ``model_best.pth.tar`` on a new best top-1 (written by rank 0)."""
+    if not run.main_process and not run.args.fsdp:
+        return
+    state = _state(run, epoch)  # every rank takes part in gathering FSDP's shards
     if not run.main_process:
         return
-    state = _state(run, epoch)
     save_checkpoint(run.run_dir / CHECKPOINT, state)
     if best:
         save_checkpoint(run.run_dir / BEST, state)
@@ -357,19 +369,30 @@ def note_lr(run: TrainingRun, step: int, lr: float) -> None:
         run.log_event(step + 1, "lr_restart", f"learning rate {previous:.3g} -> {lr:.3g}")
 
 
-def handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
-    """``--on-alarm``: print it (always), save ``alarm-<update>.pth.tar`` (checkpoint), or end the run (stop)."""
-    tqdm.write(f"ALARM: {alarm.describe()}")
+def handle_new_alarms(run: TrainingRun) -> bool:
+    """After every update, on every rank (the wrapper's alarms are the same on all): ``--on-alarm`` for the alarms
+    raised since the last call — print them, save ``alarm-<update>.pth.tar`` (checkpoint), or end the run (stop).
+    Returns whether the run stops."""
+    for alarm in run.opt.alarms[run.alarms_handled :]:
+        _handle_alarm(run, alarm)
+    run.alarms_handled = len(run.opt.alarms)
+    return run.stop_alarm is not None
+
+
+def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
+    write = tqdm.write if run.main_process else _silent
+    write(f"ALARM: {alarm.describe()}")
     action = run.args.on_alarm
-    if action == "checkpoint" and run.main_process:
+    if action == "checkpoint":
         path = run.run_dir / f"alarm-{alarm.step}.pth.tar"
         state = _state(run, run.epoch - 1)  # a resume from it restarts the alarm's epoch from these weights
-        state.update(alarm=alarm.to_dict(), mid_epoch=True)  # the state at the alarm, before its update
-        save_checkpoint(path, state)
-        tqdm.write(f"  saved {path}")
+        state.update(alarm=alarm.to_dict(), mid_epoch=True)  # the state after the alarm's update
+        if run.main_process:
+            save_checkpoint(path, state)
+            write(f"  saved {path}")
     elif action == "stop" and run.stop_alarm is None:
         run.stop_alarm = alarm
-        tqdm.write("  --on-alarm stop: the run ends after this update")
+        write("  --on-alarm stop: the run ends after this update")
 
 
 def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
@@ -382,7 +405,7 @@ def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed:
 
 def _announce(run: TrainingRun) -> None:
     args, splits = run.args, run.data.splits
-    ranks = f" x {args.world_size} ranks (DDP)" if args.distributed else ""
+    ranks = f" x {args.world_size} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if args.distributed else ""
     run.say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
             f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}")  # fmt: skip
     if run.stem_note:

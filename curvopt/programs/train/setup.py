@@ -151,10 +151,30 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int = 3) 
     return model, note
 
 
+def check_fsdp(args: argparse.Namespace) -> None:
+    """``--fsdp`` needs torchrun and excludes what assumes whole parameters on every rank."""
+    if not args.fsdp:
+        return
+    if not args.distributed:
+        raise TrainError("--fsdp shards the model across processes: launch with torchrun --nproc_per_node=N")
+    for flag, on in (("--sync-bn", args.sync_bn), ("--model-ema", args.model_ema)):
+        if on:
+            raise TrainError(f"{flag} is not supported with --fsdp (it needs whole parameters on every rank)")
+    if args.curv_strategy not in ("auto", "finite-difference"):
+        raise TrainError(f"--curv-strategy {args.curv_strategy} cannot run a sharded model (no double backward "
+                         "through FSDP's sharded parameters): use auto or finite-difference")  # fmt: skip
+
+
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
-    """``(model on device, the module the loop trains (DDP-wrapped under torchrun), EMA or None)``."""
+    """``(model on device, the module the loop trains (DDP-wrapped under torchrun), EMA or None)``; with ``--fsdp``
+    both are the FSDP2-sharded model (:mod:`.sharding`)."""
     from timm.utils import ModelEmaV3
 
+    if args.fsdp:
+        from .sharding import shard_model
+
+        model = shard_model(model.to(device))
+        return model, model, None
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
@@ -211,7 +231,7 @@ def build_optimizer(
             curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
             lr_scaling=args.lr_scaling, logger=sinks, callbacks=callbacks, seed=args.seed,
             distributed_probes=args.curv_dist_probes, inter_every=args.curv_inter_every,
-            estimator=args.curv_estimator, curvature_dtype=args.curv_dtype,
+            estimator=args.curv_estimator, curvature_dtype=args.curv_dtype, strategy=args.curv_strategy,
         )  # fmt: skip
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
