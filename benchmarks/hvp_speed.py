@@ -174,11 +174,14 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
         ref = math_attention_copy(model)
 
         def run():
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
             ref.zero_grad(set_to_none=True)  # PyHessian accumulates into .grad otherwise
-            h = hessian(ref, loss_fn, data=(x, y), cuda=x.is_cuda)
-            # tol=-inf: its relative-tolerance test divides by the running mean and stops early
-            # whenever that mean is negative; -inf makes it run exactly `probes` probes.
-            values = h.trace(maxIter=probes, tol=-math.inf)
+            with sdpa_kernel([SDPBackend.MATH]):  # F.scaled_dot_product_attention's fused kernels: no double backward
+                h = hessian(ref, loss_fn, data=(x, y), cuda=x.is_cuda)
+                # tol=-inf: its relative-tolerance test divides by the running mean and stops early
+                # whenever that mean is negative; -inf makes it run exactly `probes` probes.
+                values = h.trace(maxIter=probes, tol=-math.inf)
             assert len(values) == probes, f"PyHessian ran {len(values)} probes, not {probes}"
             return sum(values) / len(values)
 

@@ -89,10 +89,16 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     assert {p.name.rsplit("-", 1)[1] for p in runs} == {run_path.name.rsplit("-", 1)[1]}  # same W&B run id
 
 
-def test_mixup_cutmix_bf16_autocast_accumulation_ema_drop_path(tmp_path, capsys):
+def test_mixup_cutmix_bf16_autocast_accumulation_ema_drop_path(tmp_path, capsys, monkeypatch):
+    # oneDNN's bf16 convolution backward on CPU is not deterministic here: in 2 of 5 identical resnet18 runs it put
+    # NaN into layer4.0.conv1's weight gradient (1x1 feature maps at 16 px), and timm's test_resnet's gradients
+    # differed between runs too; the runs then skipped batches and made fewer updates. Without oneDNN 8 of 8 runs
+    # were finite and identical. What is tested is curvopt's handling of Mixup/CutMix, bf16 autocast, accumulation,
+    # EMA and drop-path, so the test pins torch's own kernels (and the small test_resnet keeps them fast).
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     code, run_dir = _train(
-        tmp_path, "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0", "--smoothing", "0.1", "--amp",
-        "--amp-dtype", "bfloat16", "--grad-accum-steps", "2", "--model-ema", "--drop-path", "0.1",
+        tmp_path, "--model", "test_resnet", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0", "--smoothing", "0.1",
+        "--amp", "--amp-dtype", "bfloat16", "--grad-accum-steps", "2", "--model-ema", "--drop-path", "0.1",
         "--opt", "adamw", "--lr", "1e-4", "--sched", "step", "--clip-grad", "1.0",
     )  # fmt: skip
     assert code == 0, capsys.readouterr().err

@@ -330,6 +330,12 @@ class CusumMonitor:
         return series is not None and series.sigma is not None and series.trough is not None
 
     @property
+    def calibration_estimates(self) -> int:
+        """Estimates a fresh run needs before the monitor is calibrated (``warmup + 1``; 2 with a :meth:`fit`
+        reference): the first alarm can come at the estimate after them."""
+        return 2 if (self.reference or {}).get(AGGREGATE) is not None else self.warmup + 1
+
+    @property
     def estimates_until_ready(self) -> int:
         """How many more estimates before the monitor is calibrated (0 when :attr:`ready`).
 
@@ -339,8 +345,7 @@ class CusumMonitor:
         """
         if self.ready:
             return 0
-        needed = 2 if (self.reference or {}).get(AGGREGATE) is not None else self.warmup + 1
-        return max(needed - self.count, 1)
+        return max(self.calibration_estimates - self.count, 1)
 
     # ------------------------------------------------------------------ reference calibration
     def fit(self, histories: Iterable[Sequence[CurvatureEstimate | Mapping[str, float]]]) -> CusumMonitor:

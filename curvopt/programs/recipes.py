@@ -169,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")
 
     g = p.add_argument_group("curvature")
-    _flag(g, "--curv-every", type=int, default=500, help="estimate every N optimizer updates (0: off)")
+    _flag(g, "--curv-every", type=int, default=None, help="estimate every N optimizer updates (0: off; default: "
+          "500, or fewer for a run too short for 20 estimates, so the monitor calibrates and reaches a verdict)")
     _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
     _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
     _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
@@ -191,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--cusum-k", type=float, default=0.5, help="CUSUM reference value k (σ units)")
     _flag(g, "--cusum-alarm-on", default="layer", choices=["layer", "aggregate"],
           help="which series raise the alarm: any layer's (default) or the model-wide one")  # fmt: skip
-    _flag(g, "--cusum-warmup", type=int, default=8, help="estimates the monitor calibrates on")
+    _flag(g, "--cusum-warmup", type=int, default=8, help="noise-scale increments the monitor calibrates on: it is "
+          "ready after warmup + 1 estimates (default 8: 9 estimates)")
     _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
           "checkpoint alarm-<update>.pth.tar; or stop the run cleanly")  # fmt: skip
     _flag(g, "--label-noise", type=float, default=0.0, help="replace each training label by a random class w.p. p")

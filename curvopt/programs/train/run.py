@@ -56,6 +56,7 @@ from .setup import (
     build_scheduler,
     check_args,
     check_fsdp,
+    choose_cadence,
     create_model,
     place_model,
     resolve_device,
@@ -90,6 +91,7 @@ class TrainingRun:
     loss_scaler: Any
     epoch_context: EpochContext
     stem_note: str = ""
+    cadence_note: str = ""
     say: Any = print
     run_dir: Path = Path()
     run_id: str = ""
@@ -120,13 +122,15 @@ class TrainingRun:
 
 
 # ---------------------------------------------------------------------- set-up: nothing written yet
-def set_up(args: argparse.Namespace) -> TrainingRun:
-    """Device, data, model, loss, optimizer, schedule and precision, in timm's order; writes nothing."""
+def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
+    """Device, data, model, loss, optimizer, schedule and precision, in timm's order; writes nothing.
+    ``start_epoch``: where a resumed run continues (the curvature cadence counts the epochs still to run)."""
     check_args(args)
     device = resolve_device(args)
     check_fsdp(args)
     torch.manual_seed(args.seed)  # the same initial model on every rank (DDP also broadcasts rank 0's)
     data = build_data(args, device)
+    cadence_note = choose_cadence(args, updates_per_epoch(args, data.train_loader), start_epoch)
     model, stem_note = create_model(args, data.splits.num_classes, data.splits.input_size[0])
     model, train_model, model_ema = place_model(args, model, device)
     loss_fn, mixup_fn = build_loss(args, data.splits.num_classes)
@@ -149,7 +153,7 @@ def set_up(args: argparse.Namespace) -> TrainingRun:
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
     run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
-                      loss_scaler, ctx, stem_note=stem_note, say=say)  # fmt: skip
+                      loss_scaler, ctx, stem_note=stem_note, cadence_note=cadence_note, say=say)  # fmt: skip
     run_box.append(run)
     return run
 
@@ -247,7 +251,7 @@ def open_logs(run: TrainingRun, resume: dict[str, Any] | None, changes: dict[str
         text = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changes.items())
         run.log_event(run.num_updates + 1, "settings_changed", text)
         run.say(f"  settings changed on resume: {text}")
-    if args.label_noise > 0:
+    if args.label_noise > 0 and args.label_noise_start_epoch < run.num_epochs:  # only a switch that will happen
         start = args.label_noise_start_epoch * updates_per_epoch(args, run.data.train_loader)
         run.log_event(start + 1, "label_noise_start", f"label noise p={args.label_noise}")
 
@@ -412,10 +416,15 @@ def _announce(run: TrainingRun) -> None:
         run.say(f"  small-input adaptation: {run.stem_note}")
     if run.data.noisy is not None:
         run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
+        if args.label_noise_start_epoch >= run.num_epochs:
+            run.say(f"  warning: the label noise starts at epoch {args.label_noise_start_epoch + 1}, after the last "
+                    f"epoch ({run.num_epochs}): this run trains on clean labels only (--epochs, "
+                    "--label-noise-start-epoch)")  # fmt: skip
     upe = updates_per_epoch(args, run.data.train_loader)
     resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
     run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
             + resuming)  # fmt: skip
+    run.say(f"  {run.cadence_note}")
 
 
 def close(run: TrainingRun, finished: bool) -> None:
@@ -473,7 +482,7 @@ def run_training(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0 on success. Problems before the start raise :class:`TrainError`."""
     resume = load_checkpoint(args.resume) if args.resume else None
     changes = merge_resume_args(args, resume) if resume is not None else {}
-    run = set_up(args)
+    run = set_up(args, int(resume["epoch"]) + 1 if resume is not None else 0)
     if resume is not None:
         restore(run, resume, changes)
     finished = False

@@ -30,7 +30,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.curv_every < 0:
+    if args.curv_every is not None and args.curv_every < 0:
         raise TrainError(f"--curv-every must be >= 0, got {args.curv_every}")
     if not 0.0 <= args.label_noise <= 1.0:
         raise TrainError(f"--label-noise must be in [0, 1], got {args.label_noise}")
@@ -247,6 +247,37 @@ def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, upda
         min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
     )  # fmt: skip
+
+
+DEFAULT_EVERY = 500
+AUTO_ESTIMATES = 20
+"""With no ``--curv-every``, a run too short for this many estimates at every 500 updates estimates more often:
+the monitor calibrates on the first 9 and watches the other 11."""
+
+
+def choose_cadence(args: argparse.Namespace, updates_per_epoch: int, start_epoch: int = 0) -> str:
+    """Set ``args.curv_every`` when nobody chose it, and return the line that says what this run will measure.
+
+    Unset: 500 updates, or ``updates // 20`` when that gives fewer than 20 estimates. Set (flag, recipe or
+    checkpoint): kept, and the line warns when the run makes too few estimates for a memorisation verdict.
+    """
+    updates = updates_per_epoch * max(args.epochs - start_epoch, 0)
+    chosen = args.curv_every is not None
+    if not chosen:
+        args.curv_every = max(1, min(DEFAULT_EVERY, updates // AUTO_ESTIMATES))
+    if args.curv_every == 0:
+        return "curvature monitoring off (--curv-every 0)"
+    estimates = updates // args.curv_every
+    calibration = args.cusum_warmup + 1
+    how = "" if chosen else f" (chosen for this {updates}-update run; --curv-every sets it)"
+    line = f"curvature every {args.curv_every} updates: {estimates} estimates in this run{how}"
+    if args.cusum and estimates <= calibration:
+        enough = max(1, updates // (calibration + 1))
+        line += (f"; the monitor needs {calibration} to calibrate, so this run gives no memorisation verdict: "
+                 f"--curv-every {enough} or less makes {calibration + 1}")  # fmt: skip
+    elif args.cusum:
+        line += f"; the monitor calibrates on the first {calibration}"
+    return line
 
 
 def updates_per_epoch(args: argparse.Namespace, train_loader: torch.utils.data.DataLoader) -> int:
