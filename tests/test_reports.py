@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -105,8 +106,12 @@ def test_layers_carry_their_type_and_many_layers_stay_legible():
     plt.close(fig)
     fig = plots.curvature_heatmap_figure(records)
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
-    assert 10 <= len(ticks) <= 30 and ticks[0] == "layer0.0.conv · Conv2d"
+    assert len(ticks) == 41 and ticks[0] == "layer0.0.conv · Conv2d"  # every row named (was every other one)
     plt.close(fig)
+    many = np.abs(np.random.default_rng(0).normal(size=(161, 20))) + 1e-3
+    many[[7, 100, 151]] *= 1e3  # the brightest rows
+    rows = plots.heatmap_rows(many)
+    assert len(rows) <= plots.MAX_ROW_LABELS + plots.TOP and {7, 100, 151} <= set(rows)
 
 
 def test_the_html_page_tells_the_run_s_story(report):

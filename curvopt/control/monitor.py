@@ -84,10 +84,13 @@ class Alarm:
     statistic: float
     threshold: float
     kind: str = AGGREGATE
+    layer_types: dict[str, str] = field(default_factory=dict)  # the layers' module classes, for people
 
     def describe(self, max_layers: int = 5) -> str:
-        """One line; the ``max_layers`` layers with the largest CUSUM statistics are named."""
-        where = ", ".join(self.layers[:max_layers]) if self.layers else "model-wide only"
+        """One line; the ``max_layers`` layers with the largest CUSUM statistics are named, quoted, with their type
+        (``'5' (BatchNorm2d)``: a layer named ``5`` must not read as a count)."""
+        named = [f"'{n}' ({self.layer_types[n]})" if self.layer_types.get(n) else f"'{n}'" for n in self.layers]
+        where = ", ".join(named[:max_layers]) if self.layers else "model-wide only"
         if len(self.layers) > max_layers:
             where += f" and {len(self.layers) - max_layers} more"
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
@@ -291,14 +294,16 @@ class CusumMonitor:
                 started.append(name)
         layers_above = sorted((n for n in self._layer_names() if self.series[n].s > self.threshold(n)),
                               key=lambda n: -self.series[n].s)  # fmt: skip
+        kinds = getattr(estimate, "layer_types", {})
+        types = {n: kinds[n] for n in layers_above if kinds.get(n)}
         if self.alarm_on == AGGREGATE or not self._layer_names():
             if AGGREGATE not in started:
                 return []
-            return [Alarm(step, layers_above, self.series[AGGREGATE].s, self.h, AGGREGATE)]
+            return [Alarm(step, layers_above, self.series[AGGREGATE].s, self.h, AGGREGATE, types)]
         if ongoing or not any(n != AGGREGATE for n in started):
             return []
         top = layers_above[0]
-        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer")]
+        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer", types)]
 
     def statistics(self) -> dict[str, float]:
         """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": the deciding threshold,

@@ -76,6 +76,13 @@ def call_model(model: nn.Module, inputs: Any, forward: Forward | None) -> torch.
     try:
         out = model(inputs) if forward is None else forward(model, inputs)
     except Exception as exc:  # the model cannot take the batch: say so, keep the cause
+        if forward is None and isinstance(inputs, Mapping):  # the usual mistake: one line, no chained traceback
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CurvatureInputError(
+                f"{type(model).__name__} was called as model(inputs) with a dict of inputs ({describe(inputs)}) and "
+                f"failed ({type(exc).__name__}: {reason}); a model that takes keyword arguments needs "
+                "forward=lambda m, x: m(**x) (with .logits if it returns an output object)"
+            ) from None
         raise CurvatureInputError(
             f"{type(model).__name__} failed on the curvature batch inputs ({describe(inputs)}): "
             f"{type(exc).__name__}: {exc}"

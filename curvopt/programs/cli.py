@@ -7,10 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
+from .arguments import OneLineParser
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="curvopt",
         description="Per-layer curvature of the training loss, measured while you train.",
     )
@@ -28,7 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--probes", type=int, default=8, help="Hutchinson probes K (default 8)")
     demo.add_argument("--lr-scaling", choices=["trace"], default=None, help="layer-wise LR scaling policy")
     demo.add_argument("--out-dir", default="runs/demo", help="where the JSONL log goes (default runs/demo)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the probes (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
                       help="W&B mode for the demo's run (default: WANDB_MODE, else offline)")  # fmt: skip
@@ -40,7 +41,8 @@ def _build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report",
         help="PNG (and HTML) plots of a run's curvature.jsonl",
-        description="Writes trace heatmap, GN-Gap, CUSUM, LR-scale and loss/accuracy plots into RUN_DIR/report.",
+        description="Writes the curvature heatmap (each layer's mean squared Hessian eigenvalue ||H_l,:||^2/d_l over "
+        "steps), per-layer traces, GN-Gap, CUSUM, LR-scale and loss/accuracy plots into RUN_DIR/report.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or a curvature.jsonl file)")
     report.add_argument("--out-dir", default=None, help="where the pictures go (default RUN_DIR/report)")

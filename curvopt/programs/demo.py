@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 import warnings
 from contextlib import ExitStack
@@ -61,10 +62,22 @@ def _start_wandb(out: Path, mode: str, config: dict[str, Any]) -> WandbLogger | 
     return logger if logger.active else None
 
 
+def _clear_previous(out: Path) -> bool:
+    """Remove what an earlier demo left in ``out`` (its JSONL, W&B runs and report), so the directory holds one run;
+    returns whether there was one. Nothing else in ``out`` is touched."""
+    previous = [out / "curvature.jsonl", out / "wandb", out / "report"]
+    found = any(p.exists() for p in previous)
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
 def _set_up(steps: int, every: int, probes: int, seed: int, out: Path, lr_scaling: str | None, mode: str,
             stack: ExitStack) -> _Demo:  # fmt: skip
     log_path = out / "curvature.jsonl"
-    log_path.unlink(missing_ok=True)
     torch.manual_seed(seed)
     images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
     random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)
@@ -161,15 +174,18 @@ def run_demo(
         raise ValueError("--steps must be >= 4 and --every >= 1")
     if probes < 1:
         raise ValueError("--probes must be >= 1")
+    began = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if _clear_previous(out):
+        print(f"curvopt demo: replacing the previous demo run in {out}")
     mode = wandb_mode or os.environ.get("WANDB_MODE") or "offline"
     curvopt_log = logging.getLogger("curvopt")
     with ExitStack() as stack:
         demo = _set_up(steps, every, probes, seed, out, lr_scaling, mode, stack)
         if demo.wandb_logger is not None:
             stack.callback(_finish_quietly, demo.wandb_logger)
-        calibrating = demo.opt.monitor.estimates_until_ready
+        calibrating = demo.opt.monitor.calibration_estimates
         print(f"curvopt demo: small CNN, synthetic 16x16 images, SGD; K={probes} probes every {every} steps.\n"
               f"Labels are clean until step {demo.switch}, then replaced by random classes (memorisation starts).\n"
               f"The monitor calibrates on its first {calibrating} estimates: the earliest alarm is at step "
@@ -182,6 +198,7 @@ def run_demo(
         _train(demo, steps, every, progress)
         elapsed = time.perf_counter() - start
     _print_summary(demo, steps, elapsed, lr_scaling)
+    print(f"demo done in {time.perf_counter() - began:.0f} s (training, estimates, W&B and report)")
     return 0 if any(a.step > demo.switch for a in demo.opt.alarms) else 1
 
 

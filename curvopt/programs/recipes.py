@@ -18,6 +18,7 @@ import yaml
 
 from ..control.scaling import LR_SCALING_POLICIES
 from ..engine.strategies import STRATEGIES
+from .arguments import OneLineParser
 from .data import DATASETS
 
 ON_ALARM = ("warn", "checkpoint", "stop")
@@ -83,7 +84,7 @@ def _switch(group: Any, name: str, default: bool, help: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="curvopt train",
         description="Train a timm model with the curvature-aware optimizer (timm train.py flags, YAML recipes). "
         "A recipe's keys set the defaults; flags override them. Switches take an optional true/false.",
@@ -163,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--output", default=None, help="parent directory of run directories (default: runs/train; on "
           "--resume, the checkpoint's run directory)")  # fmt: skip
     _flag(g, "--experiment", default="", help="run directory name (default: <dataset>-<model>-<time>)")
-    _flag(g, "--resume", default="", metavar="CHECKPOINT", help="continue from a checkpoint (last.pth.tar)")
+    _flag(g, "--resume", default="", metavar="CHECKPOINT", help="continue from a checkpoint (last.pth.tar) or a run "
+          "directory (its last.pth.tar)")
     _switch(g, "--log-wandb", False, "log to Weights & Biases (offline when there is no API key)")
     _flag(g, "--wandb-project", default="curvopt", help="W&B project")
     _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")

@@ -90,25 +90,40 @@ class Event:
     text: str = ""
 
 
+def last_step(records: Sequence[Mapping[str, Any]]) -> int | None:
+    """The last optimizer step the run reached (its last metrics, training or validation record)."""
+    kinds = ("metrics", "train", "eval")
+    steps = [int(r["step"]) for r in records if r.get("type") in kinds and r.get("step") is not None]
+    return max(steps) if steps else None
+
+
 def run_events(records: Sequence[Mapping[str, Any]]) -> list[Event]:
-    """The run's events and alarms, in step order."""
+    """The run's events and alarms that happened (none after its last step: a label switch configured past the
+    end of a short run never took place), in step order."""
+    end = last_step(records)
     events = [Event(int(r["step"]), str(r.get("kind", "event")), str(r.get("text", ""))) for r in records
-              if r.get("type") == "event" and r.get("step") is not None]  # fmt: skip
+              if r.get("type") == "event" and r.get("step") is not None
+              and (end is None or int(r["step"]) <= end)]  # fmt: skip
     events += [Event(int(r["step"]), "alarm", f"CUSUM {r.get('statistic', math.nan):.2f} > {r.get('threshold')}")
                for r in records if r.get("type") == "alarm"]  # fmt: skip
     return sorted(events, key=lambda e: e.step)
 
 
-def mark_events(ax: Any, events: Sequence[Event], *, to_x: Any = None) -> None:
-    """Vertical lines at the events (``to_x`` maps a step to the axis's x, e.g. a heatmap column)."""
+def mark_events(ax: Any, events: Sequence[Event], *, to_x: Any = None, halo: bool = False) -> None:
+    """Vertical lines at the events (``to_x`` maps a step to the axis's x, e.g. a heatmap column); ``halo`` draws
+    each over a white outline, so it shows on dark and bright cells of a heatmap alike."""
+    from matplotlib import patheffects
+
     seen: set[str] = set()
+    effects = [patheffects.withStroke(linewidth=4, foreground="white")] if halo else None
     for event in events:
         colour, style, text = EVENT_STYLE.get(event.kind, ("0.3", ":", event.kind.replace("_", " ")))
         x = event.step if to_x is None else to_x(event.step)
         if x is None:
             continue
         label = None if event.kind in seen else text
-        ax.axvline(x, color=colour, linestyle=style, linewidth=1.4, label=label, zorder=3)
+        ax.axvline(x, color=colour, linestyle=style, linewidth=2.0 if halo else 1.4, label=label, zorder=3,
+                   path_effects=effects)  # fmt: skip
         seen.add(event.kind)
 
 
@@ -123,6 +138,11 @@ def top_layers(series: Mapping[str, Sequence[float]], count: int = TOP, *, by: s
     ranked = sorted(series, key=lambda n: size(series[n]), reverse=True)
     chosen = set(ranked[:count])
     return [n for n in series if n in chosen]  # network order
+
+
+def _points(xs: Sequence[Any]) -> dict[str, Any]:
+    """Markers for a series too short to show as a line (one or two points would be invisible or a bare segment)."""
+    return {"marker": "o", "markersize": 4} if len(xs) <= 2 else {}
 
 
 def _legend(ax: Any, **kwargs: Any) -> None:
@@ -160,11 +180,12 @@ def layer_lines_figure(
         ax.fill_between(steps, low, high, color="0.85", linewidth=0, label=f"other {len(rest)} layers (range)")
     colors = plt.cm.tab10(np.arange(len(shown)) % 10)
     for color, name in zip(colors, shown):
-        ax.plot(steps, series[name], color=color, linewidth=1.3, label=label_of(name, labels))
+        ax.plot(steps, series[name], color=color, linewidth=1.3, label=label_of(name, labels), **_points(steps))
     if total_key is not None:
         total_steps, total = scalar_series(records, total_key)
         if total_steps:
-            ax.plot(total_steps, total, color="black", linewidth=2.2, label="model (all layers)")
+            ax.plot(total_steps, total, color="black", linewidth=2.2, label="model (all layers)",
+                    **_points(total_steps))  # fmt: skip
     if reference is not None:
         ax.axhline(reference[0], color="0.3", linewidth=1.0, linestyle="-", alpha=0.7, label=reference[1])
     if log_y and any(v > 0 for vs in series.values() for v in vs if math.isfinite(v)):
@@ -188,13 +209,12 @@ def curvature_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | N
     grid = np.array([series[n] for n in names], dtype=float)
     positive = grid[np.isfinite(grid) & (grid > 0)]
     norm = LogNorm(vmin=float(np.percentile(positive, 1)), vmax=float(positive.max())) if positive.size else None
-    height = min(11.0, 2.2 + 0.2 * len(names))
+    height = min(13.0, 2.2 + 0.2 * len(names))
     fig, ax = plt.subplots(figsize=(10.5, height), constrained_layout=True)
     image = ax.imshow(np.ma.masked_less_equal(grid, 0), aspect="auto", interpolation="nearest", cmap="viridis",
                       norm=norm)  # fmt: skip
-    every = max(1, math.ceil(len(names) / 30))  # at most ~30 legible tick labels
-    ticks = list(range(0, len(names), every))
-    ax.set_yticks(ticks, [label_of(names[i], labels) for i in ticks], fontsize=8 if len(names) <= 30 else 7)
+    ticks = heatmap_rows(grid)
+    ax.set_yticks(ticks, [label_of(names[i], labels) for i in ticks], fontsize=8 if len(names) <= 30 else 6.5)
     xticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int)
     ax.set_xticks(xticks, [str(steps[i]) for i in xticks])
 
@@ -203,12 +223,28 @@ def curvature_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | N
             return None
         return float(np.interp(step, steps, np.arange(len(steps))))
 
-    mark_events(ax, events, to_x=column)
+    mark_events(ax, events, to_x=column, halo=True)
     ax.set_xlabel("optimizer step")
     ax.set_title("Curvature per layer: mean squared Hessian eigenvalue ||H_l,:||_F^2 / d_l (log colour)", fontsize=11)
     fig.colorbar(image, ax=ax, label="||H_l,:||_F^2 / d_l", pad=0.01)
     _legend(ax)
     return fig
+
+
+MAX_ROW_LABELS = 60
+
+
+def heatmap_rows(grid: np.ndarray, limit: int = MAX_ROW_LABELS) -> list[int]:
+    """Rows to label: all of them up to ``limit``; beyond, evenly spaced ones plus the ``TOP`` brightest (largest
+    median), so a bright row is never the unlabelled one."""
+    rows = grid.shape[0]
+    if rows <= limit:
+        return list(range(rows))
+    with np.errstate(all="ignore"):
+        level = np.nanmedian(np.where(grid > 0, grid, np.nan), axis=1)
+    brightest = [int(i) for i in np.argsort(-np.nan_to_num(level, nan=-np.inf))[:TOP]]
+    spaced = list(range(0, rows, math.ceil(rows / (limit - TOP))))
+    return sorted(set(spaced) | set(brightest))
 
 
 def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
@@ -228,8 +264,31 @@ def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
             mean, se = np.array(traces[name]), np.nan_to_num(np.array(errors[name]))
             ax.fill_between(steps, mean - se, mean + se, color=line.get_color(), alpha=0.15, linewidth=0)
     values = [abs(v) for line in ax.get_lines() for v in line.get_ydata() if np.isfinite(v) and v != 0]
-    ax.set_yscale("symlog", linthresh=float(np.percentile(values, 10)) if values else 1.0)
+    linthresh = float(np.percentile(values, 10)) if values else 1.0
+    ax.set_yscale("symlog", linthresh=linthresh)
+    _sparse_symlog_ticks(ax, linthresh)
     return fig
+
+
+def _sparse_symlog_ticks(ax: Any, linthresh: float, per_side: int = 4) -> None:
+    """Decade ticks of a symlog axis, at most ``per_side`` on each side of 0 and none inside the linear band
+    except 0, so the labels never overlap (matplotlib's default puts ±linthresh, 0 and every decade)."""
+    from matplotlib import ticker
+
+    low, high = ax.get_ylim()
+    ticks = [0.0]
+    for sign, bound in ((1.0, high), (-1.0, -low)):
+        if bound <= linthresh:
+            continue
+        first, last = math.ceil(math.log10(linthresh * 1.0001)), math.floor(math.log10(bound))
+        if last < first:
+            continue
+        stride = max(1, math.ceil((last - first + 1) / per_side))
+        ticks += [sign * 10.0**e for e in range(last, first - 1, -stride)]
+    ax.yaxis.set_major_locator(ticker.FixedLocator(sorted(ticks)))
+    ax.yaxis.set_minor_locator(ticker.NullLocator())
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.0e}".replace("e+0", "e")
+                                                      .replace("e-0", "e-").replace("e+", "e")))  # fmt: skip
 
 
 def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
@@ -248,15 +307,17 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         ax.axvspan(steps[0], max(calibrating), color="0.93", label="monitor calibrating (no alarm possible)")
     shown = top_layers(series) if series else []
     for color, name in zip(plt.cm.tab10(np.arange(len(shown)) % 10), shown):
-        ax.plot(steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels))
+        ax.plot(steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels),
+                **_points(steps))  # fmt: skip
     if aggregate is not None:
         role = "for reference; layers raise the alarm" if per_layer else "raises the alarm"
-        ax.plot(steps, aggregate, color="black", linewidth=1.4 if per_layer else 2.4, label=f"model-wide S ({role})")
+        ax.plot(steps, aggregate, color="black", linewidth=1.4 if per_layer else 2.4, label=f"model-wide S ({role})",
+                **_points(steps))  # fmt: skip
     if threshold is not None:
         h = [v for v in threshold if math.isfinite(v)]
-        if h:
+        if h:  # black dashes: no layer line is black (tab10), and the model-wide line is solid
             which = "per layer" if per_layer else "h"
-            ax.axhline(h[-1], color="darkorange", linestyle=":", lw=1.8, label=f"threshold {which} = {h[-1]:.3g}")
+            ax.axhline(h[-1], color="black", linestyle=(0, (6, 3)), lw=1.6, label=f"threshold {which} = {h[-1]:.3g}")
     mark_events(ax, events)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CUSUM statistic S")
@@ -279,9 +340,11 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12.5, 4.3), constrained_layout=True, squeeze=False)
     ax_loss = axes[0][0]
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], linewidth=1, label="training loss")
+        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], linewidth=1, label="training loss",
+                     **_points(train))  # fmt: skip
     elif curv:
-        ax_loss.plot([r["step"] for r in curv], [r["curv/loss"] for r in curv], label="loss on the curvature batch")
+        ax_loss.plot([r["step"] for r in curv], [r["curv/loss"] for r in curv], label="loss on the curvature batch",
+                     **_points(curv))  # fmt: skip
     if any("eval/loss" in r for r in evals):
         ax_loss.plot([r["step"] for r in evals], [_num(r.get("eval/loss")) for r in evals], "o-", markersize=3,
                      label="validation loss")  # fmt: skip
@@ -295,8 +358,9 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         for key, text, style in curves:
             rows = [r for r in train + evals if key in r]
             if rows:
-                ax_acc.plot([r["step"] for r in rows], [_num(r[key]) for r in rows], style, markersize=3, linewidth=1,
-                            label=text)  # fmt: skip
+                marker = {"markersize": 4, "marker": "o"} if len(rows) <= 2 and style == "-" else {"markersize": 3}
+                ax_acc.plot([r["step"] for r in rows], [_num(r[key]) for r in rows], style, linewidth=1, label=text,
+                            **marker)  # fmt: skip
         mark_events(ax_acc, events)
         ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="Accuracy")
         _legend(ax_acc)

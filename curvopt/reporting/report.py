@@ -174,6 +174,20 @@ def _configuration(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]
     return rows
 
 
+def monitor_verdict(records: Sequence[Mapping[str, Any]]) -> str:
+    """What the monitor can say of a run without alarms: off, no verdict (still calibrating), or no alarm."""
+    config = next((r.get("curvopt") or {} for r in records if r.get("type") == "config"), {})
+    if config and config.get("monitor") is None:
+        return "Memorisation monitor off."
+    estimates = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
+    calibration = int((config.get("monitor") or {}).get("warmup", 8)) + 1
+    ready = [r for r in estimates if r.get("curv/monitor_ready") == 1]
+    if not ready:
+        return (f"No verdict: the monitor calibrates on {calibration} estimates and this run made {len(estimates)}, "
+                "so no alarm was possible.")  # fmt: skip
+    return f"No memorisation alarm ({len(estimates)} estimates; the monitor calibrated on the first {calibration})."
+
+
 def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
     names = [k.removeprefix("curv/trace/") for k in record if k.startswith("curv/trace/")]
     columns = [("trace", "trace"), ("trace_se", "± se"), ("gn_trace", "GN trace"), ("gn_gap", "GN-Gap"),
@@ -188,12 +202,12 @@ def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[l
 
 def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]],
                 figures: Sequence[tuple[Section, Path]]) -> Path:  # fmt: skip
-    from .plots import label_of, layer_labels
+    from .plots import label_of, layer_labels, run_events
 
     labels = layer_labels(records)
     metrics = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
     alarms = [r for r in records if r.get("type") == "alarm"]
-    events = [r for r in records if r.get("type") == "event"]
+    events = [e for e in run_events(records) if e.kind != "alarm"]  # only what happened within the run
     evals = [r for r in records if r.get("type") == "eval" and "eval/top1" in r]
     run = next((r for r in records if r.get("type") == "run"), {})
     title = f"curvopt report: {run.get('model', '')} on {run.get('dataset', '')}".rstrip(" on")
@@ -227,10 +241,10 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
                  ", ".join(label_of(n, labels) for n in a.get("layers", [])) or "model-wide only"] for a in alarms]
         parts.append(_table(rows, ["step", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
     else:
-        parts.append("<p>No memorisation alarm.</p>")
+        parts.append(f"<p>{html.escape(monitor_verdict(records))}</p>")
     if events:
-        parts += ["<h2>Events</h2>", _table([[e["step"], e.get("kind", "").replace("_", " "), e.get("text", "")]
-                                             for e in events], ["step", "event", "detail"])]  # fmt: skip
+        parts += ["<h2>Events</h2>", _table([[e.step, e.kind.replace("_", " "), e.text] for e in events],
+                                            ["step", "event", "detail"])]  # fmt: skip
     if metrics:
         header, rows = _layer_rows(metrics[-1], labels)
         heading = f"<h2>Per layer at the last estimate (step {metrics[-1]['step']})</h2>"

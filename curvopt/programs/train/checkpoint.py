@@ -63,11 +63,22 @@ def verify_checkpoint(path: Path) -> None:
                               "use an earlier copy (model_best.pth.tar?)")  # fmt: skip
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A verified checkpoint, or a one-line :class:`CheckpointError`."""
+def checkpoint_path(path: str | Path) -> Path:
+    """The checkpoint ``--resume`` means: the file itself, or a run directory's ``last.pth.tar``."""
     path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT).is_file():
+            return path / CHECKPOINT
+        raise CheckpointError(f"--resume {path}: a directory without {CHECKPOINT}; pass a run directory or a "
+                              f"checkpoint file ({CHECKPOINT}, {BEST})")  # fmt: skip
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A verified checkpoint (a file, or a run directory's ``last.pth.tar``), or a one-line :class:`CheckpointError`."""
+    path = checkpoint_path(path)
     verify_checkpoint(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)

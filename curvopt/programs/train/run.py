@@ -41,7 +41,7 @@ from ...control.optimizer import CurvatureAwareOptimizer
 from ...reporting.loggers import JsonlLogger
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
-from .checkpoint import BEST, CHECKPOINT, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import TrainError
 from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
 from .resume import merge_resume_args
@@ -56,6 +56,7 @@ from .setup import (
     build_scheduler,
     check_args,
     check_fsdp,
+    check_vision_stack,
     choose_cadence,
     create_model,
     place_model,
@@ -480,6 +481,9 @@ def _monitor_verdict(opt: CurvatureAwareOptimizer) -> str:
 # ---------------------------------------------------------------------- the run
 def run_training(args: argparse.Namespace) -> int:
     """Train as ``args`` says; returns 0 on success. Problems before the start raise :class:`TrainError`."""
+    check_vision_stack()
+    if args.resume:  # a run directory stands for its last.pth.tar (the run directory is the checkpoint's)
+        args.resume = str(checkpoint_path(args.resume))
     resume = load_checkpoint(args.resume) if args.resume else None
     changes = merge_resume_args(args, resume) if resume is not None else {}
     run = set_up(args, int(resume["epoch"]) + 1 if resume is not None else 0)

@@ -22,8 +22,27 @@ from ..data import DataSplits, NoisyLabels, build_datasets
 from .errors import TrainError
 from .loop import rank_shard
 
-
 # ---------------------------------------------------------------------- arguments and device
+INSTALL_HINT = 'pip install -e ".[dev]" in a fresh virtualenv, which installs torch and torchvision together (README)'
+
+
+def check_vision_stack() -> None:
+    """timm needs torchvision, and a torchvision built for another torch fails deep inside timm's import (a CPU
+    torch beside a CUDA torchvision: ``operator torchvision::nms does not exist``): say so in one line."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            vision = f"torchvision {version('torchvision')}"
+        except PackageNotFoundError:
+            raise TrainError(f"curvopt train needs torchvision (for timm): {INSTALL_HINT}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise TrainError(f"torch {torch.__version__} and {vision} are builds that do not match ({reason}); "
+                         f"reinstall them together: {INSTALL_HINT}") from None  # fmt: skip
+
+
 def check_args(args: argparse.Namespace) -> None:
     positive = {"epochs": args.epochs, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps,
                 "log_interval": args.log_interval, "curv_batch_size": args.curv_batch_size}  # fmt: skip
