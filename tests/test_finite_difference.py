@@ -114,7 +114,7 @@ def test_the_self_check_names_kinked_layers_and_the_exact_strategy():
         estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=2, strategy=FD)
     text = " ".join(str(w.message) for w in record)
     assert "strategy='autograd'" in text and "'1' (ReLU)" in text and "'2' (MaxPool2d)" in text
-    assert "disagree in layer(s) '" in text  # the numeric check found the kinks in this probe, naming layers
+    assert "not smooth in the step in layer(s) '" in text  # the numeric check found the kinks, naming layers
     with warnings.catch_warnings():
         warnings.simplefilter("error", FiniteDifferenceWarning)  # fd_check=False: no check, no warning
         estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=2, strategy=FD, fd_check=False)

@@ -1,5 +1,5 @@
 """The package layout is the architecture: imports flow one way, engine → estimators → control →
-reporting → programs, and the documented public API is importable from the top level."""
+reporting → integrations → programs, and the documented public API is importable from the top level."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 import curvopt
 
 PACKAGE = Path(curvopt.__file__).resolve().parent
-ORDER = ("engine", "estimators", "control", "reporting", "programs")
+ORDER = ("engine", "estimators", "control", "reporting", "integrations", "programs")
 
 
 def _module_name(path: Path) -> str:

@@ -6,7 +6,15 @@ the optimizer it wraps (as timm's Lookahead does), so torch and timm LR schedule
 
 Every ``every`` optimizer steps it estimates per-layer curvature on a slice of the current
 batch (``step(batch=...)`` or an earlier ``observe(x, y)``), feeds the CUSUM monitor and the
-LR-scaling policy, and hands metrics and alarms to the loggers and callbacks. The parts:
+LR-scaling policy, and hands metrics and alarms to the loggers and callbacks.
+
+The current batch is the one handed over in this step, also from inside a closure: with
+``step(closure)`` the closure runs first (frameworks such as Lightning run the training step, where
+``observe`` is called, inside it) and the inner optimizer gets its result, so the estimate uses this
+step's batch (before, the estimate ran first and used the batch of the step before). The batch lives in
+one shared slot, cleared after every step, so a framework's copy of the wrapper (Lightning's
+``LightningOptimizer`` copies its ``__dict__``) hands over to the same estimate. Frameworks that step the
+optimizer themselves call :meth:`record_step` instead of :meth:`step` (:mod:`curvopt.integrations`). The parts:
 :mod:`~curvopt.control.settings` (validated settings), :mod:`~curvopt.control.estimation` (one
 estimate, DDP included), :mod:`~curvopt.control.diagnostics` (the slower inter-layer cadence),
 :mod:`~curvopt.control.update_scaling` (how LR scales reach the parameters) and
@@ -158,8 +166,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.last_estimate: CurvatureEstimate | None = None
         self.skipped_estimates = 0
         self.skips: dict[str, Any] = {}  # first_step, last_step, last_reason of skipped estimates
-        self._pending_batch: tuple[Any, Any] | None = None
-        self._ever_batched = False
+        self._slot = _BatchSlot()
         self.notifier.config(self.settings())
 
     # ------------------------------------------------------------------ settings, as attributes
@@ -199,10 +206,13 @@ class CurvatureAwareOptimizer(Optimizer):
         self.notifier.loggers.append(sink)
         self.notifier.config(self.settings(), only=sink)
 
+    @property
+    def _pending_batch(self) -> tuple[Any, Any] | None:
+        return self._slot.batch
+
     def _hand_over(self, batch: Any) -> None:
         split_batch(batch)  # a wrong batch raises here, where it is given, not at the next curvature step
-        self._pending_batch = (batch[0], batch[1])
-        self._ever_batched = True
+        self._slot.put((batch[0], batch[1]))
 
     def step(self, closure: Callable[[], Any] | None = None, *, batch: tuple[Any, Any] | None = None) -> Any:
         """Inner ``step(closure)``; on every ``every``-th step, estimate curvature first.
@@ -210,23 +220,44 @@ class CurvatureAwareOptimizer(Optimizer):
         ``batch`` is ``(inputs, targets)`` (checked here). A configuration error that will fail every
         estimate (a non-scalar loss, a batch the model or loss cannot take, no batch ever given)
         raises :class:`~curvopt.CurvatureInputError` at the first curvature step; later problems of one
-        step (a missing batch, non-finite curvature) skip that estimate with one warning.
+        step (a missing batch, non-finite curvature) skip that estimate with one warning. A ``closure``
+        runs first, once (its result is what the inner optimizer's first closure call returns), so a batch
+        it hands over is this step's.
         """
+        inner_closure = closure
+        if closure is not None:
+            inner_closure = _replay_first(closure)
         if batch is not None:
             self._hand_over(batch)
+        self._before_update()
+        if getattr(self.lr_policy, "every_step", False):  # e.g. the trust ratio, from this step's gradients
+            self.lr_scales |= self.lr_policy.step_update(self.layer_blocks)
+        inner = self.optimizer
+        result = scaled_step(inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(),
+                             self._scaled_layers())  # fmt: skip
+        self._after_update()
+        return result
+
+    def record_step(self, batch: tuple[Any, Any] | None = None) -> None:
+        """Count an optimizer step that a framework takes itself (Hugging Face Trainer, Lightning), estimating
+        first when it is due, on ``batch`` or the one handed over by :meth:`observe`. Call it right before the
+        framework's ``optimizer.step()``. LR scaling cannot act through it (it acts in :meth:`step`)."""
+        if batch is not None:
+            self._hand_over(batch)
+        self._before_update()
+        self._after_update()
+
+    def _before_update(self) -> None:
+        """The curvature work of the upcoming step: the estimate and the inter-layer diagnostics when due."""
         upcoming = self.step_count + 1
         if self.config.due(upcoming):
             self._estimate_and_update()
         if self.config.inter_due(upcoming) and self.notifier.reports:
             self._inter_layer_diagnostics()
-        self._pending_batch = None
-        if getattr(self.lr_policy, "every_step", False):  # e.g. the trust ratio, from this step's gradients
-            self.lr_scales |= self.lr_policy.step_update(self.layer_blocks)
-        inner = self.optimizer
-        result = scaled_step(inner, lambda: inner.step(closure) if closure is not None else inner.step(),
-                             self._scaled_layers())  # fmt: skip
+
+    def _after_update(self) -> None:
+        self._slot.batch = None
         self.step_count += 1
-        return result
 
     def _scaled_layers(self) -> list[ScaledLayer]:
         if self.lr_policy is None:
@@ -238,7 +269,7 @@ class CurvatureAwareOptimizer(Optimizer):
         """Estimate at the upcoming step, then feed the monitor, the LR policy and the loggers."""
         step = self.step_count + 1
         strict = self.last_estimate is None and not self.history  # nothing has worked yet: a config error is final
-        outcome = self.runner.run(step, self._pending_batch, strict=strict, ever_batched=self._ever_batched)
+        outcome = self.runner.run(step, self._pending_batch, strict=strict, ever_batched=self._slot.ever)
         if outcome.estimate is None:
             self.skipped_estimates += 1
             reason = outcome.problem[1] if outcome.problem is not None else "unknown"
@@ -356,7 +387,11 @@ class CurvatureAwareOptimizer(Optimizer):
         self.optimizer.load_state_dict(state_dict["optimizer"])
         self.param_groups = self.optimizer.param_groups
         self.state = self.optimizer.state
-        extra = state_dict["curvopt"]
+        self.load_curvature_state(state_dict["curvopt"])
+
+    def load_curvature_state(self, extra: Mapping[str, Any]) -> None:
+        """The curvature part of a state dict (``state_dict()["curvopt"]``) alone: for a framework or FSDP that
+        restores the optimizer's own state itself."""
         self.step_count = int(extra["step_count"])
         self.runner.load_state_dict({"generator": extra["generator"], "probe_tracker": extra["probe_tracker"]})
         if "inter_generator" in extra:
@@ -379,6 +414,30 @@ class CurvatureAwareOptimizer(Optimizer):
             f"monitor={type(self.monitor).__name__ if self.monitor else None}, "
             f"lr_scaling={getattr(self.lr_policy, 'name', self.lr_policy)})"
         )
+
+
+class _BatchSlot:
+    """The batch handed over for the upcoming step and whether one ever was. One object, so copies of the wrapper's
+    ``__dict__`` (Lightning's ``LightningOptimizer``) share it."""
+
+    def __init__(self) -> None:
+        self.batch: tuple[Any, Any] | None = None
+        self.ever = False
+
+    def put(self, batch: tuple[Any, Any]) -> None:
+        self.batch, self.ever = batch, True
+
+
+def _replay_first(closure: Callable[[], Any]) -> Callable[[], Any]:
+    """Run ``closure`` now; the returned callable gives that result on its first call and runs ``closure`` on the
+    later ones (optimizers that re-evaluate, e.g. LBFGS)."""
+    with torch.enable_grad():
+        first = [closure()]
+
+    def replay() -> Any:
+        return first.pop() if first else closure()
+
+    return replay
 
 
 def _check_ownership(optimizer: Optimizer, model: nn.Module) -> None:

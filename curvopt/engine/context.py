@@ -46,6 +46,13 @@ except ImportError:  # pragma: no cover - older torch
 
 
 CURVATURE_DTYPES = ("float32", "tf32", "bfloat16")
+_active_sessions = 0
+
+
+def is_probing() -> bool:
+    """Whether a probing session is open (its forwards are curvopt's, not a training step's): hooks that record
+    training batches (:mod:`curvopt.integrations`) ignore forwards made while this is true."""
+    return _active_sessions > 0
 
 
 def resolve_curvature_dtype(value: str | torch.dtype | None) -> str | None:
@@ -152,6 +159,8 @@ def probing_context(
     saved_fused = [(m, m.fused_attn) for m in modules if isinstance(getattr(m, "fused_attn", None), bool)]
     sync_bn = [m for m in modules if isinstance(m, nn.SyncBatchNorm)]
     cuda_devices = _cuda_devices(model)
+    global _active_sessions
+    _active_sessions += 1
     try:
         for module in sync_bn:  # per-rank batch statistics; SyncBN's collective has no double backward
             module.__class__ = _LocalBatchNorm
@@ -176,6 +185,7 @@ def probing_context(
                 torch.cuda.default_generators[device].manual_seed(mask_seed)
             yield RngRewinder(cuda_devices)
     finally:
+        _active_sessions -= 1
         for module, mode in zip(modules, saved_modes):
             module.training = mode
         for module, flag in saved_tracking:

@@ -186,8 +186,8 @@ def _warn_finite_difference_check(
     operator: CurvatureOperator, check: tuple, kinked: list[tuple[str, str]], dtype: torch.dtype, fell_back: bool
 ) -> None:
     """The self-check of a finite-difference session (:mod:`curvopt.engine.finite_difference`): warn once,
-    naming the layers whose products at ε and 8ε disagree beyond :data:`KINK_TOLERANCE` and the model's
-    piecewise-linear modules (one probe can miss a rare switch)."""
+    naming the layers whose products at ε/8, ε and 8ε are not smooth in the step beyond :data:`KINK_TOLERANCE`
+    and the model's piecewise-linear modules (one probe can miss a rare switch)."""
     owners = [i for i, block in enumerate(operator.blocks) for _ in block.params]
     ratios = layer_disagreement(check, owners, len(operator.blocks), operator.sharded)
     bad = sorted(((r, b) for r, b in zip(ratios, operator.blocks) if r > KINK_TOLERANCE), key=lambda x: -x[0])
@@ -198,8 +198,9 @@ def _warn_finite_difference_check(
     if bad:
         names = ", ".join(f"'{b.name}' ({b.kind or 'layer'}, {r:.2g})" for r, b in bad[:6])
         more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-        findings.append(f"its products at steps ε and {CHECK_FACTOR:g}ε disagree in layer(s) {names}{more} (trace "
-                        f"samples differ by that many ‖(Hz)_l‖, tolerance {KINK_TOLERANCE:g})")  # fmt: skip
+        findings.append(f"its products at steps ε/{CHECK_FACTOR:g}, ε and {CHECK_FACTOR:g}ε are not smooth in the "
+                        f"step in layer(s) {names}{more} (mismatch in units of ‖(Hz)_l‖, tolerance "
+                        f"{KINK_TOLERANCE:g})")  # fmt: skip
     if kinked and not low_precision:
         modules = ", ".join(f"'{n}' ({kind})" for n, kind in kinked[:4])
         more = f" and {len(kinked) - 4} more" if len(kinked) > 4 else ""

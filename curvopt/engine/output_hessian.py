@@ -19,6 +19,13 @@ Closed forms, per sample i (rows of o, p_i = softmax(o_i)), n the reduction's di
 * **BCE with logits**: diagonal, σ(o)(1 − σ(o)) · w · (p_w t + 1 − t) / n, p_w the ``pos_weight``.
 * **Zero**: ``NLLLoss``, ``KLDivLoss`` and ``L1Loss`` are (piecewise) linear in their input, so
   H_out = 0 and the Gauss-Newton part vanishes identically (:attr:`OutputHessian.is_zero`).
+* **causal LM** (:class:`~curvopt.engine.losses.CausalLMLoss`, logits ``[B, T, V]``): per position,
+  w_{b,t} (diag p − p pᵀ) with w = 1/n on the n positions in the loss; applied :data:`CHUNK_ELEMENTS`
+  logits at a time with p recomputed from the logits, so no ``[B, T, V]`` probability tensor is kept.
+
+A model whose output is a single number (``forward=lambda m, x: m(**x).loss`` with an identity loss) has
+no output Hessian to split off: the Gauss-Newton part of such a "loss as output" would be 0 by
+construction and the GN-Gap infinite, so it is refused with the fix (:class:`CurvatureInputError`).
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import grad, vjp
+
+from .batch import CurvatureInputError
+from .losses import CausalLMLoss
+
+CHUNK_ELEMENTS = 2**22
+"""Logits per chunk of the causal-LM closed form (16 MB in fp32): at V = 50,257, 83 positions at a time."""
 
 _TIMM_SOFT_CE = "SoftTargetCrossEntropy"
 _TIMM_SMOOTH_CE = "LabelSmoothingCrossEntropy"
@@ -98,6 +111,13 @@ class OutputHessian:
     """
 
     def __init__(self, loss_fn: Callable, out: torch.Tensor, targets: Any, *, closed_form: bool = True) -> None:
+        if out.ndim == 0:
+            raise CurvatureInputError(
+                "the model's output is a single number (the loss itself, e.g. forward=lambda m, x: m(**x).loss): the "
+                "Gauss-Newton part needs the outputs the loss is computed from and would be 0 by construction. Return "
+                "the logits (forward=lambda m, x: m(**x).logits) with loss_fn=curvopt.CausalLMLoss() for Hugging Face "
+                "labels, or pass gn=False"
+            )
         self.loss_fn = loss_fn
         self.out = out.detach()
         self.targets = targets
@@ -113,6 +133,8 @@ class OutputHessian:
         loss_fn, out, targets = self.loss_fn, self.out, self.targets
         if isinstance(loss_fn, ZERO_HESSIAN_LOSSES):
             self.kind = "zero"
+        elif isinstance(loss_fn, CausalLMLoss) and isinstance(targets, torch.Tensor):
+            self.kind, self._scale = "causal-lm", loss_fn.position_weights(out, targets)
         elif (rows := _cross_entropy_row_weights(loss_fn, out, targets)) is not None:
             self.kind, self.probs, self._scale = "cross-entropy", torch.softmax(out, dim=-1), rows[:, None]
         elif isinstance(loss_fn, nn.MSELoss) and isinstance(targets, torch.Tensor) and targets.shape == out.shape:
@@ -133,7 +155,23 @@ class OutputHessian:
         """H_out ≡ 0: the loss is (piecewise) linear in the outputs, so the Gauss-Newton part is 0."""
         return self.kind == "zero"
 
+    def _causal_lm(self, v: torch.Tensor) -> torch.Tensor:
+        """w (diag p − p pᵀ) v per position, in chunks of positions; p recomputed per chunk (no [B, T, V] kept)."""
+        vocab = self.out.shape[-1]
+        logits = self.out.reshape(-1, vocab)
+        weights = self._scale.reshape(-1, 1)
+        flat = v.reshape(-1, vocab)
+        rows = max(1, CHUNK_ELEMENTS // vocab)
+        parts = []
+        for start in range(0, logits.shape[0], rows):
+            p = torch.softmax(logits[start : start + rows].float(), dim=-1).to(flat.dtype)
+            pv = p * flat[start : start + rows]
+            parts.append((pv - p * pv.sum(-1, keepdim=True)) * weights[start : start + rows].to(flat.dtype))
+        return torch.cat(parts).reshape(v.shape)
+
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        if self.kind == "causal-lm":
+            return self._causal_lm(v)
         if self.kind == "cross-entropy":
             p = self.probs
             return (p * v - p * (p * v).sum(-1, keepdim=True)) * self._scale

@@ -153,3 +153,18 @@ class CallbackLogger:
     def alert(self, alarm: Alarm) -> None:
         if self.on_alarm is not None:
             self.on_alarm(alarm)
+
+
+def truncate_log(path: Path, offset: int) -> str:
+    """Cut a JSONL log back to ``offset`` bytes (its length when the checkpoint was written), removing the
+    records of steps that the resumed run will redo; returns what was done (empty when nothing)."""
+    if not path.exists():
+        return ""
+    size = path.stat().st_size
+    if offset > size:
+        return f"the log is shorter ({size} bytes) than at the checkpoint ({offset}); kept as it is"
+    if offset == size:
+        return ""
+    with open(path, "r+b") as handle:
+        handle.truncate(offset)
+    return f"cut back to the checkpoint ({size - offset} bytes of records after it removed)"

@@ -38,14 +38,14 @@ from tqdm import tqdm
 
 from ...control.monitor import Alarm
 from ...control.optimizer import CurvatureAwareOptimizer
-from ...reporting.loggers import JsonlLogger
+from ...reporting.loggers import JsonlLogger, truncate_log
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
 from .checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, remove_stale_temporaries, save_checkpoint
 from .errors import TrainError
 from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
 from .resume import merge_resume_args
-from .rundir import RunDirLock, claim_fresh_dir, make_dir, remove_unstarted, truncate_log
+from .rundir import RunDirLock, claim_fresh_dir, make_dir, remove_unstarted
 from .setup import (
     Data,
     adapt_to_small_inputs,
@@ -164,7 +164,7 @@ def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[An
     then the changed settings that concern the wrapper's monitor (the others were applied at set-up)."""
     if run.args.fsdp:  # full state dicts into the shards; then the wrapper's own state
         load_full_state(run.model, run.opt.optimizer, state["model"], state["optimizer"]["optimizer"])
-        run.opt.load_state_dict({"optimizer": run.opt.optimizer.state_dict(), "curvopt": state["optimizer"]["curvopt"]})
+        run.opt.load_curvature_state(state["optimizer"]["curvopt"])
     else:
         run.model.load_state_dict(state["model"])
         run.opt.load_state_dict(state["optimizer"])

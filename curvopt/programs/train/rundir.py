@@ -98,18 +98,3 @@ class RunDirLock:
 def remove_unstarted(run_dir: Path) -> None:
     """Remove a directory this process created for a run that never started (only our own files)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-def truncate_log(path: Path, offset: int) -> str:
-    """Cut a JSONL log back to ``offset`` bytes (its length when the checkpoint was written), removing the
-    records of steps that the resumed run will redo; returns what was done (empty when nothing)."""
-    if not path.exists():
-        return ""
-    size = path.stat().st_size
-    if offset > size:
-        return f"the log is shorter ({size} bytes) than at the checkpoint ({offset}); kept as it is"
-    if offset == size:
-        return ""
-    with open(path, "r+b") as handle:
-        handle.truncate(offset)
-    return f"cut back to the checkpoint ({size - offset} bytes of records after it removed)"

@@ -1,0 +1,244 @@
+"""Curvature inside the Hugging Face ``Trainer``: ``Trainer(..., callbacks=[CurvatureCallback()])``, nothing else.
+
+The callback takes the Trainer's own model and optimizer (no subclass, no hand-made optimizer):
+
+* **Batch.** A forward pre-hook records the inputs of the latest training forward (the Trainer calls
+  ``model(**inputs)``); the curvature batch is ``(inputs without "labels", labels)``. With gradient
+  accumulation it is the last micro-batch of the optimizer step.
+* **When.** ``on_pre_optimizer_step`` (after gradient clipping, before ``optimizer.step()``): the step is
+  counted in optimizer steps, and when due the estimate runs on that step's batch at the parameters the step
+  starts from, exactly as :class:`~curvopt.CurvatureAwareOptimizer` would.
+* **Loss.** By default the model's own: a causal LM's shifted next-token cross-entropy with ``-100`` ignored
+  (:class:`~curvopt.CausalLMLoss`, closed-form output Hessian), a sequence classifier's cross-entropy, MSE or
+  BCE-with-logits by ``config.problem_type``; the outputs are ``model(**inputs).logits``. Any other model needs
+  ``loss_fn=`` (and ``forward=`` when its outputs are not ``.logits``).
+* **Metrics.** The curvature summary (:data:`~curvopt.integrations.session.SUMMARY_KEYS`; ``trainer_metrics="all"``
+  for every per-layer value) joins the Trainer's next log row, so ``state.log_history`` and ``report_to``
+  (W&B, TensorBoard, ...) get it: the callback moves itself ahead of the reporting callbacks. Every estimate
+  and alarm also goes to ``<output_dir>/curvature.jsonl`` (what ``curvopt report`` reads).
+* **Checkpoints.** ``curvopt_state.pt`` in each ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=…)``
+  restores it (probe stream, monitor, history) and cuts the JSONL back, so a resumed run continues the
+  uninterrupted run's curvature history.
+* **Alarms.** ``on_alarm="stop"`` ends training through ``control.should_training_stop``.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..control.monitor import Alarm
+from ..engine.losses import CausalLMLoss
+from .session import SUMMARY_KEYS, BatchRecorder, TrackingSession
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - the extra is not installed
+    raise ImportError('curvopt.integrations.huggingface needs transformers: pip install -e ".[huggingface]"') from exc
+
+STATE_FILE = "curvopt_state.pt"
+ON_ALARM = ("warn", "stop")
+
+
+def logits_of(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    """``model(**inputs).logits``: how a Hugging Face model is called on a curvature batch."""
+    return model(**inputs).logits
+
+
+def _squeezed_logits(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
+    return model(**inputs).logits.squeeze(-1)
+
+
+def _class_names(mapping_name: str) -> set[str]:
+    from transformers.models.auto import modeling_auto
+
+    names: set[str] = set()
+    for value in getattr(modeling_auto, mapping_name, {}).values():
+        names.update([value] if isinstance(value, str) else value)
+    return names
+
+
+def model_loss(model: nn.Module) -> tuple[Callable[[torch.Tensor, Any], torch.Tensor], Callable[..., torch.Tensor]]:
+    """``(loss_fn, forward)`` equal to the loss a Hugging Face model computes from its ``labels``.
+
+    Raises ``ValueError`` naming ``loss_fn=`` for a model whose loss is not one of these.
+    """
+    name = type(model).__name__
+    if name in _class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") or name.endswith(("ForCausalLM", "LMHeadModel")):
+        return CausalLMLoss(shift=True, ignore_index=-100), logits_of
+    if name in _class_names("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES") or name.endswith(
+        "ForSequenceClassification"
+    ):
+        config = model.config
+        problem = config.problem_type or ("regression" if config.num_labels == 1 else "single_label_classification")
+        if problem == "regression":
+            return nn.MSELoss(), _squeezed_logits if config.num_labels == 1 else logits_of
+        if problem == "multi_label_classification":
+            return nn.BCEWithLogitsLoss(), logits_of
+        return nn.CrossEntropyLoss(), logits_of
+    raise ValueError(
+        f"curvopt does not know the loss {name} computes from its labels: pass CurvatureCallback(loss_fn=...) (called "
+        "as loss_fn(outputs, labels)) and forward= when the outputs are not model(**inputs).logits"
+    )
+
+
+def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any] | None:
+    """The Trainer's ``model(**inputs)`` as ``(inputs without labels, labels)``; ``None`` without labels."""
+    if args or "labels" not in kwargs:
+        return None
+    inputs = {k: v for k, v in kwargs.items() if k != "labels" and v is not None}
+    return inputs, kwargs["labels"]
+
+
+class CurvatureCallback(TrainerCallback):
+    """Per-layer curvature, the memorisation monitor and its alarms inside ``transformers.Trainer``.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, labels)``; default: the model's own loss (see the module docstring).
+        forward: ``forward(model, inputs) -> outputs``; default ``model(**inputs).logits``.
+        every, probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
+            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer` (``every`` counts
+            optimizer steps, so gradient accumulation's micro-batches do not count).
+        on_alarm: ``"warn"`` (default: a log record and the JSONL) or ``"stop"`` (end training).
+        log_path: the JSONL log; default ``<output_dir>/curvature.jsonl``; ``None`` for none.
+        trainer_metrics: ``"summary"`` (default: totals, monitor, alarm) or ``"all"`` (every ``curv/*`` value)
+            into the Trainer's log rows.
+        logger: further curvopt sinks (e.g. :class:`~curvopt.WandbLogger` for per-layer panels).
+        callbacks: called with every :class:`~curvopt.Alarm`.
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        *,
+        forward: Callable[..., torch.Tensor] | None = None,
+        every: int = 500,
+        probes: int | str = 8,
+        curvature_batch_size: int = 32,
+        gn: bool = True,
+        monitor: Any = "cusum",
+        strategy: str = "auto",
+        estimator: str = "hutchinson",
+        curvature_dtype: Any = None,
+        seed: int = 0,
+        layers: Any = None,
+        inter_every: int = 0,
+        distributed_probes: str = "independent",
+        on_alarm: str = "warn",
+        log_path: str | Path | None = "auto",
+        trainer_metrics: str = "summary",
+        logger: Any = None,
+        callbacks: Iterable[Callable[[Alarm], None]] = (),
+    ) -> None:
+        if on_alarm not in ON_ALARM:
+            raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
+        if trainer_metrics not in ("summary", "all"):
+            raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
+        self.loss_fn, self.forward = loss_fn, forward
+        self.options = {
+            "every": every, "probes": probes, "curvature_batch_size": curvature_batch_size, "gn": gn,
+            "monitor": monitor, "strategy": strategy, "estimator": estimator, "curvature_dtype": curvature_dtype,
+            "seed": seed, "layers": layers, "inter_every": inter_every, "distributed_probes": distributed_probes,
+            "callbacks": list(callbacks),
+        }  # fmt: skip
+        self.on_alarm, self.log_path, self.trainer_metrics = on_alarm, log_path, trainer_metrics
+        self.extra_sinks = [] if logger is None else (list(logger) if isinstance(logger, (list, tuple)) else [logger])
+        self.session: TrackingSession | None = None
+        self.recorder: BatchRecorder | None = None
+        self.pending: dict[str, float] = {}
+        self.seen_batch = False
+
+    # ------------------------------------------------------------------ the run
+    @property
+    def wrapper(self) -> Any:
+        """The :class:`~curvopt.CurvatureAwareOptimizer` tracking the run (``alarms``, ``history``, ...)."""
+        return None if self.session is None else self.session.wrapper
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:  # fmt: skip
+        if model is None or optimizer is None:
+            raise ValueError("CurvatureCallback needs the Trainer's model and optimizer (transformers >= 4.40)")
+        self._close()
+        loss_fn, forward = self.loss_fn, self.forward
+        if loss_fn is None:
+            loss_fn, default_forward = model_loss(model)
+            forward = forward or default_forward
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
+        log_path = Path(args.output_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
+        self.session = TrackingSession(inner, model, loss_fn, forward=forward or logits_of, options=self.options,
+                                       log_path=log_path, sinks=self.extra_sinks,
+                                       reports=state.is_world_process_zero)  # fmt: skip
+        self.recorder = BatchRecorder(model, _inputs_and_labels)
+        self.seen_batch = False
+        if state.global_step > 0:
+            self._resume(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+        self._run_before_reporting_callbacks()
+
+    def _resume(self, path: Path) -> None:
+        if not path.is_file():
+            warnings.warn(f"curvopt: resuming at a step whose checkpoint has no {STATE_FILE} ({path}): the curvature "
+                          "monitor starts afresh", RuntimeWarning, stacklevel=3)  # fmt: skip
+            return
+        self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+
+    def _run_before_reporting_callbacks(self) -> None:
+        """Move this callback to the front of the Trainer's callback list, so the metrics it adds to a log row reach
+        the reporting callbacks (W&B, TensorBoard) that run after it; the list is found through the garbage
+        collector, since callbacks are not handed the Trainer."""
+        for holder in gc.get_referrers(self):
+            if isinstance(holder, list) and self in holder and any(
+                type(c).__name__ == "DefaultFlowCallback" for c in holder
+            ):
+                holder.remove(self)
+                holder.insert(0, self)
+                return
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if self.session is None:
+            return control
+        batch = self.recorder.batch if self.recorder is not None else None
+        self.seen_batch = self.seen_batch or batch is not None
+        if not self.seen_batch:
+            raise ValueError(
+                "CurvatureCallback saw no training batch with 'labels': the Trainer's inputs must carry labels (the "
+                "targets of the curvature loss), e.g. a data collator that sets them"
+            )
+        metrics, alarms = self.session.step(batch)
+        if metrics:
+            self.pending = metrics
+        if alarms and self.on_alarm == "stop":
+            control.should_training_stop = True
+        return control
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not self.pending or logs is None:
+            return
+        keys = self.pending if self.trainer_metrics == "all" else [k for k in SUMMARY_KEYS if k in self.pending]
+        row = {k: self.pending[k] for k in keys}
+        logs.update(row)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(row)  # the Trainer copied the row into the history before calling us
+        self.pending = {}
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if self.session is not None and state.is_world_process_zero and folder.is_dir():
+            torch.save(self.session.state_dict(), folder / STATE_FILE)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close(keep_session=True)
+
+    def _close(self, keep_session: bool = False) -> None:
+        if self.recorder is not None:
+            self.recorder.remove()
+            self.recorder = None
+        if self.session is not None:
+            self.session.close()
+            if not keep_session:
+                self.session = None

@@ -1,0 +1,133 @@
+"""What the framework callbacks share: recording the training batch and tracking curvature beside the optimizer.
+
+A framework steps its optimizer itself, so a callback cannot pass the batch to ``step(batch=...)``. Instead:
+
+* :class:`BatchRecorder` keeps the inputs of the model's latest *training* forward (a forward pre-hook; forwards
+  in eval mode and curvopt's own probing forwards are ignored), turned into an ``(inputs, targets)`` pair;
+* :class:`TrackingSession` is a :class:`~curvopt.CurvatureAwareOptimizer` around the framework's optimizer that
+  never steps it: right before the framework's ``optimizer.step()`` the callback calls :meth:`TrackingSession.step`,
+  which counts the step and, when due, estimates on the recorded batch at the parameters the step starts from,
+  exactly as the wrapper would. Metrics and alarms go to the session's sinks (JSONL, the framework's loggers), its
+  state goes into the framework's checkpoints (``state_dict`` with the JSONL position, so a resume cuts the log back).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..control.monitor import Alarm
+from ..control.optimizer import CurvatureAwareOptimizer
+from ..engine.context import is_probing
+from ..reporting.loggers import JsonlLogger, truncate_log
+
+Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+"""Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
+
+SUMMARY_KEYS = ("curv/total/trace", "curv/total/trace_se", "curv/total/gn_trace", "curv/total/gn_gap",
+                "curv/total/frob", "curv/loss", "curv/cusum/aggregate", "curv/cusum/threshold", "curv/monitor_ready",
+                "curv/alarm", "curv/skipped_estimates")  # fmt: skip
+"""The metrics a callback puts into the framework's own log rows by default (per-layer ones go to the JSONL)."""
+
+
+class BatchRecorder:
+    """The latest training batch of ``model``, from a forward pre-hook (removed by :meth:`remove`)."""
+
+    def __init__(self, model: nn.Module, capture: Capture) -> None:
+        self.capture = capture
+        self.batch: Any = None
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if module.training and not is_probing() and torch.is_grad_enabled():
+            self.batch = self.capture(args, kwargs)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+class _Collector:
+    """A sink keeping the latest estimate's metrics and the alarms raised since they were last taken."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] = {}
+        self.step = 0
+        self.alarms: list[Alarm] = []
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if "curv/loss" in metrics or "curv/skipped_estimates" in metrics:  # an estimate (or a skipped one)
+            self.step = step
+            self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def alert(self, alarm: Alarm) -> None:
+        self.alarms.append(alarm)
+
+    def take(self) -> tuple[dict[str, float], list[Alarm]]:
+        metrics, alarms = self.metrics, self.alarms
+        self.metrics, self.alarms = {}, []
+        return metrics, alarms
+
+
+class TrackingSession:
+    """A curvature wrapper beside a framework's optimizer (see the module docstring).
+
+    Args:
+        optimizer: the framework's optimizer (its ``param_groups`` are shared, nothing else is touched).
+        model: the model the framework trains (parameters the optimizer does not hold are not probed).
+        loss_fn, forward, options: as for :class:`~curvopt.CurvatureAwareOptimizer` (``lr_scaling`` is refused:
+            the framework steps the optimizer, so curvopt cannot scale its updates).
+        log_path: the JSONL log (``None``: none), written by the reporting process only.
+        sinks: further sinks (a framework's loggers).
+        reports: whether this process writes logs (rank 0).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        model: nn.Module,
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+        *,
+        forward: Any = None,
+        options: Mapping[str, Any],
+        log_path: str | Path | None,
+        sinks: list[Any],
+        reports: bool,
+    ) -> None:
+        if options.get("lr_scaling") is not None:
+            raise ValueError("lr_scaling is not available through a framework callback (the framework steps the "
+                             "optimizer); wrap the optimizer in curvopt.CurvatureAwareOptimizer to scale its "
+                             "updates")  # fmt: skip
+        self.collector = _Collector()
+        self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
+        loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
+        self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers,
+                                               **dict(options))  # fmt: skip
+
+    def step(self, batch: Any) -> tuple[dict[str, float], list[Alarm]]:
+        """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms."""
+        self.wrapper.record_step(batch)
+        return self.collector.take()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"wrapper": self.wrapper.state_dict()["curvopt"],
+                "log_position": self.jsonl.position() if self.jsonl is not None else None}  # fmt: skip
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The wrapper's curvature state (the framework restores its optimizer itself); the JSONL cut back to the
+        checkpoint, so no step is logged twice."""
+        self.wrapper.load_curvature_state(state["wrapper"])
+        if self.jsonl is not None and state.get("log_position") is not None:
+            path = self.jsonl.path
+            self.jsonl.close()
+            truncate_log(path, int(state["log_position"]))
+            self.jsonl = JsonlLogger(path)
+            self.wrapper.notifier.loggers[1] = self.jsonl
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
