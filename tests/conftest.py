@@ -85,7 +85,7 @@ def dense_curvature(model: nn.Module, loss_fn, batch, layer_params: dict[str, li
     def outputs(v):
         if forward is None:
             return functional_call(ref, unflatten(v), (x,))
-        with torch.nn.utils.stateless._reparametrize_module(ref, unflatten(v)):
+        with torch.nn.utils.stateless._reparametrize_module(ref, unflatten(v), tie_weights=True):  # as functional_call
             return forward(ref, x)
 
     def loss(v):

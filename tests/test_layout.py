@@ -81,3 +81,32 @@ def test_import_works_from_the_folder_above_a_clone_named_curvopt(tmp_path):
     script = "import curvopt, sys; assert hasattr(curvopt, 'CurvatureAwareOptimizer'), curvopt.__path__; print('ok')"
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_curvopt_and_its_integrations_never_import_timm_or_torchvision():
+    """``import curvopt`` and the framework integrations work without timm and torchvision (only ``curvopt train``
+    and the demo's datasets need them): no module outside programs imports them, and with both made unimportable
+    an estimate still runs and the Hugging Face integration imports (Lightning's own torchmetrics imports an
+    installed torchvision, so it is checked by the scan alone)."""
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "programs" in path.relative_to(PACKAGE).parts:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            vision = [n for n in names if n.split(".")[0] in ("timm", "torchvision")]
+            offenders += [f"{_module_name(path)} imports {n}" for n in vision]
+    assert not offenders, offenders
+    script = (
+        "import sys; sys.modules['timm'] = None; sys.modules['torchvision'] = None\n"
+        "import torch, curvopt\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))\n"
+        "curvopt.estimate_curvature(m, torch.nn.CrossEntropyLoss(), (torch.randn(5, 3), torch.randint(0, 2, (5,))),"
+        " probes=2)\n"
+        "try:\n    import transformers\nexcept ImportError:\n    transformers = None\n"
+        "if transformers is not None:\n    import curvopt.integrations.huggingface\n"
+        "print('ok')"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]

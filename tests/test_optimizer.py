@@ -464,3 +464,19 @@ def test_step_with_closure_behaves_like_the_inner_optimizer():
         results.append((losses, [p.detach().clone() for p in model.parameters()]))
     assert results[0][0] == results[1][0]
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+
+
+def test_groups_and_state_stay_shared_after_the_wrapped_optimizer_loads_a_state():
+    """torch's load_state_dict (and FSDP's set_optimizer_state_dict, a rollback) replace the wrapped optimizer's
+    lists: a scheduler on the wrapper must still reach the real groups (a resumed run diverged when it did not)."""
+    model = nn.Linear(3, 2)
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = CurvatureAwareOptimizer(base, model, nn.MSELoss(), every=0)
+    base.load_state_dict(base.state_dict())
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    opt.zero_grad()
+    nn.MSELoss()(model(torch.randn(4, 3)), torch.randn(4, 2)).backward()
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups is base.param_groups and opt.state is base.state
+    assert base.param_groups[0]["lr"] == pytest.approx(0.05)

@@ -32,6 +32,11 @@ the last 64 increments, available after ``warmup`` estimates; μ0 = 0. ``fit`` i
 and μ0 (the median excess over the trough) from clean reference runs' histories, saved and
 loaded as JSON.
 
+Change point. With every alarm the monitor records Page's estimate of when the change began: the
+estimate at which the deciding statistic last left zero (``Alarm.onset_step``; per layer, the earliest
+such estimate among the layers above their thresholds). Memorisation began there, before the alarm, so it is
+where a rollback should return to (:mod:`curvopt.control.rollback`).
+
 Which series decide. By default (``alarm_on="layer"``) every layer's series decides on its own,
 against h_L = h + ln(L) / θ with θ = 0.7 k (:data:`TAIL_RATE_PER_K`): a stationary series crosses h
 within 1000 estimates with probability ∝ exp(−θ h), so L layers together alarm no more often than
@@ -85,6 +90,7 @@ class Alarm:
     threshold: float
     kind: str = AGGREGATE
     layer_types: dict[str, str] = field(default_factory=dict)  # the layers' module classes, for people
+    onset_step: int | None = None  # Page's change point: the estimate at which the deciding S left zero
 
     def describe(self, max_layers: int = 5) -> str:
         """One line; the ``max_layers`` layers with the largest CUSUM statistics are named, quoted, with their type
@@ -94,8 +100,9 @@ class Alarm:
         if len(self.layers) > max_layers:
             where += f" and {len(self.layers) - max_layers} more"
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
+        since = f" since step {self.onset_step}" if self.onset_step is not None and self.onset_step < self.step else ""
         return (
-            f"memorisation alarm at step {self.step}: curvature rising ({self.kind} CUSUM "
+            f"memorisation alarm at step {self.step}: curvature rising{since} ({self.kind} CUSUM "
             f"{statistic} > {threshold}; layers: {where})"
         )
 
@@ -132,6 +139,7 @@ class _Series:
     fixed_sigma: bool = False
     s: float = 0.0
     in_episode: bool = False
+    rise_step: int | None = None  # the estimate at which s last left zero (Page's change-point estimate)
 
 
 def _robust_noise_sd(increments: Sequence[float], minimum: float) -> float:
@@ -269,8 +277,10 @@ class CusumMonitor:
             return self.h
         return self.h + math.log(layers) / (TAIL_RATE_PER_K * max(self.k, 0.1))
 
-    def _advance(self, name: str, series: _Series, x: float) -> bool:
+    def _advance(self, name: str, series: _Series, x: float, step: int) -> bool:
         """One CUSUM step; True when this step starts an episode above the series' threshold."""
+        if series.s == 0.0:
+            series.rise_step = step  # if s rises now, the change began here (the last time s was 0 was before)
         series.s = max(0.0, series.s + x - self.k)
         if series.s > self.threshold(name) and not series.in_episode:
             series.in_episode = True
@@ -290,7 +300,7 @@ class CusumMonitor:
             if series is None:
                 series = self.series[name] = self._new_series(name)
             x = self._observe(series, float(value))
-            if x is not None and self._advance(name, series, x):
+            if x is not None and self._advance(name, series, x, step):
                 started.append(name)
         layers_above = sorted((n for n in self._layer_names() if self.series[n].s > self.threshold(n)),
                               key=lambda n: -self.series[n].s)  # fmt: skip
@@ -299,11 +309,13 @@ class CusumMonitor:
         if self.alarm_on == AGGREGATE or not self._layer_names():
             if AGGREGATE not in started:
                 return []
-            return [Alarm(step, layers_above, self.series[AGGREGATE].s, self.h, AGGREGATE, types)]
+            deciding = self.series[AGGREGATE]
+            return [Alarm(step, layers_above, deciding.s, self.h, AGGREGATE, types, deciding.rise_step)]
         if ongoing or not any(n != AGGREGATE for n in started):
             return []
         top = layers_above[0]
-        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer", types)]
+        onset = min(self.series[n].rise_step for n in layers_above if self.series[n].rise_step is not None)
+        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer", types, onset)]
 
     def statistics(self) -> dict[str, float]:
         """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": the deciding threshold,

@@ -139,11 +139,10 @@ class CurvatureAwareOptimizer(Optimizer):
             spectrum_starts=spectrum_starts, estimator=estimator, curvature_dtype=curvature_dtype,
         )  # fmt: skip
         _check_ownership(optimizer, model)
-        # Optimizer.__init__ sets up hooks and step patching; then share the real groups/state.
+        # Optimizer.__init__ sets up hooks and step patching; from then on `param_groups` and `state` read through
+        # to the wrapped optimizer (properties below), also after its load_state_dict replaced them.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
-        self.state = optimizer.state
         self.defaults = optimizer.defaults
 
         self.model = model
@@ -168,6 +167,36 @@ class CurvatureAwareOptimizer(Optimizer):
         self.skips: dict[str, Any] = {}  # first_step, last_step, last_reason of skipped estimates
         self._slot = _BatchSlot()
         self.notifier.config(self.settings())
+
+    # ------------------------------------------------------------------ the wrapped optimizer's groups and state
+    # Shared, not copied: torch's load_state_dict and FSDP's set_optimizer_state_dict replace the wrapped
+    # optimizer's lists, so the wrapper always reads them from it (schedulers, GradScaler and timm reach the real
+    # groups whoever loaded a state). Before the wrapped optimizer is set (inside Optimizer.__init__), own ones.
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        inner = self.__dict__.get("optimizer")
+        return inner.param_groups if inner is not None else self.__dict__.setdefault("_groups", [])
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            inner.param_groups = value
+        else:
+            self.__dict__["_groups"] = value
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        inner = self.__dict__.get("optimizer")
+        return inner.state if inner is not None else self.__dict__.setdefault("_state", {})
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        inner = self.__dict__.get("optimizer")
+        if inner is not None:
+            inner.state = value
+        else:
+            self.__dict__["_state"] = value
 
     # ------------------------------------------------------------------ settings, as attributes
     every = property(lambda self: self.config.every, doc="Estimate every N optimizer steps (0: never).")
@@ -385,8 +414,6 @@ class CurvatureAwareOptimizer(Optimizer):
         if "optimizer" not in state_dict or "curvopt" not in state_dict:
             raise ValueError("not a CurvatureAwareOptimizer state_dict (expected 'optimizer' and 'curvopt' keys)")
         self.optimizer.load_state_dict(state_dict["optimizer"])
-        self.param_groups = self.optimizer.param_groups
-        self.state = self.optimizer.state
         self.load_curvature_state(state_dict["curvopt"])
 
     def load_curvature_state(self, extra: Mapping[str, Any]) -> None:

@@ -88,11 +88,15 @@ def model_loss(model: nn.Module) -> tuple[Callable[[torch.Tensor, Any], torch.Te
     )
 
 
+TRAINER_KWARGS = ("labels", "num_items_in_batch", "return_dict", "use_cache")
+"""What the Trainer passes besides the model's inputs: kept out of the curvature batch's inputs."""
+
+
 def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[dict[str, Any], Any] | None:
-    """The Trainer's ``model(**inputs)`` as ``(inputs without labels, labels)``; ``None`` without labels."""
+    """The Trainer's ``model(**inputs)`` as ``(input tensors without labels, labels)``; ``None`` without labels."""
     if args or "labels" not in kwargs:
         return None
-    inputs = {k: v for k, v in kwargs.items() if k != "labels" and v is not None}
+    inputs = {k: v for k, v in kwargs.items() if k not in TRAINER_KWARGS and isinstance(v, torch.Tensor)}
     return inputs, kwargs["labels"]
 
 

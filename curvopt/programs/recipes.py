@@ -21,7 +21,7 @@ from ..engine.strategies import STRATEGIES
 from .arguments import OneLineParser
 from .data import DATASETS
 
-ON_ALARM = ("warn", "checkpoint", "stop")
+ON_ALARM = ("warn", "checkpoint", "stop", "rollback")
 
 # Keys people write in recipes that are spelled differently here (PyTorch Lightning, HF, Keras, timm habits).
 SYNONYMS = {
@@ -83,16 +83,8 @@ def _switch(group: Any, name: str, default: bool, help: str) -> None:
     group.add_argument(name, type=_bool, default=default, nargs="?", const=True, metavar="BOOL", help=help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(
-        prog="curvopt train",
-        description="Train a timm model with the curvature-aware optimizer (timm train.py flags, YAML recipes). "
-        "A recipe's keys set the defaults; flags override them. Switches take an optional true/false.",
-        formatter_class=_HelpFormatter,
-    )
-    _flag(p, "-c", "--config", default="", metavar="FILE", help="YAML recipe whose keys set the defaults")
-
-    g = p.add_argument_group("dataset")
+def _dataset_flags(g: Any) -> None:
+    """The ``dataset`` flags."""
     _flag(g, "--data-dir", default="data", help="where the dataset lives (or is downloaded to)")
     _flag(g, "--dataset", default="synthetic", help=f"one of {', '.join(DATASETS)} (timm's torch/cifar10 too)")
     _switch(g, "--dataset-download", False, "download the dataset when it is missing")
@@ -103,7 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--hflip", type=float, default=0.5, help="horizontal flip probability (CIFAR)")
     _flag(g, "--crop-padding", type=int, default=4, help="random-crop padding in pixels (CIFAR; 0: none)")
 
-    g = p.add_argument_group("model")
+
+def _model_flags(g: Any) -> None:
+    """The ``model`` flags."""
     _flag(g, "--model", default="resnet18", help="timm model name (timm.list_models())")
     _switch(g, "--pretrained", False, "start from timm's pretrained weights (needs them cached or a network)")
     _switch(g, "--cifar-stem", False, "fit 32x32 inputs (ResNet: 3x3 stride-1 stem, no max-pool; VGG: 1x1 head)")
@@ -111,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--drop-path", type=float, default=None, help="stochastic-depth rate (default: the model's)")
     _flag(g, "--model-kwargs", type=yaml.safe_load, default=None, help="extra timm.create_model kwargs, as YAML")
 
-    g = p.add_argument_group("optimizer")
+
+def _optimizer_flags(g: Any) -> None:
+    """The ``optimizer`` flags."""
     _flag(g, "--opt", default="sgd", help="timm optimizer name (create_optimizer_v2: sgd, adamw, lamb, ...)")
     _flag(g, "--opt-eps", type=float, default=None, help="optimizer epsilon (default: the optimizer's)")
     _flag(g, "--opt-betas", type=float, nargs="+", default=None, help="optimizer betas (default: the optimizer's)")
@@ -120,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--clip-grad", type=float, default=None, help="clip the gradient norm to this value (default: off)")
     _flag(g, "--lr", type=float, default=0.1, help="base learning rate")
 
-    g = p.add_argument_group("schedule")
+
+def _schedule_flags(g: Any) -> None:
+    """The ``schedule`` flags."""
     _flag(g, "--sched", default="cosine", help="timm scheduler name (create_scheduler_v2: cosine, step, ...)")
     _switch(g, "--sched-on-updates", False, "step the schedule every update instead of every epoch")
     _flag(g, "--epochs", type=int, default=10, help="epochs to train")
@@ -132,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--decay-rate", type=float, default=0.1, help="step schedules: factor per decay")
     _flag(g, "--cooldown-epochs", type=int, default=0, help="epochs at the lowest rate after the schedule")
 
-    g = p.add_argument_group("training")
+
+def _training_flags(g: Any) -> None:
+    """The ``training`` flags."""
     _flag(g, "-b", "--batch-size", type=int, default=128, help="training batch size (per process)")
     _flag(g, "-vb", "--validation-batch-size", type=int, default=None, help="validation batch size "
           "(default: the training batch size)")  # fmt: skip
@@ -160,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--log-interval", type=int, default=50, help="log training metrics every N updates")
     _flag(g, "--no-progress", action="store_true", help="no progress bars")
 
-    g = p.add_argument_group("output and tracking")
+
+def _output_tracking_flags(g: Any) -> None:
+    """The ``output and tracking`` flags."""
     _flag(g, "--output", default=None, help="parent directory of run directories (default: runs/train; on "
           "--resume, the checkpoint's run directory)")  # fmt: skip
     _flag(g, "--experiment", default="", help="run directory name (default: <dataset>-<model>-<time>)")
@@ -170,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--wandb-project", default="curvopt", help="W&B project")
     _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")
 
-    g = p.add_argument_group("curvature")
+
+def _curvature_flags(g: Any) -> None:
+    """The ``curvature`` flags."""
     _flag(g, "--curv-every", type=int, default=None, help="estimate every N optimizer updates (0: off; default: "
           "500, or fewer for a run too short for 20 estimates, so the monitor calibrates and reaches a verdict)")
     _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
@@ -197,9 +201,32 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(g, "--cusum-warmup", type=int, default=8, help="noise-scale increments the monitor calibrates on: it is "
           "ready after warmup + 1 estimates (default 8: 9 estimates)")
     _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
-          "checkpoint alarm-<update>.pth.tar; or stop the run cleanly")  # fmt: skip
+          "checkpoint alarm-<update>.pth.tar; stop the run cleanly; or roll back to the last epoch checkpoint before "
+          "the alarm's change point (then --rollback-then)")  # fmt: skip
+    _flag(g, "--rollback-keep", type=int, default=5, help="--on-alarm rollback: epoch checkpoints kept on disk "
+          "(ring-<epoch>.pth.tar), how far back a rollback can go")  # fmt: skip
+    _flag(g, "--rollback-then", default="stop", choices=["stop", "lower-lr"], help="after a rollback: end the run "
+          "with the restored model, or continue from it at the learning rate x --rollback-lr-factor")  # fmt: skip
+    _flag(g, "--rollback-lr-factor", type=float, default=0.1, help="--rollback-then lower-lr: the LR factor")
     _flag(g, "--label-noise", type=float, default=0.0, help="replace each training label by a random class w.p. p")
     _flag(g, "--label-noise-start-epoch", type=int, default=0, help="first epoch with noisy labels (0-based)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(
+        prog="curvopt train",
+        description="Train a timm model with the curvature-aware optimizer (timm train.py flags, YAML recipes). "
+        "A recipe's keys set the defaults; flags override them. Switches take an optional true/false.",
+        formatter_class=_HelpFormatter,
+    )
+    _flag(p, "-c", "--config", default="", metavar="FILE", help="YAML recipe whose keys set the defaults")
+    _dataset_flags(p.add_argument_group("dataset"))
+    _model_flags(p.add_argument_group("model"))
+    _optimizer_flags(p.add_argument_group("optimizer"))
+    _schedule_flags(p.add_argument_group("schedule"))
+    _training_flags(p.add_argument_group("training"))
+    _output_tracking_flags(p.add_argument_group("output and tracking"))
+    _curvature_flags(p.add_argument_group("curvature"))
     return p
 
 

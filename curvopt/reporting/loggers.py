@@ -52,6 +52,8 @@ class JsonlLogger:
 
     def position(self) -> int:
         """Bytes written so far (everything flushed): where a checkpoint taken now should cut the log back to."""
+        if self._file.closed:  # a checkpoint after the run ended: the whole file
+            return self.path.stat().st_size if self.path.exists() else 0
         self._file.flush()
         return self._file.tell()
 

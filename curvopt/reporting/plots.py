@@ -39,6 +39,7 @@ EVENT_STYLE = {
     "label_noise_start": ("purple", "-.", "label noise starts"),
     "alarm": ("crimson", "--", "memorisation alarm"),
     "resume": ("0.45", ":", "resumed"),
+    "rollback": ("teal", "--", "rolled back"),
     "lr_restart": ("darkorange", ":", "LR schedule restart"),
     "settings_changed": ("0.6", (0, (1, 3)), "settings changed"),
 }

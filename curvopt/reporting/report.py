@@ -237,9 +237,13 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
         "<h2>Alarms</h2>",
     ]
     if alarms:
-        rows = [[a["step"], a.get("kind"), *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
+        rows = [[a["step"], a.get("onset_step"), a.get("kind"),
+                 *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
                  ", ".join(label_of(n, labels) for n in a.get("layers", [])) or "model-wide only"] for a in alarms]
-        parts.append(_table(rows, ["step", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
+        parts.append(_table(rows, ["step", "change point (onset)", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
+        parts.append("<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "
+                     "estimate at which the deciding CUSUM statistic left zero. Memorisation began there, before the "
+                     "alarm; <code>--on-alarm rollback</code> returns to the last checkpoint before it.</p>")
     else:
         parts.append(f"<p>{html.escape(monitor_verdict(records))}</p>")
     if events:

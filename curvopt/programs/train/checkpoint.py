@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,41 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(state, dict) or not {"model", "optimizer", "epoch"} <= set(state):
         raise CheckpointError(f"--resume {path}: not a curvopt train checkpoint (no model/optimizer/epoch)")
     return state
+
+
+RING = "ring-{epoch}-u{updates}.pth.tar"
+
+
+def keep_in_ring(run_dir: Path, epoch: int, updates: int, keep: int) -> None:
+    """``--on-alarm rollback``: this epoch's checkpoint also as ``ring-<epoch>-u<updates>.pth.tar`` (a hard link to
+    ``last.pth.tar`` where the file system has them), only the last ``keep`` of them kept."""
+    ring = run_dir / RING.format(epoch=epoch + 1, updates=updates)
+    ring.unlink(missing_ok=True)
+    try:
+        os.link(run_dir / CHECKPOINT, ring)
+    except OSError:
+        shutil.copyfile(run_dir / CHECKPOINT, ring)
+    for old in sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def _ring_epoch(path: Path) -> int:
+    return int(path.name.removeprefix("ring-").split("-u")[0])
+
+
+def _ring_updates(path: Path) -> int:
+    return int(path.name.split("-u")[1].removesuffix(".pth.tar"))
+
+
+def ring_before(run_dir: Path, update: int) -> tuple[Path, dict[str, Any]] | None:
+    """The latest ring checkpoint taken before optimizer update ``update`` (the oldest one when none is; ``None``
+    when the ring is empty), loaded."""
+    ring = sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)
+    if not ring:
+        return None
+    before = [path for path in ring if _ring_updates(path) < update]
+    chosen = before[-1] if before else ring[0]
+    return chosen, load_checkpoint(chosen)
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

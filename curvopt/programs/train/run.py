@@ -41,7 +41,16 @@ from ...control.optimizer import CurvatureAwareOptimizer
 from ...reporting.loggers import JsonlLogger, truncate_log
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
-from .checkpoint import BEST, CHECKPOINT, checkpoint_path, load_checkpoint, remove_stale_temporaries, save_checkpoint
+from .checkpoint import (
+    BEST,
+    CHECKPOINT,
+    checkpoint_path,
+    keep_in_ring,
+    load_checkpoint,
+    remove_stale_temporaries,
+    ring_before,
+    save_checkpoint,
+)
 from .errors import TrainError
 from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
 from .resume import merge_resume_args
@@ -107,6 +116,7 @@ class TrainingRun:
     last_lr: float | None = None
     stop_alarm: Alarm | None = None
     alarms_handled: int = 0
+    rolled_back: dict[str, Any] | None = None
     last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -159,22 +169,28 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
     return run
 
 
-def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
-    """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, schedule, counters;
-    then the changed settings that concern the wrapper's monitor (the others were applied at set-up)."""
+def load_training_state(run: TrainingRun, state: dict[str, Any], *, curvature: bool = True) -> None:
+    """A checkpoint's weights, optimizer, EMA, scaler and schedule (with ``curvature``, the wrapper's state too)."""
     if run.args.fsdp:  # full state dicts into the shards; then the wrapper's own state
         load_full_state(run.model, run.opt.optimizer, state["model"], state["optimizer"]["optimizer"])
-        run.opt.load_curvature_state(state["optimizer"]["curvopt"])
     else:
         run.model.load_state_dict(state["model"])
-        run.opt.load_state_dict(state["optimizer"])
-    run.alarms_handled = len(run.opt.alarms)
+        run.opt.optimizer.load_state_dict(state["optimizer"]["optimizer"])
+    if curvature:
+        run.opt.load_curvature_state(state["optimizer"]["curvopt"])
     if run.model_ema is not None and state.get("model_ema") is not None:
         run.model_ema.load_state_dict(state["model_ema"])
     if run.loss_scaler is not None and state.get("scaler") is not None:
         run.loss_scaler.load_state_dict(state["scaler"])
     if state.get("scheduler") is not None:
         run.scheduler.load_state_dict(state["scheduler"])
+
+
+def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[Any, Any]]) -> None:
+    """Continue from a checkpoint: weights, optimizer and wrapper state, EMA, scaler, schedule, counters;
+    then the changed settings that concern the wrapper's monitor (the others were applied at set-up)."""
+    load_training_state(run, state)
+    run.alarms_handled = len(run.opt.alarms)
     run.start_epoch = int(state["epoch"]) + 1
     run.num_updates = int(state["num_updates"])
     run.best_top1 = float(state.get("best_top1", -math.inf))
@@ -364,6 +380,8 @@ def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
     save_checkpoint(run.run_dir / CHECKPOINT, state)
     if best:
         save_checkpoint(run.run_dir / BEST, state)
+    if run.args.on_alarm == "rollback":
+        keep_in_ring(run.run_dir, epoch, run.num_updates, run.args.rollback_keep)
 
 
 def note_lr(run: TrainingRun, step: int, lr: float) -> None:
@@ -388,6 +406,9 @@ def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
     write = tqdm.write if run.main_process else _silent
     write(f"ALARM: {alarm.describe()}")
     action = run.args.on_alarm
+    if action == "rollback" and run.stop_alarm is None:
+        _roll_back(run, alarm, write)
+        return
     if action == "checkpoint":
         path = run.run_dir / f"alarm-{alarm.step}.pth.tar"
         state = _state(run, run.epoch - 1)  # a resume from it restarts the alarm's epoch from these weights
@@ -398,6 +419,34 @@ def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
     elif action == "stop" and run.stop_alarm is None:
         run.stop_alarm = alarm
         write("  --on-alarm stop: the run ends after this update")
+
+
+def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
+    """``--on-alarm rollback`` on every rank: the last ring checkpoint before the alarm's onset (weights, optimizer,
+    EMA, scaler, schedule; the curvature monitor keeps its own history), then stop or continue at a lower LR."""
+    onset = alarm.onset_step if alarm.onset_step is not None else alarm.step
+    found = ring_before(run.run_dir, onset)
+    if found is None:
+        write("  --on-alarm rollback: no epoch checkpoint yet (the alarm came in the first epoch); the run goes on")
+        return
+    path, state = found
+    load_training_state(run, state, curvature=False)
+    text = (f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}), before the "
+            f"change point at update {onset}")  # fmt: skip
+    if run.args.rollback_then == "stop":
+        run.stop_alarm = alarm
+        write(f"  {text}; the run ends with that model (--rollback-then stop)")
+    else:
+        factor = run.args.rollback_lr_factor
+        run.scheduler.base_values = [v * factor for v in run.scheduler.base_values]
+        for group in run.opt.param_groups:
+            group["lr"] *= factor
+        write(f"  {text}; training goes on at {factor:g}x the learning rate (--rollback-then lower-lr)")
+    for param in run.model.parameters():
+        param.grad = None
+    run.rolled_back = {"alarm": alarm.step, "onset": onset, "epoch": int(state["epoch"]) + 1,
+                       "update": int(state["num_updates"]), "checkpoint": path.name}  # fmt: skip
+    run.log_event(run.num_updates, "rollback", text)
 
 
 def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
@@ -452,9 +501,14 @@ def summarise(run: TrainingRun) -> None:
         say(f"alarm: {alarm.describe()}")
     say(_monitor_verdict(opt))
     run_dir = run.run_dir
+    if run.rolled_back is not None:
+        r = run.rolled_back
+        say(f"rolled back at the alarm at update {r['alarm']} to epoch {r['epoch']} (update {r['update']}, "
+            f"{r['checkpoint']}), before the change point at update {r['onset']}")  # fmt: skip
     if run.stop_alarm is not None:
         best = f"{run_dir / BEST} (epoch {run.best_epoch + 1}, val top-1 {run.best_top1:.2f}%)"
-        say(f"stopped at the alarm at update {run.stop_alarm.step} (--on-alarm stop); best checkpoint: {best}")
+        how = "--on-alarm rollback, --rollback-then stop" if run.rolled_back is not None else "--on-alarm stop"
+        say(f"stopped at the alarm at update {run.stop_alarm.step} ({how}); best checkpoint: {best}")
     say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / LOG_NAME}")
     if run.wandb_logger is not None and run.wandb_logger.local_dir is not None:
         say(f"W&B run:     {run.wandb_logger.local_dir}")

@@ -1,0 +1,164 @@
+"""Lightning with curvopt: the callback (automatic and manual optimization), and a user-wrapped optimizer."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from curvopt import Alarm, CurvatureAwareOptimizer, CusumMonitor, read_jsonl  # noqa: E402
+from curvopt.integrations.lightning import CurvatureCallback  # noqa: E402
+
+
+def _data(n: int = 24, seed: int = 0) -> torch.utils.data.DataLoader:
+    """3 batches of 8: two epochs make the 6 steps (a checkpoint after a whole epoch resumes exactly)."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8, shuffle=False)
+
+
+class Recording(nn.CrossEntropyLoss):
+    """Cross-entropy that records the targets every call sees (training and estimates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, out, y):
+        self.seen.append(y.clone())
+        return super().forward(out, y)
+
+
+class Classifier(pl.LightningModule):
+    def __init__(self, manual: bool = False, wrap: dict | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.loss = nn.CrossEntropyLoss()
+        self.automatic_optimization = not manual
+        self.wrap = wrap
+        self.trained: list[torch.Tensor] = []
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        self.trained.append(y.clone())
+        loss = self.loss(self(x), y)
+        if self.wrap is not None:
+            self.optimizers().observe(x, y)  # through Lightning's copy of the wrapper
+        if not self.automatic_optimization:
+            opt = self.optimizers()
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+        return loss
+
+    def configure_optimizers(self):
+        base = torch.optim.SGD(self.parameters(), lr=0.05)
+        if self.wrap is None:
+            return base
+        return CurvatureAwareOptimizer(base, self, self.wrap["loss"], **{k: v for k, v in self.wrap.items()
+                                                                         if k != "loss"})  # fmt: skip
+
+
+class Collect(pl.loggers.Logger):
+    """An in-memory logger: every ``log_metrics`` call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[int, dict]] = []
+
+    name = property(lambda self: "collect")
+    version = property(lambda self: 0)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self.calls.append((step, dict(metrics)))
+
+
+def _fit(module, callbacks, tmp_path, *, ckpt_path=None, **overrides):
+    settings = dict(max_steps=6, accelerator="cpu", logger=Collect(), enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                    log_every_n_steps=1)  # fmt: skip
+    settings.update(overrides)
+    trainer = pl.Trainer(callbacks=callbacks, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, _data(), ckpt_path=ckpt_path)
+    return trainer
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_estimates_use_the_current_batch(tmp_path, manual):
+    loss = Recording()
+    callback = CurvatureCallback(loss, every=2, probes=1, curvature_batch_size=4)
+    module = Classifier(manual=manual)
+    trainer = _fit(module, [callback], tmp_path)
+    assert [int(h["step"]) for h in callback.wrapper.history] == [2, 4, 6]
+    for k, step in enumerate((2, 4, 6)):  # the estimate's targets are the first 4 of that step's batch
+        assert torch.equal(loss.seen[k], module.trained[step - 1][:4])
+    logged = [(step, m) for step, m in trainer.logger.calls if "curv/total/trace" in m]
+    assert len(logged) == 3  # once per estimate, not on every row
+    assert [int(r["step"]) for r in read_jsonl(tmp_path / "curvature.jsonl") if r["type"] == "metrics"] == [2, 4, 6]
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tmp_path):
+    callback = CurvatureCallback(nn.CrossEntropyLoss(), every=2, probes=1, log_path=None)
+    _fit(Classifier(), [callback], tmp_path, max_steps=4, accumulate_grad_batches=2)
+    assert [int(h["step"]) for h in callback.wrapper.history] == [2, 4]
+
+
+def test_checkpoint_and_resume_reproduce_the_uninterrupted_history(tmp_path):
+    def callback():
+        return CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=2, monitor=CusumMonitor(warmup=3))
+
+    whole = callback()
+    _fit(Classifier(), [whole], tmp_path / "whole", max_steps=-1, max_epochs=2)
+    cut = callback()
+    trainer = _fit(Classifier(), [cut], tmp_path / "cut", max_steps=-1, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "epoch1.ckpt")  # the callback's state goes into Lightning's checkpoint
+    resumed = callback()
+    _fit(Classifier(), [resumed], tmp_path / "cut", max_steps=-1, max_epochs=2, ckpt_path=str(tmp_path / "epoch1.ckpt"))
+    assert [h["step"] for h in resumed.wrapper.history] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    assert list(resumed.wrapper.history) == list(whole.wrapper.history)
+    steps = [r["step"] for r in read_jsonl(tmp_path / "cut" / "curvature.jsonl") if r["type"] == "metrics"]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_on_alarm_stop(tmp_path, monkeypatch):
+    def alarm_at_second(self, step, estimate):
+        self.count += 1
+        return [Alarm(step, ["net.0"], 11.0, 10.0)] if self.count == 2 else []
+
+    monkeypatch.setattr(CusumMonitor, "update", alarm_at_second)
+    callback = CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=1, on_alarm="stop", log_path=None)
+    trainer = _fit(Classifier(), [callback], tmp_path)
+    assert trainer.global_step == 2 and len(callback.wrapper.alarms) == 1
+
+
+def test_a_user_wrapped_optimizer_observes_through_lightning_s_copy_and_estimates_this_step_s_batch(tmp_path):
+    """Before: the batch observed in training_step landed on LightningOptimizer's copy ("no batch was ever given"),
+    and the wrapper estimated before Lightning's closure ran the training step (the previous step's batch)."""
+    loss = Recording()
+    module = Classifier(wrap={"loss": loss, "every": 2, "probes": 1, "curvature_batch_size": 4})
+    _fit(module, [], tmp_path)
+    wrapper = module.trainer.strategy.optimizers[0]
+    assert [int(h["step"]) for h in wrapper.history] == [2, 4, 6] and wrapper.skipped_estimates == 0
+    estimate_targets = [t for t in loss.seen if len(t) == 4]
+    for k, step in enumerate((2, 4, 6)):
+        assert torch.equal(estimate_targets[k], module.trained[step - 1][:4])
+
+
+def test_bf16_mixed_precision(tmp_path):
+    callback = CurvatureCallback(nn.CrossEntropyLoss(), every=2, probes=2, log_path=None)
+    _fit(Classifier(), [callback], tmp_path, precision="bf16-mixed")
+    last = callback.wrapper.last_estimate
+    assert len(callback.wrapper.history) == 3 and all(v == v for v in last.trace.values())  # finite, no NaN

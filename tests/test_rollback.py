@@ -1,0 +1,95 @@
+"""Alarms carry Page's change point, and a rollback returns to the last state before it (API and curvopt train)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from curvopt import Alarm, CurvatureAwareOptimizer, CusumMonitor, RollbackOnAlarm, estimate_curvature, read_jsonl
+from curvopt.programs.cli import main as cli_main
+
+
+def test_an_alarm_records_where_the_rise_began():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    estimate = estimate_curvature(model, nn.CrossEntropyLoss(), (torch.randn(16, 4), torch.randint(0, 3, (16,))),
+                                  probes=4)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    monitor, alarms = CusumMonitor(warmup=3), []
+    for step in range(1, 60):  # noisy and flat, then rising by 1.5x per estimate from step 30
+        scale = (1.0 if step < 30 else 1.5 ** (step - 29)) * float(1 + 0.1 * torch.rand(1, generator=g))
+        samples = {k: v * scale for k, v in estimate.samples.items()}
+        alarms += monitor.update(step, dataclasses.replace(estimate, samples=samples))
+    assert alarms and alarms[0].step > 30 and alarms[0].onset_step == 30
+    assert "since step 30" in alarms[0].describe()
+    restored = CusumMonitor(warmup=3)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.series["aggregate"].rise_step == monitor.series["aggregate"].rise_step
+
+
+def _alarm_at(at: int, onset: int):
+    """A ``CusumMonitor.update`` that raises one alarm at step ``at`` with change point ``onset``."""
+
+    def update(monitor, step, estimate):
+        return [Alarm(step, ["0"], 11.0, 10.0, onset_step=onset)] if step == at else []
+
+    return update
+
+
+@pytest.mark.parametrize("then", ["stop", "lower-lr"])
+def test_rollback_on_alarm_restores_the_last_snapshot_before_the_change_point(then, monkeypatch):
+    monkeypatch.setattr(CusumMonitor, "update", _alarm_at(8, onset=5))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rollback = RollbackOnAlarm(model, base, keep=4, then=then)
+    opt = CurvatureAwareOptimizer(base, model, nn.CrossEntropyLoss(), every=2, probes=1, logger=rollback)
+    states = {}
+    g = torch.Generator().manual_seed(2)
+    for step in range(1, 9):
+        states[step] = {k: v.clone() for k, v in model.state_dict().items()}  # before step `step`'s update
+        x, y = torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step(batch=(x, y))
+        if rollback.stopped:
+            break
+    assert rollback.restored == [(8, 4)]  # snapshots at estimates 2, 4, 6, 8; the last before step 5 is step 4
+    for key, value in model.state_dict().items():  # the step-8 update applied nothing (its gradients dropped)
+        assert torch.equal(value, states[4][key]), key
+    assert rollback.stopped == (then == "stop")
+    assert base.param_groups[0]["lr"] == pytest.approx(0.1 if then == "stop" else 0.01)
+
+
+def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_point(tmp_path, capsys, monkeypatch):
+    # 64 samples, batch 16: 4 updates per epoch; an estimate every update; alarm at update 11, change point at 7
+    monkeypatch.setattr(CusumMonitor, "update", _alarm_at(11, onset=7))
+    argv = ["train", "--dataset", "synthetic", "--synthetic-samples", "64", "-b", "16", "--model", "test_resnet",
+            "--img-size", "16", "--curv-every", "1", "--curv-probes", "1", "--curv-batch-size", "4", "--no-progress",
+            "--epochs", "5", "--on-alarm", "rollback", "--rollback-keep", "2", "--output", str(tmp_path),
+            "--experiment", "r"]  # fmt: skip
+    assert cli_main(argv) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "r"
+    assert "rolled back to the end of epoch 1 (update 4), before the change point at update 7" in out
+    assert "rolled back at the alarm at update 11 to epoch 1" in out
+    rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
+    assert rings == ["ring-2-u8.pth.tar", "ring-3-u11.pth.tar"]  # keep 2: the alarm's epoch ended with one more
+    last = torch.load(run_dir / "last.pth.tar", weights_only=False)
+    ring = torch.load(run_dir / "ring-3-u11.pth.tar", weights_only=False)
+    assert last["epoch"] == 2 and last["stopped_at_alarm"] == 11  # the run ended in the alarm's epoch
+    assert all(torch.equal(last["model"][k], v) for k, v in ring["model"].items())
+    # ... with the weights of epoch 1's end (update 4), the last checkpoint before the change point at update 7
+    monkeypatch.undo()
+    capsys.readouterr()
+    epoch1 = [*argv[:-4], "--epochs", "1", "--output", str(tmp_path), "--experiment", "one"]
+    assert cli_main(epoch1) == 0
+    reference = torch.load(tmp_path / "one" / "last.pth.tar", weights_only=False)
+    for key, value in reference["model"].items():
+        if value.is_floating_point():
+            assert torch.equal(last["model"][key], value), key
+    events = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "event" and r["kind"] == "rollback"]
+    assert len(events) == 1
