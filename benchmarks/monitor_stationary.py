@@ -10,6 +10,16 @@ estimate), as a bad batch would make every layer's estimate an outlier at once.
 
     python benchmarks/monitor_stationary.py --runs 100 --horizon 1000 --layers 1 10 43 161
     python benchmarks/monitor_stationary.py --layers 43 --horizon 5000 --runs 60
+
+The statistic does not depend on the threshold (an alarm only reports a crossing), so ``--record FILE`` runs each
+(layers, noise) case once with the monitor's default dynamics and saves, per run and estimate, the largest
+per-layer statistic max_l S_l(t) and the model-wide S(t); ``--rules FILE`` then gives the false-alarm rate of any
+threshold rule (h, ``tail_rate``, ``long_run``) at every horizon from those paths, without simulating again:
+
+    python benchmarks/monitor_stationary.py --record benchmarks/runs/stationary.json --layers 1 10 43 161 \
+        --horizon 5000 --runs 100
+    python benchmarks/monitor_stationary.py --rules benchmarks/runs/stationary.json --horizon 1000 5000 \
+        --monitor '{"tail_rate": 0.7}' '{"tail_rate": 0.5, "long_run": 1000}'
 """
 
 from __future__ import annotations
@@ -63,6 +73,38 @@ def false_alarm_rate(
     return alarmed / runs
 
 
+def record_paths(layers: int, heavy: bool, runs: int, horizon: int, seed: int, correlation: float) -> list[dict]:
+    """Per run: ``max_layer`` = max_l S_l(t) and ``aggregate`` = S(t) per estimate (default dynamics, no alarm)."""
+    from curvopt.control.monitor import AGGREGATE as AGG
+
+    rng = random.Random(seed)
+    paths = []
+    for _ in range(runs):
+        monitor = CusumMonitor(h=1e9, alarm_on="layer" if layers > 1 else AGG)
+        top, agg = [], []
+        for t in range(horizon):
+            monitor.update(t, estimates(rng, layers, heavy, correlation))
+            series = monitor.series
+            top.append(max((s.s for n, s in series.items() if n != AGG), default=series[AGG].s))
+            agg.append(series[AGG].s)
+        paths.append({"max_layer": top, "aggregate": agg})
+    return paths
+
+
+def rule_rate(paths: list[dict], layers: int, horizon: int, settings: dict[str, Any]) -> float:
+    """False-alarm rate within ``horizon`` estimates of a threshold rule, from recorded statistic paths (the
+    monitor's own ``threshold`` for every estimate count)."""
+    monitor = CusumMonitor(**settings)
+    monitor.series = {f"layer{i}": None for i in range(layers if layers > 1 else 0)}  # only the count matters
+    key = "max_layer" if layers > 1 and monitor.alarm_on == "layer" else "aggregate"
+    name = "layer0" if key == "max_layer" else AGGREGATE
+    thresholds = []
+    for t in range(horizon):
+        monitor.count = t + 1
+        thresholds.append(monitor.threshold(name))
+    return sum(any(v > h for v, h in zip(p[key][:horizon], thresholds)) for p in paths) / len(paths)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100)
@@ -70,8 +112,35 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layers", type=int, nargs="+", default=[1])
     parser.add_argument("--correlation", type=float, default=0.5)
-    parser.add_argument("--monitor", type=json.loads, default={}, help="CusumMonitor settings as JSON")
+    parser.add_argument("--monitor", type=json.loads, nargs="+", default=[{}], help="CusumMonitor settings as JSON")
+    parser.add_argument("--record", default=None, help="save statistic paths to this JSON file")
+    parser.add_argument("--rules", default=None, help="rates of the --monitor rules from this file of paths")
     args = parser.parse_args()
+    if args.record:
+        saved = {}
+        for layers in args.layers:
+            for heavy in (False, True):
+                key = f"{layers}/{'heavy' if heavy else 'gaussian'}"
+                saved[key] = record_paths(layers, heavy, args.runs, max(args.horizon), args.seed, args.correlation)
+                print(f"recorded {key}", flush=True)
+                with open(args.record, "w") as f:
+                    json.dump({"correlation": args.correlation, "paths": saved}, f)
+        raise SystemExit(0)
+    if args.rules:
+        with open(args.rules) as f:
+            data = json.load(f)
+        print(f"Paths: {args.rules} (layer correlation {data['correlation']})\n")
+        print("| rule | layers | noise | horizon | runs | false-alarm rate |")
+        print("| --- | ---: | --- | ---: | ---: | ---: |")
+        for settings in args.monitor:
+            for key, paths in data["paths"].items():
+                layers, noise = key.split("/")
+                for horizon in args.horizon:
+                    rate = rule_rate(paths, int(layers), horizon, settings)
+                    print(f"| {json.dumps(settings)} | {layers} | {noise} | {horizon} | {len(paths)} | "
+                          f"{100 * rate:.0f} % |", flush=True)  # fmt: skip
+        raise SystemExit(0)
+    args.monitor = args.monitor[0]
     print(f"Monitor: {CusumMonitor(**args.monitor).settings()}; layer correlation {args.correlation}\n")
     print("| layers | noise | horizon (estimates) | runs | runs with a false alarm | rate |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")

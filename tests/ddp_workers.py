@@ -149,8 +149,14 @@ def scenario_fsdp(rank: int, world: int) -> dict:
         estimate_curvature(model, loss_fn, (x, y), probes=2, strategy="autograd")
     except Exception as exc:  # the explicit exact strategy: one line naming finite differences
         error = f"{type(exc).__name__}: {exc}"
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    bf16 = _fsdp_mlp(mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    with warnings.catch_warnings(record=True) as low:  # bf16 passes: the self-check must say it is rounding
+        warnings.simplefilter("always")
+        estimate_curvature(bf16, loss_fn, (x, y), probes=2, generator=torch.Generator().manual_seed(11))
     return {"sharded": sharded, "references": references, "untouched": untouched, "explicit_error": error,
-            "warnings": [str(w.message) for w in caught]}  # fmt: skip
+            "warnings": [str(w.message) for w in caught], "bf16_warnings": [str(w.message) for w in low]}  # fmt: skip
 
 
 def scenario_fsdp_train(rank: int, world: int) -> dict:

@@ -197,6 +197,8 @@ class CusumMonitor:
         signal: str = "frobenius",
         alarm_on: str = "layer",
         min_sigma: float = 1e-3,
+        tail_rate: float = TAIL_RATE_PER_K,
+        long_run: int = 0,
     ) -> None:
         if k < 0 or h <= 0:
             raise ValueError(f"need k >= 0 and h > 0, got k={k}, h={h}")
@@ -214,9 +216,12 @@ class CusumMonitor:
             raise ValueError(f"unknown signal {signal!r}; expected one of {SIGNALS}")
         if alarm_on not in (AGGREGATE, "layer"):
             raise ValueError(f"alarm_on must be 'aggregate' or 'layer', got {alarm_on!r}")
+        if not tail_rate > 0 or long_run < 0:
+            raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {tail_rate}, {long_run}")
         self.k, self.h, self.warmup, self.smoothing = k, h, warmup, smoothing
         self.trough_smoothing, self.leak, self.clip, self.window = trough_smoothing, leak, clip, window
         self.floor, self.signal, self.alarm_on, self.min_sigma = floor, signal, alarm_on, min_sigma
+        self.tail_rate, self.long_run = tail_rate, long_run
         self.reference: dict[str, dict[str, float]] | None = None
         self.reset()
 
@@ -271,11 +276,15 @@ class CusumMonitor:
         return [n for n in self.series if n != AGGREGATE]
 
     def threshold(self, name: str) -> float:
-        """h for the model-wide series; h + ln(L)/θ for each of the L per-layer series (:data:`TAIL_RATE_PER_K`)."""
+        """h for the model-wide series; h + ln(L)/θ for each of the L per-layer series (θ = ``tail_rate`` · k); with
+        ``long_run`` = T, both grow by 2 ln(n/T)/θ once n > T estimates have been monitored."""
         layers = len(self._layer_names())
+        theta = self.tail_rate * max(self.k, 0.1)
+        late = self.long_run and self.count > self.long_run
+        grow = 2.0 * math.log(self.count / self.long_run) / theta if late else 0.0
         if name == AGGREGATE or layers <= 1:
-            return self.h
-        return self.h + math.log(layers) / (TAIL_RATE_PER_K * max(self.k, 0.1))
+            return self.h + grow
+        return self.h + math.log(layers) / theta + grow
 
     def _advance(self, name: str, series: _Series, x: float, step: int) -> bool:
         """One CUSUM step; True when this step starts an episode above the series' threshold."""
@@ -410,6 +419,7 @@ class CusumMonitor:
             "trough_smoothing": self.trough_smoothing, "leak": self.leak, "clip": self.clip,
             "window": self.window, "floor": self.floor,
             "signal": self.signal, "alarm_on": self.alarm_on, "min_sigma": self.min_sigma,
+            "tail_rate": self.tail_rate, "long_run": self.long_run,
         }  # fmt: skip
 
     def save(self, path: str | Path) -> None:
@@ -433,8 +443,8 @@ class CusumMonitor:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        for key, value in state["settings"].items():
-            setattr(self, key, value)
+        for key, value in state["settings"].items():  # (a state saved before tail_rate/long_run keeps this
+            setattr(self, key, value)  # monitor's values for them)
         self.reference = state["reference"]
         self.count = int(state["count"])
         self.series = {n: _Series(**s) for n, s in state["series"].items()}

@@ -38,6 +38,7 @@ WIDE = (10.5, 4.6)
 EVENT_STYLE = {
     "label_noise_start": ("purple", "-.", "label noise starts"),
     "alarm": ("crimson", "--", "memorisation alarm"),
+    "change_point": ("crimson", ":", "change point (where the alarm's rise began)"),
     "resume": ("0.45", ":", "resumed"),
     "rollback": ("teal", "--", "rolled back"),
     "lr_restart": ("darkorange", ":", "LR schedule restart"),
@@ -107,6 +108,9 @@ def run_events(records: Sequence[Mapping[str, Any]]) -> list[Event]:
               and (end is None or int(r["step"]) <= end)]  # fmt: skip
     events += [Event(int(r["step"]), "alarm", f"CUSUM {r.get('statistic', math.nan):.2f} > {r.get('threshold')}")
                for r in records if r.get("type") == "alarm"]  # fmt: skip
+    events += [Event(int(r["onset_step"]), "change_point", f"the rise of the alarm at step {r['step']} began here")
+               for r in records if r.get("type") == "alarm" and r.get("onset_step") is not None
+               and int(r["onset_step"]) < int(r["step"])]  # fmt: skip
     return sorted(events, key=lambda e: e.step)
 
 

@@ -207,7 +207,7 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
     labels = layer_labels(records)
     metrics = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
     alarms = [r for r in records if r.get("type") == "alarm"]
-    events = [e for e in run_events(records) if e.kind != "alarm"]  # only what happened within the run
+    events = [e for e in run_events(records) if e.kind not in ("alarm", "change_point")]  # what happened, no alarms
     evals = [r for r in records if r.get("type") == "eval" and "eval/top1" in r]
     run = next((r for r in records if r.get("type") == "run"), {})
     title = f"curvopt report: {run.get('model', '')} on {run.get('dataset', '')}".rstrip(" on")
