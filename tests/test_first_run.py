@@ -220,3 +220,14 @@ def test_a_model_through_the_wrapper_alarm_names_quoted_layers(caplog):
         nn.CrossEntropyLoss()(model(x), y).backward()
         opt.step(batch=(x, y))
     assert "layers: '0' (Linear))" in caplog.text
+
+
+def test_the_first_estimate_s_cost_is_said_in_training_steps(tmp_path, capsys):
+    from curvopt.programs.train.run import estimate_cost_line
+
+    assert estimate_cost_line(4.0, 0.1, 8) == ("  one curvature estimate took 4.0 s, about 40 training steps: 500 % "
+                                               "overhead at every 8 updates (--curv-every 401 keeps it under 10 %)")
+    assert "keeps it" not in estimate_cost_line(1.0, 0.1, 500)
+    code, _ = _train(tmp_path, "--epochs", "3", "--curv-every", "2")
+    assert code == 0
+    assert capsys.readouterr().out.count("one curvature estimate took") == 1

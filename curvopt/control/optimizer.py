@@ -24,6 +24,7 @@ estimate, DDP included), :mod:`~curvopt.control.diagnostics` (the slower inter-l
 from __future__ import annotations
 
 import inspect
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -165,6 +166,7 @@ class CurvatureAwareOptimizer(Optimizer):
         self.last_estimate: CurvatureEstimate | None = None
         self.skipped_estimates = 0
         self.skips: dict[str, Any] = {}  # first_step, last_step, last_reason of skipped estimates
+        self.estimate_seconds: deque[float] = deque(maxlen=history)  # wall time of each estimate in this process
         self._slot = _BatchSlot()
         self.notifier.config(self.settings())
 
@@ -298,7 +300,9 @@ class CurvatureAwareOptimizer(Optimizer):
         """Estimate at the upcoming step, then feed the monitor, the LR policy and the loggers."""
         step = self.step_count + 1
         strict = self.last_estimate is None and not self.history  # nothing has worked yet: a config error is final
+        started = time.perf_counter()
         outcome = self.runner.run(step, self._pending_batch, strict=strict, ever_batched=self._slot.ever)
+        seconds = time.perf_counter() - started
         if outcome.estimate is None:
             self.skipped_estimates += 1
             reason = outcome.problem[1] if outcome.problem is not None else "unknown"
@@ -309,6 +313,7 @@ class CurvatureAwareOptimizer(Optimizer):
                                          "curv/skip_reason": reason})  # fmt: skip
             return
         metrics, new_alarms = self._absorb(step, outcome.estimate)
+        self.estimate_seconds.append(seconds)  # wall time: kept apart from the (replayable, rank-identical) history
         self.history.append({"step": float(step), **metrics})
         self.notifier.metrics(step, metrics)
         for alarm in new_alarms:

@@ -117,6 +117,9 @@ class TrainingRun:
     stop_alarm: Alarm | None = None
     alarms_handled: int = 0
     rolled_back: dict[str, Any] | None = None
+    update_times: list[float] = field(default_factory=list)  # wall time of updates without an estimate
+    last_update_at: float | None = None
+    cost_said: bool = False
     last_epoch_stats: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -159,7 +162,7 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
         loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
         buffers=BufferCheckpoint(model), log_training=log_training,
         show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
-        should_stop=lambda: handle_new_alarms(run_box[0]),
+        should_stop=lambda: after_update(run_box[0]),
         on_lr=lambda step, lr: note_lr(run_box[0], step, lr),
     )  # fmt: skip
     say = print if args.rank == 0 else _silent
@@ -390,6 +393,35 @@ def note_lr(run: TrainingRun, step: int, lr: float) -> None:
     warming_up = run.epoch < run.args.warmup_epochs + 1
     if previous is not None and lr >= 2 * previous and not warming_up:
         run.log_event(step + 1, "lr_restart", f"learning rate {previous:.3g} -> {lr:.3g}")
+
+
+def after_update(run: TrainingRun) -> bool:
+    """After every update, on every rank: the cost line after the first estimate, then the new alarms; returns
+    whether the run stops."""
+    now = time.perf_counter()
+    if run.last_update_at is not None:
+        estimated = bool(run.opt.history) and run.opt.history[-1]["step"] == run.opt.step_count
+        if not estimated:
+            run.update_times.append(now - run.last_update_at)
+    run.last_update_at = now
+    if not run.cost_said and run.opt.estimate_seconds and len(run.update_times) >= 3:
+        run.cost_said = True
+        median_update = sorted(run.update_times)[len(run.update_times) // 2]
+        if run.main_process:
+            tqdm.write(estimate_cost_line(run.opt.estimate_seconds[0], median_update, run.args.curv_every))
+    return handle_new_alarms(run)
+
+
+def estimate_cost_line(seconds: float, step_seconds: float, every: int) -> str:
+    """What one estimate costs in training steps, and the overhead at this cadence (with the cadence that keeps it
+    under 10 %)."""
+    steps = seconds / max(step_seconds, 1e-9)
+    overhead = steps / max(every, 1)
+    line = (f"  one curvature estimate took {seconds:.1f} s, about {steps:.0f} training steps: "
+            f"{100 * overhead:.0f} % overhead at every {every} updates")  # fmt: skip
+    if overhead > 0.1:
+        line += f" (--curv-every {int(steps * 10) + 1} keeps it under 10 %)"
+    return line
 
 
 def handle_new_alarms(run: TrainingRun) -> bool:
