@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ..control.monitor import Alarm
+from ..control.notify import as_sinks
 from ..engine.losses import CausalLMLoss
-from .session import SUMMARY_KEYS, BatchRecorder, TrackingSession
+from .session import SUMMARY_KEYS, BatchRecorder, TrackingSession, wrapper_options
 
 try:
     from transformers import TrainerCallback
@@ -145,14 +146,9 @@ class CurvatureCallback(TrainerCallback):
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
-        self.options = {
-            "every": every, "probes": probes, "curvature_batch_size": curvature_batch_size, "gn": gn,
-            "monitor": monitor, "strategy": strategy, "estimator": estimator, "curvature_dtype": curvature_dtype,
-            "seed": seed, "layers": layers, "inter_every": inter_every, "distributed_probes": distributed_probes,
-            "callbacks": list(callbacks),
-        }  # fmt: skip
+        self.options = wrapper_options(locals())
         self.on_alarm, self.log_path, self.trainer_metrics = on_alarm, log_path, trainer_metrics
-        self.extra_sinks = [] if logger is None else (list(logger) if isinstance(logger, (list, tuple)) else [logger])
+        self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
         self.recorder: BatchRecorder | None = None
         self.pending: dict[str, float] = {}

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 
 from ..control.monitor import Alarm
+from ..control.notify import as_sinks
 from ..engine.batch import split_batch
-from .session import TrackingSession
+from .session import TrackingSession, wrapper_options
 
 try:
     import lightning.pytorch as pl
@@ -91,13 +92,8 @@ class CurvatureCallback(pl.Callback):
         if on_alarm not in ON_ALARM:
             raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
         self.loss_fn, self.forward, self.on_alarm, self.log_path = loss_fn, forward, on_alarm, log_path
-        self.options = {
-            "every": every, "probes": probes, "curvature_batch_size": curvature_batch_size, "gn": gn,
-            "monitor": monitor, "strategy": strategy, "estimator": estimator, "curvature_dtype": curvature_dtype,
-            "seed": seed, "layers": layers, "inter_every": inter_every, "distributed_probes": distributed_probes,
-            "callbacks": list(callbacks),
-        }  # fmt: skip
-        self.extra_sinks = [] if logger is None else (list(logger) if isinstance(logger, (list, tuple)) else [logger])
+        self.options = wrapper_options(locals())
+        self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
         self.batch: Any = None
         self._restored: dict[str, Any] | None = None

@@ -29,6 +29,18 @@ from ..reporting.loggers import JsonlLogger, truncate_log
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
 
+WRAPPER_OPTIONS = ("every", "probes", "curvature_batch_size", "gn", "monitor", "strategy", "estimator",
+                   "curvature_dtype", "seed", "layers", "inter_every", "distributed_probes", "callbacks")  # fmt: skip
+"""The :class:`~curvopt.CurvatureAwareOptimizer` options a framework callback takes under the same names."""
+
+
+def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The :data:`WRAPPER_OPTIONS` among a callback's ``__init__`` arguments (``locals()``)."""
+    options = {name: arguments[name] for name in WRAPPER_OPTIONS}
+    options["callbacks"] = list(options["callbacks"])
+    return options
+
+
 SUMMARY_KEYS = ("curv/total/trace", "curv/total/trace_se", "curv/total/gn_trace", "curv/total/gn_gap",
                 "curv/total/frob", "curv/loss", "curv/cusum/aggregate", "curv/cusum/threshold", "curv/monitor_ready",
                 "curv/alarm", "curv/skipped_estimates")  # fmt: skip

@@ -24,8 +24,9 @@ def format_table(
         model_cell = f"{monitor.series[AGGREGATE].s:.2f}" if AGGREGATE in monitor.series else "–"
         extra.append(("cusum", 8, cells, model_cell))
         state = (
-            (f"the monitor alarms when a layer's S > {monitor.alarm_threshold:.3g} (h = {monitor.h:g} + ln L / 0.7k)"
-             if monitor.alarm_on == "layer" else f"the monitor alarms when the model-wide S > h = {monitor.h:g}")
+            (f"the monitor alarms when a layer's S > {monitor.alarm_threshold:.3g} (h = {monitor.h:g} + ln L / "
+             f"{monitor.tail_rate:g}k)" if monitor.alarm_on == "layer"
+             else f"the monitor alarms when the model-wide S > {monitor.alarm_threshold:.3g}")
             if monitor.ready
             else f"the monitor is calibrating: {monitor.estimates_until_ready} more estimate(s) before it can alarm"
         )
