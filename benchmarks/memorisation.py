@@ -147,12 +147,18 @@ def _signals(estimate: Any) -> dict[str, Any]:
     }
 
 
-def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
-    """Train one run and save its signals and ground truth as JSON; returns the file name."""
-    from curvopt import CurvatureAwareOptimizer
+def run_one(job: tuple) -> str:
+    """Train one run and save its signals and ground truth as JSON; returns the file name.
 
-    task, opt_name, condition, seed, epochs, every, batch, out_dir = job
-    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}.json"
+    With a 9th element ``(mode, monitor settings)`` the run monitors itself online with those settings and
+    rolls back at its first alarm (:class:`curvopt.RollbackOnAlarm`, ``then=mode``; an in-memory ring of 64
+    estimates), then trains on: the countermeasures' runs (``rollback`` phase)."""
+    from curvopt import CurvatureAwareOptimizer, CusumMonitor, RollbackOnAlarm
+
+    task, opt_name, condition, seed, epochs, every, batch, out_dir = job[:8]
+    rollback_plan = job[8] if len(job) > 8 else None
+    suffix = f"_rollback-{rollback_plan[0]}" if rollback_plan else ""
+    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}{suffix}.json"
     if path.exists():
         return path.name
     torch.set_num_threads(1)
@@ -169,8 +175,13 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
     start_epoch = epochs // 2 if switched else 0
     corrupted = y_noisy != y
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurvatureAwareOptimizer(OPTIMIZERS[opt_name](model.parameters()), model, loss_fn, every=every, probes=8,
-                                  curvature_batch_size=32, gn=True, monitor=None, seed=seed)  # fmt: skip
+    base = OPTIMIZERS[opt_name](model.parameters())
+    rollback, monitor, rollback_eval = None, None, None
+    if rollback_plan:
+        monitor = CusumMonitor(**rollback_plan[1])
+        rollback = RollbackOnAlarm(model, base, keep=64, then=rollback_plan[0])
+    opt = CurvatureAwareOptimizer(base, model, loss_fn, every=every, probes=8, curvature_batch_size=32, gn=True,
+                                  monitor=monitor, seed=seed, logger=[rollback] if rollback else None)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
     series: dict[str, list] = {k: [] for k in ("step", *RECORDED)}
     epochs_log: list[dict[str, float]] = []
@@ -192,10 +203,15 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
                 losses.append(float(loss))
                 due = (opt.step_count + 1) % every == 0
                 if due:
-                    grad_norm = float(torch.norm(torch.stack([q.grad.norm() for q in model.parameters()])))
+                    grad_norm = float(torch.norm(torch.stack([q.grad.norm() for q in model.parameters()
+                                                              if q.grad is not None])))  # fmt: skip
                     val_loss = float(loss_fn(_predict(model, xv), yv))
+                restored_before = len(rollback.restored) if rollback is not None else 0
                 opt.step(batch=(xb, yb))
                 step += 1
+                if rollback is not None and len(rollback.restored) > restored_before:  # the model just rolled back
+                    rollback_eval = {"step": step, "test_acc": float((_predict(model, xv).argmax(1) == yv).float()
+                                                                     .mean()) * 100}  # fmt: skip
                 if due and opt.last_estimate is not None and len(opt.history) and opt.history[-1]["step"] == step:
                     train_loss = statistics.fmean(losses)
                     losses.clear()
@@ -221,6 +237,10 @@ def run_one(job: tuple[str, str, str, int, int, int, int, str]) -> str:
         "batch": batch, "steps_per_epoch": steps_per_epoch, "noise_start_step": start_epoch * steps_per_epoch,
         "seconds": time.perf_counter() - started, "series": series, "epochs_log": epochs_log,
     }  # fmt: skip
+    if rollback is not None:
+        result["rollback"] = {"mode": rollback_plan[0], "settings": rollback_plan[1], "restored": rollback.restored,
+                              "alarms": [(a.step, a.onset_step) for a in opt.alarms],
+                              "at_rollback": rollback_eval}  # fmt: skip
     path.write_text(json.dumps(result))
     return path.name
 
@@ -447,6 +467,29 @@ def quality_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> st
     return "\n".join(lines)
 
 
+def countermeasure_table(runs: list[dict]) -> str:
+    """Markdown: per model, optimizer, condition and countermeasure, the median clean test accuracy of the model
+    right after the rollback (what ``then="stop"`` keeps) and at the end of training on (``lower-lr``/``freeze``)."""
+    lines = ["| task | optimizer | condition | countermeasure | runs | rolled back | test acc at rollback (stop) "
+             "| test acc at the end | end − rollback |",
+             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    groups = sorted({(r["task"], r["opt"], r["condition"], r["rollback"]["mode"]) for r in runs})
+    for task, opt_name, condition, mode in groups:
+        chosen = [r for r in runs if (r["task"], r["opt"], r["condition"], r["rollback"]["mode"]) ==
+                  (task, opt_name, condition, mode)]  # fmt: skip
+        rolled = [r for r in chosen if r["rollback"]["at_rollback"] is not None]
+        if not rolled:
+            lines.append(f"| {task} | {opt_name} | {condition} | {mode} | {len(chosen)} | 0 | – | – | – |")
+            continue
+        at = statistics.median(r["rollback"]["at_rollback"]["test_acc"] for r in rolled)
+        end = statistics.median(r["epochs_log"][-1]["val_acc"] for r in rolled)
+        diff = statistics.median(r["epochs_log"][-1]["val_acc"] - r["rollback"]["at_rollback"]["test_acc"]
+                                 for r in rolled)  # fmt: skip
+        lines.append(f"| {task} | {opt_name} | {condition} | {mode} | {len(chosen)} | {len(rolled)} | {at:.1f} | "
+                     f"{end:.1f} | {diff:+.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 TUNE_GRID = {
     "h": (3.0, 4.0, 6.0, 8.0, 10.0, 14.0, 20.0),
     "k": (0.25, 0.5, 1.0, 1.5),
@@ -541,7 +584,9 @@ def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
 # ---------------------------------------------------------------------- command line
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune"], default="record")
+    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune", "rollback", "countermeasures"],
+                        default="record")
+    parser.add_argument("--modes", nargs="+", default=["lower-lr", "freeze"], help="rollback: what follows it")
     parser.add_argument("--task", nargs="+", default=["mnist-cnn"])
     parser.add_argument("--opt", nargs="+", default=["sgd", "adamw"])
     parser.add_argument("--conditions", nargs="+", default=list(CONDITIONS))
@@ -560,6 +605,18 @@ def main() -> None:
     if args.quick:
         args.task, args.opt, args.seeds, args.epochs, args.runs = ["mnist-cnn"], ["sgd"], 2, 16, args.runs / "quick"
     seeds = range(args.first_seed, args.first_seed + args.seeds)
+    if args.phase == "rollback":  # online runs that roll back at their first alarm and train on
+        args.runs.mkdir(parents=True, exist_ok=True)
+        jobs = [(t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs),
+                 (mode, args.monitor)) for s in seeds for t in args.task for o in args.opt for c in args.conditions
+                for mode in args.modes]  # fmt: skip
+        with Pool(args.workers) as pool:
+            for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
+                print(f"[{i}/{len(jobs)}] {name}", flush=True)
+        return
+    if args.phase == "countermeasures":
+        print(countermeasure_table([json.loads(p.read_text()) for p in sorted(args.runs.glob("*_rollback-*.json"))]))
+        return
     if args.phase == "record" or args.quick:
         args.runs.mkdir(parents=True, exist_ok=True)
         jobs = [(t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs))

@@ -39,7 +39,7 @@ def _alarm_at(at: int, onset: int):
     return update
 
 
-@pytest.mark.parametrize("then", ["stop", "lower-lr"])
+@pytest.mark.parametrize("then", ["stop", "lower-lr", "freeze"])
 def test_rollback_on_alarm_restores_the_last_snapshot_before_the_change_point(then, monkeypatch):
     monkeypatch.setattr(CusumMonitor, "update", _alarm_at(8, onset=5))
     torch.manual_seed(0)
@@ -61,7 +61,9 @@ def test_rollback_on_alarm_restores_the_last_snapshot_before_the_change_point(th
     for key, value in model.state_dict().items():  # the step-8 update applied nothing (its gradients dropped)
         assert torch.equal(value, states[4][key]), key
     assert rollback.stopped == (then == "stop")
-    assert base.param_groups[0]["lr"] == pytest.approx(0.1 if then == "stop" else 0.01)
+    assert base.param_groups[0]["lr"] == pytest.approx(0.01 if then == "lower-lr" else 0.1)
+    assert [p.requires_grad for p in model[0].parameters()] == [then != "freeze"] * 2  # the alarm names layer '0'
+    assert all(p.requires_grad for p in model[2].parameters())
 
 
 def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_point(tmp_path, capsys, monkeypatch):

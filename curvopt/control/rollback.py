@@ -9,7 +9,8 @@ onset does not.
 model's and the optimizer's state (CPU copies, before the step's update), keeping the last ``keep``; at an alarm
 it restores the latest snapshot taken before ``onset_step``, drops the gradients of the step in progress (so the
 wrapper's pending inner step changes nothing), and then ``then="stop"`` (``stopped`` turns true: the training
-loop ends) or ``then="lower-lr"`` (every parameter group's learning rate × ``lr_factor``, training goes on).
+loop ends), ``then="lower-lr"`` (every parameter group's learning rate × ``lr_factor``, training goes on) or
+``then="freeze"`` (the layers the alarm names stop training: ``requires_grad = False``; the rest goes on).
 Memory: ``keep`` × (model + optimizer state) in host memory; the ring must reach back past the onset, i.e.
 ``keep`` estimates cover ``keep × every`` steps (an onset older than the oldest snapshot restores the oldest and
 says so). Sinks run on the reporting process only, so under DDP use ``curvopt train --on-alarm rollback``,
@@ -31,7 +32,7 @@ from torch.optim import Optimizer
 
 from .monitor import Alarm
 
-THEN = ("stop", "lower-lr")
+THEN = ("stop", "lower-lr", "freeze")
 
 
 @dataclass
@@ -97,6 +98,12 @@ class RollbackOnAlarm:
         self.restored.append((alarm.step, snapshot.step))
         if self.then == "stop":
             self.stopped = True
-        else:
+        elif self.then == "lower-lr":
             for group in self.optimizer.param_groups:
                 group["lr"] *= self.lr_factor
+        else:
+            modules = dict(self.model.named_modules())
+            for name in alarm.layers:
+                module = modules.get("" if name == "(root)" else name)
+                for param in module.parameters(recurse=False) if module is not None else ():
+                    param.requires_grad_(False)
