@@ -67,6 +67,8 @@ OPTIMIZERS = {
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0),
 }
 DEFAULT_RUNS = Path(__file__).resolve().parent / "runs" / "memorisation"
+RECORDS = Path(__file__).resolve().parent / "records"
+"""Checked-in run records (gzip JSON, one file per run): the deep-model study spans sessions from here."""
 CHANCE = 0.1
 
 
@@ -158,8 +160,8 @@ def run_one(job: tuple) -> str:
     task, opt_name, condition, seed, epochs, every, batch, out_dir = job[:8]
     rollback_plan = job[8] if len(job) > 8 else None
     suffix = f"_rollback-{rollback_plan[0]}" if rollback_plan else ""
-    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}{suffix}.json"
-    if path.exists():
+    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}{suffix}.json.gz"
+    if path.exists() or path.with_suffix("").exists():  # recorded already (compressed, or plain JSON)
         return path.name
     torch.set_num_threads(1)
     x, y, xv, yv, model = load_task(task, seed)
@@ -241,8 +243,40 @@ def run_one(job: tuple) -> str:
         result["rollback"] = {"mode": rollback_plan[0], "settings": rollback_plan[1], "restored": rollback.restored,
                               "alarms": [(a.step, a.onset_step) for a in opt.alarms],
                               "at_rollback": rollback_eval}  # fmt: skip
-    path.write_text(json.dumps(result))
+    save_run(path, result)
     return path.name
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 7 significant digits (the records' precision), recursively: half the bytes, same analysis."""
+    if isinstance(value, float):
+        return float(f"{value:.7g}")
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_rounded(v) for v in value]
+    return value
+
+
+def save_run(path: Path, result: dict) -> None:
+    """One run's record as gzip-compressed JSON (≈ 60 kB), written atomically: a killed recording leaves no
+    partial file, so ``record`` resumes where it stopped (runs already on disk are skipped)."""
+    import gzip
+    import os
+
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with gzip.open(tmp, "wt", encoding="utf-8") as f:
+        json.dump(_rounded(result), f)
+    os.replace(tmp, path)
+
+
+def read_run(path: Path) -> dict:
+    import gzip
+
+    if path.suffix == ".gz":
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return json.load(f)
+    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------- analysis
@@ -567,6 +601,39 @@ def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: b
                 break
 
 
+THRESHOLD_GRID = {"h": (6.0, 8.0, 10.0, 12.0), "tail_rate": (0.7, 0.5, 0.4, 0.3), "long_run": (0, 1000)}
+"""Threshold rules the ``thresholds`` phase compares: they change no statistic, only where it alarms, so their
+stationary false-alarm rates come from recorded paths (benchmarks/monitor_stationary.py --record)."""
+
+
+def tune_thresholds(runs: list[dict], paths_file: Path, signal: str = "layer_frob") -> None:
+    """Per threshold rule: detection (worst condition), false alarms, median delay against the gradient norm's
+    (its own default rule), the val-acc cost, and the stationary false-alarm rates at every recorded depth."""
+    import itertools
+
+    from monitor_stationary import rule_rate
+
+    paths = json.loads(paths_file.read_text())["paths"]
+    grad_delay = score(runs, "grad_norm", {})["delay"]
+    print(f"\nThreshold rules for {signal} on {len(runs)} development runs; gradient norm's median delay "
+          f"{grad_delay:+.1f} epochs (default rule)\n")  # fmt: skip
+    depth = sorted({int(k.split("/")[0]) for k in paths})
+    head = " | ".join(f"L={n} G / t (1k; 5k)" for n in depth)
+    print(f"| rule | detected | worst condition | false alarms | median delay | noisy cost | {head} |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(depth))
+    for values in itertools.product(*THRESHOLD_GRID.values()):
+        settings = dict(zip(THRESHOLD_GRID, values))
+        r = score(runs, signal, settings)
+        cells = []
+        for n in depth:
+            rates = [rule_rate(paths[f"{n}/{noise}"], n, horizon, settings) for noise in ("gaussian", "heavy")
+                     for horizon in (1000, 5000)]  # fmt: skip
+            cells.append(f"{100 * rates[0]:.0f}/{100 * rates[2]:.0f} ({100 * rates[1]:.0f}/{100 * rates[3]:.0f})")
+        print(f"| {json.dumps(settings)} | {100 * r['detection']:.0f} % | {100 * r['worst_condition']:.0f} % | "
+              f"{100 * r['false_alarm']:.0f} % | {r['delay']:+.1f} | {r['noisy_cost']:.1f} | " + " | ".join(cells)
+              + " |", flush=True)  # fmt: skip
+
+
 def geometric_mean(values: dict[str, float]) -> float:
     """exp(mean_l log v_l): every layer weighs the same, whatever its size or curvature."""
     logs = [math.log(v) for v in values.values() if v > 0]
@@ -574,7 +641,8 @@ def geometric_mean(values: dict[str, float]) -> float:
 
 
 def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
-    runs = [json.loads(p.read_text()) for p in sorted(directory.glob("*.json"))]
+    files = sorted([*directory.glob("*.json"), *directory.glob("*.json.gz")])
+    runs = [read_run(p) for p in files if "_rollback-" not in p.name]
     runs = [r for r in runs if seeds is None or r["seed"] in seeds]
     for run in runs:  # derived signals, computed from the recorded per-layer values
         run["series"]["geo_frob"] = [geometric_mean(v) for v in run["series"]["layer_frob"]]
@@ -584,8 +652,10 @@ def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
 # ---------------------------------------------------------------------- command line
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune", "rollback", "countermeasures"],
-                        default="record")
+    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune", "thresholds", "rollback",
+                                                     "countermeasures"], default="record")  # fmt: skip
+    parser.add_argument("--paths", type=Path, default=DEFAULT_RUNS.parent / "stationary.json",
+                        help="thresholds: stationary statistic paths (monitor_stationary.py --record)")
     parser.add_argument("--modes", nargs="+", default=["lower-lr", "freeze"], help="rollback: what follows it")
     parser.add_argument("--task", nargs="+", default=["mnist-cnn"])
     parser.add_argument("--opt", nargs="+", default=["sgd", "adamw"])
@@ -615,7 +685,7 @@ def main() -> None:
                 print(f"[{i}/{len(jobs)}] {name}", flush=True)
         return
     if args.phase == "countermeasures":
-        print(countermeasure_table([json.loads(p.read_text()) for p in sorted(args.runs.glob("*_rollback-*.json"))]))
+        print(countermeasure_table([read_run(p) for p in sorted(args.runs.glob("*_rollback-*.json*"))]))
         return
     if args.phase == "record" or args.quick:
         args.runs.mkdir(parents=True, exist_ok=True)
@@ -628,6 +698,9 @@ def main() -> None:
     runs = [r for r in load_runs(args.runs, seeds) if r["task"] in args.task and r["opt"] in args.opt]
     if args.phase == "tune":
         tune(runs, tuple(args.signals), stationary=not args.no_stationary)
+        return
+    if args.phase == "thresholds":
+        tune_thresholds(runs, args.paths)
         return
     print(f"\nCUSUM settings: {args.monitor or 'defaults'}; {len(runs)} runs from {args.runs}")
     print_tables(runs, args.monitor, tuple(args.signals))
