@@ -249,7 +249,7 @@ def curvature_operator(
     precision (:mod:`curvopt.engine.context`; the error of each is measured in benchmarks/RESULTS.md).
     ``strategy``: ``"auto"`` or one of :data:`~curvopt.engine.strategies.STRATEGIES`; ``fd_step`` the
     finite-difference relative step (``None``: by precision), ``fd_check`` its self-check on the first
-    product (one extra gradient; ``"auto"`` checks whenever it falls back to finite differences).
+    product (two extra gradients; ``"auto"`` checks whenever it falls back to finite differences).
 
     Raises ``ValueError`` for bad arguments and :class:`~curvopt.CurvatureInputError` for a batch,
     model or loss that cannot be probed (a configuration mistake); ``FloatingPointError`` on exit

@@ -269,7 +269,7 @@ def estimate_curvature(
             or ``"bfloat16"`` (forward and backward passes under bf16 autocast; probes and reductions in
             fp32). The cheaper formats' error is measured in benchmarks/RESULTS.md.
         fd_step: finite differences: the relative step ρ = ‖εz‖/‖θ‖ (``None``: by precision, fp32 1e-3).
-        fd_check: finite differences: compare the first probe at ε and ε/8 and warn
+        fd_check: finite differences: the first probe at ε/8, ε and 8ε must be linear in the step; warn
             (:class:`~curvopt.FiniteDifferenceWarning`) naming layers that disagree (kinks, rounding).
 
     On an FSDP2-sharded model (``fully_shard``; ``"auto"`` or ``"finite-difference"``), call it on every
