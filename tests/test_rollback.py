@@ -95,3 +95,35 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
             assert torch.equal(last["model"][key], value), key
     events = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "event" and r["kind"] == "rollback"]
     assert len(events) == 1
+
+
+def test_estimates_carry_the_loss_gradient_per_layer_for_free():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    grads = torch.autograd.grad(nn.CrossEntropyLoss()(model(batch[0]), batch[1]), list(model.parameters()))
+    exact = {"0": float(grads[0].pow(2).sum() + grads[1].pow(2).sum()),
+             "2": float(grads[2].pow(2).sum() + grads[3].pow(2).sum())}  # fmt: skip
+    for strategy in ("autograd", "func", "finite-difference"):
+        estimate = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=2, strategy=strategy)
+        assert estimate.gradient_sq == pytest.approx(exact, rel=1e-5), strategy
+        assert estimate.to_dict()["total/grad_sq"] == pytest.approx(sum(exact.values()), rel=1e-5)
+
+
+def test_the_monitor_can_watch_the_gradient_norm_as_its_own_series():
+    from curvopt.control.monitor import AGGREGATE, GRADIENT
+
+    monitor = CusumMonitor(warmup=3, gradient=True, gradient_h=5.0)
+    alarms = []
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 40):  # flat curvature; the gradient norm jumps at step 20 (a label switch)
+        noise = float(1 + 0.05 * torch.rand(1, generator=g))
+        values = {"a": 1e-3 * noise, "b": 2e-3 * noise, AGGREGATE: 1.5e-3 * noise,
+                  GRADIENT: (1.0 if step < 20 else 30.0) * noise}  # fmt: skip
+        alarms += monitor.update(step, values)
+    assert len(alarms) == 1 and alarms[0].kind == GRADIENT
+    assert 15 <= alarms[0].onset_step <= 20  # Page's estimate: where S last left zero, at or just before the jump
+    assert f"gradient norm rising since step {alarms[0].onset_step}" in alarms[0].describe()
+    quiet = CusumMonitor(warmup=3)  # gradient=False: the same values raise nothing
+    assert not any(quiet.update(step, {"a": 1e-3, "b": 2e-3, AGGREGATE: 1.5e-3, GRADIENT: 30.0 if step > 20 else 1.0})
+                   for step in range(1, 40))  # fmt: skip

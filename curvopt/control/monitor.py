@@ -67,6 +67,7 @@ from typing import Any
 from ..estimators.trace import CurvatureEstimate
 
 AGGREGATE = "aggregate"
+GRADIENT = "gradient"
 SIGNALS = ("frobenius", "trace")
 _MAD_TO_SD = 1.4826
 SIGMA_UCB = 2.0
@@ -101,8 +102,9 @@ class Alarm:
             where += f" and {len(self.layers) - max_layers} more"
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
         since = f" since step {self.onset_step}" if self.onset_step is not None and self.onset_step < self.step else ""
+        what = "gradient norm" if self.kind == GRADIENT else "curvature"
         return (
-            f"memorisation alarm at step {self.step}: curvature rising{since} ({self.kind} CUSUM "
+            f"memorisation alarm at step {self.step}: {what} rising{since} ({self.kind} CUSUM "
             f"{statistic} > {threshold}; layers: {where})"
         )
 
@@ -199,6 +201,8 @@ class CusumMonitor:
         min_sigma: float = 1e-3,
         tail_rate: float = TAIL_RATE_PER_K,
         long_run: int = 0,
+        gradient: bool = False,
+        gradient_h: float = 10.0,
     ) -> None:
         if k < 0 or h <= 0:
             raise ValueError(f"need k >= 0 and h > 0, got k={k}, h={h}")
@@ -222,6 +226,7 @@ class CusumMonitor:
         self.trough_smoothing, self.leak, self.clip, self.window = trough_smoothing, leak, clip, window
         self.floor, self.signal, self.alarm_on, self.min_sigma = floor, signal, alarm_on, min_sigma
         self.tail_rate, self.long_run = tail_rate, long_run
+        self.gradient, self.gradient_h = gradient, gradient_h
         self.reference: dict[str, dict[str, float]] | None = None
         self.reset()
 
@@ -238,7 +243,12 @@ class CusumMonitor:
         return _Series()
 
     def _values(self, estimate: CurvatureEstimate | Mapping[str, float]) -> Mapping[str, float]:
-        return signal_values(estimate, self.signal) if isinstance(estimate, CurvatureEstimate) else estimate
+        if not isinstance(estimate, CurvatureEstimate):
+            return estimate if self.gradient else {k: v for k, v in estimate.items() if k != GRADIENT}
+        values = signal_values(estimate, self.signal)
+        if self.gradient and math.isfinite(estimate.total_gradient_sq) and estimate.total_gradient_sq > 0:
+            values[GRADIENT] = estimate.total_gradient_sq
+        return values
 
     # ------------------------------------------------------------------ the decision rule
     def _observe(self, series: _Series, value: float) -> float | None:
@@ -273,7 +283,7 @@ class CusumMonitor:
         return x
 
     def _layer_names(self) -> list[str]:
-        return [n for n in self.series if n != AGGREGATE]
+        return [n for n in self.series if n not in (AGGREGATE, GRADIENT)]
 
     def threshold(self, name: str) -> float:
         """h for the model-wide series; h + ln(L)/θ for each of the L per-layer series (θ = ``tail_rate`` · k); with
@@ -282,6 +292,8 @@ class CusumMonitor:
         theta = self.tail_rate * max(self.k, 0.1)
         late = self.long_run and self.count > self.long_run
         grow = 2.0 * math.log(self.count / self.long_run) / theta if late else 0.0
+        if name == GRADIENT:
+            return self.gradient_h + grow
         if name == AGGREGATE or layers <= 1:
             return self.h + grow
         return self.h + math.log(layers) / theta + grow
@@ -304,6 +316,7 @@ class CusumMonitor:
         self.count += 1
         started: list[str] = []
         ongoing = any(self.series[n].in_episode for n in self._layer_names())  # a per-layer episode already alarmed
+        gradient_ongoing = GRADIENT in self.series and self.series[GRADIENT].in_episode
         for name, value in values.items():
             series = self.series.get(name)
             if series is None:
@@ -315,12 +328,23 @@ class CusumMonitor:
                               key=lambda n: -self.series[n].s)  # fmt: skip
         kinds = getattr(estimate, "layer_types", {})
         types = {n: kinds[n] for n in layers_above if kinds.get(n)}
+        if gradient_ongoing:  # one alarm per episode, whichever series raised it
+            return []
+        curvature = self._curvature_alarm(step, started, ongoing, layers_above, types)
+        if curvature or GRADIENT not in started or ongoing:
+            return curvature
+        deciding = self.series[GRADIENT]  # the gradient norm rose first: its own alarm, one per episode
+        return [Alarm(step, layers_above, deciding.s, self.threshold(GRADIENT), GRADIENT, types, deciding.rise_step)]
+
+    def _curvature_alarm(self, step: int, started: list[str], ongoing: bool, layers_above: list[str],
+                         types: dict[str, str]) -> list[Alarm]:  # fmt: skip
+        """The curvature series' alarm of this estimate (aggregate or per layer), if one starts."""
         if self.alarm_on == AGGREGATE or not self._layer_names():
             if AGGREGATE not in started:
                 return []
             deciding = self.series[AGGREGATE]
             return [Alarm(step, layers_above, deciding.s, self.h, AGGREGATE, types, deciding.rise_step)]
-        if ongoing or not any(n != AGGREGATE for n in started):
+        if ongoing or not any(n not in (AGGREGATE, GRADIENT) for n in started):
             return []
         top = layers_above[0]
         onset = min(self.series[n].rise_step for n in layers_above if self.series[n].rise_step is not None)
@@ -419,7 +443,8 @@ class CusumMonitor:
             "trough_smoothing": self.trough_smoothing, "leak": self.leak, "clip": self.clip,
             "window": self.window, "floor": self.floor,
             "signal": self.signal, "alarm_on": self.alarm_on, "min_sigma": self.min_sigma,
-            "tail_rate": self.tail_rate, "long_run": self.long_run,
+            "tail_rate": self.tail_rate, "long_run": self.long_run, "gradient": self.gradient,
+            "gradient_h": self.gradient_h,
         }  # fmt: skip
 
     def save(self, path: str | Path) -> None:

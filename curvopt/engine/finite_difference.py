@@ -126,6 +126,7 @@ class FiniteDifference:
         self._model_params = [p for p in problem.model.parameters() if p.requires_grad]
         self._saved = [local(p).detach().clone() for p in self.params]
         out, loss, self.g0 = self._gradient_pass()
+        self.gradient = self.g0  # ∇L at θ (this rank's shards when sharded)
         self.loss = loss.detach()
         self.out0 = out.detach()
         self.out_hessian = (

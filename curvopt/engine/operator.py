@@ -69,6 +69,18 @@ class CurvatureOperator:
         """Full ``[k, *shape]`` directions → this rank's shards (as they are when the model is not sharded)."""
         return localize(directions, self.params) if self.sharded else directions
 
+    def gradient_sq(self) -> torch.Tensor | None:
+        """``[L]`` float64: ‖∇_l L‖² per layer of the loss gradient the engine computed at θ on the way (no extra
+        pass; ``None`` for an engine that has none, e.g. ``func-vmap``). Call it inside the session."""
+        gradient = getattr(self.engine, "gradient", None)
+        if gradient is None:
+            return None
+        sq = torch.zeros(len(self.blocks), dtype=torch.float64)
+        for layer, tensors in enumerate(self._tensor_ranges()):
+            for i in tensors:
+                sq[layer] += gradient[i].double().pow(2).sum().cpu()
+        return self.sum_over_ranks(sq)
+
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Complete a sum over coordinates whose per-rank parts ``values`` hold (identity when not sharded)."""
         return all_reduce_sum(values) if self.sharded else values

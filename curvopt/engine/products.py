@@ -150,6 +150,7 @@ class ReverseOverReverse:
             raise
         self.live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         self.grads = [grads[i] for i in self.live]
+        self.gradient = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, self.params)]
         blocked = _first_order_only_node(self.grads)
         if blocked is not None:
             raise double_backward_error(self.strategy, f"its gradient passes through {blocked}, which has no "
@@ -246,6 +247,7 @@ class ForwardOverReverse:
         with torch.no_grad():
             out = call_model(problem.model, problem.inputs, problem.forward)
             self.loss = call_loss(loss_fn, out, targets)
+        self.gradient: Tensors | None = None  # ∇L at θ, from the first single-probe product's primal output
         self.split = gn or not _loss_has_forward_mode(loss_fn, out, targets)
         self.out_hessian: OutputHessian | None = None
         if self.split:
@@ -268,9 +270,11 @@ class ForwardOverReverse:
             self._grad_fn = grad(loss_and_out, has_aux=True)
         self._checked = False
 
-    def _single(self, z: Tensors) -> tuple[Tensors, Tensors | None]:
+    def _single(self, z: Tensors, keep_gradient: bool = False) -> tuple[Tensors, Tensors | None]:
         tangents = dict(zip(self.names, z))
-        _, (first, jz) = jvp(self._grad_fn, (self.primals,), (tangents,))
+        (primal, _), (first, jz) = jvp(self._grad_fn, (self.primals,), (tangents,))
+        if keep_gradient:  # Jᵀr = ∇L (split) or ∇L itself: the loss gradient at θ, for free
+            self.gradient = [primal[n].detach() for n in self.names]
         first_list = [first[n] for n in self.names]
         if self.out_hessian is None:  # direct: first = H z
             return first_list, None
@@ -282,7 +286,7 @@ class ForwardOverReverse:
     @torch.no_grad()  # the transforms differentiate; no tape to parameters outside the blocks
     def _products(self, probe: Tensors) -> tuple[Tensors, Tensors | None]:
         if self.chunk_size == 1 and probe[0].shape[0] == 1:
-            hz, gz = self._single([t[0] for t in probe])
+            hz, gz = self._single([t[0] for t in probe], keep_gradient=self.gradient is None)
             return [h.unsqueeze(0) for h in hz], None if gz is None else [g.unsqueeze(0) for g in gz]
         self.problem.rewind_rng()
         if self.gn:

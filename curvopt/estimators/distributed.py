@@ -17,9 +17,10 @@ Combination (W ranks, equal local batches, global loss L = (1/W) Σ_r L_r so H =
   concatenated batch with the same probes (up to float summation order); effective K stays K.
 
 Traces are linear in H and therefore exactly global. The squared row-block norms
-E‖(H_r z)_l‖² = ‖(H_r)_{l,:}‖_F² are averaged over ranks: the Frobenius GN-Gap and the monitor's
-signal describe the curvature of a *per-rank* batch (what one process with the local batch size
-would see), not ‖(mean_r H_r)_{l,:}‖_F², which would need the full HVP vectors all-reduced.
+E‖(H_r z)_l‖² = ‖(H_r)_{l,:}‖_F² are averaged over ranks, and so are the per-layer gradient norms
+‖∇_l L_r‖²: the Frobenius GN-Gap, the monitor's signal and the gradient norms describe a *per-rank*
+batch (what one process with the local batch size would see), not ‖(mean_r H_r)_{l,:}‖_F², which would
+need the full HVP vectors all-reduced.
 
 If any rank could not estimate (no batch, non-finite values, an exception) every rank learns it
 from the same collective and all skip the estimate together: a failing rank never leaves the
@@ -78,8 +79,8 @@ class Layout:
     probes: int
 
     @property
-    def width(self) -> int:
-        return 3 + len(self.kinds) * self.probes * len(self.layers)  # valid flag, loss, batch size, samples
+    def width(self) -> int:  # valid flag, loss, batch size, samples, per-layer gradient norms
+        return 3 + len(self.kinds) * self.probes * len(self.layers) + len(self.layers)
 
 
 def all_gather_estimate(
@@ -110,6 +111,8 @@ def all_gather_estimate(
             values = estimate.samples[kind].to(torch.float64).reshape(-1)
             row[offset : offset + values.numel()] = values.to(buffer.device)
             offset += values.numel()
+        grad = [estimate.gradient_sq.get(name, float("nan")) for name in layout.layers]
+        row[offset : offset + len(grad)] = torch.tensor(grad, dtype=torch.float64, device=buffer.device)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM, group=group)
     buffer = buffer.cpu()
     failed = [r for r in range(world) if buffer[r, 0].item() != 1.0]
@@ -123,6 +126,8 @@ def all_gather_estimate(
         per_rank = buffer[:, offset : offset + k * n_layers].reshape(world, k, n_layers)
         samples[kind] = per_rank.reshape(world * k, n_layers) if mode == "independent" else per_rank.mean(0)
         offset += k * n_layers
+    grad = buffer[:, offset : offset + n_layers].mean(0)  # per-rank-batch gradient norms, averaged
+    gradient_sq = {} if torch.isnan(grad).any() else {n: float(v) for n, v in zip(layout.layers, grad)}
     return (
         CurvatureEstimate(
             layers=list(layout.layers),
@@ -133,6 +138,7 @@ def all_gather_estimate(
             strategy=estimate.strategy,
             batch_size=int(buffer[:, 2].sum()),
             layer_types=dict(estimate.layer_types),
+            gradient_sq=gradient_sq,
         ),
         [],
         [],

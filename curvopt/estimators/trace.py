@@ -97,6 +97,7 @@ class CurvatureEstimate:
     estimator: str = "hutchinson"
     products: int = 0  # Hessian-vector products spent (0: one per probe)
     curvature_dtype: str | None = None  # the products' precision (None: the parameters' dtype)
+    gradient_sq: dict[str, float] = field(default_factory=dict)  # ‖∇_l L‖² on the curvature batch (empty: unknown)
     trace: dict[str, float] = field(init=False)
     trace_se: dict[str, float] = field(init=False)
     gn_trace: dict[str, float] = field(init=False, default_factory=dict)
@@ -180,6 +181,11 @@ class CurvatureEstimate:
         return self._total(self.samples["trace"])[1]
 
     @property
+    def total_gradient_sq(self) -> float:
+        """‖∇L‖² over the probed parameters, on the curvature batch (NaN when the engine did not compute it)."""
+        return sum(self.gradient_sq.values()) if self.gradient_sq else float("nan")
+
+    @property
     def total_gn_trace(self) -> float:
         return self._total(self.samples["gn_trace"])[0]
 
@@ -193,7 +199,7 @@ class CurvatureEstimate:
     def to_dict(self, prefix: str = "") -> dict[str, float]:
         """Flat ``{"trace/<layer>": …, "trace_se/<layer>": …, …, "total/trace": …}`` for loggers."""
         flat: dict[str, float] = {}
-        groups = {"trace": self.trace, "trace_se": self.trace_se, "frob": self.frobenius}
+        groups = {"trace": self.trace, "trace_se": self.trace_se, "frob": self.frobenius, "grad_sq": self.gradient_sq}
         if self.has_gn:
             groups |= {
                 "gn_trace": self.gn_trace,
@@ -207,6 +213,8 @@ class CurvatureEstimate:
         flat[f"{prefix}total/trace"] = self.total_trace
         flat[f"{prefix}total/trace_se"] = self.total_trace_se
         flat[f"{prefix}total/frob"] = self.total_frobenius
+        if self.gradient_sq:
+            flat[f"{prefix}total/grad_sq"] = self.total_gradient_sq
         if self.has_gn:
             flat[f"{prefix}total/gn_trace"] = self.total_gn_trace
             flat[f"{prefix}total/gn_gap"] = self.total_gn_gap
@@ -301,7 +309,10 @@ def estimate_curvature(
             samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
         else:
             samples = _probe_samples(op, probes, distribution, generator)
+        gradient_sq = op.gradient_sq()
     estimate = _checked_estimate(op, samples, distribution)
+    if gradient_sq is not None:
+        estimate.gradient_sq = {name: float(v) for name, v in zip(estimate.layers, gradient_sq)}
     estimate.estimator, estimate.products = estimator, probes
     estimate.curvature_dtype = precision
     return estimate
