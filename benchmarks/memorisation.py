@@ -440,7 +440,7 @@ def reference_costs(runs: list[dict]) -> str:
 # ---------------------------------------------------------------------- what the alarm buys: final model quality
 PATIENCE = 5
 """Early stopping's patience (epochs without a better noisy-validation accuracy)."""
-RING_EPOCHS = 5
+RING_EPOCHS = 10
 """Epoch checkpoints a rollback keeps (curvopt train --rollback-keep's default): the latest one before the onset
 is restored, the oldest when the onset is further back."""
 

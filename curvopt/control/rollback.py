@@ -63,7 +63,7 @@ class RollbackOnAlarm:
         lr_factor: the learning-rate factor of ``"lower-lr"``.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, keep: int = 8, then: str = "stop",
+    def __init__(self, model: nn.Module, optimizer: Optimizer, *, keep: int = 32, then: str = "stop",
                  lr_factor: float = 0.1) -> None:  # fmt: skip
         if then not in THEN:
             raise ValueError(f"then must be one of {THEN}, got {then!r}")

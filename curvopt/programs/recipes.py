@@ -203,7 +203,7 @@ def _curvature_flags(g: Any) -> None:
     _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
           "checkpoint alarm-<update>.pth.tar; stop the run cleanly; or roll back to the last epoch checkpoint before "
           "the alarm's change point (then --rollback-then)")  # fmt: skip
-    _flag(g, "--rollback-keep", type=int, default=5, help="--on-alarm rollback: epoch checkpoints kept on disk "
+    _flag(g, "--rollback-keep", type=int, default=10, help="--on-alarm rollback: epoch checkpoints kept on disk "
           "(ring-<epoch>.pth.tar), how far back a rollback can go")  # fmt: skip
     _flag(g, "--rollback-then", default="stop", choices=["stop", "lower-lr"], help="after a rollback: end the run "
           "with the restored model, or continue from it at the learning rate x --rollback-lr-factor")  # fmt: skip
