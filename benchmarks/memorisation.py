@@ -411,11 +411,11 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
                      for c in noisy]  # fmt: skip
             print(f"| {signal} | " + " | ".join(cells) + " |")
         print("\n" + reference_costs(chosen))
-        if any("noisy_val_acc" in r["epochs_log"][0] for r in chosen):
-            signal = "layer_frob"
-            print(f"\nFinal model quality: clean test accuracy (%) of the model each policy ends with, signal "
-                  f"{signal}; medians over the runs that memorised (clean: all runs)\n")  # fmt: skip
-            print(quality_table(chosen, signal, settings))
+    for task in sorted({r["task"] for r in runs if "noisy_val_acc" in r["epochs_log"][0]}):
+        chosen = [r for r in runs if r["task"] == task]
+        print(f"\n### Final model quality, {task} (SGD and AdamW together): clean test accuracy (%) of the model each "
+              f"policy ends with, alarms of {signals[0]}; medians over the runs that memorised (clean: all runs)\n")
+        print(quality_table(chosen, signals[0], settings))
 
 
 def reference_costs(runs: list[dict]) -> str:
@@ -457,13 +457,16 @@ def early_stopping_epoch(run: dict, patience: int = PATIENCE) -> tuple[int, int]
     return run["epochs_log"][-1]["epoch"], best_epoch
 
 
-def rollback_epoch(run: dict, alarm: int, onset: int, keep: int = RING_EPOCHS) -> int | None:
+def rollback_epoch(run: dict, alarm: int, onset: int, keep: int = RING_EPOCHS, choose: str = "latest") -> int | None:
     """The epoch whose end-of-epoch checkpoint a rollback restores: the latest one taken before ``onset`` among the
-    ``keep`` last before the alarm (``None``: the ring is empty, the alarm came in the first epoch)."""
+    ``keep`` last before the alarm (``choose="best"``: the best on the noisy validation split among them, as
+    ``curvopt train --rollback-to best``); ``None``: the ring is empty, the alarm came in the first epoch."""
     ends = [row for row in run["epochs_log"] if row["step"] < alarm][-keep:]
     if not ends:
         return None
     before = [row for row in ends if row["step"] < onset]
+    if choose == "best" and before:
+        return max(reversed(before), key=lambda row: row["noisy_val_acc"])["epoch"]
     return (before[-1] if before else ends[0])["epoch"]
 
 
@@ -476,13 +479,15 @@ def final_quality(run: dict, signal: str, settings: dict[str, Any]) -> dict[str,
     _, es_epoch = early_stopping_epoch(run)
     out: dict[str, float | None] = {"never": acc[last], "oracle": max(acc.values()), "early_stopping": acc[es_epoch]}
     if found is None or found[0] <= run["noise_start_step"]:  # no alarm (or a false one, counted elsewhere)
-        out["rollback"] = out["alarm_stop"] = acc[last]
+        out["rollback"] = out["rollback_best"] = out["alarm_stop"] = acc[last]
         out["alarmed"] = 0.0
         return out
     alarm, onset = found
     back = rollback_epoch(run, alarm, onset)
+    best = rollback_epoch(run, alarm, onset, choose="best")
     stop = max(_epoch_of(run, alarm) - 1, 0)
     out["rollback"] = acc[back] if back is not None else acc[0]
+    out["rollback_best"] = acc[best] if best is not None else acc[0]
     out["alarm_stop"] = acc[stop]
     out["alarmed"] = 1.0
     out["ring_needed"] = float(_epoch_of(run, alarm) - _epoch_of(run, onset) + 1)
@@ -490,24 +495,33 @@ def final_quality(run: dict, signal: str, settings: dict[str, Any]) -> dict[str,
 
 
 def quality_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> str:
-    """Markdown: per condition, the median clean test accuracy of every policy (and rollback − oracle,
-    rollback − early stopping), over the runs that memorised (all runs for clean)."""
-    lines = ["| condition | runs | alarmed | rollback | stop at alarm | early stopping (noisy val, patience "
-             f"{PATIENCE}) | never stop | oracle best epoch | rollback − oracle | rollback − early stopping |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
-    for condition in CONDITIONS:
-        chosen = [r for r in runs if r["condition"] == condition and "noisy_val_acc" in r["epochs_log"][0]
-                  and (condition == "clean" or memorisation_onset(r) is not None)]  # fmt: skip
-        if not chosen:
+    """Markdown: per condition, the median clean test accuracy of every policy, and the median paired differences of
+    the two rollbacks against the oracle and early stopping, over the runs that memorised (all runs for clean).
+    100 % noise from the start is left out: there is nothing to learn, every policy ends near chance."""
+    lines = ["| condition | runs | alarmed | rollback: best val before onset | rollback: last before onset | stop at "
+             f"alarm | early stopping (noisy val, patience {PATIENCE}) | never stop | oracle best epoch | best-val "
+             "rollback − oracle | best-val rollback − early stopping | last-before rollback − early stopping |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    pooled: list[dict] = []
+    for condition in [c for c in CONDITIONS if c != "p1.0"] + ["all noisy"]:
+        if condition == "all noisy":
+            rows = pooled
+        else:
+            chosen = [r for r in runs if r["condition"] == condition and "noisy_val_acc" in r["epochs_log"][0]
+                      and (condition == "clean" or memorisation_onset(r) is not None)]  # fmt: skip
+            rows = [final_quality(r, signal, settings) for r in chosen]
+            pooled += rows if condition != "clean" else []
+        if not rows:
             continue
-        rows = [final_quality(r, signal, settings) for r in chosen]
-        med = {key: statistics.median(r[key] for r in rows) for key in ("rollback", "alarm_stop", "early_stopping",
-                                                                          "never", "oracle")}  # fmt: skip
-        vs_oracle = statistics.median(r["rollback"] - r["oracle"] for r in rows)
-        vs_es = statistics.median(r["rollback"] - r["early_stopping"] for r in rows)
-        lines.append(f"| {condition} | {len(rows)} | {int(sum(r['alarmed'] for r in rows))} | {med['rollback']:.1f} "
-                     f"| {med['alarm_stop']:.1f} | {med['early_stopping']:.1f} | {med['never']:.1f} | "
-                     f"{med['oracle']:.1f} | {vs_oracle:+.1f} | {vs_es:+.1f} |")  # fmt: skip
+        keys = ("rollback_best", "rollback", "alarm_stop", "early_stopping", "never", "oracle")
+        med = {key: statistics.median(r[key] for r in rows) for key in keys}
+        diff = {name: statistics.median(r[a] - r[b] for r in rows) for name, a, b in [
+            ("vs_oracle", "rollback_best", "oracle"), ("vs_es", "rollback_best", "early_stopping"),
+            ("last_vs_es", "rollback", "early_stopping")]}  # fmt: skip
+        lines.append(f"| {condition} | {len(rows)} | {int(sum(r['alarmed'] for r in rows))} | "
+                     f"{med['rollback_best']:.1f} | {med['rollback']:.1f} | {med['alarm_stop']:.1f} | "
+                     f"{med['early_stopping']:.1f} | {med['never']:.1f} | {med['oracle']:.1f} | "
+                     f"{diff['vs_oracle']:+.1f} | {diff['vs_es']:+.1f} | {diff['last_vs_es']:+.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -611,37 +625,51 @@ def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: b
                 break
 
 
-THRESHOLD_GRID = {"h": (6.0, 8.0, 10.0, 12.0), "tail_rate": (0.7, 0.5, 0.4, 0.3), "long_run": (0, 1000)}
+THRESHOLD_GRID = {"h": (8.0, 10.0, 12.0), "tail_rate": (0.7, 0.5, 0.4), "long_run": (0, 1000)}
 """Threshold rules the ``thresholds`` phase compares: they change no statistic, only where it alarms, so their
 stationary false-alarm rates come from recorded paths (benchmarks/monitor_stationary.py --record)."""
+GRADIENT_H_GRID = (10.0, 12.0, 14.0)
+"""The gradient-norm series' own threshold, for the combined rule ``layer_frob+grad`` (``gradient=True``)."""
 
 
-def tune_thresholds(runs: list[dict], paths_file: Path, signal: str = "layer_frob") -> None:
-    """Per threshold rule: detection (worst condition), false alarms, median delay against the gradient norm's
-    (its own default rule), the val-acc cost, and the stationary false-alarm rates at every recorded depth."""
+def condition_delays(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[str, float | None]:
+    """Median alarm delay (epochs after the memorisation onset) per condition, over the detected runs."""
+    return {c: t["median_delay_epochs"] for c, t in summarise(runs, signal, settings).items() if c != "clean"}
+
+
+def tune_thresholds(runs: list[dict], paths_file: Path, signals: tuple[str, ...] = ("layer_frob", "layer_frob+grad"),
+                    depth: int | None = None) -> None:  # fmt: skip
+    """Per threshold rule: detection (worst condition), false alarms, the conditions in which its median delay is
+    later than the gradient norm's (its own default rule), and the stationary false-alarm rates at every recorded
+    depth (Gaussian / Student t; 1,000 and 5,000 estimates)."""
     import itertools
 
     from monitor_stationary import rule_rate
 
     paths = json.loads(paths_file.read_text())["paths"]
-    grad_delay = score(runs, "grad_norm", {})["delay"]
-    print(f"\nThreshold rules for {signal} on {len(runs)} development runs; gradient norm's median delay "
-          f"{grad_delay:+.1f} epochs (default rule)\n")  # fmt: skip
-    depth = sorted({int(k.split("/")[0]) for k in paths})
-    head = " | ".join(f"L={n} G / t (1k; 5k)" for n in depth)
-    print(f"| rule | detected | worst condition | false alarms | median delay | noisy cost | {head} |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |" + " ---: |" * len(depth))
-    for values in itertools.product(*THRESHOLD_GRID.values()):
-        settings = dict(zip(THRESHOLD_GRID, values))
-        r = score(runs, signal, settings)
-        cells = []
-        for n in depth:
-            rates = [rule_rate(paths[f"{n}/{noise}"], n, horizon, settings) for noise in ("gaussian", "heavy")
-                     for horizon in (1000, 5000)]  # fmt: skip
-            cells.append(f"{100 * rates[0]:.0f}/{100 * rates[2]:.0f} ({100 * rates[1]:.0f}/{100 * rates[3]:.0f})")
-        print(f"| {json.dumps(settings)} | {100 * r['detection']:.0f} % | {100 * r['worst_condition']:.0f} % | "
-              f"{100 * r['false_alarm']:.0f} % | {r['delay']:+.1f} | {r['noisy_cost']:.1f} | " + " | ".join(cells)
-              + " |", flush=True)  # fmt: skip
+    grad = condition_delays(runs, "grad_norm", {})
+    print(f"\nThreshold rules on {len(runs)} development runs; gradient norm's median delay per condition (default "
+          f"rule): {grad}\n")  # fmt: skip
+    depths = sorted({int(k.split("/")[0]) for k in paths})
+    head = " | ".join(f"L={n}: G 1k/5k, t 1k/5k" for n in depths)
+    print(f"| signal | rule | detected | worst condition | false alarms | later than the gradient norm in | {head} |")
+    print("| --- | --- | ---: | ---: | ---: | --- |" + " ---: |" * len(depths))
+    for signal in signals:
+        combined = signal in COMBINED
+        for values in itertools.product(*THRESHOLD_GRID.values(), *([GRADIENT_H_GRID] if combined else [])):
+            settings = dict(zip([*THRESHOLD_GRID, "gradient_h"], values))
+            r = score(runs, signal, settings)
+            mine = condition_delays(runs, signal, settings)
+            later = [c for c, d in mine.items() if d is not None and grad.get(c) is not None and d > grad[c]]
+            rule = {**settings, "gradient": True} if combined else settings
+            cells = []
+            for n in depths:
+                rates = [100 * rule_rate(paths[f"{n}/{noise}"], n, horizon, rule) for noise in ("gaussian", "heavy")
+                         for horizon in (1000, 5000)]  # fmt: skip
+                cells.append("{:.0f}/{:.0f}, {:.0f}/{:.0f}".format(*rates))
+            print(f"| {signal} | {json.dumps(settings)} | {100 * r['detection']:.0f} % | "
+                  f"{100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {', '.join(later) or 'none'} "
+                  "| " + " | ".join(cells) + " |", flush=True)  # fmt: skip
 
 
 def geometric_mean(values: dict[str, float]) -> float:

@@ -12,7 +12,7 @@ from conftest import mlp
 from torch import nn
 
 from curvopt import CusumMonitor, estimate_curvature
-from curvopt.control.monitor import AGGREGATE, Alarm, signal_values
+from curvopt.control.monitor import AGGREGATE, GRADIENT, Alarm, signal_values
 
 # Stated budget (README / monitor docstring): with default settings, at most 5 % of stationary
 # runs raise an alarm within 1000 estimates (Gaussian log-noise) and at most 10 % with
@@ -105,11 +105,17 @@ def test_layers_rising_one_after_another_raise_one_alarm_naming_them():
 
 
 def test_per_layer_threshold_grows_with_the_number_of_layers():
-    """h_L = h + ln(L)/(0.7 k): L layers alarm no more often than one series (a union bound)."""
+    """h_L = h + ln(L)/(0.3 k): L layers alarm no more often than one series (a union bound); after T = 1000
+    estimates every threshold grows by 2 ln(n/T)/θ."""
     monitor = CusumMonitor(h=10, k=0.5)
-    monitor.update(0, {AGGREGATE: 1.0, **{f"l{i}": 1.0 for i in range(4)}})
-    assert monitor.threshold("l0") == pytest.approx(10 + math.log(4) / 0.35)
+    monitor.update(0, {AGGREGATE: 1.0, GRADIENT: 1.0, **{f"l{i}": 1.0 for i in range(4)}})
+    assert monitor.threshold("l0") == pytest.approx(10 + math.log(4) / 0.15)  # the gradient series is no layer
     assert monitor.threshold(AGGREGATE) == 10 and monitor.alarm_threshold == monitor.threshold("l0")
+    assert monitor.threshold(GRADIENT) == 12
+    monitor.count = 4000
+    grow = 2 * math.log(4) / 0.15
+    assert monitor.threshold("l0") == pytest.approx(10 + math.log(4) / 0.15 + grow)
+    assert monitor.threshold(GRADIENT) == pytest.approx(12 + grow)
 
 
 def test_false_alarm_rate_of_three_stationary_layers_within_budget():

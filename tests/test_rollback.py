@@ -76,7 +76,8 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     assert cli_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     run_dir = tmp_path / "r"
-    assert "rolled back to the end of epoch 1 (update 4), before the change point at update 7" in out
+    assert ("rolled back to the end of epoch 1 (update 4; the best validation top-1 of the epochs before the change "
+            "point at update 7)") in out
     assert "rolled back at the alarm at update 11 to epoch 1" in out
     rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
     assert rings == ["ring-2-u8.pth.tar", "ring-3-u11.pth.tar"]  # keep 2: the alarm's epoch ended with one more
@@ -95,6 +96,37 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
             assert torch.equal(last["model"][key], value), key
     events = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "event" and r["kind"] == "rollback"]
     assert len(events) == 1
+
+
+def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tmp_path):
+    from curvopt.control.rollback import Snapshot, best_before, last_before
+    from curvopt.programs.train.checkpoint import CHECKPOINT, keep_in_ring, ring_before, save_checkpoint
+
+    snaps = [Snapshot(step, {}, {}, score) for step, score in [(2, 0.5), (4, 0.9), (6, 0.7), (8, None), (10, 0.99)]]
+    assert best_before(snaps, 9).step == 4  # the best score before the onset; step 10's better one is after it
+    assert last_before(snaps, 9).step == 8
+    assert best_before([Snapshot(2, {}, {}), Snapshot(4, {}, {})], 9).step == 4  # nothing scored: the latest
+    assert best_before([*snaps[:1], Snapshot(4, {}, {}, 0.5)], 9).step == 4  # ties: the latest of them
+    for epoch, (updates, top1) in enumerate([(4, 60.0), (8, 80.0), (12, 70.0), (16, 90.0)]):
+        save_checkpoint(tmp_path / CHECKPOINT, {"epoch": epoch, "num_updates": updates, "model": {}, "optimizer": {}})
+        keep_in_ring(tmp_path, epoch, updates, keep=3, score=top1)
+    assert sorted(p.name for p in tmp_path.glob("ring-*.pth.tar")) == [
+        "ring-2-u8.pth.tar", "ring-3-u12.pth.tar", "ring-4-u16.pth.tar"]  # fmt: skip
+    path, state = ring_before(tmp_path, 14, "best")
+    assert path.name == "ring-2-u8.pth.tar" and state["num_updates"] == 8  # 80 % beats epoch 3's 70 %
+    assert ring_before(tmp_path, 14, "latest")[0].name == "ring-3-u12.pth.tar"
+    assert ring_before(tmp_path, 5, "best")[0].name == "ring-2-u8.pth.tar"  # nothing before: the oldest kept
+    model = nn.Linear(2, 1)
+    rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), choose="best")
+    for step, score in [(2, 0.3), (4, 0.8), (6, 0.6)]:  # the API: score() tags the latest snapshot
+        with torch.no_grad():
+            model.weight.fill_(step)
+        rollback.log(step, {"curv/loss": 1.0})
+        rollback.score(score)
+    rollback.alert(Alarm(8, ["(root)"], 11.0, 10.0, onset_step=7))
+    assert rollback.restored == [(8, 4)] and float(model.weight.detach()[0, 0]) == 4.0
+    with pytest.raises(ValueError, match="choose must be one of"):
+        RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), choose="oldest")
 
 
 def test_estimates_carry_the_loss_gradient_per_layer_for_free():
@@ -124,6 +156,6 @@ def test_the_monitor_can_watch_the_gradient_norm_as_its_own_series():
     assert len(alarms) == 1 and alarms[0].kind == GRADIENT
     assert 15 <= alarms[0].onset_step <= 20  # Page's estimate: where S last left zero, at or just before the jump
     assert f"gradient norm rising since step {alarms[0].onset_step}" in alarms[0].describe()
-    quiet = CusumMonitor(warmup=3)  # gradient=False: the same values raise nothing
+    quiet = CusumMonitor(warmup=3, gradient=False)  # curvature only: the same values raise nothing
     assert not any(quiet.update(step, {"a": 1e-3, "b": 2e-3, AGGREGATE: 1.5e-3, GRADIENT: 30.0 if step > 20 else 1.0})
                    for step in range(1, 40))  # fmt: skip

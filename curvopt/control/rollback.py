@@ -7,10 +7,17 @@ onset does not.
 
 :class:`RollbackOnAlarm` is a curvopt sink (``logger=[...]``): at every estimate it takes a snapshot of the
 model's and the optimizer's state (CPU copies, before the step's update), keeping the last ``keep``; at an alarm
-it restores the latest snapshot taken before ``onset_step``, drops the gradients of the step in progress (so the
+it restores the latest snapshot taken before ``onset_step`` (``choose="best"``: the best-scored one before it, see
+below), drops the gradients of the step in progress (so the
 wrapper's pending inner step changes nothing), and then ``then="stop"`` (``stopped`` turns true: the training
 loop ends), ``then="lower-lr"`` (every parameter group's learning rate × ``lr_factor``, training goes on) or
 ``then="freeze"`` (the layers the alarm names stop training: ``requires_grad = False``; the rest goes on).
+Choosing by validation. Which state before the onset is best is not the curvature's to say: weights at a constant
+learning rate jitter from epoch to epoch (MNIST-5k, deep models: ±2–5 points of test accuracy between neighbouring
+epochs). With ``choose="best"`` and :meth:`RollbackOnAlarm.score` called after each validation (the latest snapshot
+gets the score), the rollback restores the best-scored snapshot before the onset (the latest one when none is
+scored): early stopping's "restore best", limited to the states before memorisation began
+(benchmarks/RESULTS.md §12 measures both).
 Memory: ``keep`` × (model + optimizer state) in host memory; the ring must reach back past the onset, i.e.
 ``keep`` estimates cover ``keep × every`` steps (an onset older than the oldest snapshot restores the oldest and
 says so). Sinks run on the reporting process only, so under DDP use ``curvopt train --on-alarm rollback``,
@@ -33,6 +40,7 @@ from torch.optim import Optimizer
 from .monitor import Alarm
 
 THEN = ("stop", "lower-lr", "freeze")
+CHOOSE = ("latest", "best")
 
 
 @dataclass
@@ -40,6 +48,7 @@ class Snapshot:
     step: int  # the estimate's step: the state before that step's update
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
+    score: float | None = None  # a validation score given by RollbackOnAlarm.score (higher is better)
 
 
 def last_before(snapshots: list[Snapshot], onset: int | None) -> Snapshot | None:
@@ -52,6 +61,16 @@ def last_before(snapshots: list[Snapshot], onset: int | None) -> Snapshot | None
     return earlier[-1] if earlier else snapshots[0]
 
 
+def best_before(snapshots: list[Snapshot], onset: int | None) -> Snapshot | None:
+    """The best-scored snapshot taken before ``onset`` (the latest of equal scores; :func:`last_before` when none
+    before it is scored)."""
+    earlier = [s for s in snapshots if onset is None or s.step < onset]
+    scored = [s for s in earlier if s.score is not None]
+    if not scored:
+        return last_before(snapshots, onset)
+    return max(reversed(scored), key=lambda s: s.score)
+
+
 class RollbackOnAlarm:
     """Snapshots at every estimate; at an alarm, back to the last one before its onset (see the module docstring).
 
@@ -59,18 +78,21 @@ class RollbackOnAlarm:
         model: the model (its ``state_dict`` is snapshotted and restored).
         optimizer: the optimizer whose state goes with the weights (the wrapped one or the wrapper).
         keep: snapshots kept (a ring).
-        then: ``"stop"`` or ``"lower-lr"``.
+        then: ``"stop"``, ``"lower-lr"`` or ``"freeze"``.
         lr_factor: the learning-rate factor of ``"lower-lr"``.
+        choose: ``"latest"`` (the last snapshot before the onset) or ``"best"`` (the best :meth:`score` before it).
     """
 
     def __init__(self, model: nn.Module, optimizer: Optimizer, *, keep: int = 32, then: str = "stop",
-                 lr_factor: float = 0.1) -> None:  # fmt: skip
+                 lr_factor: float = 0.1, choose: str = "latest") -> None:  # fmt: skip
         if then not in THEN:
             raise ValueError(f"then must be one of {THEN}, got {then!r}")
+        if choose not in CHOOSE:
+            raise ValueError(f"choose must be one of {CHOOSE}, got {choose!r}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.model, self.optimizer = model, getattr(optimizer, "optimizer", optimizer)
-        self.then, self.lr_factor = then, lr_factor
+        self.then, self.lr_factor, self.choose = then, lr_factor, choose
         self.snapshots: deque[Snapshot] = deque(maxlen=keep)
         self.stopped = False
         self.restored: list[tuple[int, int]] = []  # (alarm step, snapshot step)
@@ -82,9 +104,16 @@ class RollbackOnAlarm:
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.snapshots.append(Snapshot(step, state, copy.deepcopy(self.optimizer.state_dict())))
 
+    def score(self, value: float) -> None:
+        """A validation score (higher is better) for the latest snapshot, for ``choose="best"``."""
+        if not self.snapshots:
+            return
+        self.snapshots[-1].score = float(value)
+
     def alert(self, alarm: Alarm) -> None:
-        """Restore the last snapshot before the alarm's onset, then stop or lower the learning rate."""
-        snapshot = last_before(list(self.snapshots), alarm.onset_step)
+        """Restore the last (or best-scored) snapshot before the alarm's onset, then stop, lower the LR or freeze."""
+        pick = best_before if self.choose == "best" else last_before
+        snapshot = pick(list(self.snapshots), alarm.onset_step)
         if snapshot is None:
             return
         if alarm.onset_step is not None and snapshot.step >= alarm.onset_step:

@@ -194,8 +194,10 @@ def _curvature_flags(g: Any) -> None:
           help="layer-wise LR scaling policy (default: off)")  # fmt: skip
     _switch(g, "--cusum", True, "run the CUSUM memorisation monitor")
     _flag(g, "--cusum-threshold", type=float, default=10.0,
-          help="CUSUM threshold h (per layer: h + ln(L)/(0.7k) for L layers)")  # fmt: skip
+          help="CUSUM threshold h (per layer: h + ln(L)/(0.3k) for L layers)")  # fmt: skip
     _flag(g, "--cusum-k", type=float, default=0.5, help="CUSUM reference value k (σ units)")
+    _switch(g, "--cusum-gradient", True, "also watch the loss-gradient norm as its own CUSUM series (threshold 12): "
+            "it jumps at once after a label switch")  # fmt: skip
     _flag(g, "--cusum-alarm-on", default="layer", choices=["layer", "aggregate"],
           help="which series raise the alarm: any layer's (default) or the model-wide one")  # fmt: skip
     _flag(g, "--cusum-warmup", type=int, default=8, help="noise-scale increments the monitor calibrates on: it is "
@@ -205,6 +207,8 @@ def _curvature_flags(g: Any) -> None:
           "the alarm's change point (then --rollback-then)")  # fmt: skip
     _flag(g, "--rollback-keep", type=int, default=10, help="--on-alarm rollback: epoch checkpoints kept on disk "
           "(ring-<epoch>.pth.tar), how far back a rollback can go")  # fmt: skip
+    _flag(g, "--rollback-to", default="best", choices=["best", "latest"], help="--on-alarm rollback: among the ring's "
+          "checkpoints before the change point, the one with the best validation top-1, or the latest")  # fmt: skip
     _flag(g, "--rollback-then", default="stop", choices=["stop", "lower-lr"], help="after a rollback: end the run "
           "with the restored model, or continue from it at the learning rate x --rollback-lr-factor")  # fmt: skip
     _flag(g, "--rollback-lr-factor", type=float, default=0.1, help="--rollback-then lower-lr: the LR factor")

@@ -61,8 +61,9 @@ def _sections() -> list[Section]:
         Section("cusum", "Memorisation monitor", plots.cusum_figure,
                 "The CUSUM statistic adds up how far each layer's smoothed curvature (the model-wide one in black) "
                 "rises above its running trough, in units of its own noise. By default the alarm fires when any "
-                "layer's line crosses the dotted threshold (h + ln L / 0.7k for L layers); with alarm_on='aggregate' "
-                "when the black line crosses h. Grey shading is the calibration period, when no alarm is possible."),
+                "layer's line crosses the dotted threshold (h + ln L / θ for L layers, θ = 0.3k); with "
+                "alarm_on='aggregate' when the black line crosses h. Grey shading is the calibration period, when no "
+                "alarm is possible."),
         Section("lr_scale", "Layer-wise learning-rate scale", lambda r: plots.layer_lines_figure(
                     r, "lr_scale", title="Layer-wise learning-rate scale s_l (top layers)", ylabel="scale s_l",
                     log_y=True, reference=(1.0, "s = 1: unchanged"), rank_by="log"),
@@ -239,11 +240,15 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
     if alarms:
         rows = [[a["step"], a.get("onset_step"), a.get("kind"),
                  *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
-                 ", ".join(label_of(n, labels) for n in a.get("layers", [])) or "model-wide only"] for a in alarms]
+                 ", ".join(label_of(n, labels) for n in a.get("layers", []))
+                 or ("none above its threshold yet" if a.get("kind") == "gradient" else "model-wide only")]
+                for a in alarms]  # fmt: skip
         parts.append(_table(rows, ["step", "change point (onset)", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
         parts.append("<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "
                      "estimate at which the deciding CUSUM statistic left zero. Memorisation began there, before the "
-                     "alarm; <code>--on-alarm rollback</code> returns to the last checkpoint before it.</p>")
+                     "alarm; <code>--on-alarm rollback</code> returns to a checkpoint before it. Kind "
+                     "<code>gradient</code>: the gradient norm's own CUSUM rose first (it jumps at once after a label "
+                     "switch).</p>")
     else:
         parts.append(f"<p>{html.escape(monitor_verdict(records))}</p>")
     if events:

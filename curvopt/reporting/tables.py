@@ -6,7 +6,7 @@ optimizer adds: each layer's LR scale and CUSUM statistic, and the monitor's sta
 
 from __future__ import annotations
 
-from ..control.monitor import AGGREGATE, CusumMonitor
+from ..control.monitor import AGGREGATE, GRADIENT, CusumMonitor
 from ..estimators.summary import Column, format_estimate
 from ..estimators.trace import CurvatureEstimate
 
@@ -27,6 +27,7 @@ def format_table(
             (f"the monitor alarms when a layer's S > {monitor.alarm_threshold:.3g} (h = {monitor.h:g} + ln L / "
              f"{monitor.tail_rate:g}k)" if monitor.alarm_on == "layer"
              else f"the monitor alarms when the model-wide S > {monitor.alarm_threshold:.3g}")
+            + (f", or the gradient norm's S > {monitor.threshold(GRADIENT):.3g}" if monitor.gradient else "")
             if monitor.ready
             else f"the monitor is calibrating: {monitor.estimates_until_ready} more estimate(s) before it can alarm"
         )

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import zipfile
@@ -93,9 +94,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 RING = "ring-{epoch}-u{updates}.pth.tar"
 
 
-def keep_in_ring(run_dir: Path, epoch: int, updates: int, keep: int) -> None:
+RING_SCORES = "ring-scores.json"
+"""The ring checkpoints' validation top-1, by file name (``--rollback-to best`` reads it)."""
+
+
+def keep_in_ring(run_dir: Path, epoch: int, updates: int, keep: int, score: float | None = None) -> None:
     """``--on-alarm rollback``: this epoch's checkpoint also as ``ring-<epoch>-u<updates>.pth.tar`` (a hard link to
-    ``last.pth.tar`` where the file system has them), only the last ``keep`` of them kept."""
+    ``last.pth.tar`` where the file system has them), only the last ``keep`` of them kept; ``score`` (the epoch's
+    validation top-1) is noted in ``ring-scores.json``."""
     ring = run_dir / RING.format(epoch=epoch + 1, updates=updates)
     ring.unlink(missing_ok=True)
     try:
@@ -104,6 +110,20 @@ def keep_in_ring(run_dir: Path, epoch: int, updates: int, keep: int) -> None:
         shutil.copyfile(run_dir / CHECKPOINT, ring)
     for old in sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)[:-keep]:
         old.unlink(missing_ok=True)
+    kept = {p.name for p in run_dir.glob("ring-*.pth.tar")}
+    scores = {k: v for k, v in _ring_scores(run_dir).items() if k in kept}
+    if score is not None:
+        scores[ring.name] = float(score)
+    tmp = run_dir / f"{RING_SCORES}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(scores))
+    os.replace(tmp, run_dir / RING_SCORES)
+
+
+def _ring_scores(run_dir: Path) -> dict[str, float]:
+    try:
+        return {str(k): float(v) for k, v in json.loads((run_dir / RING_SCORES).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def _ring_epoch(path: Path) -> int:
@@ -114,14 +134,18 @@ def _ring_updates(path: Path) -> int:
     return int(path.name.split("-u")[1].removesuffix(".pth.tar"))
 
 
-def ring_before(run_dir: Path, update: int) -> tuple[Path, dict[str, Any]] | None:
-    """The latest ring checkpoint taken before optimizer update ``update`` (the oldest one when none is; ``None``
-    when the ring is empty), loaded."""
+def ring_before(run_dir: Path, update: int, choose: str = "latest") -> tuple[Path, dict[str, Any]] | None:
+    """The latest ring checkpoint taken before optimizer update ``update`` (``choose="best"``: the one with the best
+    validation top-1 among them, the latest of equals); the oldest one when none is before it; ``None`` when the
+    ring is empty. Loaded."""
     ring = sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)
     if not ring:
         return None
     before = [path for path in ring if _ring_updates(path) < update]
     chosen = before[-1] if before else ring[0]
+    scores = _ring_scores(run_dir)
+    if choose == "best" and any(p.name in scores for p in before):
+        chosen = max(reversed([p for p in before if p.name in scores]), key=lambda p: scores[p.name])
     return chosen, load_checkpoint(chosen)
 
 

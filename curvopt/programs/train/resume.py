@@ -19,10 +19,10 @@ from .errors import TrainError
 
 CHANGEABLE = frozenset({
     "epochs", "curv_every", "curv_probes", "curv_batch_size", "curv_inter_every", "curv_estimator", "curv_dtype",
-    "curv_strategy", "fsdp", "rollback_keep", "rollback_then", "rollback_lr_factor",
-    "cusum_threshold", "cusum_k", "cusum_warmup", "cusum_alarm_on", "on_alarm", "log_interval", "log_wandb",
-    "wandb_project", "wandb_tags", "no_progress", "workers", "validation_batch_size", "device", "dist_backend",
-    "dist_url", "data_dir", "dataset_download",
+    "curv_strategy", "fsdp", "rollback_keep", "rollback_to", "rollback_then", "rollback_lr_factor",
+    "cusum_threshold", "cusum_k", "cusum_warmup", "cusum_alarm_on", "cusum_gradient", "on_alarm", "log_interval",
+    "log_wandb", "wandb_project", "wandb_tags", "no_progress", "workers", "validation_batch_size", "device",
+    "dist_backend", "dist_url", "data_dir", "dataset_download",
 })  # fmt: skip
 """Settings a resume may change (applied from the resume step on, recorded as a ``settings_changed`` event)."""
 

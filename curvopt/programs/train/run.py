@@ -199,7 +199,8 @@ def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[An
     run.best_top1 = float(state.get("best_top1", -math.inf))
     run.best_epoch = int(state.get("best_epoch", -1))
     monitor_changes = {new: changes[old][1] for old, new in (("cusum_threshold", "h"), ("cusum_k", "k"),
-                                                             ("cusum_warmup", "warmup"), ("cusum_alarm_on", "alarm_on"))
+                                                             ("cusum_warmup", "warmup"), ("cusum_alarm_on", "alarm_on"),
+                                                             ("cusum_gradient", "gradient"))
                        if old in changes}  # fmt: skip
     if monitor_changes and run.opt.monitor is not None:
         run.opt.monitor.update_settings(**monitor_changes)  # the checkpoint's monitor state, the new thresholds
@@ -337,7 +338,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
         run.best_top1, run.best_epoch = stats["eval/top1"], epoch
     for sink in run.sinks:  # the epoch's log first, then its checkpoint: a kill in between loses neither
         sink.log_epoch(epoch, stats)
-    _checkpoint(run, epoch, best)
+    _checkpoint(run, epoch, best, stats["eval/top1"])
     run.last_epoch_stats = stats
     _print_epoch(run, epoch, stats, time.perf_counter() - start)
 
@@ -373,7 +374,7 @@ def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
+def _checkpoint(run: TrainingRun, epoch: int, best: bool, top1: float | None = None) -> None:
     """``last.pth.tar`` every epoch and ``model_best.pth.tar`` on a new best top-1 (written by rank 0)."""
     if not run.main_process and not run.args.fsdp:
         return
@@ -384,7 +385,7 @@ def _checkpoint(run: TrainingRun, epoch: int, best: bool) -> None:
     if best:
         save_checkpoint(run.run_dir / BEST, state)
     if run.args.on_alarm == "rollback":
-        keep_in_ring(run.run_dir, epoch, run.num_updates, run.args.rollback_keep)
+        keep_in_ring(run.run_dir, epoch, run.num_updates, run.args.rollback_keep, top1)
 
 
 def note_lr(run: TrainingRun, step: int, lr: float) -> None:
@@ -457,14 +458,15 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
     """``--on-alarm rollback`` on every rank: the last ring checkpoint before the alarm's onset (weights, optimizer,
     EMA, scaler, schedule; the curvature monitor keeps its own history), then stop or continue at a lower LR."""
     onset = alarm.onset_step if alarm.onset_step is not None else alarm.step
-    found = ring_before(run.run_dir, onset)
+    found = ring_before(run.run_dir, onset, run.args.rollback_to)
     if found is None:
         write("  --on-alarm rollback: no epoch checkpoint yet (the alarm came in the first epoch); the run goes on")
         return
     path, state = found
     load_training_state(run, state, curvature=False)
-    text = (f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}), before the "
-            f"change point at update {onset}")  # fmt: skip
+    how = "the best validation top-1 of the epochs" if run.args.rollback_to == "best" else "the last epoch"
+    text = (f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; {how} before "
+            f"the change point at update {onset})")  # fmt: skip
     if run.args.rollback_then == "stop":
         run.stop_alarm = alarm
         write(f"  {text}; the run ends with that model (--rollback-then stop)")

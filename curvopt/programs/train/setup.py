@@ -243,7 +243,8 @@ def build_optimizer(
     except (ValueError, AssertionError) as exc:
         raise TrainError(f"optimizer '{args.opt}': {exc}") from None
     monitor = (CusumMonitor(h=args.cusum_threshold, k=args.cusum_k, warmup=args.cusum_warmup,
-                            alarm_on=args.cusum_alarm_on) if args.cusum else None)  # fmt: skip
+                            alarm_on=args.cusum_alarm_on, gradient=args.cusum_gradient)
+               if args.cusum else None)  # fmt: skip
     try:
         return CurvatureAwareOptimizer(
             base, train_model, loss_fn, every=args.curv_every, probes=args.curv_probes,
