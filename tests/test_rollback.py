@@ -159,3 +159,15 @@ def test_the_monitor_can_watch_the_gradient_norm_as_its_own_series():
     quiet = CusumMonitor(warmup=3, gradient=False)  # curvature only: the same values raise nothing
     assert not any(quiet.update(step, {"a": 1e-3, "b": 2e-3, AGGREGATE: 1.5e-3, GRADIENT: 30.0 if step > 20 else 1.0})
                    for step in range(1, 40))  # fmt: skip
+
+
+def test_curvopt_train_watches_the_gradient_norm_unless_told_not_to():
+    from curvopt.programs.recipes import parse_train_args
+    from curvopt.programs.train.setup import build_optimizer
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    for flags, expected in (([], True), (["--cusum-gradient", "false"], False)):
+        args = parse_train_args(["--model", "resnet18", "--curv-every", "5", *flags])
+        opt = build_optimizer(args, model, model, nn.CrossEntropyLoss(), [], [])
+        assert opt.monitor.gradient is expected and opt.monitor.tail_rate == 0.3 and opt.monitor.long_run == 1000
+    assert parse_train_args(["--model", "resnet18"]).rollback_to == "best"

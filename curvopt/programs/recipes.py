@@ -205,7 +205,7 @@ def _curvature_flags(g: Any) -> None:
     _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
           "checkpoint alarm-<update>.pth.tar; stop the run cleanly; or roll back to the last epoch checkpoint before "
           "the alarm's change point (then --rollback-then)")  # fmt: skip
-    _flag(g, "--rollback-keep", type=int, default=10, help="--on-alarm rollback: epoch checkpoints kept on disk "
+    _flag(g, "--rollback-keep", type=int, default=20, help="--on-alarm rollback: epoch checkpoints kept on disk "
           "(ring-<epoch>.pth.tar), how far back a rollback can go")  # fmt: skip
     _flag(g, "--rollback-to", default="best", choices=["best", "latest"], help="--on-alarm rollback: among the ring's "
           "checkpoints before the change point, the one with the best validation top-1, or the latest")  # fmt: skip
