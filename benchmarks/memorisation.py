@@ -158,8 +158,9 @@ def run_one(job: tuple) -> str:
     """Train one run and save its signals and ground truth as JSON; returns the file name.
 
     With a 9th element ``(mode, monitor settings)`` the run monitors itself online with those settings and
-    rolls back at its first alarm (:class:`curvopt.RollbackOnAlarm`, ``then=mode``; an in-memory ring of 64
-    estimates), then trains on: the countermeasures' runs (``rollback`` phase)."""
+    rolls back at its first alarm (:class:`curvopt.RollbackOnAlarm`, ``then=mode``, ``choose="best"`` on the noisy
+    validation split; an in-memory ring of 64 estimates), then trains on: the countermeasures' runs (``rollback``
+    phase)."""
     from curvopt import CurvatureAwareOptimizer, CusumMonitor, RollbackOnAlarm
 
     task, opt_name, condition, seed, epochs, every, batch, out_dir = job[:8]
@@ -186,7 +187,7 @@ def run_one(job: tuple) -> str:
     rollback, monitor, rollback_eval = None, None, None
     if rollback_plan:
         monitor = CusumMonitor(**rollback_plan[1])
-        rollback = RollbackOnAlarm(model, base, keep=64, then=rollback_plan[0])
+        rollback = RollbackOnAlarm(model, base, keep=64, then=rollback_plan[0], choose="best")
     opt = CurvatureAwareOptimizer(base, model, loss_fn, every=every, probes=8, curvature_batch_size=32, gn=True,
                                   monitor=monitor, seed=seed, logger=[rollback] if rollback else None)  # fmt: skip
     g = torch.Generator().manual_seed(seed)
@@ -238,6 +239,8 @@ def run_one(job: tuple) -> str:
                 hx, hy_clean, hy_noisy = holdout
                 held_labels = hy_noisy if epoch >= start_epoch else hy_clean
                 row["noisy_val_acc"] = float((_predict(model, hx).argmax(1) == held_labels).float().mean()) * 100
+                if rollback is not None:  # the epoch's last snapshot is scored, as curvopt train scores its checkpoints
+                    rollback.score(row["noisy_val_acc"])
             epochs_log.append(row)
     result = {
         "task": task, "opt": opt_name, "condition": condition, "seed": seed, "epochs": epochs, "every": every,

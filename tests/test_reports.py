@@ -90,6 +90,15 @@ def test_every_time_plot_marks_the_label_switch_and_the_alarm(report):
         plt.close(fig)
 
 
+def test_the_cusum_figure_shows_the_gradient_norm_with_its_own_threshold(report):
+    log, _ = report
+    fig = plots.cusum_figure(read_jsonl(log))  # the default monitor watches the gradient norm too
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert "gradient norm S (its own series)" in labels and "threshold, gradient norm = 12" in labels
+    assert "gradient" not in labels  # not drawn as if it were a layer
+    plt.close(fig)
+
+
 def test_layers_carry_their_type_and_many_layers_stay_legible():
     names = [f"layer{i // 4}.{i % 4}.conv" for i in range(41)]
     records = [{"type": "config", "curvopt": {"layer_types": {n: "Conv2d" for n in names}}}]
@@ -145,6 +154,7 @@ def test_wandb_sections_by_quantity():
     assert wandb_key("curv/trace/layer1.0.conv1") == "curv.trace/layer1.0.conv1"
     assert wandb_key("curv/gn_gap/fc") == "curv.gn_gap/fc"
     assert wandb_key("curv/cusum/aggregate") == "curv/cusum_aggregate"
+    assert wandb_key("curv/cusum/gradient_threshold") == "curv/cusum_gradient_threshold"
     assert wandb_key("curv/total/trace") == "curv/total/trace" and wandb_key("train/loss") == "train/loss"
 
 

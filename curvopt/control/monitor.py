@@ -373,9 +373,12 @@ class CusumMonitor:
 
     def statistics(self) -> dict[str, float]:
         """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": the deciding threshold,
-        "monitor_ready": 0|1, "monitor_per_layer": 0|1}``."""
+        "monitor_ready": 0|1, "monitor_per_layer": 0|1}``, and with the gradient series ``"cusum/gradient"`` and
+        ``"cusum/gradient_threshold"``."""
         stats = {f"cusum/{name}": s.s for name, s in self.series.items()}
         stats["cusum/threshold"] = self.alarm_threshold
+        if GRADIENT in self.series:
+            stats["cusum/gradient_threshold"] = self.threshold(GRADIENT)
         stats["monitor_ready"] = float(self.ready)
         stats["monitor_per_layer"] = float(self.alarm_on == "layer")
         return stats

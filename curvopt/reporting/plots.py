@@ -303,6 +303,7 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         return None
     threshold = series.pop("threshold", None)
     aggregate = series.pop(AGGREGATE_KEY, None)
+    gradient, gradient_threshold = series.pop("gradient", None), series.pop("gradient_threshold", None)
     labels, events = layer_labels(records), run_events(records)
     fig, ax = plt.subplots(figsize=WIDE, constrained_layout=True)
     ready_steps, ready = scalar_series(records, "curv/monitor_ready")
@@ -323,11 +324,19 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         if h:  # black dashes: no layer line is black (tab10), and the model-wide line is solid
             which = "per layer" if per_layer else "h"
             ax.axhline(h[-1], color="black", linestyle=(0, (6, 3)), lw=1.6, label=f"threshold {which} = {h[-1]:.3g}")
+    if gradient is not None:  # the gradient norm's own series and threshold, in grey
+        ax.plot(steps, gradient, color="0.45", linewidth=1.6, linestyle="-.", label="gradient norm S (its own series)",
+                **_points(steps))  # fmt: skip
+        g = [v for v in gradient_threshold or [] if math.isfinite(v)]
+        if g:
+            ax.axhline(g[-1], color="0.45", linestyle=(0, (2, 2)), lw=1.4,
+                       label=f"threshold, gradient norm = {g[-1]:.3g}")  # fmt: skip
     mark_events(ax, events)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CUSUM statistic S")
     who = "a layer's S" if per_layer else "the model-wide S"
-    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature (alarm when {who} > the threshold)",
+    also = " or the gradient norm's S > its own" if gradient is not None else ""
+    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature (alarm when {who} > the threshold{also})",
                  fontsize=11)  # fmt: skip
     _legend(ax)
     return fig

@@ -41,10 +41,11 @@ PER_LAYER = ("trace", "trace_se", "frob", "gn_trace", "tensor_trace", "gn_gap", 
 
 def wandb_key(key: str) -> str:
     """The W&B name of a logged key: per-layer ``curv/<quantity>/<layer>`` → ``curv.<quantity>/<layer>`` (a panel
-    section per quantity); the model-wide CUSUM and threshold → ``curv/cusum_aggregate``, ``curv/cusum_threshold``."""
+    section per quantity); the model-wide CUSUM and threshold → ``curv/cusum_aggregate``, ``curv/cusum_threshold``
+    (the gradient norm's: ``curv/cusum_gradient``, ``curv/cusum_gradient_threshold``)."""
     parts = key.split("/", 2)
     if len(parts) == 3 and parts[0] == "curv" and parts[1] in PER_LAYER:
-        if parts[1] == "cusum" and parts[2] in ("aggregate", "threshold"):
+        if parts[1] == "cusum" and parts[2] in ("aggregate", "threshold", "gradient", "gradient_threshold"):
             return f"curv/cusum_{parts[2]}"
         return f"curv.{parts[1]}/{parts[2]}"
     return key
