@@ -336,7 +336,8 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     ax.set_ylabel("CUSUM statistic S")
     who = "a layer's S" if per_layer else "the model-wide S"
     also = " or the gradient norm's S > its own" if gradient is not None else ""
-    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature (alarm when {who} > the threshold{also})",
+    sep = "\n" if also else " "  # two lines when the gradient norm joins, so the title fits the figure
+    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature{sep}(alarm when {who} > the threshold{also})",
                  fontsize=11)  # fmt: skip
     _legend(ax)
     return fig
