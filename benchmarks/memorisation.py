@@ -421,6 +421,13 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
               f"policy ends with, alarms of {signals[0]}, a ring of {RING_EPOCHS} epoch checkpoints; medians over the "
               "runs that memorised (clean: all runs)\n")  # fmt: skip
         print(quality_table(chosen, signals[0], settings))
+    print(f"\n### Overview: {signals[0]} against the gradient norm alone\n")
+    print(overview_table(runs, signals[0], settings))
+    if tasks:
+        deep = [r for r in runs if r["task"] in tasks]
+        print("\n" + paired_quality(deep, signals[0], settings))
+        print("\n### Rollback by ring size (development: choose it on development seeds)\n")
+        print(ring_table(deep, signals[0], settings))
 
 
 def reference_costs(runs: list[dict]) -> str:
@@ -468,13 +475,11 @@ def rollback_epoch(run: dict, alarm: int, onset: int, keep: int = RING_EPOCHS, c
     """The epoch whose end-of-epoch checkpoint a rollback restores: the latest one taken before ``onset`` among the
     ``keep`` last before the alarm (``choose="best"``: the best on the noisy validation split among them, as
     ``curvopt train --rollback-to best``); ``None``: the ring is empty, the alarm came in the first epoch."""
+    from curvopt.control.rollback import pick_before
+
     ends = [row for row in run["epochs_log"] if row["step"] < alarm][-keep:]
-    if not ends:
-        return None
-    before = [row for row in ends if row["step"] < onset]
-    if choose == "best" and before:
-        return max(reversed(before), key=lambda row: row["noisy_val_acc"])["epoch"]
-    return (before[-1] if before else ends[0])["epoch"]
+    index = pick_before([row["step"] for row in ends], [row.get("noisy_val_acc") for row in ends], onset, choose)
+    return None if index is None else ends[index]["epoch"]
 
 
 def final_quality(run: dict, signal: str, settings: dict[str, Any]) -> dict[str, float | None]:
@@ -529,6 +534,82 @@ def quality_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> st
                      f"{med['rollback_best']:.1f} | {med['rollback']:.1f} | {med['alarm_stop']:.1f} | "
                      f"{med['early_stopping']:.1f} | {med['never']:.1f} | {med['oracle']:.1f} | "
                      f"{diff['vs_oracle']:+.1f} | {diff['vs_es']:+.1f} | {diff['last_vs_es']:+.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def overview_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> str:
+    """Markdown, a row per model and optimizer: false alarms, detections per noisy condition, and the median delays of
+    ``signal`` and of the gradient norm alone; then the pooled detections and delays."""
+    noisy = [c for c in CONDITIONS if c != "clean" and any(r["condition"] == c for r in runs)]
+    lines = [f"| task | optimizer | false alarms | detected: {' / '.join(noisy)} | median delay (epochs), {signal} / "
+             f"grad_norm: {' · '.join(noisy)} |", "| --- | --- | ---: | --- | --- |"]  # fmt: skip
+    for task, opt_name in sorted({(r["task"], r["opt"]) for r in runs}):
+        chosen = [r for r in runs if (r["task"], r["opt"]) == (task, opt_name)]
+        mine, grad = summarise(chosen, signal, settings), summarise(chosen, "grad_norm", {})
+        fa = f"{sum(t['false_alarms'] for t in mine.values())}/{sum(t['clean_spans'] for t in mine.values())}"
+        det = " / ".join(f"{mine[c]['detected']}/{mine[c]['memorising']}" if c in mine else "–" for c in noisy)
+        delays = " · ".join(f"{_delay(mine, c)} / {_delay(grad, c)}" for c in noisy)
+        lines.append(f"| {task} | {opt_name} | {fa} | {det} | {delays} |")
+    pooled = {name: summarise(runs, name, cfg) for name, cfg in ((signal, settings), ("grad_norm", {}),
+                                                                 ("layer_frob", settings))}  # fmt: skip
+    for name, table in pooled.items():
+        found = sum(t["detected"] for t in table.values())
+        total = sum(t["memorising"] for t in table.values())
+        lines.append(f"\n{name}, all models: {found}/{total} detected, "
+                     f"{sum(t['false_alarms'] for t in table.values())} false alarms; median delay "
+                     + ", ".join(f"{c} {_delay(table, c)}" for c in noisy))  # fmt: skip
+    return "\n".join(lines)
+
+
+def _delay(table: dict[str, dict[str, Any]], condition: str) -> str:
+    value = table.get(condition, {}).get("median_delay_epochs")
+    return "–" if value is None else f"{value:+.1f}"
+
+
+def paired_quality(runs: list[dict], signal: str, settings: dict[str, Any]) -> str:
+    """One paragraph: the best-validated rollback against early stopping and the oracle, paired over the noisy runs
+    that memorised, and how far early stopping's stop lies from the alarm."""
+    noisy = [r for r in runs if r["condition"] != "clean" and memorisation_onset(r) is not None]
+    rows = [final_quality(r, signal, settings) for r in noisy]
+    if not rows:
+        return "No memorising runs."
+    vs_es = [q["rollback_best"] - q["early_stopping"] for q in rows]
+    vs_oracle = [q["rollback_best"] - q["oracle"] for q in rows]
+    es_oracle = [q["early_stopping"] - q["oracle"] for q in rows]
+    gaps = [early_stopping_epoch(r)[0] - _epoch_of(r, found[0]) for r in noisy
+            if (found := first_alarm_and_onset(r, signal, settings)) is not None]  # fmt: skip
+    return (f"Paired over {len(rows)} noisy runs, best-validated rollback − early stopping: "
+            f"{sum(d > 0 for d in vs_es)} better, {sum(d == 0 for d in vs_es)} the same, {sum(d < 0 for d in vs_es)} "
+            f"worse, mean {statistics.fmean(vs_es):+.2f}; − oracle: median {statistics.median(vs_oracle):+.2f}, mean "
+            f"{statistics.fmean(vs_oracle):+.2f}, {sum(d >= -1 for d in vs_oracle)}/{len(rows)} within 1 point "
+            f"(early stopping − oracle: median {statistics.median(es_oracle):+.2f}, "
+            f"mean {statistics.fmean(es_oracle):+.2f}); early stopping stopped a median "
+            f"{statistics.median(gaps):+.1f} epochs from the alarm (negative: before it).")  # fmt: skip
+
+
+def ring_table(runs: list[dict], signal: str, settings: dict[str, Any],
+               keeps: tuple[int, ...] = (5, 10, 15, 20, 30)) -> str:  # fmt: skip
+    """Markdown: median rollback − oracle and rollback − early stopping over the noisy runs that memorised, per ring
+    size and choice (latest or best-validated checkpoint before the change point)."""
+    noisy = [r for r in runs if r["condition"] != "clean" and memorisation_onset(r) is not None]
+    found = {id(r): first_alarm_and_onset(r, signal, settings) for r in noisy}
+    lines = ["| ring (epochs) | choice | rollback − oracle | rollback − early stopping |",
+             "| ---: | --- | ---: | ---: |"]  # fmt: skip
+    for keep in keeps:
+        for choose in ("latest", "best"):
+            vs_oracle, vs_es = [], []
+            for r in noisy:
+                acc = {row["epoch"]: row["val_acc"] for row in r["epochs_log"]}
+                alarm = found[id(r)]
+                if alarm is None or alarm[0] <= r["noise_start_step"]:
+                    value = acc[max(acc)]
+                else:
+                    back = rollback_epoch(r, alarm[0], alarm[1], keep=keep, choose=choose)
+                    value = acc[back] if back is not None else acc[0]
+                vs_oracle.append(value - max(acc.values()))
+                vs_es.append(value - acc[early_stopping_epoch(r)[1]])
+            lines.append(f"| {keep} | {choose} | {statistics.median(vs_oracle):+.1f} | "
+                         f"{statistics.median(vs_es):+.1f} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -632,7 +713,7 @@ def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: b
                 break
 
 
-THRESHOLD_GRID = {"h": (8.0, 10.0, 12.0), "tail_rate": (0.7, 0.5, 0.4), "long_run": (0, 1000)}
+THRESHOLD_GRID = {"h": (8.0, 10.0, 12.0), "tail_rate": (0.7, 0.5, 0.4, 0.3), "long_run": (0, 1000)}
 """Threshold rules the ``thresholds`` phase compares: they change no statistic, only where it alarms, so their
 stationary false-alarm rates come from recorded paths (benchmarks/monitor_stationary.py --record)."""
 GRADIENT_H_GRID = (10.0, 12.0, 14.0)

@@ -32,7 +32,7 @@ import random
 from typing import Any
 
 from curvopt import CusumMonitor
-from curvopt.control.monitor import AGGREGATE, GRADIENT
+from curvopt.control.monitor import _MAD_TO_SD, AGGREGATE, GRADIENT, SIGMA_UCB
 
 
 def draw(rng: random.Random, heavy: bool) -> float:
@@ -135,7 +135,7 @@ def record_paths_vectorised(
             incs = window[..., :n]
             centre = np.median(incs, axis=-1, keepdims=True)
             mad = np.median(np.abs(incs - centre), axis=-1)
-            sigma = np.maximum((1 + 2.0 / math.sqrt(n)) * 1.4826 * mad / math.sqrt(2), ref.min_sigma)
+            sigma = np.maximum((1 + SIGMA_UCB / math.sqrt(n)) * _MAD_TO_SD * mad / math.sqrt(2), ref.min_sigma)
         if sigma is not None and trough is not None:
             y = np.minimum(np.maximum(y, fast - ref.clip * sigma), fast + ref.clip * sigma)
         fast = fast + ref.smoothing * (y - fast)

@@ -107,8 +107,7 @@ class Alarm:
         """One line; the ``max_layers`` layers with the largest CUSUM statistics are named, quoted, with their type
         (``'5' (BatchNorm2d)``: a layer named ``5`` must not read as a count)."""
         named = [f"'{n}' ({self.layer_types[n]})" if self.layer_types.get(n) else f"'{n}'" for n in self.layers]
-        nobody = "none above its threshold yet" if self.kind == GRADIENT else "model-wide only"
-        where = ", ".join(named[:max_layers]) if self.layers else nobody
+        where = ", ".join(named[:max_layers]) if self.layers else no_layers_text(self.kind)
         if len(self.layers) > max_layers:
             where += f" and {len(self.layers) - max_layers} more"
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
@@ -125,6 +124,12 @@ class Alarm:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Alarm:
         return cls(**dict(data))
+
+
+def no_layers_text(kind: str) -> str:
+    """What an alarm naming no layer says in place of the layers: a gradient-norm alarm came before any layer crossed
+    its threshold; an aggregate one is the model-wide series'."""
+    return "none above its threshold yet" if kind == GRADIENT else "model-wide only"
 
 
 def distinct_numbers(a: float, b: float, digits: int = 2) -> tuple[str, str]:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,24 +51,37 @@ class Snapshot:
     score: float | None = None  # a validation score given by RollbackOnAlarm.score (higher is better)
 
 
+def pick_before(steps: Sequence[int], scores: Sequence[float | None], onset: int | None,
+                choose: str = "latest") -> int | None:  # fmt: skip
+    """Which of the saved states (taken at ``steps``, oldest first) a rollback restores: the latest one taken before
+    ``onset`` (``choose="best"``: the best-scored among those, the latest of equal scores, the latest when none of
+    them is scored); the oldest when none is before ``onset``; ``None`` when there is none. The in-memory snapshots
+    and ``curvopt train``'s ring of epoch checkpoints both choose with it."""
+    if not steps:
+        return None
+    before = [i for i, step in enumerate(steps) if onset is None or step < onset]
+    if not before:
+        return 0
+    scored = [i for i in before if scores[i] is not None]
+    if choose == "best" and scored:
+        return max(reversed(scored), key=lambda i: scores[i])
+    return before[-1]
+
+
 def last_before(snapshots: list[Snapshot], onset: int | None) -> Snapshot | None:
     """The latest snapshot taken before ``onset`` (the oldest when none is; ``None`` without snapshots)."""
-    if not snapshots:
-        return None
-    if onset is None:
-        return snapshots[-1]
-    earlier = [s for s in snapshots if s.step < onset]
-    return earlier[-1] if earlier else snapshots[0]
+    return _pick(snapshots, onset, "latest")
 
 
 def best_before(snapshots: list[Snapshot], onset: int | None) -> Snapshot | None:
     """The best-scored snapshot taken before ``onset`` (the latest of equal scores; :func:`last_before` when none
     before it is scored)."""
-    earlier = [s for s in snapshots if onset is None or s.step < onset]
-    scored = [s for s in earlier if s.score is not None]
-    if not scored:
-        return last_before(snapshots, onset)
-    return max(reversed(scored), key=lambda s: s.score)
+    return _pick(snapshots, onset, "best")
+
+
+def _pick(snapshots: list[Snapshot], onset: int | None, choose: str) -> Snapshot | None:
+    index = pick_before([s.step for s in snapshots], [s.score for s in snapshots], onset, choose)
+    return None if index is None else snapshots[index]
 
 
 class RollbackOnAlarm:
@@ -112,8 +125,7 @@ class RollbackOnAlarm:
 
     def alert(self, alarm: Alarm) -> None:
         """Restore the last (or best-scored) snapshot before the alarm's onset, then stop, lower the LR or freeze."""
-        pick = best_before if self.choose == "best" else last_before
-        snapshot = pick(list(self.snapshots), alarm.onset_step)
+        snapshot = _pick(list(self.snapshots), alarm.onset_step, self.choose)
         if snapshot is None:
             return
         if alarm.onset_step is not None and snapshot.step >= alarm.onset_step:

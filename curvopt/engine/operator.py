@@ -62,6 +62,7 @@ class CurvatureOperator:
     strategy: str = "autograd"
     batch_size: int = 0
     loss: float = float("nan")  # set when the session closes
+    gradient_sq: list[float] | None = None  # ‖∇_l L‖² per layer, set when the session closes (None: not computed)
     matvecs: int = 0
     sharded: bool = False
 
@@ -69,17 +70,15 @@ class CurvatureOperator:
         """Full ``[k, *shape]`` directions → this rank's shards (as they are when the model is not sharded)."""
         return localize(directions, self.params) if self.sharded else directions
 
-    def gradient_sq(self) -> torch.Tensor | None:
-        """``[L]`` float64: ‖∇_l L‖² per layer of the loss gradient the engine computed at θ on the way (no extra
-        pass; ``None`` for an engine that has none, e.g. ``func-vmap``). Call it inside the session."""
+    def _local_gradient_sq(self) -> torch.Tensor | None:
+        """``[L]`` float64 on the gradient's device: ‖∇_l L‖² per layer (this rank's shards) of the loss gradient the
+        engine computed at θ on the way (no extra pass, no host sync; ``None`` for an engine that has none, e.g.
+        ``func-vmap``). The session's close carries it to the host with the loss."""
         gradient = getattr(self.engine, "gradient", None)
         if gradient is None:
             return None
-        sq = torch.zeros(len(self.blocks), dtype=torch.float64)
-        for layer, tensors in enumerate(self._tensor_ranges()):
-            for i in tensors:
-                sq[layer] += gradient[i].double().pow(2).sum().cpu()
-        return self.sum_over_ranks(sq)
+        return torch.stack([sum(gradient[i].double().pow(2).sum() for i in tensors)
+                            for tensors in self._tensor_ranges()])  # fmt: skip
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Complete a sum over coordinates whose per-rank parts ``values`` hold (identity when not sharded)."""
@@ -304,8 +303,12 @@ def curvature_operator(
         try:
             yield operator
         finally:
-            loss = engine.loss.detach().reshape(1).double().cpu()
-            operator.loss = float(operator.sum_over_ranks(loss)[0]) / (world_size() if sharded else 1)
+            gradient_sq = operator._local_gradient_sq()
+            loss = engine.loss.detach().reshape(1).double()
+            host = torch.cat([loss, gradient_sq.to(loss.device)]) if gradient_sq is not None else loss
+            host = operator.sum_over_ranks(host.cpu())  # one transfer and one collective for both
+            operator.loss = float(host[0]) / (world_size() if sharded else 1)
+            operator.gradient_sq = host[1:].tolist() if gradient_sq is not None else None
             operator.strategy = engine.strategy
             check = getattr(engine, "check_products", None)
             check_context = (kinked_modules(core), getattr(engine, "compute_dtype", torch.float32),

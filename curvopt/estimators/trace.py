@@ -309,10 +309,9 @@ def estimate_curvature(
             samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
         else:
             samples = _probe_samples(op, probes, distribution, generator)
-        gradient_sq = op.gradient_sq()
     estimate = _checked_estimate(op, samples, distribution)
-    if gradient_sq is not None:
-        estimate.gradient_sq = {name: float(v) for name, v in zip(estimate.layers, gradient_sq)}
+    if op.gradient_sq is not None:
+        estimate.gradient_sq = dict(zip(estimate.layers, op.gradient_sq))
     estimate.estimator, estimate.products = estimator, probes
     estimate.curvature_dtype = precision
     return estimate

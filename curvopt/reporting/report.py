@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..control.monitor import distinct_numbers
+from ..control.monitor import distinct_numbers, no_layers_text
 from .loggers import deduplicate, read_jsonl
 
 MONITOR_KEYS = ("h", "k", "warmup", "signal", "alarm_on")
@@ -240,8 +240,7 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
     if alarms:
         rows = [[a["step"], a.get("onset_step"), a.get("kind"),
                  *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
-                 ", ".join(label_of(n, labels) for n in a.get("layers", []))
-                 or ("none above its threshold yet" if a.get("kind") == "gradient" else "model-wide only")]
+                 ", ".join(label_of(n, labels) for n in a.get("layers", [])) or no_layers_text(a.get("kind", ""))]
                 for a in alarms]  # fmt: skip
         parts.append(_table(rows, ["step", "change point (onset)", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
         parts.append("<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ...control.rollback import pick_before
 from .errors import TrainError
 
 CHECKPOINT = "last.pth.tar"
@@ -139,14 +140,9 @@ def ring_before(run_dir: Path, update: int, choose: str = "latest") -> tuple[Pat
     validation top-1 among them, the latest of equals); the oldest one when none is before it; ``None`` when the
     ring is empty. Loaded."""
     ring = sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)
-    if not ring:
-        return None
-    before = [path for path in ring if _ring_updates(path) < update]
-    chosen = before[-1] if before else ring[0]
     scores = _ring_scores(run_dir)
-    if choose == "best" and any(p.name in scores for p in before):
-        chosen = max(reversed([p for p in before if p.name in scores]), key=lambda p: scores[p.name])
-    return chosen, load_checkpoint(chosen)
+    index = pick_before([_ring_updates(p) for p in ring], [scores.get(p.name) for p in ring], update, choose)
+    return None if index is None else (ring[index], load_checkpoint(ring[index]))
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:

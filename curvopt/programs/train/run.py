@@ -455,8 +455,9 @@ def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
 
 
 def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
-    """``--on-alarm rollback`` on every rank: the last ring checkpoint before the alarm's onset (weights, optimizer,
-    EMA, scaler, schedule; the curvature monitor keeps its own history), then stop or continue at a lower LR."""
+    """``--on-alarm rollback`` on every rank: the ring checkpoint before the alarm's onset with the best validation
+    top-1 (``--rollback-to latest``: the last one; weights, optimizer, EMA, scaler, schedule; the curvature monitor
+    keeps its own history), then stop or continue at a lower LR."""
     onset = alarm.onset_step if alarm.onset_step is not None else alarm.step
     found = ring_before(run.run_dir, onset, run.args.rollback_to)
     if found is None:
