@@ -145,7 +145,8 @@ def test_fsdp2_estimates_the_global_batch_curvature_on_every_rank(tmp_path):
     assert not any("disagree" in w for w in r0["warnings"])  # a smooth model passes the self-check
     # the probes a single process draws, on the global batch: the same numbers up to rounding / ε
     for kind in fd.samples:
-        torch.testing.assert_close(sharded.samples[kind], fd.samples[kind], rtol=2e-3, atol=1e-5, msg=kind)
+        # per sample, the rounding of two reduction orders over ε (ρ = 1e-4): ≲ 1 % where a sample nears 0
+        torch.testing.assert_close(sharded.samples[kind], fd.samples[kind], rtol=1e-2, atol=1e-5, msg=kind)
     for layer in exact.layers:  # and a small fraction of an SE from the exact products on those probes
         assert abs(sharded.trace[layer] - exact.trace[layer]) < 0.05 * exact.trace_se[layer], layer
         assert abs(sharded.gn_trace[layer] - exact.gn_trace[layer]) < 0.05 * exact.gn_trace_se[layer], layer

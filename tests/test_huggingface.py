@@ -51,11 +51,12 @@ def _args(tmp_path, **overrides) -> TrainingArguments:
     return TrainingArguments(**settings)
 
 
-def _train(tmp_path, callback, *, model=None, resume=None, **overrides):
+def _train(tmp_path, callback, *, model=None, resume=None, quiet=True, **overrides):
     model = model if model is not None else tiny_gpt2()
     trainer = Trainer(model=model, args=_args(tmp_path, **overrides), train_dataset=ByteText(), callbacks=[callback])
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        if quiet:
+            warnings.simplefilter("ignore")
         trainer.train(resume_from_checkpoint=resume)
     return trainer
 
@@ -217,3 +218,55 @@ def test_reentrant_checkpointing_raises_at_the_first_step_or_falls_back_under_au
     with pytest.warns(curvopt.FiniteDifferenceWarning, match="uses finite differences"):
         opt.step(batch=batch)
     assert opt.last_estimate.strategy == "finite-difference" and opt.skipped_estimates == 0
+
+
+class DtypeRecording(CausalLMLoss):
+    """The model's own loss, recording the dtype of the logits the curvature products see (probing forwards only)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: set[torch.dtype] = set()
+
+    def forward(self, logits, targets):
+        from curvopt.engine.context import is_probing
+
+        if is_probing():
+            self.dtypes.add(logits.dtype)
+        return super().forward(logits, targets)
+
+
+def test_bf16_training_keeps_the_curvature_in_float32(tmp_path):
+    """accelerate wraps model.forward in autocast itself: the probing context must call the original forward."""
+    loss = DtypeRecording()
+    callback = CurvatureCallback(loss, every=2, probes=2, curvature_batch_size=2, log_path=None)
+    trainer = _train(tmp_path, callback, bf16=True)
+    assert "_original_forward" in trainer.model.__dict__  # the Trainer really trained under accelerate's autocast
+    assert loss.dtypes == {torch.float32}
+    asked = DtypeRecording()
+    _train(tmp_path / "asked", CurvatureCallback(asked, every=2, probes=2, curvature_batch_size=2, log_path=None,
+                                                 curvature_dtype="bfloat16"), bf16=True)  # fmt: skip
+    assert asked.dtypes == {torch.bfloat16}  # unless the user asks for another curvature_dtype
+
+
+def test_a_short_run_without_a_cadence_chooses_one_and_says_so(tmp_path, capsys):
+    callback = CurvatureCallback(probes=1, curvature_batch_size=2, log_path=None)
+    _train(tmp_path, callback, max_steps=40, logging_steps=100)
+    assert [int(h["step"]) for h in callback.wrapper.history] == list(range(2, 41, 2))  # 20 estimates, not 0
+    out = capsys.readouterr().out
+    assert "curvature every 2 optimizer steps: 20 estimates in this run (chosen for this 40-step run" in out
+    assert "the monitor calibrates on the first 9 (ready at step 18)" in out
+    with pytest.warns(RuntimeWarning, match="no memorisation verdict: every 4 or less makes 10"):
+        _train(tmp_path / "explicit", CurvatureCallback(every=10, probes=1, curvature_batch_size=2, log_path=None),
+               max_steps=40, quiet=False)  # fmt: skip
+
+
+def test_every_estimate_reaches_the_trainer_logs_at_its_own_step(tmp_path):
+    callback = CurvatureCallback(every=3, probes=1, curvature_batch_size=2)
+    trainer = _train(tmp_path, callback, max_steps=12, logging_steps=5)
+    rows = [r for r in trainer.state.log_history if "curv/total/trace" in r]
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]  # between the Trainer's own rows at 5 and 10, none lost
+    assert all(r["curv/step"] == r["step"] for r in rows)
+    jsonl = curvopt.read_jsonl(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in jsonl if r["type"] == "metrics"] == [3, 6, 9, 12]
+    train = [r for r in jsonl if r["type"] == "train"]  # the Trainer's loss, for reports
+    assert {r["step"] for r in train} >= {5, 10} and all(math.isfinite(r["train/loss"]) for r in train)

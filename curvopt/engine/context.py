@@ -21,7 +21,10 @@ The function whose curvature is estimated is the *training* loss as a training s
   kernels support neither forward-mode AD nor double backward) and timm attention modules
   get ``fused_attn = False`` while probing.
 * **Precision.** Autocast is disabled inside: products are computed in the parameters' dtype
-  (fp32 for a normal model) even if training runs under autocast. ``curvature_dtype`` opts into
+  (fp32 for a normal model) even if training runs under autocast. A forward that a framework wrapped in
+  autocast itself (accelerate, hence the Hugging Face ``Trainer`` with ``bf16=True``/``fp16=True``, replaces
+  ``model.forward`` by an autocast-wrapped one and keeps the original as ``_original_forward``) would
+  switch autocast back on inside the call, so such a module's original forward is put back while probing. ``curvature_dtype`` opts into
   cheaper products: ``"bfloat16"`` runs the forward and both backward passes under bf16 autocast
   (the probes, the products' accumulation and every reduction stay fp32); ``"tf32"`` lets CUDA
   matmuls and convolutions use TensorFloat-32; ``"float32"`` forbids TF32 while probing (strict
@@ -157,6 +160,8 @@ def probing_context(
         (m, m.track_running_stats) for m in modules if isinstance(getattr(m, "track_running_stats", None), bool)
     ]
     saved_fused = [(m, m.fused_attn) for m in modules if isinstance(getattr(m, "fused_attn", None), bool)]
+    autocast_forwards = [(m, m.__dict__["forward"]) for m in modules
+                         if "forward" in m.__dict__ and "_original_forward" in m.__dict__]  # fmt: skip
     sync_bn = [m for m in modules if isinstance(m, nn.SyncBatchNorm)]
     cuda_devices = _cuda_devices(model)
     global _active_sessions
@@ -171,6 +176,8 @@ def probing_context(
                 module.track_running_stats = False
         for module, _ in saved_fused:
             module.fused_attn = False
+        for module, _ in autocast_forwards:
+            module.forward = module.__dict__["_original_forward"]
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.random.fork_rng(devices=cuda_devices))
             stack.enter_context(torch.enable_grad())
@@ -192,5 +199,7 @@ def probing_context(
             module.track_running_stats = flag
         for module, flag in saved_fused:
             module.fused_attn = flag
+        for module, wrapped in autocast_forwards:
+            module.forward = wrapped
         for module in sync_bn:
             module.__class__ = nn.SyncBatchNorm

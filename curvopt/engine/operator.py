@@ -36,17 +36,17 @@ from torch import nn
 from .batch import Forward, batch_size, check_finite_loss, split_batch
 from .context import probing_context, resolve_curvature_dtype
 from .finite_difference import (
-    CHECK_FACTOR,
-    KINK_TOLERANCE,
+    LINEARITY_TOLERANCE,
+    TRUNCATION_TOLERANCE,
     FiniteDifferenceWarning,
+    StepCheck,
     kinked_modules,
-    layer_disagreement,
 )
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
 from .probes import derive_seed
 from .products import CurvatureStrategyError, ProbeProblem
 from .sharding import all_reduce_sum, is_sharded, localize, world_size
-from .strategies import FINITE_DIFFERENCE, STRATEGIES, AutoEngine, make_engine
+from .strategies import FINITE_DIFFERENCE, STRATEGIES, AutoEngine, exact_strategy_runs, make_engine
 
 Tensors = list[torch.Tensor]
 
@@ -193,43 +193,82 @@ def _warn_no_tf32(device: torch.device) -> None:
     )
 
 
+def _layer_list(operator: CurvatureOperator, layers: list[int], values: list[float]) -> str:
+    ranked = sorted(layers, key=lambda i: -values[i])
+    names = ", ".join(f"'{operator.blocks[i].name}' ({operator.blocks[i].kind or 'layer'}, {values[i]:.2g})"
+                      for i in ranked[:6])  # fmt: skip
+    return names + (f" and {len(ranked) - 6} more" if len(ranked) > 6 else "")
+
+
 def _warn_finite_difference_check(
-    operator: CurvatureOperator, check: tuple, kinked: list[tuple[str, str]], dtype: torch.dtype, fell_back: bool
+    operator: CurvatureOperator,
+    check: StepCheck | None,
+    kinked: list[tuple[str, str]],
+    dtype: torch.dtype,
+    exact_runs: bool,
 ) -> None:
-    """The self-check of a finite-difference session (:mod:`curvopt.engine.finite_difference`): warn once,
-    naming the layers whose products at ε/8, ε and 8ε are not smooth in the step beyond :data:`KINK_TOLERANCE`
-    and the model's piecewise-linear modules (one probe can miss a rare switch)."""
-    owners = [i for i, block in enumerate(operator.blocks) for _ in block.params]
-    ratios = layer_disagreement(check, owners, len(operator.blocks), operator.sharded)
-    bad = sorted(((r, b) for r, b in zip(ratios, operator.blocks) if r > KINK_TOLERANCE), key=lambda x: -x[0])
-    low_precision = dtype in (torch.bfloat16, torch.float16)
-    if not bad and (not kinked or low_precision):
-        return
-    findings = []
-    if bad:
-        names = ", ".join(f"'{b.name}' ({b.kind or 'layer'}, {r:.2g})" for r, b in bad[:6])
-        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-        findings.append(f"its products at steps ε/{CHECK_FACTOR:g}, ε and {CHECK_FACTOR:g}ε are not smooth in the "
-                        f"step in layer(s) {names}{more} (mismatch in units of ‖(Hz)_l‖, tolerance "
-                        f"{KINK_TOLERANCE:g})")  # fmt: skip
-    if kinked and not low_precision:
+    """Say once what a finite-difference session's self-check found (:mod:`curvopt.engine.finite_difference`),
+    by cause: rounding of a low-precision model; kinks (the model's piecewise-linear modules named, with a strategy
+    advised only where ``exact_runs``: it was tried on this model); a smooth model still off after the step
+    settled (truncation at an explicit step, or rounding); or a step that shrank and now fits."""
+    over = sorted(set().union(*check.layers_over())) if check is not None else []
+    worst = [max(t, m) for t, m in zip(check.truncation, check.nonlinearity)] if check is not None else []
+    where = (f" in layer(s) {_layer_list(operator, over, worst)} (units of the per-probe scale, tolerances "
+             f"{TRUNCATION_TOLERANCE:g} off and {LINEARITY_TOLERANCE:g} from step-linear)") if over else ""  # fmt: skip
+    if dtype in (torch.bfloat16, torch.float16):
+        if not over:
+            return
+        message = (f"its samples at steps ε, 2ε and 4ε disagree{where}: the passes compute in "
+                   f"{str(dtype).removeprefix('torch.')}, where the difference of two gradients is mostly rounding; "
+                   "run the curvature passes in float32 (fp32 parameters, no bf16 param_dtype)")  # fmt: skip
+    elif kinked:
         modules = ", ".join(f"'{n}' ({kind})" for n, kind in kinked[:4])
         more = f" and {len(kinked) - 4} more" if len(kinked) > 4 else ""
-        findings.append(f"the model has piecewise-linear modules {modules}{more}")
-    if low_precision:
-        cause = (f"the passes compute in {str(dtype).removeprefix('torch.')}, where the difference of two gradients is "
-                 "mostly rounding: run the curvature passes in float32 (fp32 parameters, no bf16 param_dtype)")
-    elif fell_back or operator.sharded:
-        cause = ("units that switch between θ and θ+εz (ReLU, max-pooling) make the finite difference a smoothed "
-                 "curvature, not autograd's Hessian, and no exact strategy can run this model: read the traces as "
-                 "smoothed curvature (GN traces are not affected), or use smooth activations (GELU, SiLU, tanh)")
+        kinds = ", ".join(sorted({kind for _, kind in kinked}))
+        message = (f"the model has piecewise-linear modules {modules}{more}"
+                   f"{f'; its samples at steps ε, 2ε and 4ε disagree{where}' if over else ''}. Units of {kinds} "
+                   "that switch between θ and θ+εz make the finite difference a smoothed curvature, not autograd's "
+                   "Hessian (GN traces are not affected): ")  # fmt: skip
+        if exact_runs:
+            message += "use strategy='autograd' (exact; it runs on this model)"
+        else:
+            message += ("no exact strategy can run this model, so read the traces as smoothed curvature, or use "
+                        "smooth activations (GELU, SiLU, tanh)")  # fmt: skip
+    elif over:
+        tried = ", ".join(f"{s:g}" for s in check.steps)
+        if check.rounding_limited:
+            cause = f"rounding limits it (a smaller step raised the error; relative steps tried: {tried}): run the "
+            cause += "model in float64 for finer products"
+        elif len(check.steps) == 1:  # an explicit fd_step: the check reports, it does not change the step
+            cause = "pass a smaller fd_step"
+        else:
+            cause = f"the step could shrink no further (relative steps tried: {tried})"
+        message = f"at relative step {check.step:g} its samples at steps ε, 2ε and 4ε disagree{where}: {cause}"
+    elif check is not None and check.shrunk:
+        message = (f"the relative step shrank from {check.steps[0]:g} to {check.step:g} to keep each layer's "
+                   f"truncation below {TRUNCATION_TOLERANCE:g} of its per-probe scale; later estimates of this model "
+                   "use it")  # fmt: skip
     else:
-        cause = ("units that switch between θ and θ+εz (ReLU, max-pooling) make the finite difference a smoothed "
-                 "curvature, not autograd's Hessian (GN traces are not affected): use strategy='autograd' (exact)")
-    if bad and not kinked and not low_precision:
-        cause += "; for a smooth model, a smaller fd_step"
-    warnings.warn(f"curvopt: finite-difference curvature: {'; '.join(findings)}. {cause}",
-                  FiniteDifferenceWarning, stacklevel=4)  # fmt: skip
+        return
+    warnings.warn(f"curvopt: finite-difference curvature: {message}", FiniteDifferenceWarning, stacklevel=4)
+
+
+def _finite_difference_findings(
+    engine: object, problem: ProbeProblem, core: nn.Module, gn: bool
+) -> tuple[StepCheck | None, list[tuple[str, str]], torch.dtype, bool] | None:
+    """What the warning about a finite-difference session needs, gathered inside the probing context: the
+    self-check, the model's piecewise-linear modules, the compute precision, and whether an exact strategy runs
+    on this model (tried only when there is something to advise)."""
+    fd = engine.engine if isinstance(engine, AutoEngine) else engine
+    if getattr(fd, "strategy", None) != FINITE_DIFFERENCE or not (fd.check or fd.step_check is not None):
+        return None
+    kinked = kinked_modules(core)
+    check = fd.step_check
+    nonlinear = bool(check is not None and check.layers_over()[1])
+    exact = False
+    if (kinked or nonlinear) and not isinstance(engine, AutoEngine) and not fd.sharded:
+        exact = exact_strategy_runs(problem, gn)
+    return check, kinked, fd.compute_dtype, exact
 
 
 def draw_mask_seed(generator: torch.Generator) -> int:
@@ -259,8 +298,9 @@ def curvature_operator(
     ``curvature_dtype`` (``None``, ``"float32"``, ``"tf32"``, ``"bfloat16"``) sets the products'
     precision (:mod:`curvopt.engine.context`; the error of each is measured in benchmarks/RESULTS.md).
     ``strategy``: ``"auto"`` or one of :data:`~curvopt.engine.strategies.STRATEGIES`; ``fd_step`` the
-    finite-difference relative step (``None``: by precision), ``fd_check`` its self-check on the first
-    product (two extra gradients; ``"auto"`` checks whenever it falls back to finite differences).
+    finite-difference relative step (``None``: the step settled for this model, else by precision),
+    ``fd_check`` its self-check on the first product of a model not yet checked (two extra gradients per round,
+    see :mod:`curvopt.engine.finite_difference`; ``"auto"`` checks whenever it falls back to finite differences).
 
     Raises ``ValueError`` for bad arguments and :class:`~curvopt.CurvatureInputError` for a batch,
     model or loss that cannot be probed (a configuration mistake); ``FloatingPointError`` on exit
@@ -294,7 +334,9 @@ def curvature_operator(
     sharded = is_sharded(params)
     with probing_context(core, mask_seed=draw_mask_seed(generator), curvature_dtype=precision) as rewind:
         problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind, forward)
-        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size, fd_step=fd_step, fd_check=fd_check)
+        owners = [i for i, block in enumerate(blocks) for _ in block.params]
+        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size, fd_step=fd_step, fd_check=fd_check,
+                             tensor_layers=owners)  # fmt: skip
         if engine.out_hessian is not None and engine.out_hessian.is_zero:
             _warn_zero_gauss_newton(loss_fn)
         samples = batch_size(inputs) * (world_size() if sharded else 1)
@@ -310,12 +352,10 @@ def curvature_operator(
             operator.loss = float(host[0]) / (world_size() if sharded else 1)
             operator.gradient_sq = host[1:].tolist() if gradient_sq is not None else None
             operator.strategy = engine.strategy
-            check = getattr(engine, "check_products", None)
-            check_context = (kinked_modules(core), getattr(engine, "compute_dtype", torch.float32),
-                             isinstance(engine, AutoEngine))
+            check = _finite_difference_findings(engine, problem, core, gn)
             operator.engine = None  # type: ignore[assignment]  # release the kept graph
             del engine, problem
     if check is not None:
-        _warn_finite_difference_check(operator, check, *check_context)
+        _warn_finite_difference_check(operator, *check)
         del check
     check_finite_loss(operator.loss)

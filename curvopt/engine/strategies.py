@@ -15,6 +15,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 
+import torch
+
 from .finite_difference import FiniteDifference, FiniteDifferenceWarning
 from .products import (
     EXACT_STRATEGIES,
@@ -24,6 +26,7 @@ from .products import (
     ReverseOverReverse,
     Tensors,
     double_backward_error,
+    is_double_backward_failure,
 )
 from .sharding import is_sharded
 
@@ -37,8 +40,8 @@ Engine = ReverseOverReverse | ForwardOverReverse | FiniteDifference
 def _say_fallback(reason: str) -> None:
     warnings.warn(
         f"curvopt: strategy 'auto' uses finite differences for this model: {reason}. Exact second derivatives "
-        "are not available; a self-check at the first estimate reports layers where finite differences do not "
-        "estimate autograd's Hessian (kinks such as ReLU).",
+        "are not available; a self-check at the first estimate settles the step and reports layers where finite "
+        "differences do not estimate the Hessian (kinks such as ReLU).",
         FiniteDifferenceWarning,
         stacklevel=5,
     )
@@ -64,7 +67,7 @@ class AutoEngine:
         _say_fallback(reason)
         return self._build_fd()
 
-    def __getattr__(self, name: str) -> object:  # loss, out_hessian, chunk_size, strategy, check_products
+    def __getattr__(self, name: str) -> object:  # loss, out_hessian, chunk_size, strategy, step_check
         engine = self.__dict__.get("engine")
         if engine is None:
             raise AttributeError(name)
@@ -83,6 +86,22 @@ class AutoEngine:
         return result
 
 
+def exact_strategy_runs(problem: ProbeProblem, gn: bool) -> bool:
+    """Whether the exact ``"autograd"`` strategy can take a product on this problem (tried once: a model with an
+    operation that has no double backward, e.g. Hardswish, fails here). Used before advising it."""
+    try:
+        engine = ReverseOverReverse(problem, gn=gn)
+        probe = [torch.ones_like(p).unsqueeze(0) for p in problem.params]
+        engine(probe)
+    except DoubleBackwardError:
+        return False
+    except (RuntimeError, NotImplementedError) as exc:
+        if is_double_backward_failure(exc):
+            return False
+        raise
+    return True
+
+
 def make_engine(
     strategy: str,
     problem: ProbeProblem,
@@ -92,17 +111,19 @@ def make_engine(
     closed_form: bool = True,
     fd_step: float | None = None,
     fd_check: bool = False,
+    tensor_layers: list[int] | None = None,
 ) -> Engine | AutoEngine:
     """Build the product engine named ``strategy`` (``"auto"`` or one of :data:`STRATEGIES`; see the module docstring).
 
     ``fd_step`` is the finite-difference relative step (``None``: by precision), ``fd_check`` runs the
     finite-difference self-check on the first product (explicit ``"finite-difference"``; ``"auto"`` always
-    checks when it falls back).
+    checks when it falls back), per layer as ``tensor_layers[i]`` groups the tensors.
     """
     sharded = is_sharded(problem.params)
 
     def finite_difference(check: bool) -> FiniteDifference:
-        return FiniteDifference(problem, gn=gn, closed_form=closed_form, step=fd_step, check=check)
+        return FiniteDifference(problem, gn=gn, closed_form=closed_form, step=fd_step, check=check,
+                                tensor_layers=tensor_layers)  # fmt: skip
 
     if strategy == FINITE_DIFFERENCE:
         return finite_difference(fd_check)

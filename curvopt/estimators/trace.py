@@ -276,9 +276,14 @@ def estimate_curvature(
             ``"float32"`` (no TF32 while probing), ``"tf32"`` (CUDA TensorFloat-32 matmuls and convolutions)
             or ``"bfloat16"`` (forward and backward passes under bf16 autocast; probes and reductions in
             fp32). The cheaper formats' error is measured in benchmarks/RESULTS.md.
-        fd_step: finite differences: the relative step ρ = ‖εz‖/‖θ‖ (``None``: by precision, fp32 1e-3).
-        fd_check: finite differences: the first probe at ε/8, ε and 8ε must be linear in the step; warn
-            (:class:`~curvopt.FiniteDifferenceWarning`) naming layers that disagree (kinks, rounding).
+        fd_step: finite differences: the relative step ρ = ‖εz‖/‖θ‖ (``None``: the step a previous
+            self-check settled on for this model, else by precision, fp32 1e-4).
+        fd_check: finite differences: the self-check, once per model (its step is remembered): the first
+            probe at ε, 2ε and 4ε, which shrinks a step too large for the model and warns
+            (:class:`~curvopt.FiniteDifferenceWarning`) naming layers and modules where finite differences do
+            not estimate the Hessian (kinks, rounding). It costs 2 forward+backward passes per round (≤ 4
+            rounds, 1 on the measured smooth families), once; with an explicit ``fd_step`` it checks every
+            call and does not change the step.
 
     On an FSDP2-sharded model (``fully_shard``; ``"auto"`` or ``"finite-difference"``), call it on every
     rank with the same ``generator`` state and each rank's local batch: every rank perturbs its own shards

@@ -12,10 +12,19 @@ The callback takes the Trainer's own model and optimizer (no subclass, no hand-m
   (:class:`~curvopt.CausalLMLoss`, closed-form output Hessian), a sequence classifier's cross-entropy, MSE or
   BCE-with-logits by ``config.problem_type``; the outputs are ``model(**inputs).logits``. Any other model needs
   ``loss_fn=`` (and ``forward=`` when its outputs are not ``.logits``).
-* **Metrics.** The curvature summary (:data:`~curvopt.integrations.session.SUMMARY_KEYS`; ``trainer_metrics="all"``
-  for every per-layer value) joins the Trainer's next log row, so ``state.log_history`` and ``report_to``
-  (W&B, TensorBoard, ...) get it: the callback moves itself ahead of the reporting callbacks. Every estimate
-  and alarm also goes to ``<output_dir>/curvature.jsonl`` (what ``curvopt report`` reads).
+* **Cadence.** ``every=None`` (default): chosen from ``max_steps`` as ``curvopt train`` does (≥ 20 estimates
+  where the run allows, at most every 500 steps), said in one line at train start
+  (:mod:`curvopt.integrations.session`).
+* **Metrics.** Every estimate gets a log row of its own at its own step: the callback sets
+  ``control.should_log`` at the estimate's optimizer step, so the Trainer writes a row there (with its training
+  loss since the previous row) and the curvature summary (:data:`~curvopt.integrations.session.SUMMARY_KEYS`,
+  ``curv/step`` included; ``trainer_metrics="all"`` for every per-layer value) joins it. ``state.log_history`` and
+  ``report_to`` (W&B, TensorBoard, ...) get every estimate at ``global_step`` = ``curv/step``: the callback moves
+  itself ahead of the reporting callbacks. Every estimate and alarm also goes to ``<output_dir>/curvature.jsonl``
+  (what ``curvopt report`` reads), with the Trainer's logged training loss and evaluation loss, so reports show
+  them beside the curvature.
+* **Precision.** Under ``bf16=True``/``fp16=True`` accelerate wraps ``model.forward`` in autocast; the probing
+  context calls the original forward, so the products run in float32 unless ``curvature_dtype`` asks otherwise.
 * **Checkpoints.** ``curvopt_state.pt`` in each ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=…)``
   restores it (probe stream, monitor, history) and cuts the JSONL back, so a resumed run continues the
   uninterrupted run's curvature history.
@@ -107,9 +116,10 @@ class CurvatureCallback(TrainerCallback):
     Args:
         loss_fn: ``loss_fn(outputs, labels)``; default: the model's own loss (see the module docstring).
         forward: ``forward(model, inputs) -> outputs``; default ``model(**inputs).logits``.
-        every, probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
-            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer` (``every`` counts
-            optimizer steps, so gradient accumulation's micro-batches do not count).
+        every: estimate every this many optimizer steps (gradient accumulation's micro-batches do not count);
+            ``None`` (default): chosen from the run's ``max_steps`` (module docstring).
+        probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
+            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
         on_alarm: ``"warn"`` (default: a log record and the JSONL) or ``"stop"`` (end training).
         log_path: the JSONL log; default ``<output_dir>/curvature.jsonl``; ``None`` for none.
         trainer_metrics: ``"summary"`` (default: totals, monitor, alarm) or ``"all"`` (every ``curv/*`` value)
@@ -123,7 +133,7 @@ class CurvatureCallback(TrainerCallback):
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         *,
         forward: Callable[..., torch.Tensor] | None = None,
-        every: int = 500,
+        every: int | None = None,
         probes: int | str = 8,
         curvature_batch_size: int = 32,
         gn: bool = True,
@@ -172,8 +182,8 @@ class CurvatureCallback(TrainerCallback):
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         log_path = Path(args.output_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
         self.session = TrackingSession(inner, model, loss_fn, forward=forward or logits_of, options=self.options,
-                                       log_path=log_path, sinks=self.extra_sinks,
-                                       reports=state.is_world_process_zero)  # fmt: skip
+                                       log_path=log_path, sinks=self.extra_sinks, reports=state.is_world_process_zero,
+                                       total_steps=state.max_steps)  # fmt: skip
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False
         if state.global_step > 0:
@@ -212,12 +222,17 @@ class CurvatureCallback(TrainerCallback):
         metrics, alarms = self.session.step(batch)
         if metrics:
             self.pending = metrics
+            control.should_log = True  # a log row of its own at this step (global_step = curv/step after the step)
         if alarms and self.on_alarm == "stop":
             control.should_training_stop = True
         return control
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
-        if not self.pending or logs is None:
+        if logs is None:
+            return
+        if self.session is not None:
+            self._record_trainer_metrics(state, logs)
+        if not self.pending:
             return
         keys = self.pending if self.trainer_metrics == "all" else [k for k in SUMMARY_KEYS if k in self.pending]
         row = {k: self.pending[k] for k in keys}
@@ -225,6 +240,16 @@ class CurvatureCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(row)  # the Trainer copied the row into the history before calling us
         self.pending = {}
+
+    def _record_trainer_metrics(self, state: Any, logs: Mapping[str, Any]) -> None:
+        """The Trainer's training and evaluation losses into the JSONL, for reports."""
+        if isinstance(logs.get("loss"), (int, float)):
+            train = {"train/loss": float(logs["loss"])}
+            if isinstance(logs.get("learning_rate"), (int, float)):
+                train["train/lr"] = float(logs["learning_rate"])
+            self.session.log_training(state.global_step, train)
+        if isinstance(logs.get("eval_loss"), (int, float)):
+            self.session.log_evaluation(float(state.epoch or 0.0), state.global_step, {"eval/loss": logs["eval_loss"]})
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -1,15 +1,28 @@
-"""Curvature inside Lightning: ``lightning.Trainer(callbacks=[CurvatureCallback(loss_fn)])``.
+"""Curvature inside Lightning: ``lightning.Trainer(callbacks=[CurvatureCallback()])``.
 
-* **Batch.** ``on_train_batch_start`` keeps the batch, an ``(inputs, targets)`` pair (``forward=`` says how the
-  module is called on the inputs, as for :class:`~curvopt.CurvatureAwareOptimizer`). With gradient accumulation
-  it is the last micro-batch of the optimizer step.
+* **Batch.** ``on_train_batch_start`` keeps the batch as an ``(inputs, targets)`` pair. A tuple or list of two is
+  taken as it is; a dict is split on its target key: ``"labels"`` (the Hugging Face convention: the other tensors
+  stay a dict, and the module is called as ``module(**inputs)``), or ``"label"``, ``"target"``, ``"targets"``,
+  ``"y"`` (a single other tensor, e.g. ``"image"``, is passed as ``module(image)``; several stay a dict). Any other
+  layout: ``split_batch=lambda batch: (inputs, targets)``. With gradient accumulation the pair is the last
+  micro-batch of the optimizer step.
+* **Outputs.** ``forward(module, inputs)`` when given, else ``module(inputs)`` (``module(**inputs)`` for a dict),
+  taking ``.logits`` from a Hugging Face style output.
+* **Loss.** ``loss_fn(outputs, targets)`` when given. Without it, the module's own, by this contract: a method
+  ``curvature_loss(self, outputs, targets)`` on the LightningModule returning the scalar loss its training step
+  computes from those outputs; or, for a module holding a Hugging Face model (trained on ``{"labels": …}`` dicts),
+  that model's own loss (:func:`curvopt.integrations.huggingface.model_loss`).
 * **When.** ``on_before_optimizer_step``, which Lightning calls under automatic *and* manual optimization after
   the training step's backward and before ``optimizer.step()``: the step is counted, and when due the estimate
-  runs on the current batch at the parameters the step starts from. (A user-wrapped optimizer would estimate
-  *before* Lightning's closure runs the training step, on the previous step's batch: the wrapper now runs the
-  closure first, but the callback needs no wrapper at all.) With several optimizers, the first is tracked.
-* **Metrics** go to every ``trainer.loggers`` once per estimate (at ``trainer.global_step``) and to
-  ``<default_root_dir>/curvature.jsonl``; only rank 0 logs.
+  runs on the current batch at the parameters the step starts from. With several optimizers, the first is tracked.
+* **Cadence.** ``every=None`` (default): chosen from ``trainer.estimated_stepping_batches`` as ``curvopt train``
+  does, said in one line at fit start (:mod:`curvopt.integrations.session`).
+* **Metrics** go to every ``trainer.loggers`` once per estimate, at the estimate's own optimizer step (``curv/step``,
+  counted from 1 as in the JSONL; ``trainer.global_step`` inside the step is one lower), and to
+  ``<default_root_dir>/curvature.jsonl`` with the module's training loss (the training step's returned loss) and
+  validation loss (a logged metric named like ``val_loss``), so reports show them; only rank 0 logs.
+* **Precision.** Curvature runs in float32 under ``bf16-mixed``/``16-mixed`` (the probing context turns autocast
+  off) unless ``curvature_dtype`` asks otherwise.
 * **Checkpoints.** The callback's state (probe stream, monitor, history, the JSONL position) is in Lightning's
   checkpoints (``state_dict``/``load_state_dict``), so ``trainer.fit(..., ckpt_path=…)`` resumes it exactly.
 * **Alarms.** ``on_alarm="stop"`` sets ``trainer.should_stop``.
@@ -17,7 +30,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +39,7 @@ import torch
 
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
-from ..engine.batch import split_batch
+from ..engine.batch import CurvatureInputError, describe
 from .session import TrackingSession, wrapper_options
 
 try:
@@ -34,6 +48,56 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('curvopt.integrations.lightning needs lightning: pip install -e ".[lightning]"') from exc
 
 ON_ALARM = ("warn", "stop")
+TARGET_KEYS = ("labels", "label", "targets", "target", "y")
+"""The keys a dict batch's targets are found under, in this order (``"labels"``: the Hugging Face convention)."""
+
+
+def default_split(batch: Any) -> tuple[Any, Any] | None:
+    """``(inputs, targets)`` of a training batch by the conventions of the module docstring, or ``None``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    if not isinstance(batch, Mapping):
+        return None
+    key = next((k for k in TARGET_KEYS if k in batch), None)
+    if key is None:
+        return None
+    rest = {k: v for k, v in batch.items() if k != key and isinstance(v, torch.Tensor)}
+    if not rest:
+        return None
+    if key != "labels" and len(rest) == 1:
+        return next(iter(rest.values())), batch[key]
+    return rest, batch[key]
+
+
+def module_outputs(module: torch.nn.Module, inputs: Any) -> torch.Tensor:
+    """``module(**inputs)`` for a dict, else ``module(inputs)``; a Hugging Face style output's ``.logits``."""
+    out = module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = out.get("logits") if isinstance(out, Mapping) else getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise CurvatureInputError(
+        f"the LightningModule returned {describe(out)}, not a tensor of outputs: pass "
+        "CurvatureCallback(forward=lambda module, inputs: ...) returning the outputs the loss takes"
+    )
+
+
+def module_loss(module: torch.nn.Module) -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """The LightningModule's own curvature loss (module docstring), or a ``ValueError`` naming the options."""
+    own = getattr(module, "curvature_loss", None)
+    if callable(own):
+        return own
+    hf = next((m for m in module.modules() if type(m).__module__.startswith("transformers.")
+               and hasattr(m, "config") and hasattr(m, "can_generate")), None)  # fmt: skip
+    if hf is not None:
+        from .huggingface import model_loss
+
+        return model_loss(hf)[0]
+    raise ValueError(
+        f"CurvatureCallback needs the training loss of {type(module).__name__}: pass CurvatureCallback(loss_fn=...) "
+        "(called as loss_fn(outputs, targets)), or define curvature_loss(self, outputs, targets) on the module"
+    )
 
 
 class _TrainerLoggers:
@@ -43,9 +107,10 @@ class _TrainerLoggers:
         self.trainer = trainer
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        scalars = {"curv/step": float(step)}
+        scalars.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
         for logger in self.trainer.loggers:
-            logger.log_metrics(scalars, step=self.trainer.global_step)
+            logger.log_metrics(scalars, step=step)  # the estimate's optimizer step, as in the JSONL
 
     def alert(self, alarm: Alarm) -> None:
         """Alarms reach the loggers as ``curv/alarm`` = 1 in the estimate's metrics."""
@@ -55,11 +120,14 @@ class CurvatureCallback(pl.Callback):
     """Per-layer curvature, the memorisation monitor and its alarms inside ``lightning.Trainer``.
 
     Args:
-        loss_fn: ``loss_fn(outputs, targets)``, the module's training loss.
-        forward: ``forward(module, inputs) -> outputs``; default ``module(inputs)``.
-        every, probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
-            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer` (``every`` counts
-            optimizer steps).
+        loss_fn: ``loss_fn(outputs, targets)``, the module's training loss; default: the module's own
+            (``curvature_loss``, or a Hugging Face model's loss; see the module docstring).
+        split_batch: ``split_batch(batch) -> (inputs, targets)`` for a training batch the defaults do not read.
+        forward: ``forward(module, inputs) -> outputs``; default ``module(inputs)`` (``module(**inputs)`` for a dict,
+            ``.logits`` of a Hugging Face style output).
+        every: estimate every this many optimizer steps; ``None`` (default): chosen from the run's length.
+        probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
+            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
         on_alarm: ``"warn"`` (default) or ``"stop"`` (``trainer.should_stop``).
         log_path: the JSONL log; default ``<default_root_dir>/curvature.jsonl``; ``None`` for none.
         logger: further curvopt sinks; callbacks: called with every :class:`~curvopt.Alarm`.
@@ -67,10 +135,11 @@ class CurvatureCallback(pl.Callback):
 
     def __init__(
         self,
-        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         *,
+        split_batch: Callable[[Any], tuple[Any, Any]] | None = None,
         forward: Callable[..., torch.Tensor] | None = None,
-        every: int = 500,
+        every: int | None = None,
         probes: int | str = 8,
         curvature_batch_size: int = 32,
         gn: bool = True,
@@ -87,11 +156,13 @@ class CurvatureCallback(pl.Callback):
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
     ) -> None:
-        if not callable(loss_fn):
-            raise TypeError(f"loss_fn must be callable as loss_fn(outputs, targets), got {type(loss_fn).__name__}")
+        for name, value in (("loss_fn", loss_fn), ("split_batch", split_batch), ("forward", forward)):
+            if value is not None and not callable(value):
+                raise TypeError(f"{name} must be callable, got {type(value).__name__}")
         if on_alarm not in ON_ALARM:
             raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
-        self.loss_fn, self.forward, self.on_alarm, self.log_path = loss_fn, forward, on_alarm, log_path
+        self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
+        self.on_alarm, self.log_path = on_alarm, log_path
         self.options = wrapper_options(locals())
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
@@ -107,18 +178,46 @@ class CurvatureCallback(pl.Callback):
         if not trainer.optimizers:
             raise ValueError("CurvatureCallback needs an optimizer (configure_optimizers returned none)")
         log_path = Path(trainer.default_root_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
-        self.session = TrackingSession(trainer.optimizers[0], pl_module, self.loss_fn, forward=self.forward,
+        loss_fn = self.loss_fn if self.loss_fn is not None else module_loss(pl_module)
+        total = trainer.estimated_stepping_batches
+        total = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
+        forward = self.forward or module_outputs
+        self.session = TrackingSession(trainer.optimizers[0], pl_module, loss_fn, forward=forward,
                                        options=self.options, log_path=log_path,
                                        sinks=[_TrainerLoggers(trainer), *self.extra_sinks],
-                                       reports=trainer.is_global_zero)  # fmt: skip
+                                       reports=trainer.is_global_zero, total_steps=total)  # fmt: skip
         if self._restored is not None:
             self.session.load_state_dict(self._restored)
             self._restored = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:  # fmt: skip
-        split_batch(batch)  # an (inputs, targets) pair, or one clear error now
-        self.batch = batch
+        pair = self.split_batch(batch) if self.split_batch is not None else default_split(batch)
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            given = "split_batch returned " + describe(pair) if self.split_batch is not None else describe(batch)
+            raise CurvatureInputError(
+                f"CurvatureCallback cannot read a training batch as (inputs, targets): {given}. Dict batches are read "
+                f"by their target key ({', '.join(repr(k) for k in TARGET_KEYS)}); for any other layout pass "
+                "CurvatureCallback(split_batch=lambda batch: (inputs, targets))"
+            )
+        self.batch = tuple(pair)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        """The training step's loss into the JSONL at the optimizer step it belongs to (for reports)."""
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if self.session is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self.session.log_training(self.session.wrapper.step_count, {"train/loss": float(loss.detach())})
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The logged validation loss (a metric named like ``val_loss``) into the JSONL (for reports)."""
+        if self.session is None or trainer.sanity_checking:
+            return
+        name = next((k for k in trainer.callback_metrics if "val" in k.lower() and "loss" in k.lower()), None)
+        if name is not None:
+            value = float(trainer.callback_metrics[name])
+            self.session.log_evaluation(float(trainer.current_epoch), self.session.wrapper.step_count,
+                                        {"eval/loss": value})  # fmt: skip
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.session is None or getattr(optimizer, "_optimizer", optimizer) is not self.session.wrapper.optimizer:

@@ -9,11 +9,23 @@ A framework steps its optimizer itself, so a callback cannot pass the batch to `
   which counts the step and, when due, estimates on the recorded batch at the parameters the step starts from,
   exactly as the wrapper would. Metrics and alarms go to the session's sinks (JSONL, the framework's loggers), its
   state goes into the framework's checkpoints (``state_dict`` with the JSONL position, so a resume cuts the log back).
+
+**Steps.** One convention everywhere: an estimate is stamped with the optimizer step it precedes, counted from 1
+(``curv/step``; the 4th ``optimizer.step()`` is step 4), in the JSONL, in the frameworks' loggers and in reports.
+The Hugging Face Trainer's ``global_step`` after that step is the same number; Lightning's ``trainer.global_step``
+inside it is one lower (it counts finished steps), so the callbacks stamp the estimate's own step.
+
+**Cadence.** ``every=None`` (the callbacks' default) chooses it from the run's length
+(:mod:`curvopt.control.cadence`, the rule ``curvopt train`` uses) and says in one line at train start how many
+estimates the run makes, when the monitor is ready and what it costs; an ``every`` that leaves the monitor no
+verdict is warned about.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +33,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..control.monitor import Alarm
+from ..control.cadence import DEFAULT_EVERY, CadencePlan, describe_cadence, plan_cadence
+from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
@@ -41,7 +54,7 @@ def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-SUMMARY_KEYS = ("curv/total/trace", "curv/total/trace_se", "curv/total/gn_trace", "curv/total/gn_gap",
+SUMMARY_KEYS = ("curv/step", "curv/total/trace", "curv/total/trace_se", "curv/total/gn_trace", "curv/total/gn_gap",
                 "curv/total/frob", "curv/loss", "curv/cusum/aggregate", "curv/cusum/threshold", "curv/monitor_ready",
                 "curv/alarm", "curv/skipped_estimates")  # fmt: skip
 """The metrics a callback puts into the framework's own log rows by default (per-layer ones go to the JSONL)."""
@@ -74,7 +87,8 @@ class _Collector:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if "curv/loss" in metrics or "curv/skipped_estimates" in metrics:  # an estimate (or a skipped one)
             self.step = step
-            self.metrics = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.metrics = {"curv/step": float(step)}
+            self.metrics.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
 
     def alert(self, alarm: Alarm) -> None:
         self.alarms.append(alarm)
@@ -96,6 +110,8 @@ class TrackingSession:
         log_path: the JSONL log (``None``: none), written by the reporting process only.
         sinks: further sinks (a framework's loggers).
         reports: whether this process writes logs (rank 0).
+        total_steps: the run's optimizer steps, for a cadence chosen from them (``options["every"]`` is ``None``);
+            ``None`` or ≤ 0 when the framework does not know (every :data:`~curvopt.control.cadence.DEFAULT_EVERY`).
     """
 
     def __init__(
@@ -109,21 +125,37 @@ class TrackingSession:
         log_path: str | Path | None,
         sinks: list[Any],
         reports: bool,
+        total_steps: int | None = None,
     ) -> None:
         if options.get("lr_scaling") is not None:
             raise ValueError("lr_scaling is not available through a framework callback (the framework steps the "
                              "optimizer); wrap the optimizer in curvopt.CurvatureAwareOptimizer to scale its "
                              "updates")  # fmt: skip
+        options = dict(options)
+        self.cadence = choose_cadence(options, total_steps)
         self.collector = _Collector()
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
         self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers,
-                                               **dict(options))  # fmt: skip
+                                               **options)  # fmt: skip
+        if reports:
+            self.cadence.announce()
 
     def step(self, batch: Any) -> tuple[dict[str, float], list[Alarm]]:
         """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms."""
         self.wrapper.record_step(batch)
         return self.collector.take()
+
+    def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
+        """The framework's own training metrics (``train/loss``, ``train/lr``) into the JSONL at ``step``, so reports
+        show them beside the curvature."""
+        if self.jsonl is not None and metrics:
+            self.jsonl.log_training(step, metrics)
+
+    def log_evaluation(self, epoch: float, step: int, metrics: Mapping[str, float]) -> None:
+        """The framework's evaluation metrics (``eval/loss``) into the JSONL."""
+        if self.jsonl is not None and metrics:
+            self.jsonl.log_epoch(epoch, {"step": step, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
         return {"wrapper": self.wrapper.state_dict()["curvopt"],
@@ -143,3 +175,44 @@ class TrackingSession:
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
+
+
+@dataclass(frozen=True)
+class RunCadence:
+    """A callback run's cadence: the plan, the products per estimate and batch (for its cost), and whether the
+    framework knew the run's length."""
+
+    plan: CadencePlan
+    probes: int | str
+    batch: int | None
+    known_length: bool
+
+    def line(self) -> str:
+        text = "curvopt: " + describe_cadence(self.plan, "every=", probes=self.probes, batch=self.batch)
+        if not self.known_length:
+            text += f" (the run's length is unknown: every={DEFAULT_EVERY} unless set)"
+        return text
+
+    def announce(self) -> None:
+        """Print the line; warn when a cadence the user chose leaves the monitor no verdict."""
+        print(self.line(), flush=True)
+        if self.plan.chosen and self.known_length and not self.plan.gives_verdict:
+            warnings.warn(self.line(), RuntimeWarning, stacklevel=3)
+
+
+def choose_cadence(options: dict[str, Any], total_steps: int | None) -> RunCadence:
+    """Set ``options["every"]`` when it is ``None`` (from ``total_steps``; :data:`DEFAULT_EVERY` when unknown) and
+    return the run's cadence."""
+    monitor = options.get("monitor", "cusum")
+    if monitor == "cusum":
+        monitor = CusumMonitor()
+    calibration = monitor.calibration_estimates if isinstance(monitor, CusumMonitor) else None
+    known = bool(total_steps and total_steps > 0)
+    every = options.get("every")
+    if every is None and not known:
+        every = DEFAULT_EVERY
+    plan = plan_cadence(total_steps if known else 0, every, calibration)
+    if plan.chosen and not known:  # the default of an unknown length: not the user's choice
+        plan = CadencePlan(plan.every, plan.total, options.get("every") is not None, calibration)
+    options["every"] = plan.every
+    return RunCadence(plan, options.get("probes", 8), options.get("curvature_batch_size"), known)

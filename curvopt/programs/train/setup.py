@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...control.cadence import describe_cadence, plan_cadence
 from ...control.monitor import CusumMonitor
 from ...control.optimizer import CurvatureAwareOptimizer
 from ..data import DataSplits, NoisyLabels, build_datasets
@@ -269,35 +270,13 @@ def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, upda
     )  # fmt: skip
 
 
-DEFAULT_EVERY = 500
-AUTO_ESTIMATES = 20
-"""With no ``--curv-every``, a run too short for this many estimates at every 500 updates estimates more often:
-the monitor calibrates on the first 9 and watches the other 11."""
-
-
 def choose_cadence(args: argparse.Namespace, updates_per_epoch: int, start_epoch: int = 0) -> str:
-    """Set ``args.curv_every`` when nobody chose it, and return the line that says what this run will measure.
-
-    Unset: 500 updates, or ``updates // 20`` when that gives fewer than 20 estimates. Set (flag, recipe or
-    checkpoint): kept, and the line warns when the run makes too few estimates for a memorisation verdict.
-    """
+    """Set ``args.curv_every`` when nobody chose it, and return the line that says what this run will measure
+    (:mod:`curvopt.control.cadence`: the rule the framework callbacks follow too)."""
     updates = updates_per_epoch * max(args.epochs - start_epoch, 0)
-    chosen = args.curv_every is not None
-    if not chosen:
-        args.curv_every = max(1, min(DEFAULT_EVERY, updates // AUTO_ESTIMATES))
-    if args.curv_every == 0:
-        return "curvature monitoring off (--curv-every 0)"
-    estimates = updates // args.curv_every
-    calibration = args.cusum_warmup + 1
-    how = "" if chosen else f" (chosen for this {updates}-update run; --curv-every sets it)"
-    line = f"curvature every {args.curv_every} updates: {estimates} estimates in this run{how}"
-    if args.cusum and estimates <= calibration:
-        enough = max(1, updates // (calibration + 1))
-        line += (f"; the monitor needs {calibration} to calibrate, so this run gives no memorisation verdict: "
-                 f"--curv-every {enough} or less makes {calibration + 1}")  # fmt: skip
-    elif args.cusum:
-        line += f"; the monitor calibrates on the first {calibration}"
-    return line
+    plan = plan_cadence(updates, args.curv_every, args.cusum_warmup + 1 if args.cusum else None)
+    args.curv_every = plan.every
+    return describe_cadence(plan, "--curv-every", unit=("update", "updates"))
 
 
 def updates_per_epoch(args: argparse.Namespace, train_loader: torch.utils.data.DataLoader) -> int:

@@ -1,10 +1,12 @@
 """``curvopt train --fsdp``: the model sharded by FSDP2 (``fully_shard``) under torchrun, and its checkpoints.
 
-* **Sharding.** Every direct child of the model that owns parameters becomes one FSDP unit (the
-  elements of a ``Sequential``/``ModuleList`` child one unit each: a ResNet stage's blocks, a ViT's
-  blocks), then the root. Parameters become DTensors sharded over the ranks; curvature is estimated by
-  finite differences on each rank's shards (:mod:`curvopt.engine.sharding`), with one all-reduce per
-  estimate.
+* **Sharding.** The repeated blocks become one FSDP unit each (the elements of the model's
+  ``Sequential``/``ModuleList`` children: a ResNet stage's blocks, a ViT's blocks), then the root, which
+  holds the rest (stem or patch embedding, norms, head). The stem stays in the root unit because FSDP2
+  hooks a unit's *output* for its pre-backward all-gather, and a patch embedding returns a view
+  (``flatten(2).transpose(1, 2)``) on which FSDP2 warns at every forward that an in-place op would drop
+  that hook. Parameters become DTensors sharded over the ranks; curvature is estimated by finite
+  differences on each rank's shards (:mod:`curvopt.engine.sharding`), with one all-reduce per estimate.
 * **Gradient accumulation.** Inside a window, ``set_requires_gradient_sync(False)`` (FSDP2's ``no_sync``).
 * **Checkpoints** hold *full* (unsharded) model and optimizer state dicts, gathered with
   ``torch.distributed.checkpoint.state_dict`` on every rank and written by rank 0, so a checkpoint looks
@@ -20,14 +22,14 @@ from torch import nn
 
 
 def shard_model(model: nn.Module) -> nn.Module:
-    """Apply ``fully_shard`` to the model's parameter-owning children (see the module docstring) and the root."""
+    """Apply ``fully_shard`` to the model's repeated blocks (see the module docstring) and the root."""
     from torch.distributed.fsdp import fully_shard
 
     for child in model.children():
-        parts = list(child.children()) if isinstance(child, (nn.Sequential, nn.ModuleList)) else [child]
-        for part in parts:
-            if any(p.requires_grad for p in part.parameters()):
-                fully_shard(part)
+        if isinstance(child, (nn.Sequential, nn.ModuleList)):
+            for block in child.children():
+                if any(p.requires_grad for p in block.parameters()):
+                    fully_shard(block)
     return fully_shard(model)
 
 
