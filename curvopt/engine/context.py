@@ -24,9 +24,9 @@ The function whose curvature is estimated is the *training* loss as a training s
   (fp32 for a normal model) even if training runs under autocast. A forward that a framework wrapped in
   autocast itself (accelerate, hence the Hugging Face ``Trainer`` with ``bf16=True``/``fp16=True``, replaces
   ``model.forward`` by an autocast-wrapped one and keeps the original as ``_original_forward``) would
-  switch autocast back on inside the call, so such a module's original forward is put back while probing. ``curvature_dtype`` opts into
-  cheaper products: ``"bfloat16"`` runs the forward and both backward passes under bf16 autocast
-  (the probes, the products' accumulation and every reduction stay fp32); ``"tf32"`` lets CUDA
+  switch autocast back on inside the call, so such a module's original forward is put back while probing.
+  ``curvature_dtype`` opts into cheaper products: ``"bfloat16"`` runs the forward and both backward
+  passes under bf16 autocast (the probes, the products' accumulation and every reduction stay fp32); ``"tf32"`` lets CUDA
   matmuls and convolutions use TensorFloat-32; ``"float32"`` forbids TF32 while probing (strict
   IEEE fp32 whatever the global flags say). ``None`` (default) keeps the global backend flags.
 
