@@ -26,8 +26,8 @@ The function whose curvature is estimated is the *training* loss as a training s
   ``model.forward`` by an autocast-wrapped one and keeps the original as ``_original_forward``) would
   switch autocast back on inside the call, so such a module's original forward is put back while probing.
   ``curvature_dtype`` opts into cheaper products: ``"bfloat16"`` runs the forward and both backward
-  passes under bf16 autocast (the probes, the products' accumulation and every reduction stay fp32); ``"tf32"`` lets CUDA
-  matmuls and convolutions use TensorFloat-32; ``"float32"`` forbids TF32 while probing (strict
+  passes under bf16 autocast (the probes, the products' accumulation and every reduction stay fp32);
+  ``"tf32"`` lets CUDA matmuls and convolutions use TensorFloat-32; ``"float32"`` forbids TF32 while probing (strict
   IEEE fp32 whatever the global flags say). ``None`` (default) keeps the global backend flags.
 
 Everything is restored in a ``finally`` block, so an exception inside leaves no trace.
