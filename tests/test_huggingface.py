@@ -270,3 +270,7 @@ def test_every_estimate_reaches_the_trainer_logs_at_its_own_step(tmp_path):
     assert [r["step"] for r in jsonl if r["type"] == "metrics"] == [3, 6, 9, 12]
     train = [r for r in jsonl if r["type"] == "train"]  # the Trainer's loss, for reports
     assert {r["step"] for r in train} >= {5, 10} and all(math.isfinite(r["train/loss"]) for r in train)
+    from curvopt.reporting.plots import training_figure
+
+    figure = training_figure(jsonl)  # the report's loss panel draws the Trainer's own training loss
+    assert "training loss" in [line.get_label() for line in figure.axes[0].get_lines()]

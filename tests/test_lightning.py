@@ -10,6 +10,7 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+import curvopt  # noqa: E402
 from curvopt import Alarm, CurvatureAwareOptimizer, CusumMonitor, read_jsonl  # noqa: E402
 from curvopt.integrations.lightning import CurvatureCallback  # noqa: E402
 
@@ -162,3 +163,117 @@ def test_bf16_mixed_precision(tmp_path):
     _fit(Classifier(), [callback], tmp_path, precision="bf16-mixed")
     last = callback.wrapper.last_estimate
     assert len(callback.wrapper.history) == 3 and all(v == v for v in last.trace.values())  # finite, no NaN
+
+
+class DictImages(pl.LightningDataModule):
+    """A DataModule yielding ``{"image", "label"}`` dicts, as most image DataModules and HF datasets do."""
+
+    def __init__(self, n: int = 32) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.x, self.y = torch.randn(n, 1, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+    def train_dataloader(self):
+        rows = [{"image": self.x[i], "label": self.y[i]} for i in range(len(self.y))]
+        return torch.utils.data.DataLoader(rows, batch_size=8)
+
+
+class DictClassifier(pl.LightningModule):
+    """Trains on dict batches; its loss is reachable through the ``curvature_loss`` contract."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(36, 16), nn.Tanh(), nn.Linear(16, 3))
+        self.dtypes: set[torch.dtype] = set()
+
+    def forward(self, image):
+        return self.net(image)
+
+    def curvature_loss(self, outputs, targets):
+        from curvopt.engine.context import is_probing
+
+        if is_probing():
+            self.dtypes.add(outputs.dtype)
+        return nn.functional.cross_entropy(outputs, targets)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.curvature_loss(self(batch["image"]), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def _fit_data(module, callbacks, tmp_path, data, **overrides):
+    settings = dict(max_steps=8, accelerator="cpu", logger=Collect(), enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
+                    log_every_n_steps=1)  # fmt: skip
+    settings.update(overrides)
+    trainer = pl.Trainer(callbacks=callbacks, **settings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(module, datamodule=data)
+    return trainer
+
+
+def test_dict_batches_with_the_module_s_own_loss(tmp_path):
+    callback = CurvatureCallback(every=2, probes=2, curvature_batch_size=4)
+    module = DictClassifier()
+    trainer = _fit_data(module, [callback], tmp_path, DictImages())
+    assert [int(h["step"]) for h in callback.wrapper.history] == [2, 4, 6, 8]
+    assert callback.wrapper.skipped_estimates == 0
+    steps = [step for step, m in trainer.logger.calls if "curv/total/trace" in m]
+    assert steps == [2, 4, 6, 8]  # the estimate's own step, as in the JSONL (global_step inside the step is one lower)
+    assert all(m["curv/step"] == step for step, m in trainer.logger.calls if "curv/total/trace" in m)
+    records = read_jsonl(tmp_path / "curvature.jsonl")
+    assert [r["step"] for r in records if r["type"] == "metrics"] == [2, 4, 6, 8]
+    train = {r["step"]: r["train/loss"] for r in records if r["type"] == "train"}
+    assert sorted(train) == list(range(1, 9))  # the module's training loss, for reports
+
+
+def test_a_batch_layout_the_defaults_do_not_read_names_split_batch(tmp_path):
+    class Odd(DictImages):
+        def train_dataloader(self):
+            rows = [{"pixels": self.x[i], "class_id": self.y[i]} for i in range(len(self.y))]
+            return torch.utils.data.DataLoader(rows, batch_size=8)
+
+    class OddModule(DictClassifier):
+        def training_step(self, batch, batch_idx):
+            return self.curvature_loss(self(batch["pixels"]), batch["class_id"])
+
+    with pytest.raises(curvopt.CurvatureInputError, match=r"split_batch=lambda batch: \(inputs, targets\)") as info:
+        _fit_data(OddModule(), [CurvatureCallback(every=2, probes=1, log_path=None)], tmp_path, Odd())
+    assert "observe" not in str(info.value) and "step(batch" not in str(info.value)  # no plain-wrapper advice
+    callback = CurvatureCallback(every=2, probes=1, log_path=None, split_batch=lambda b: (b["pixels"], b["class_id"]))
+    _fit_data(OddModule(), [callback], tmp_path, Odd())
+    assert len(callback.wrapper.history) == 4
+
+
+def test_a_module_without_a_loss_is_asked_for_one():
+    class Plain(pl.LightningModule):
+        pass
+
+    from curvopt.integrations.lightning import module_loss
+
+    with pytest.raises(ValueError, match=r"loss_fn=\.\.\..*curvature_loss\(self, outputs, targets\)"):
+        module_loss(Plain())
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_keeps_the_curvature_in_float32(tmp_path, precision):
+    module = DictClassifier()
+    callback = CurvatureCallback(every=2, probes=2, curvature_batch_size=4, log_path=None)
+    try:
+        _fit_data(module, [callback], tmp_path, DictImages(), precision=precision)
+    except (RuntimeError, ValueError, NotImplementedError) as exc:  # fp16 autocast needs a device that has it
+        pytest.skip(f"{precision} is not available on this CPU: {exc}")
+    assert len(callback.wrapper.history) == 4 and module.dtypes == {torch.float32}
+
+
+def test_a_short_run_without_a_cadence_chooses_one_and_says_so(tmp_path, capsys):
+    callback = CurvatureCallback(probes=1, curvature_batch_size=4, log_path=None)
+    _fit_data(DictClassifier(), [callback], tmp_path, DictImages(), max_steps=40)
+    assert len(callback.wrapper.history) == 20
+    assert "20 estimates in this run (chosen for this 40-step run; every= sets it)" in capsys.readouterr().out

@@ -75,7 +75,7 @@ def describe_cadence(
     line = f"curvature every {plan.every} {many}: {plan.estimates} estimates in this run{how}"
     if isinstance(probes, int) and batch:
         passes = plan.estimates * (probes + 1)
-        line += f", about {passes} forward+backward passes of {batch} samples in all"
+        line += f", about {passes} forward+backward passes of ≤ {batch} samples in all"
     if plan.calibration is None:
         return line
     if not plan.gives_verdict:
