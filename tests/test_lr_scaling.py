@@ -77,7 +77,7 @@ def test_non_linear_optimizers_use_the_update_mechanism():
 
 
 def test_policy_names_are_public_and_accepted():
-    assert LR_SCALING_POLICIES == ("trace", "local", "cap", "trust")
+    assert LR_SCALING_POLICIES == ("trace", "local", "cap", "trust", "edge")
     for policy in LR_SCALING_POLICIES:
         model = _mlp()
         opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),

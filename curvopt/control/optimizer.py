@@ -35,11 +35,14 @@ from torch.optim import Optimizer
 
 from ..engine.batch import split_batch
 from ..engine.layers import group_parameters, unwrap_model
+from ..engine.operator import curvature_operator
 from ..estimators import distributed as dist_utils
 from ..estimators.local import local_curvature
+from ..estimators.preconditioned import preconditioned_top_eigenpair
 from ..estimators.spectra import layer_spectrum
 from ..estimators.trace import CurvatureEstimate
 from .diagnostics import InterLayerDiagnostics
+from .edge import StepContext
 from .estimation import EstimateRunner, curvature_batch
 from .monitor import Alarm, CusumMonitor
 from .notify import CurvatureSink, Notifier, as_sinks
@@ -261,8 +264,8 @@ class CurvatureAwareOptimizer(Optimizer):
         if batch is not None:
             self._hand_over(batch)
         self._before_update()
-        if getattr(self.lr_policy, "every_step", False):  # e.g. the trust ratio, from this step's gradients
-            self.lr_scales |= self.lr_policy.step_update(self.layer_blocks)
+        if getattr(self.lr_policy, "every_step", False):  # the trust ratio, the edge: from this step's gradients
+            self.lr_scales |= self._step_policy_update()
         inner = self.optimizer
         result = scaled_step(inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(),
                              self._scaled_layers())  # fmt: skip
@@ -337,6 +340,34 @@ class CurvatureAwareOptimizer(Optimizer):
             metrics |= {f"curv/lr_scale/{k}": v for k, v in self.lr_scales.items()}
         metrics["curv/alarm"] = float(bool(new_alarms))
         return metrics, new_alarms
+
+    def _step_policy_update(self) -> dict[str, float]:
+        """A per-step policy's scales for the upcoming step (:class:`~curvopt.control.edge.StepContext` for the
+        policies that take one)."""
+        if len(inspect.signature(self.lr_policy.step_update).parameters) < 2:
+            return self.lr_policy.step_update(self.layer_blocks)
+        params = [p for b in self.layer_blocks for p in b.params]
+        measure = None if self._pending_batch is None else self._measure_preconditioned
+        return self.lr_policy.step_update(self.layer_blocks, StepContext(self.step_count + 1, self.optimizer, params,
+                                                                         measure))  # fmt: skip
+
+    def _measure_preconditioned(self, scale: list[torch.Tensor], start: list[torch.Tensor] | None,
+                                iterations: int) -> tuple[float, list[torch.Tensor]]:  # fmt: skip
+        """λ_max(D H D) on this step's curvature batch (averaged over ranks); NaN when it cannot be measured."""
+        batch = curvature_batch(self._pending_batch, self.config.curvature_batch_size)
+        try:
+            with curvature_operator(self.model, self.loss_fn, batch, layers=self.layer_blocks,
+                                    generator=self.policy_generator, strategy=self.runner.strategy,
+                                    forward=self.runner.forward) as op:  # fmt: skip
+                ratio, vector = preconditioned_top_eigenpair(op, scale, start=start, iterations=iterations,
+                                                             generator=self.policy_generator)  # fmt: skip
+        except Exception as exc:  # a measurement must never stop training: the scale is carried forward
+            self.notifier.warn_once(f"edge-{type(exc).__name__}", f"curvopt: lr_scaling='edge' could not measure "
+                                    f"at step {self.step_count + 1}: {type(exc).__name__}: {exc}")  # fmt: skip
+            return float("nan"), start or []
+        if dist_utils.is_active(self.process_group):
+            ratio = dist_utils.mean_over_ranks(ratio, self.process_group)
+        return ratio, vector
 
     def _policy_context(self) -> PolicyContext:
         """What a policy may ask for at this step, computed lazily on the curvature batch."""

@@ -19,6 +19,10 @@ rates lr·s_l, :mod:`curvopt.control.update_scaling`). Named policies (:data:`LR
     s_l = min(1, c / (lr_l λ_l)): a layer whose step lr·λ would exceed c (c = 1: half the edge 2/λ of
     gradient descent on a quadratic) is slowed to it; the others keep the base rate.
 
+``"edge"`` — below the optimizer's edge of stability from step 0, in place of a warmup
+    s = min(1, margin / λ_max(D H D)) with D = √(η / (P · threshold)) from the optimizer's own preconditioner
+    and momentum, one scale for all layers, on its own dense-then-sparse cadence (:mod:`curvopt.control.edge`).
+
 ``"trust"`` — an outside baseline without curvature (LARS, You et al. 2017)
     The trust ratio t_l = ‖θ_l‖ / ‖g_l‖ at every step, normalised by its median over layers and clipped,
     s_l = clip(t_l / median t, 1/10, 10), smoothed over steps.
@@ -36,8 +40,9 @@ import torch
 
 from ..engine.layers import Layer
 from ..estimators.trace import CurvatureEstimate
+from .edge import EdgeScaling
 
-LR_SCALING_POLICIES = ("trace", "local", "cap", "trust")
+LR_SCALING_POLICIES = ("trace", "local", "cap", "trust", "edge")
 """The names accepted as ``lr_scaling=`` (and by ``curvopt train --lr-scaling``)."""
 
 
@@ -198,7 +203,7 @@ class TrustRatio:
 
 
 POLICIES: dict[str, Callable[[], Any]] = {"trace": TraceScaling, "local": LocalHessianScaling, "cap": CurvatureCap,
-                                          "trust": TrustRatio}  # fmt: skip
+                                          "trust": TrustRatio, "edge": EdgeScaling}  # fmt: skip
 
 
 def make_policy(policy: object) -> Any:

@@ -151,3 +151,10 @@ def collective_device(group: object = None) -> torch.device:
     if backend == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def mean_over_ranks(value: float, group: object = None) -> float:
+    """The mean of a per-rank float over the ranks (one all-reduce on the group's collective device)."""
+    tensor = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
+    dist.all_reduce(tensor, group=group)
+    return float(tensor[0]) / world_size(group)
