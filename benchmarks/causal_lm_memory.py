@@ -37,8 +37,14 @@ def build(args: argparse.Namespace):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=50257, n_positions=args.seq, n_embd=args.width, n_layer=args.layers, n_head=4,
-                        attn_implementation="eager")  # fmt: skip
+    config = GPT2Config(
+        vocab_size=50257,
+        n_positions=args.seq,
+        n_embd=args.width,
+        n_layer=args.layers,
+        n_head=4,
+        attn_implementation="eager",
+    )
     model = GPT2LMHeadModel(config).to(args.device).train()
     data = torch.tensor(list(" ".join(topics.values()).encode("utf-8")[: args.batch_size * args.seq]))
     tokens = data.reshape(args.batch_size, args.seq).to(args.device)
@@ -51,6 +57,7 @@ def row(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     model, inputs, labels = build(args)
     from curvopt.integrations.huggingface import logits_of as forward
+
     closed = curvopt.CausalLMLoss()
 
     def generic(logits, targets):  # the same loss, not recognised: H_out by double backward
@@ -66,9 +73,17 @@ def row(args: argparse.Namespace) -> dict:
         strategy = "finite-difference" if args.row.startswith("fd") else "autograd"
 
         def run():
-            curvopt.estimate_curvature(model, loss, (inputs, labels), probes=args.probes, gn="gn=True" in args.row,
-                                       forward=forward, strategy=strategy, fd_check=False,
-                                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+            curvopt.estimate_curvature(
+                model,
+                loss,
+                (inputs, labels),
+                probes=args.probes,
+                gn="gn=True" in args.row,
+                forward=forward,
+                strategy=strategy,
+                fd_check=False,
+                generator=torch.Generator().manual_seed(0),
+            )
 
     cuda = args.device.startswith("cuda")
     base = torch.cuda.memory_allocated() if cuda else rss_bytes()
@@ -98,8 +113,17 @@ def main() -> None:
         return
     results = []
     for name in ROWS:
-        cmd = [sys.executable, __file__, "--row", name, *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                                                           if k not in ("row", "write") and v is not None]]  # fmt: skip
+        cmd = [
+            sys.executable,
+            __file__,
+            "--row",
+            name,
+            *[
+                f"--{k.replace('_', '-')}={v}"
+                for k, v in vars(args).items()
+                if k not in ("row", "write") and v is not None
+            ],
+        ]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             results.append({"row": name, "error": (done.stderr.strip().splitlines() or ["?"])[-1][:120]})
@@ -108,18 +132,24 @@ def main() -> None:
         print(results[-1], file=sys.stderr, flush=True)
     by_row = {r["row"]: r for r in results}
     fb, lean = by_row["fwd_bwd"], by_row["gn=False"]
-    lines = [f"Machine: {machine()}, {args.threads} threads, {args.device}.",
-             f"Command: `python {' '.join(sys.argv)}`", "",
-             f"GPT-2 from a config: V = 50,257, width {args.width}, {args.layers} layers, batch {args.batch_size} × "
-             f"{args.seq} tokens, K = {args.probes}.", "",
-             "| row | total s | peak MB | peak / fwd+bwd | peak / (gn=False) |",
-             "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        f"Machine: {machine()}, {args.threads} threads, {args.device}.",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"GPT-2 from a config: V = 50,257, width {args.width}, {args.layers} layers, batch {args.batch_size} × "
+        f"{args.seq} tokens, K = {args.probes}.",
+        "",
+        "| row | total s | peak MB | peak / fwd+bwd | peak / (gn=False) |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['row']} | failed: {r['error']} | | | |")
             continue
-        lines.append(f"| {r['row']} | {r['time_s']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / fb['peak_mb']:.2f}× | "
-                     f"{r['peak_mb'] / lean['peak_mb']:.2f}× |")  # fmt: skip
+        lines.append(
+            f"| {r['row']} | {r['time_s']:.2f} | {r['peak_mb']:.0f} | {r['peak_mb'] / fb['peak_mb']:.2f}× | "
+            f"{r['peak_mb'] / lean['peak_mb']:.2f}× |"
+        )
     body = "\n".join(lines)
     print(body)
     if args.write:

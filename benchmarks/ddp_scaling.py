@@ -43,9 +43,14 @@ def _worker(rank: int, world: int, init: str, out: str, threads: int, local_batc
         if world > 1:
             model = nn.parallel.DistributedDataParallel(model)
         opt = CurvatureAwareOptimizer(
-            torch.optim.SGD(model.parameters(), lr=0.0), model, nn.CrossEntropyLoss(),
-            every=1, probes=probes, curvature_batch_size=local_batch, monitor=None,
-        )  # fmt: skip
+            torch.optim.SGD(model.parameters(), lr=0.0),
+            model,
+            nn.CrossEntropyLoss(),
+            every=1,
+            probes=probes,
+            curvature_batch_size=local_batch,
+            monitor=None,
+        )
         g = torch.Generator().manual_seed(rank)
         x, y = torch.randn(local_batch, 3, 32, 32, generator=g), torch.randint(0, 10, (local_batch,), generator=g)
         times = []
@@ -68,8 +73,10 @@ def _worker(rank: int, world: int, init: str, out: str, threads: int, local_batc
                 dist_utils.all_gather_estimate(local, layout)
                 reduce_times.append(time.perf_counter() - start)
         if rank == 0:
-            torch.save({"times": times[1:], "reduce": reduce_times, "probes": opt.last_estimate.probes},
-                       Path(out) / "result.pt")  # fmt: skip
+            torch.save(
+                {"times": times[1:], "reduce": reduce_times, "probes": opt.last_estimate.probes},
+                Path(out) / "result.pt",
+            )
     finally:
         if world > 1:
             dist.destroy_process_group()
@@ -106,16 +113,22 @@ def main() -> None:
         result = run(world, args.threads, local, args.probes, args.reps)
         rows.append((label, world, local, result))
     base = statistics.median(rows[0][3]["times"])
-    print(f"resnet18 32x32, K={args.probes} per rank, GN on, {args.threads} threads in all, CPU, gloo; "
-          f"median of {args.reps}")  # fmt: skip
-    print(f"{'configuration':<30}{'ranks':>6}{'local B':>9}{'eff. K':>8}{'estimate s':>12}{'vs 1 proc':>11}"
-          f"{'s / eff. probe':>16}{'all-reduce ms':>15}")  # fmt: skip
+    print(
+        f"resnet18 32x32, K={args.probes} per rank, GN on, {args.threads} threads in all, CPU, gloo; "
+        f"median of {args.reps}"
+    )
+    print(
+        f"{'configuration':<30}{'ranks':>6}{'local B':>9}{'eff. K':>8}{'estimate s':>12}{'vs 1 proc':>11}"
+        f"{'s / eff. probe':>16}{'all-reduce ms':>15}"
+    )
     for label, world, local, result in rows:
         t = statistics.median(result["times"])
         reduce_ms = f"{1000 * statistics.median(result['reduce']):.2f}" if result["reduce"] else "–"
         per_probe = t / result["probes"]
-        print(f"{label:<30}{world:>6}{local:>9}{result['probes']:>8}{t:>12.2f}{t / base:>10.2f}x{per_probe:>16.3f}"
-              f"{reduce_ms:>15}")  # fmt: skip
+        print(
+            f"{label:<30}{world:>6}{local:>9}{result['probes']:>8}{t:>12.2f}{t / base:>10.2f}x{per_probe:>16.3f}"
+            f"{reduce_ms:>15}"
+        )
 
 
 if __name__ == "__main__":

@@ -92,8 +92,15 @@ def measure(model: nn.Module, batch, products: int, reps: int) -> dict[str, dict
     for rep in range(reps):
         for estimator in ESTIMATORS:  # interleaved: machine drift hits all alike
             start = time.perf_counter()
-            est = estimate_curvature(model, loss_fn, batch, probes=products, gn=True, estimator=estimator,
-                                     generator=torch.Generator().manual_seed(1000 * rep + 7))  # fmt: skip
+            est = estimate_curvature(
+                model,
+                loss_fn,
+                batch,
+                probes=products,
+                gn=True,
+                estimator=estimator,
+                generator=torch.Generator().manual_seed(1000 * rep + 7),
+            )
             seconds[estimator].append(time.perf_counter() - start)
             values[estimator].append([est.trace[n] for n in est.layers])
             ses[estimator].append([est.trace_se[n] for n in est.layers])
@@ -102,8 +109,11 @@ def measure(model: nn.Module, batch, products: int, reps: int) -> dict[str, dict
     out = {}
     for estimator in ESTIMATORS:
         se_ratio = torch.tensor(ses[estimator]).mean(0) / base_se
-        row = {"se": float(se_ratio.median()), "time": statistics.median(seconds[estimator]) /
-               statistics.median(seconds["hutchinson"]), "seconds": statistics.median(seconds[estimator])}  # fmt: skip
+        row = {
+            "se": float(se_ratio.median()),
+            "time": statistics.median(seconds[estimator]) / statistics.median(seconds["hutchinson"]),
+            "seconds": statistics.median(seconds[estimator]),
+        }
         if base_spread is not None:
             row["spread"] = float((torch.tensor(values[estimator]).std(0) / base_spread).median())
         out[estimator] = row
@@ -125,16 +135,21 @@ def main() -> None:
     stages = [(s, args.mlp_reps) for s in mlp_stages(2000)]
     if not args.skip_resnet:
         stages += [(s, args.reps) for s in resnet18_stages(args.mid, args.late)]
-    print("| model, stage | train acc % | K | estimator | SE / Hutchinson | spread / Hutchinson | time / Hutchinson "
-          "| s per estimate |")
+    print(
+        "| model, stage | train acc % | K | estimator | SE / Hutchinson | spread / Hutchinson | time / Hutchinson "
+        "| s per estimate |"
+    )
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for (name, model, batch, acc), reps in stages:
         for products in args.products:
             result = measure(model, batch, products, reps)
             for estimator, row in result.items():
                 spread = f"{row['spread']:.2f}" if "spread" in row else "–"
-                print(f"| {name} | {acc:.1f} | {products} | {estimator} | {row['se']:.2f} | {spread} | "
-                      f"{row['time']:.2f} | {row['seconds']:.2f} |", flush=True)  # fmt: skip
+                print(
+                    f"| {name} | {acc:.1f} | {products} | {estimator} | {row['se']:.2f} | {spread} | "
+                    f"{row['time']:.2f} | {row['seconds']:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -65,10 +65,20 @@ def problems(batch: int) -> dict[str, tuple[nn.Module, object, tuple]]:
     x, y = digits(batch)
     flat = (x.flatten(1), y)
     ce = nn.CrossEntropyLoss()
-    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=14, patch_size=2,
-                            in_chans=1, depth=2)  # fmt: skip
-    cnn = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1),
-                        nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(32 * 3 * 3, 10))  # fmt: skip
+    vit = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=14, patch_size=2, in_chans=1, depth=2
+    )
+    cnn = nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 3 * 3, 10),
+    )
+
     def mlp(act: type[nn.Module]) -> nn.Module:
         return nn.Sequential(nn.Linear(196, 128), act(), nn.Linear(128, 128), act(), nn.Linear(128, 10))
 
@@ -89,14 +99,27 @@ def compare(model, loss_fn, batch, probes: int, step: float, dtype: torch.dtype,
     m = copy.deepcopy(model).to(dtype)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fd = curvopt.estimate_curvature(m, loss_fn, _to(batch, dtype), probes=probes, strategy="finite-difference",
-                                        fd_step=step, generator=torch.Generator().manual_seed(1))  # fmt: skip
+        fd = curvopt.estimate_curvature(
+            m,
+            loss_fn,
+            _to(batch, dtype),
+            probes=probes,
+            strategy="finite-difference",
+            fd_step=step,
+            generator=torch.Generator().manual_seed(1),
+        )
     trace = [abs(fd.trace[n] - exact.trace[n]) / exact.trace_se[n] for n in exact.layers]
     gn = [abs(fd.gn_trace[n] - exact.gn_trace[n]) / exact.gn_trace_se[n] for n in exact.layers]
     warned = any(issubclass(w.category, curvopt.FiniteDifferenceWarning) for w in caught)
     check = _check_ratio(m, loss_fn, _to(batch, dtype), step)
-    return {"trace_med": statistics.median(trace), "trace_max": max(trace), "gn_med": statistics.median(gn),
-            "gn_max": max(gn), "warned": warned, "check": check}  # fmt: skip
+    return {
+        "trace_med": statistics.median(trace),
+        "trace_max": max(trace),
+        "gn_med": statistics.median(gn),
+        "gn_max": max(gn),
+        "warned": warned,
+        "check": check,
+    }
 
 
 def _check_ratio(model, loss_fn, batch, step: float) -> float:
@@ -107,8 +130,9 @@ def _check_ratio(model, loss_fn, batch, step: float) -> float:
     from curvopt.engine.probes import sample_probes
 
     g = torch.Generator().manual_seed(1)
-    with curvature_operator(model, loss_fn, batch, gn=True, strategy="finite-difference", fd_step=step,
-                            fd_check=False, generator=g) as op:  # fmt: skip
+    with curvature_operator(
+        model, loss_fn, batch, gn=True, strategy="finite-difference", fd_step=step, fd_check=False, generator=g
+    ) as op:
         engine = op.engine
         z = [t[0] for t in sample_probes(op.params, 1, "rademacher", g)]
         eps = engine._step(z)
@@ -137,16 +161,23 @@ def main() -> None:
     for name, (model, loss_fn, batch) in chosen.items():
         for dtype, steps in ((torch.float32, STEPS), (torch.float64, STEPS), (torch.bfloat16, (1e-1, 3e-2, 1e-2))):
             reference = copy.deepcopy(model).to(dtype if dtype == torch.float64 else torch.float32)
-            exact = curvopt.estimate_curvature(reference, loss_fn, _to(batch, next(reference.parameters()).dtype),
-                                               probes=args.probes, strategy="autograd",
-                                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+            exact = curvopt.estimate_curvature(
+                reference,
+                loss_fn,
+                _to(batch, next(reference.parameters()).dtype),
+                probes=args.probes,
+                strategy="autograd",
+                generator=torch.Generator().manual_seed(1),
+            )
             for step in steps:
                 r = compare(model, loss_fn, batch, args.probes, step, dtype, exact)
                 default = " (default)" if step == curvopt.engine.finite_difference.relative_step(dtype) else ""
                 dtype_name = str(dtype).removeprefix("torch.")
-                rows.append(f"| {name} | {dtype_name} | {step:g}{default} | {r['trace_med']:.3g} "
-                            f"| {r['trace_max']:.3g} | {r['gn_med']:.3g} | {r['gn_max']:.3g} | {r['check']:.2g} | "
-                            f"{'yes' if r['warned'] else 'no'} |")  # fmt: skip
+                rows.append(
+                    f"| {name} | {dtype_name} | {step:g}{default} | {r['trace_med']:.3g} "
+                    f"| {r['trace_max']:.3g} | {r['gn_med']:.3g} | {r['gn_max']:.3g} | {r['check']:.2g} | "
+                    f"{'yes' if r['warned'] else 'no'} |"
+                )
                 print(rows[-1], flush=True)
     command = "python " + " ".join(sys.argv)
     body = "\n".join([f"Machine: {machine()}.", f"Command: `{command}`", "", *rows])

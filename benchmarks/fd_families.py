@@ -77,8 +77,9 @@ def gpt2() -> tuple:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.1,
-                        embd_pdrop=0.1, attn_pdrop=0.1)  # fmt: skip
+    config = GPT2Config(
+        vocab_size=256, n_positions=64, n_embd=64, n_layer=2, n_head=4, resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1
+    )
     ids = tokens(256)
     return GPT2LMHeadModel(config), CausalLMLoss(), (ids, ids), lambda m, x: m(input_ids=x).logits
 
@@ -87,8 +88,15 @@ def bert() -> tuple:
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=64, num_labels=3)  # fmt: skip
+    config = BertConfig(
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        num_labels=3,
+    )
     ids = tokens(256)
     labels = torch.arange(BATCH) % 3
     model = BertForSequenceClassification(config)
@@ -114,8 +122,15 @@ def run(model, loss_fn, batch, forward, strategy: str) -> tuple[curvopt.Curvatur
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            est = curvopt.estimate_curvature(model, loss_fn, batch, probes=PROBES, strategy=strategy, forward=forward,
-                                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+            est = curvopt.estimate_curvature(
+                model,
+                loss_fn,
+                batch,
+                probes=PROBES,
+                strategy=strategy,
+                forward=forward,
+                generator=torch.Generator().manual_seed(1),
+            )
             error = ""
         except curvopt.DoubleBackwardError as exc:
             est, error = None, type(exc).__name__
@@ -155,9 +170,11 @@ def cost_ratio(model, loss_fn, batch, forward) -> tuple[float, float]:
     model.zero_grad(set_to_none=True)
     ratios = []
     for gn in (False, True):
+
         def estimate(k: int, gn: bool = gn) -> Callable[[], None]:
-            return lambda: curvopt.estimate_curvature(model, loss_fn, batch, probes=k, gn=gn, forward=forward,
-                                                      strategy="finite-difference")  # fmt: skip
+            return lambda: curvopt.estimate_curvature(
+                model, loss_fn, batch, probes=k, gn=gn, forward=forward, strategy="finite-difference"
+            )
 
         per_probe = (timed(estimate(2 + PROBES)) - timed(estimate(2))) / PROBES
         ratios.append(per_probe / unit)
@@ -173,15 +190,24 @@ def compare(name: str) -> str:
     if exact is None:
         return f"| {name} | {exact_error} | – | – | – | – | {warned} | – | – |"
     trace = max(abs(fd.trace[n] - exact.trace[n]) / exact.trace_se[n] for n in exact.layers if exact.trace_se[n] > 0)
-    gn = max((abs(fd.gn_trace[n] - exact.gn_trace[n]) / exact.gn_trace_se[n] for n in exact.layers
-              if exact.gn_trace_se[n] > 0), default=0.0)  # fmt: skip
-    ratios = [fd.gn_gap[n] / exact.gn_gap[n] for n in exact.layers if math.isfinite(exact.gn_gap[n])
-              and exact.gn_gap[n] > 0]  # fmt: skip
+    gn = max(
+        (
+            abs(fd.gn_trace[n] - exact.gn_trace[n]) / exact.gn_trace_se[n]
+            for n in exact.layers
+            if exact.gn_trace_se[n] > 0
+        ),
+        default=0.0,
+    )
+    ratios = [
+        fd.gn_gap[n] / exact.gn_gap[n] for n in exact.layers if math.isfinite(exact.gn_gap[n]) and exact.gn_gap[n] > 0
+    ]
     inf_exact = sum(1 for n in exact.layers if math.isinf(exact.gn_gap[n]))
     inf_fd = sum(1 for n in exact.layers if math.isinf(exact.gn_gap[n]) and math.isinf(fd.gn_gap[n]))
     traces_cost, gn_cost = cost_ratio(model, loss_fn, batch, forward)
-    return (f"| {name} | {len(exact.layers)} | {trace:.3f} | {gn:.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
-            f"{inf_fd}/{inf_exact} | {warned} | {traces_cost:.2f} | {gn_cost:.2f} |")  # fmt: skip
+    return (
+        f"| {name} | {len(exact.layers)} | {trace:.3f} | {gn:.3f} | {min(ratios):.3f}–{max(ratios):.3f} | "
+        f"{inf_fd}/{inf_exact} | {warned} | {traces_cost:.2f} | {gn_cost:.2f} |"
+    )
 
 
 def machine() -> str:

@@ -55,8 +55,18 @@ ROWS = [
 ]
 
 
-DEFAULT_ROWS = ["fwd_bwd", "autograd", "autograd+gn", "func", "func+gn", "vmap4", "fd", "fd+gn", "pyhessian",
-                "curvlinops"]
+DEFAULT_ROWS = [
+    "fwd_bwd",
+    "autograd",
+    "autograd+gn",
+    "func",
+    "func+gn",
+    "vmap4",
+    "fd",
+    "fd+gn",
+    "pyhessian",
+    "curvlinops",
+]
 """Rows run by default on CPU; CUDA adds the reduced-precision rows (or ask for them with ``--rows``)."""
 
 
@@ -68,11 +78,13 @@ def build(model_name: str, batch_size: int, device: str, image_size: int = 32):
     if model_name in ("resnet18", "resnet50"):
         model = timm.create_model(model_name, num_classes=10, pretrained=False)
     elif model_name == "vit":
-        model = timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=image_size,
-                                  patch_size=patch, depth=6)  # fmt: skip
+        model = timm.create_model(
+            "vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=image_size, patch_size=patch, depth=6
+        )
     elif model_name == "vit_s":
-        model = timm.create_model("vit_small_patch16_224", num_classes=10, pretrained=False, img_size=image_size,
-                                  patch_size=patch)  # fmt: skip
+        model = timm.create_model(
+            "vit_small_patch16_224", num_classes=10, pretrained=False, img_size=image_size, patch_size=patch
+        )
     elif model_name == "gpt":
         model = TinyCausalLM().to(device).train()
         tokens = torch.randint(0, 256, (batch_size, image_size + 1), device=device)
@@ -163,8 +175,16 @@ def make_row(row: str, model, loss_fn, x, y, probes: int):
 
         def run():
             est = curvopt.estimate_curvature(
-                model, loss_fn, (x, y), probes=probes, gn=gn, strategy=strategy, chunk_size=4, generator=gen,
-                curvature_dtype=dtype, fd_check=False,
+                model,
+                loss_fn,
+                (x, y),
+                probes=probes,
+                gn=gn,
+                strategy=strategy,
+                chunk_size=4,
+                generator=gen,
+                curvature_dtype=dtype,
+                fd_check=False,
             )
             assert est.probes == probes
             return est.total_trace
@@ -287,16 +307,24 @@ def write_section(path: Path, body: str, key: str = "hvp_speed") -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet18,vit")
-    parser.add_argument("--rows", default=None, help=f"comma-separated, from {[r for r, _, _ in ROWS]} "
-                        "(default: all but the reduced-precision rows on CPU, all on CUDA)")  # fmt: skip
+    parser.add_argument(
+        "--rows",
+        default=None,
+        help=f"comma-separated, from {[r for r, _, _ in ROWS]} "
+        "(default: all but the reduced-precision rows on CPU, all on CUDA)",
+    )
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--probes", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--write", type=Path, default=None, help="update this Markdown file's section for the "
-                        "device, shape and batch size")  # fmt: skip
+    parser.add_argument(
+        "--write",
+        type=Path,
+        default=None,
+        help="update this Markdown file's section for the device, shape and batch size",
+    )
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -309,8 +337,11 @@ if __name__ == "__main__":
     sections = []
     for model_name in args.models.split(","):
         results = []
-        rows = args.rows.split(",") if args.rows else DEFAULT_ROWS + (
-            ["autograd+gn-tf32", "autograd+gn-bf16"] if args.device.startswith("cuda") else [])  # fmt: skip
+        rows = (
+            args.rows.split(",")
+            if args.rows
+            else DEFAULT_ROWS + (["autograd+gn-tf32", "autograd+gn-bf16"] if args.device.startswith("cuda") else [])
+        )
         for row in rows:
             cmd = [
                 sys.executable,

@@ -48,8 +48,9 @@ def plain_mlp(depth: int = 12, width: int = 64, d_in: int = 784, classes: int = 
     return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
-def plain_cnn(channels: int, norm: bool, classes: int = 10, widths: tuple[int, ...] = (8, 8, 16, 16, 16, 16, 16, 16)
-              ) -> nn.Sequential:  # fmt: skip
+def plain_cnn(
+    channels: int, norm: bool, classes: int = 10, widths: tuple[int, ...] = (8, 8, 16, 16, 16, 16, 16, 16)
+) -> nn.Sequential:
     """8 conv layers (a stride-2 first conv, a second stride 2 halfway), global average pool, a linear head."""
     layers: list[nn.Module] = []
     c = channels
@@ -93,11 +94,23 @@ def run_one(job: tuple) -> str:
         return path.name
     torch.set_num_threads(1)
     x, y, xv, yv, model = load(setting, seed)
-    base = (torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9) if opt_name == "sgd"
-            else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01))  # fmt: skip
+    base = (
+        torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+        if opt_name == "sgd"
+        else torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    )
     scaling = None if policy == "off" else policy
-    opt = CurvatureAwareOptimizer(base, model, nn.CrossEntropyLoss(), every=every if scaling else 0, probes=8,
-                                  gn=False, monitor=None, lr_scaling=scaling, seed=seed)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        base,
+        model,
+        nn.CrossEntropyLoss(),
+        every=every if scaling else 0,
+        probes=8,
+        gn=False,
+        monitor=None,
+        lr_scaling=scaling,
+        seed=seed,
+    )
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     g = torch.Generator().manual_seed(seed)
     losses, ema, reached, diverged = [], None, None, False
@@ -126,9 +139,19 @@ def run_one(job: tuple) -> str:
     final = statistics.fmean(tail) if losses and not diverged else math.nan
     initial = statistics.fmean(losses[:5]) if losses else math.nan
     diverged = diverged or not math.isfinite(final) or final > 1.2 * initial  # blew up, not merely stuck
-    result = {"setting": setting, "opt": opt_name, "lr": lr, "policy": policy, "seed": seed, "final_loss": final,
-              "val_acc": val_acc, "steps_to_threshold": reached, "diverged": diverged,
-              "seconds": time.perf_counter() - started, "scales": dict(opt.lr_scales)}  # fmt: skip
+    result = {
+        "setting": setting,
+        "opt": opt_name,
+        "lr": lr,
+        "policy": policy,
+        "seed": seed,
+        "final_loss": final,
+        "val_acc": val_acc,
+        "steps_to_threshold": reached,
+        "diverged": diverged,
+        "seconds": time.perf_counter() - started,
+        "scales": dict(opt.lr_scales),
+    }
     path.write_text(json.dumps(result))
     return path.name
 
@@ -147,8 +170,10 @@ def summarise(results: list[dict], steps: int) -> str:
             chosen = [r for r in results if r["setting"] == setting and r["opt"] == opt_name]
             if not chosen:
                 continue
-            header = ("| policy | best base LR | final train loss at best LR | val acc % at best LR | steps to "
-                      "threshold at best LR | largest stable base LR |")  # fmt: skip
+            header = (
+                "| policy | best base LR | final train loss at best LR | val acc % at best LR | steps to "
+                "threshold at best LR | largest stable base LR |"
+            )
             lines += [f"\n### {setting}, {opt_name}\n", header, "| --- | ---: | ---: | ---: | ---: | ---: |"]
             for policy in POLICIES:
                 runs = [r for r in chosen if r["policy"] == policy]
@@ -164,11 +189,15 @@ def summarise(results: list[dict], steps: int) -> str:
                 loss, sd = scored[best]
                 acc, acc_sd = _mean_sd([r["val_acc"] for r in by_lr[best]])
                 reach = [r["steps_to_threshold"] for r in by_lr[best]]
-                reach_text = (f"{statistics.fmean(reach):.0f} ± {statistics.stdev(reach):.0f}"
-                              if all(v is not None for v in reach) and len(reach) > 1 else
-                              f"{sum(v is not None for v in reach)}/{len(reach)} reached")  # fmt: skip
-                lines.append(f"| {policy} | {best:g} | {loss:.4f} ± {sd:.4f} | {acc:.2f} ± {acc_sd:.2f} | {reach_text} "
-                             f"| {max(stable):g} |")  # fmt: skip
+                reach_text = (
+                    f"{statistics.fmean(reach):.0f} ± {statistics.stdev(reach):.0f}"
+                    if all(v is not None for v in reach) and len(reach) > 1
+                    else f"{sum(v is not None for v in reach)}/{len(reach)} reached"
+                )
+                lines.append(
+                    f"| {policy} | {best:g} | {loss:.4f} ± {sd:.4f} | {acc:.2f} ± {acc_sd:.2f} | {reach_text} "
+                    f"| {max(stable):g} |"
+                )
     return "\n".join(lines)
 
 
@@ -178,19 +207,32 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(s, o) for s in SETTINGS for o in ("sgd", "adamw") if any(r["setting"] == s and r["opt"] == o
-                                                                         for r in results)]  # fmt: skip
-    fig, axes = plt.subplots(2, max(1, math.ceil(len(panels) / 2)), figsize=(4.2 * math.ceil(len(panels) / 2), 7.5),
-                             squeeze=False, constrained_layout=True)  # fmt: skip
+    panels = [
+        (s, o) for s in SETTINGS for o in ("sgd", "adamw") if any(r["setting"] == s and r["opt"] == o for r in results)
+    ]
+    fig, axes = plt.subplots(
+        2,
+        max(1, math.ceil(len(panels) / 2)),
+        figsize=(4.2 * math.ceil(len(panels) / 2), 7.5),
+        squeeze=False,
+        constrained_layout=True,
+    )
     for ax, (setting, opt_name) in zip(axes.T.reshape(-1), panels):
         for policy in POLICIES:
             runs = [r for r in results if (r["setting"], r["opt"], r["policy"]) == (setting, opt_name, policy)]
             lrs = sorted({r["lr"] for r in runs})
-            stats = [_mean_sd([r["final_loss"] if not r["diverged"] else math.nan for r in runs if r["lr"] == lr])
-                     for lr in lrs]  # fmt: skip
+            stats = [
+                _mean_sd([r["final_loss"] if not r["diverged"] else math.nan for r in runs if r["lr"] == lr])
+                for lr in lrs
+            ]
             ax.errorbar(lrs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=2, label=policy)
-        ax.set(xscale="log", yscale="log", title=f"{setting}, {opt_name}", xlabel="base learning rate",
-               ylabel="final training loss (diverged: missing)")  # fmt: skip
+        ax.set(
+            xscale="log",
+            yscale="log",
+            title=f"{setting}, {opt_name}",
+            xlabel="base learning rate",
+            ylabel="final training loss (diverged: missing)",
+        )
     axes[0][0].legend(fontsize=8)
     fig.savefig(path, dpi=110)
 
@@ -212,17 +254,27 @@ def main() -> None:
     if args.quick:
         args.settings, args.opts, args.seeds, args.steps, args.out = ["mlp-mnist"], ["sgd"], 2, 300, args.out / "quick"
     args.out.mkdir(parents=True, exist_ok=True)
-    jobs = [(s, o, lr, p, seed, args.steps, args.every, args.threshold, str(args.out))
-            for s in args.settings for o in args.opts for lr in LRS[o] for p in args.policies
-            for seed in range(args.first_seed, args.first_seed + args.seeds)]  # fmt: skip
+    jobs = [
+        (s, o, lr, p, seed, args.steps, args.every, args.threshold, str(args.out))
+        for s in args.settings
+        for o in args.opts
+        for lr in LRS[o]
+        for p in args.policies
+        for seed in range(args.first_seed, args.first_seed + args.seeds)
+    ]
     start = time.perf_counter()
     with Pool(args.workers) as pool:
         for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
             if i % 25 == 0 or i == len(jobs):
                 print(f"[{i}/{len(jobs)}] {name} ({time.perf_counter() - start:.0f} s)", flush=True)
     results = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
-    results = [r for r in results if r["setting"] in args.settings and r["opt"] in args.opts
-               and args.first_seed <= r["seed"] < args.first_seed + args.seeds]  # fmt: skip
+    results = [
+        r
+        for r in results
+        if r["setting"] in args.settings
+        and r["opt"] in args.opts
+        and args.first_seed <= r["seed"] < args.first_seed + args.seeds
+    ]
     print(summarise(results, args.steps))
     plot(results, args.out / "final_loss_vs_lr.png")
     print(f"\nplot: {args.out / 'final_loss_vs_lr.png'}")

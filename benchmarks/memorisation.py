@@ -60,8 +60,17 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # monitor_stationary, a sibling script
 
 CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
-RECORDED = ("curv_frob", "curv_trace", "gn_gap", "layer_trace", "layer_frob", "train_loss", "train_loss_fall",
-            "grad_norm", "gap_val_train")  # fmt: skip
+RECORDED = (
+    "curv_frob",
+    "curv_trace",
+    "gn_gap",
+    "layer_trace",
+    "layer_frob",
+    "train_loss",
+    "train_loss_fall",
+    "grad_norm",
+    "gap_val_train",
+)
 SIGNALS = (*RECORDED[:5], "geo_frob", *RECORDED[5:], "layer_frob+grad")
 LAYER_SIGNALS = {"layer_trace": "trace", "layer_frob": "frob", "layer_frob+grad": "frob"}
 COMBINED = {"layer_frob+grad": ("layer_frob", "grad_norm")}
@@ -188,8 +197,18 @@ def run_one(job: tuple) -> str:
     if rollback_plan:
         monitor = CusumMonitor(**rollback_plan[1])
         rollback = RollbackOnAlarm(model, base, keep=64, then=rollback_plan[0], choose="best")
-    opt = CurvatureAwareOptimizer(base, model, loss_fn, every=every, probes=8, curvature_batch_size=32, gn=True,
-                                  monitor=monitor, seed=seed, logger=[rollback] if rollback else None)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        base,
+        model,
+        loss_fn,
+        every=every,
+        probes=8,
+        curvature_batch_size=32,
+        gn=True,
+        monitor=monitor,
+        seed=seed,
+        logger=[rollback] if rollback else None,
+    )
     g = torch.Generator().manual_seed(seed)
     series: dict[str, list] = {k: [] for k in ("step", *RECORDED)}
     epochs_log: list[dict[str, float]] = []
@@ -211,30 +230,40 @@ def run_one(job: tuple) -> str:
                 losses.append(float(loss))
                 due = (opt.step_count + 1) % every == 0
                 if due:
-                    grad_norm = float(torch.norm(torch.stack([q.grad.norm() for q in model.parameters()
-                                                              if q.grad is not None])))  # fmt: skip
+                    grad_norm = float(
+                        torch.norm(torch.stack([q.grad.norm() for q in model.parameters() if q.grad is not None]))
+                    )
                     val_loss = float(loss_fn(_predict(model, xv), yv))
                 restored_before = len(rollback.restored) if rollback is not None else 0
                 opt.step(batch=(xb, yb))
                 step += 1
                 if rollback is not None and len(rollback.restored) > restored_before:  # the model just rolled back
-                    rollback_eval = {"step": step, "test_acc": float((_predict(model, xv).argmax(1) == yv).float()
-                                                                     .mean()) * 100}  # fmt: skip
+                    rollback_eval = {
+                        "step": step,
+                        "test_acc": float((_predict(model, xv).argmax(1) == yv).float().mean()) * 100,
+                    }
                 if due and opt.last_estimate is not None and len(opt.history) and opt.history[-1]["step"] == step:
                     train_loss = statistics.fmean(losses)
                     losses.clear()
-                    row = _signals(opt.last_estimate) | {"train_loss": train_loss, "grad_norm": grad_norm,
-                                                         "train_loss_fall": 1.0 / train_loss,
-                                                         "gap_val_train": math.exp(val_loss - train_loss)}  # fmt: skip
+                    row = _signals(opt.last_estimate) | {
+                        "train_loss": train_loss,
+                        "grad_norm": grad_norm,
+                        "train_loss_fall": 1.0 / train_loss,
+                        "gap_val_train": math.exp(val_loss - train_loss),
+                    }
                     series["step"].append(step)
                     for k in RECORDED:
                         series[k].append(row[k])
             pred_train = _predict(model, x).argmax(1)
             pred_val = _predict(model, xv).argmax(1)
             fit = float((pred_train[corrupted] == y_noisy[corrupted]).float().mean()) if corrupted.any() else 0.0
-            row = {"epoch": epoch, "step": step, "val_acc": float((pred_val == yv).float().mean()) * 100,
-                   "train_acc_clean": float((pred_train == y).float().mean()) * 100,
-                   "corrupted_fit": fit if epoch >= start_epoch else 0.0}  # fmt: skip
+            row = {
+                "epoch": epoch,
+                "step": step,
+                "val_acc": float((pred_val == yv).float().mean()) * 100,
+                "train_acc_clean": float((pred_train == y).float().mean()) * 100,
+                "corrupted_fit": fit if epoch >= start_epoch else 0.0,
+            }
             if holdout is not None:  # labels of the held-out split as the training labels are this epoch
                 hx, hy_clean, hy_noisy = holdout
                 held_labels = hy_noisy if epoch >= start_epoch else hy_clean
@@ -243,14 +272,27 @@ def run_one(job: tuple) -> str:
                     rollback.score(row["noisy_val_acc"])
             epochs_log.append(row)
     result = {
-        "task": task, "opt": opt_name, "condition": condition, "seed": seed, "epochs": epochs, "every": every,
-        "batch": batch, "steps_per_epoch": steps_per_epoch, "noise_start_step": start_epoch * steps_per_epoch,
-        "seconds": time.perf_counter() - started, "series": series, "epochs_log": epochs_log,
-    }  # fmt: skip
+        "task": task,
+        "opt": opt_name,
+        "condition": condition,
+        "seed": seed,
+        "epochs": epochs,
+        "every": every,
+        "batch": batch,
+        "steps_per_epoch": steps_per_epoch,
+        "noise_start_step": start_epoch * steps_per_epoch,
+        "seconds": time.perf_counter() - started,
+        "series": series,
+        "epochs_log": epochs_log,
+    }
     if rollback is not None:
-        result["rollback"] = {"mode": rollback_plan[0], "settings": rollback_plan[1], "restored": rollback.restored,
-                              "alarms": [(a.step, a.onset_step) for a in opt.alarms],
-                              "at_rollback": rollback_eval}  # fmt: skip
+        result["rollback"] = {
+            "mode": rollback_plan[0],
+            "settings": rollback_plan[1],
+            "restored": rollback.restored,
+            "alarms": [(a.step, a.onset_step) for a in opt.alarms],
+            "at_rollback": rollback_eval,
+        }
     save_run(path, result)
     return path.name
 
@@ -363,10 +405,15 @@ def summarise(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[s
                 early += alarm_epoch < onset
                 costs.append(accuracy_cost(run, alarm_epoch))
         table[condition] = {
-            "runs": len(chosen), "memorising": mem, "detected": det, "false_alarms": fa, "clean_spans": clean,
-            "median_delay_epochs": statistics.median(delays) if delays else None, "before_onset": early,
+            "runs": len(chosen),
+            "memorising": mem,
+            "detected": det,
+            "false_alarms": fa,
+            "clean_spans": clean,
+            "median_delay_epochs": statistics.median(delays) if delays else None,
+            "before_onset": early,
             "median_acc_cost": statistics.median(costs) if costs else None,
-        }  # fmt: skip
+        }
     return table
 
 
@@ -376,8 +423,11 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
         chosen = [r for r in runs if (r["task"], r["opt"]) == (task, opt_name)]
         seeds = sorted({r["seed"] for r in chosen})
         print(f"\n### {task}, {opt_name} ({len(chosen)} runs, seeds {seeds[0]}-{seeds[-1]})\n")
-        print("| signal | " + " | ".join(c for c in CONDITIONS if any(r["condition"] == c for r in chosen))
-              + " | detected | false alarms | median delay (epochs) | median val-acc cost (pts) |")  # fmt: skip
+        print(
+            "| signal | "
+            + " | ".join(c for c in CONDITIONS if any(r["condition"] == c for r in chosen))
+            + " | detected | false alarms | median delay (epochs) | median val-acc cost (pts) |"
+        )
         present = [c for c in CONDITIONS if any(r["condition"] == c for r in chosen)]
         print("| --- |" + " ---: |" * (len(present) + 4))
         for signal in signals:
@@ -400,26 +450,35 @@ def print_tables(runs: list[dict], settings: dict[str, Any], signals: tuple[str,
             delay = f"{statistics.median(delays):+.1f}" if delays else "–"
             cost = f"{statistics.median(costs):.1f}" if costs else "–"
             print(f"| {signal} | " + " | ".join(cells) + f" | {det}/{mem} | {fa}/{clean} | {delay} | {cost} |")
-        memorised = {c: f"{sum(memorisation_onset(r) is not None for r in chosen if r['condition'] == c)}/"
-                        f"{sum(r['condition'] == c for r in chosen)}" for c in present if c != "clean"}  # fmt: skip
+        memorised = {
+            c: f"{sum(memorisation_onset(r) is not None for r in chosen if r['condition'] == c)}/"
+            f"{sum(r['condition'] == c for r in chosen)}"
+            for c in present
+            if c != "clean"
+        }
         print(f"\nRuns that memorised (corrupted-label fit > 2x chance): {memorised}")
         noisy = [c for c in present if c != "clean"]
-        print("\nVal-acc cost at the first alarm (pts, median over detected runs: best epoch minus the last epoch"
-              " completed at the alarm)\n")
+        print(
+            "\nVal-acc cost at the first alarm (pts, median over detected runs: best epoch minus the last epoch"
+            " completed at the alarm)\n"
+        )
         print("| signal | " + " | ".join(noisy) + " |")
         print("| --- |" + " ---: |" * len(noisy))
         for signal in signals:
             table = summarise(chosen, signal, settings)
-            cells = [f"{table[c]['median_acc_cost']:.1f}" if table[c]["median_acc_cost"] is not None else "–"
-                     for c in noisy]  # fmt: skip
+            cells = [
+                f"{table[c]['median_acc_cost']:.1f}" if table[c]["median_acc_cost"] is not None else "–" for c in noisy
+            ]
             print(f"| {signal} | " + " | ".join(cells) + " |")
         print("\n" + reference_costs(chosen))
     tasks = sorted({r["task"] for r in runs if "noisy_val_acc" in r["epochs_log"][0]})
     for task in tasks + (["all"] if len(tasks) > 1 else []):
         chosen = [r for r in runs if r["task"] == task or (task == "all" and r["task"] in tasks)]
-        print(f"\n### Final model quality, {task} (SGD and AdamW together): clean test accuracy (%) of the model each "
-              f"policy ends with, alarms of {signals[0]}, a ring of {RING_EPOCHS} epoch checkpoints; medians over the "
-              "runs that memorised (clean: all runs)\n")  # fmt: skip
+        print(
+            f"\n### Final model quality, {task} (SGD and AdamW together): clean test accuracy (%) of the model each "
+            f"policy ends with, alarms of {signals[0]}, a ring of {RING_EPOCHS} epoch checkpoints; medians over the "
+            "runs that memorised (clean: all runs)\n"
+        )
         print(quality_table(chosen, signals[0], settings))
     print(f"\n### Overview: {signals[0]} against the gradient norm alone\n")
     print(overview_table(runs, signals[0], settings))
@@ -445,8 +504,10 @@ def reference_costs(runs: list[dict]) -> str:
             at_end.append(accuracy_cost(run, len(run["epochs_log"])))
         if at_onset:
             parts.append(f"{condition} {statistics.median(at_onset):.1f} / {statistics.median(at_end):.1f}")
-    return ("Reference val-acc costs (pts, median per condition over memorising runs), stopping at the onset "
-            "(oracle) / never stopping: " + ("; ".join(parts) or "no memorising runs"))
+    return (
+        "Reference val-acc costs (pts, median per condition over memorising runs), stopping at the onset "
+        "(oracle) / never stopping: " + ("; ".join(parts) or "no memorising runs")
+    )
 
 
 # ---------------------------------------------------------------------- what the alarm buys: final model quality
@@ -510,30 +571,44 @@ def quality_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> st
     """Markdown: per condition, the median clean test accuracy of every policy, and the median paired differences of
     the two rollbacks against the oracle and early stopping, over the runs that memorised (all runs for clean).
     100 % noise from the start is left out: there is nothing to learn, every policy ends near chance."""
-    lines = ["| condition | runs | alarmed | rollback: best val before onset | rollback: last before onset | stop at "
-             f"alarm | early stopping (noisy val, patience {PATIENCE}) | never stop | oracle best epoch | best-val "
-             "rollback − oracle | best-val rollback − early stopping | last-before rollback − early stopping |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| condition | runs | alarmed | rollback: best val before onset | rollback: last before onset | stop at "
+        f"alarm | early stopping (noisy val, patience {PATIENCE}) | never stop | oracle best epoch | best-val "
+        "rollback − oracle | best-val rollback − early stopping | last-before rollback − early stopping |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     pooled: list[dict] = []
     for condition in [c for c in CONDITIONS if c != "p1.0"] + ["all noisy"]:
         if condition == "all noisy":
             rows = pooled
         else:
-            chosen = [r for r in runs if r["condition"] == condition and "noisy_val_acc" in r["epochs_log"][0]
-                      and (condition == "clean" or memorisation_onset(r) is not None)]  # fmt: skip
+            chosen = [
+                r
+                for r in runs
+                if r["condition"] == condition
+                and "noisy_val_acc" in r["epochs_log"][0]
+                and (condition == "clean" or memorisation_onset(r) is not None)
+            ]
             rows = [final_quality(r, signal, settings) for r in chosen]
             pooled += rows if condition != "clean" else []
         if not rows:
             continue
         keys = ("rollback_best", "rollback", "alarm_stop", "early_stopping", "never", "oracle")
         med = {key: statistics.median(r[key] for r in rows) for key in keys}
-        diff = {name: statistics.median(r[a] - r[b] for r in rows) for name, a, b in [
-            ("vs_oracle", "rollback_best", "oracle"), ("vs_es", "rollback_best", "early_stopping"),
-            ("last_vs_es", "rollback", "early_stopping")]}  # fmt: skip
-        lines.append(f"| {condition} | {len(rows)} | {int(sum(r['alarmed'] for r in rows))} | "
-                     f"{med['rollback_best']:.1f} | {med['rollback']:.1f} | {med['alarm_stop']:.1f} | "
-                     f"{med['early_stopping']:.1f} | {med['never']:.1f} | {med['oracle']:.1f} | "
-                     f"{diff['vs_oracle']:+.1f} | {diff['vs_es']:+.1f} | {diff['last_vs_es']:+.1f} |")  # fmt: skip
+        diff = {
+            name: statistics.median(r[a] - r[b] for r in rows)
+            for name, a, b in [
+                ("vs_oracle", "rollback_best", "oracle"),
+                ("vs_es", "rollback_best", "early_stopping"),
+                ("last_vs_es", "rollback", "early_stopping"),
+            ]
+        }
+        lines.append(
+            f"| {condition} | {len(rows)} | {int(sum(r['alarmed'] for r in rows))} | "
+            f"{med['rollback_best']:.1f} | {med['rollback']:.1f} | {med['alarm_stop']:.1f} | "
+            f"{med['early_stopping']:.1f} | {med['never']:.1f} | {med['oracle']:.1f} | "
+            f"{diff['vs_oracle']:+.1f} | {diff['vs_es']:+.1f} | {diff['last_vs_es']:+.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -541,8 +616,11 @@ def overview_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> s
     """Markdown, a row per model and optimizer: false alarms, detections per noisy condition, and the median delays of
     ``signal`` and of the gradient norm alone; then the pooled detections and delays."""
     noisy = [c for c in CONDITIONS if c != "clean" and any(r["condition"] == c for r in runs)]
-    lines = [f"| task | optimizer | false alarms | detected: {' / '.join(noisy)} | median delay (epochs), {signal} / "
-             f"grad_norm: {' · '.join(noisy)} |", "| --- | --- | ---: | --- | --- |"]  # fmt: skip
+    lines = [
+        f"| task | optimizer | false alarms | detected: {' / '.join(noisy)} | median delay (epochs), {signal} / "
+        f"grad_norm: {' · '.join(noisy)} |",
+        "| --- | --- | ---: | --- | --- |",
+    ]
     for task, opt_name in sorted({(r["task"], r["opt"]) for r in runs}):
         chosen = [r for r in runs if (r["task"], r["opt"]) == (task, opt_name)]
         mine, grad = summarise(chosen, signal, settings), summarise(chosen, "grad_norm", {})
@@ -550,14 +628,18 @@ def overview_table(runs: list[dict], signal: str, settings: dict[str, Any]) -> s
         det = " / ".join(f"{mine[c]['detected']}/{mine[c]['memorising']}" if c in mine else "–" for c in noisy)
         delays = " · ".join(f"{_delay(mine, c)} / {_delay(grad, c)}" for c in noisy)
         lines.append(f"| {task} | {opt_name} | {fa} | {det} | {delays} |")
-    pooled = {name: summarise(runs, name, cfg) for name, cfg in ((signal, settings), ("grad_norm", {}),
-                                                                 ("layer_frob", settings))}  # fmt: skip
+    pooled = {
+        name: summarise(runs, name, cfg)
+        for name, cfg in ((signal, settings), ("grad_norm", {}), ("layer_frob", settings))
+    }
     for name, table in pooled.items():
         found = sum(t["detected"] for t in table.values())
         total = sum(t["memorising"] for t in table.values())
-        lines.append(f"\n{name}, all models: {found}/{total} detected, "
-                     f"{sum(t['false_alarms'] for t in table.values())} false alarms; median delay "
-                     + ", ".join(f"{c} {_delay(table, c)}" for c in noisy))  # fmt: skip
+        lines.append(
+            f"\n{name}, all models: {found}/{total} detected, "
+            f"{sum(t['false_alarms'] for t in table.values())} false alarms; median delay "
+            + ", ".join(f"{c} {_delay(table, c)}" for c in noisy)
+        )
     return "\n".join(lines)
 
 
@@ -576,25 +658,33 @@ def paired_quality(runs: list[dict], signal: str, settings: dict[str, Any]) -> s
     vs_es = [q["rollback_best"] - q["early_stopping"] for q in rows]
     vs_oracle = [q["rollback_best"] - q["oracle"] for q in rows]
     es_oracle = [q["early_stopping"] - q["oracle"] for q in rows]
-    gaps = [early_stopping_epoch(r)[0] - _epoch_of(r, found[0]) for r in noisy
-            if (found := first_alarm_and_onset(r, signal, settings)) is not None]  # fmt: skip
-    return (f"Paired over {len(rows)} noisy runs, best-validated rollback − early stopping: "
-            f"{sum(d > 0 for d in vs_es)} better, {sum(d == 0 for d in vs_es)} the same, {sum(d < 0 for d in vs_es)} "
-            f"worse, mean {statistics.fmean(vs_es):+.2f}; − oracle: median {statistics.median(vs_oracle):+.2f}, mean "
-            f"{statistics.fmean(vs_oracle):+.2f}, {sum(d >= -1 for d in vs_oracle)}/{len(rows)} within 1 point "
-            f"(early stopping − oracle: median {statistics.median(es_oracle):+.2f}, "
-            f"mean {statistics.fmean(es_oracle):+.2f}); early stopping stopped a median "
-            f"{statistics.median(gaps):+.1f} epochs from the alarm (negative: before it).")  # fmt: skip
+    gaps = [
+        early_stopping_epoch(r)[0] - _epoch_of(r, found[0])
+        for r in noisy
+        if (found := first_alarm_and_onset(r, signal, settings)) is not None
+    ]
+    return (
+        f"Paired over {len(rows)} noisy runs, best-validated rollback − early stopping: "
+        f"{sum(d > 0 for d in vs_es)} better, {sum(d == 0 for d in vs_es)} the same, {sum(d < 0 for d in vs_es)} "
+        f"worse, mean {statistics.fmean(vs_es):+.2f}; − oracle: median {statistics.median(vs_oracle):+.2f}, mean "
+        f"{statistics.fmean(vs_oracle):+.2f}, {sum(d >= -1 for d in vs_oracle)}/{len(rows)} within 1 point "
+        f"(early stopping − oracle: median {statistics.median(es_oracle):+.2f}, "
+        f"mean {statistics.fmean(es_oracle):+.2f}); early stopping stopped a median "
+        f"{statistics.median(gaps):+.1f} epochs from the alarm (negative: before it)."
+    )
 
 
-def ring_table(runs: list[dict], signal: str, settings: dict[str, Any],
-               keeps: tuple[int, ...] = (5, 10, 15, 20, 30)) -> str:  # fmt: skip
+def ring_table(
+    runs: list[dict], signal: str, settings: dict[str, Any], keeps: tuple[int, ...] = (5, 10, 15, 20, 30)
+) -> str:
     """Markdown: median rollback − oracle and rollback − early stopping over the noisy runs that memorised, per ring
     size and choice (latest or best-validated checkpoint before the change point)."""
     noisy = [r for r in runs if r["condition"] != "clean" and memorisation_onset(r) is not None]
     found = {id(r): first_alarm_and_onset(r, signal, settings) for r in noisy}
-    lines = ["| ring (epochs) | choice | rollback − oracle | rollback − early stopping |",
-             "| ---: | --- | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| ring (epochs) | choice | rollback − oracle | rollback − early stopping |",
+        "| ---: | --- | ---: | ---: |",
+    ]
     for keep in keeps:
         for choose in ("latest", "best"):
             vs_oracle, vs_es = [], []
@@ -608,31 +698,40 @@ def ring_table(runs: list[dict], signal: str, settings: dict[str, Any],
                     value = acc[back] if back is not None else acc[0]
                 vs_oracle.append(value - max(acc.values()))
                 vs_es.append(value - acc[early_stopping_epoch(r)[1]])
-            lines.append(f"| {keep} | {choose} | {statistics.median(vs_oracle):+.1f} | "
-                         f"{statistics.median(vs_es):+.1f} |")  # fmt: skip
+            lines.append(
+                f"| {keep} | {choose} | {statistics.median(vs_oracle):+.1f} | {statistics.median(vs_es):+.1f} |"
+            )
     return "\n".join(lines)
 
 
 def countermeasure_table(runs: list[dict]) -> str:
     """Markdown: per model, optimizer, condition and countermeasure, the median clean test accuracy of the model
     right after the rollback (what ``then="stop"`` keeps) and at the end of training on (``lower-lr``/``freeze``)."""
-    lines = ["| task | optimizer | condition | countermeasure | runs | rolled back | test acc at rollback (stop) "
-             "| test acc at the end | end − rollback |",
-             "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines = [
+        "| task | optimizer | condition | countermeasure | runs | rolled back | test acc at rollback (stop) "
+        "| test acc at the end | end − rollback |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     groups = sorted({(r["task"], r["opt"], r["condition"], r["rollback"]["mode"]) for r in runs})
     for task, opt_name, condition, mode in groups:
-        chosen = [r for r in runs if (r["task"], r["opt"], r["condition"], r["rollback"]["mode"]) ==
-                  (task, opt_name, condition, mode)]  # fmt: skip
+        chosen = [
+            r
+            for r in runs
+            if (r["task"], r["opt"], r["condition"], r["rollback"]["mode"]) == (task, opt_name, condition, mode)
+        ]
         rolled = [r for r in chosen if r["rollback"]["at_rollback"] is not None]
         if not rolled:
             lines.append(f"| {task} | {opt_name} | {condition} | {mode} | {len(chosen)} | 0 | – | – | – |")
             continue
         at = statistics.median(r["rollback"]["at_rollback"]["test_acc"] for r in rolled)
         end = statistics.median(r["epochs_log"][-1]["val_acc"] for r in rolled)
-        diff = statistics.median(r["epochs_log"][-1]["val_acc"] - r["rollback"]["at_rollback"]["test_acc"]
-                                 for r in rolled)  # fmt: skip
-        lines.append(f"| {task} | {opt_name} | {condition} | {mode} | {len(chosen)} | {len(rolled)} | {at:.1f} | "
-                     f"{end:.1f} | {diff:+.1f} |")  # fmt: skip
+        diff = statistics.median(
+            r["epochs_log"][-1]["val_acc"] - r["rollback"]["at_rollback"]["test_acc"] for r in rolled
+        )
+        lines.append(
+            f"| {task} | {opt_name} | {condition} | {mode} | {len(chosen)} | {len(rolled)} | {at:.1f} | "
+            f"{end:.1f} | {diff:+.1f} |"
+        )
     return "\n".join(lines)
 
 
@@ -672,12 +771,14 @@ def score(runs: list[dict], signal: str, settings: dict[str, Any]) -> dict[str, 
     delays = [t["median_delay_epochs"] for t in table.values() if t["median_delay_epochs"] is not None]
     costs = [t["median_acc_cost"] for c, t in table.items() if t["median_acc_cost"] is not None and c.startswith("p0")]
     return {
-        "detection": det / mem if mem else float("nan"), "false_alarm": fa / clean if clean else 0.0,
+        "detection": det / mem if mem else float("nan"),
+        "false_alarm": fa / clean if clean else 0.0,
         "delay": statistics.median(delays) if delays else float("inf"),
         "noisy_cost": statistics.median(costs) if costs else float("inf"),
-        "worst_condition": min((t["detected"] / t["memorising"] for t in table.values() if t["memorising"]),
-                               default=float("nan")),
-    }  # fmt: skip
+        "worst_condition": min(
+            (t["detected"] / t["memorising"] for t in table.values() if t["memorising"]), default=float("nan")
+        ),
+    }
 
 
 def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: bool = True) -> None:
@@ -688,10 +789,14 @@ def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: b
 
     keys = list(TUNE_GRID)
     grid = [dict(zip(keys, values)) for values in itertools.product(*TUNE_GRID.values())]
-    print(f"\nTuning on {len(runs)} runs, {len(grid)} settings per signal (targets: >= 95 % detected in every "
-          f"condition, <= 5 % false alarms{'; stationary budget ' + str(STATIONARY_BUDGET) if stationary else ''})\n")
-    print("| signal | settings | detected | worst condition | false alarms | median delay (epochs) "
-          "| median val-acc cost, noisy runs (pts) | stationary false alarms (Gaussian / heavy) |")  # fmt: skip
+    print(
+        f"\nTuning on {len(runs)} runs, {len(grid)} settings per signal (targets: >= 95 % detected in every "
+        f"condition, <= 5 % false alarms{'; stationary budget ' + str(STATIONARY_BUDGET) if stationary else ''})\n"
+    )
+    print(
+        "| signal | settings | detected | worst condition | false alarms | median delay (epochs) "
+        "| median val-acc cost, noisy runs (pts) | stationary false alarms (Gaussian / heavy) |"
+    )
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for signal in signals:
         layers = len(runs[0]["series"][signal][0]) if signal in LAYER_SIGNALS else 1
@@ -705,9 +810,12 @@ def tune(runs: list[dict], signals: tuple[str, ...], top: int = 2, stationary: b
             if not passed:
                 continue
             mark = "" if ok else " (no setting meets the targets)"
-            print(f"| {signal}{mark} | {json.dumps(settings)} | {100 * r['detection']:.0f} % "
-                  f"| {100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {r['delay']:+.1f} "
-                  f"| {r['noisy_cost']:.1f} | {rates} |", flush=True)  # fmt: skip
+            print(
+                f"| {signal}{mark} | {json.dumps(settings)} | {100 * r['detection']:.0f} % "
+                f"| {100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {r['delay']:+.1f} "
+                f"| {r['noisy_cost']:.1f} | {rates} |",
+                flush=True,
+            )
             shown += 1
             if shown == top:
                 break
@@ -725,8 +833,12 @@ def condition_delays(runs: list[dict], signal: str, settings: dict[str, Any]) ->
     return {c: t["median_delay_epochs"] for c, t in summarise(runs, signal, settings).items() if c != "clean"}
 
 
-def tune_thresholds(runs: list[dict], paths_file: Path, signals: tuple[str, ...] = ("layer_frob", "layer_frob+grad"),
-                    depth: int | None = None) -> None:  # fmt: skip
+def tune_thresholds(
+    runs: list[dict],
+    paths_file: Path,
+    signals: tuple[str, ...] = ("layer_frob", "layer_frob+grad"),
+    depth: int | None = None,
+) -> None:
     """Per threshold rule: detection (worst condition), false alarms, the conditions in which its median delay is
     later than the gradient norm's (its own default rule), and the stationary false-alarm rates at every recorded
     depth (Gaussian / Student t; 1,000 and 5,000 estimates)."""
@@ -736,8 +848,10 @@ def tune_thresholds(runs: list[dict], paths_file: Path, signals: tuple[str, ...]
 
     paths = json.loads(paths_file.read_text())["paths"]
     grad = condition_delays(runs, "grad_norm", {})
-    print(f"\nThreshold rules on {len(runs)} development runs; gradient norm's median delay per condition (default "
-          f"rule): {grad}\n")  # fmt: skip
+    print(
+        f"\nThreshold rules on {len(runs)} development runs; gradient norm's median delay per condition (default "
+        f"rule): {grad}\n"
+    )
     depths = sorted({int(k.split("/")[0]) for k in paths})
     head = " | ".join(f"L={n}: G 1k/5k, t 1k/5k" for n in depths)
     print(f"| signal | rule | detected | worst condition | false alarms | later than the gradient norm in | {head} |")
@@ -752,12 +866,18 @@ def tune_thresholds(runs: list[dict], paths_file: Path, signals: tuple[str, ...]
             rule = {**settings, "gradient": True} if combined else settings
             cells = []
             for n in depths:
-                rates = [100 * rule_rate(paths[f"{n}/{noise}"], n, horizon, rule) for noise in ("gaussian", "heavy")
-                         for horizon in (1000, 5000)]  # fmt: skip
+                rates = [
+                    100 * rule_rate(paths[f"{n}/{noise}"], n, horizon, rule)
+                    for noise in ("gaussian", "heavy")
+                    for horizon in (1000, 5000)
+                ]
                 cells.append("{:.0f}/{:.0f}, {:.0f}/{:.0f}".format(*rates))
-            print(f"| {signal} | {json.dumps(settings)} | {100 * r['detection']:.0f} % | "
-                  f"{100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {', '.join(later) or 'none'} "
-                  "| " + " | ".join(cells) + " |", flush=True)  # fmt: skip
+            print(
+                f"| {signal} | {json.dumps(settings)} | {100 * r['detection']:.0f} % | "
+                f"{100 * r['worst_condition']:.0f} % | {100 * r['false_alarm']:.0f} % | {', '.join(later) or 'none'} "
+                "| " + " | ".join(cells) + " |",
+                flush=True,
+            )
 
 
 def geometric_mean(values: dict[str, float]) -> float:
@@ -778,10 +898,18 @@ def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
 # ---------------------------------------------------------------------- command line
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", nargs="?", choices=["record", "analyse", "tune", "thresholds", "rollback",
-                                                     "countermeasures"], default="record")  # fmt: skip
-    parser.add_argument("--paths", type=Path, default=DEFAULT_RUNS.parent / "stationary.json",
-                        help="thresholds: stationary statistic paths (monitor_stationary.py --record)")
+    parser.add_argument(
+        "phase",
+        nargs="?",
+        choices=["record", "analyse", "tune", "thresholds", "rollback", "countermeasures"],
+        default="record",
+    )
+    parser.add_argument(
+        "--paths",
+        type=Path,
+        default=DEFAULT_RUNS.parent / "stationary.json",
+        help="thresholds: stationary statistic paths (monitor_stationary.py --record)",
+    )
     parser.add_argument("--modes", nargs="+", default=["lower-lr", "freeze"], help="rollback: what follows it")
     parser.add_argument("--task", nargs="+", default=["mnist-cnn"])
     parser.add_argument("--opt", nargs="+", default=["sgd", "adamw"])
@@ -803,9 +931,24 @@ def main() -> None:
     seeds = range(args.first_seed, args.first_seed + args.seeds)
     if args.phase == "rollback":  # online runs that roll back at their first alarm and train on
         args.runs.mkdir(parents=True, exist_ok=True)
-        jobs = [(t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs),
-                 (mode, args.monitor)) for s in seeds for t in args.task for o in args.opt for c in args.conditions
-                for mode in args.modes]  # fmt: skip
+        jobs = [
+            (
+                t,
+                o,
+                c,
+                s,
+                args.epochs or (30 if t in DEEP_TASKS else 50),
+                args.every,
+                args.batch,
+                str(args.runs),
+                (mode, args.monitor),
+            )
+            for s in seeds
+            for t in args.task
+            for o in args.opt
+            for c in args.conditions
+            for mode in args.modes
+        ]
         with Pool(args.workers) as pool:
             for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 print(f"[{i}/{len(jobs)}] {name}", flush=True)
@@ -815,8 +958,13 @@ def main() -> None:
         return
     if args.phase == "record" or args.quick:
         args.runs.mkdir(parents=True, exist_ok=True)
-        jobs = [(t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs))
-                for s in seeds for t in args.task for o in args.opt for c in args.conditions]  # fmt: skip
+        jobs = [
+            (t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs))
+            for s in seeds
+            for t in args.task
+            for o in args.opt
+            for c in args.conditions
+        ]
         start = time.perf_counter()
         with Pool(args.workers) as pool:
             for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):

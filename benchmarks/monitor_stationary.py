@@ -53,17 +53,25 @@ def estimates(rng: random.Random, layers: int, heavy: bool, correlation: float) 
     scale = _scale(rng, heavy)
     common = rng.gauss(0, 1)
     a, b = math.sqrt(correlation), math.sqrt(1.0 - correlation)
-    values = {f"layer{i}": math.exp(-4.0 + 0.75 * scale * (a * common + b * rng.gauss(0, 1)))
-              for i in range(layers if layers > 1 else 0)}  # fmt: skip
+    values = {
+        f"layer{i}": math.exp(-4.0 + 0.75 * scale * (a * common + b * rng.gauss(0, 1)))
+        for i in range(layers if layers > 1 else 0)
+    }
     values[AGGREGATE] = math.exp(-4.0 + 0.75 * scale * (a * common + b * rng.gauss(0, 1)))
     values[GRADIENT] = math.exp(-4.0 + 0.75 * scale * (a * common + b * rng.gauss(0, 1)))
     return values
 
 
 def false_alarm_rate(
-    settings: dict[str, Any], *, runs: int = 100, horizon: int = 2000, heavy: bool = False, layers: int = 1,
-    seed: int = 0, correlation: float = 0.0,
-) -> float:  # fmt: skip
+    settings: dict[str, Any],
+    *,
+    runs: int = 100,
+    horizon: int = 2000,
+    heavy: bool = False,
+    layers: int = 1,
+    seed: int = 0,
+    correlation: float = 0.0,
+) -> float:
     """Fraction of ``runs`` stationary runs on which a monitor with ``settings`` ever alarms."""
     rng = random.Random(seed)
     alarmed = 0
@@ -87,8 +95,9 @@ def record_paths(layers: int, heavy: bool, runs: int, horizon: int, seed: int, c
         for t in range(horizon):
             monitor.update(t, estimates(rng, layers, heavy, correlation))
             series = monitor.series
-            top.append(max((s.s for n, s in series.items() if n not in (AGGREGATE, GRADIENT)),
-                           default=series[AGGREGATE].s))  # fmt: skip
+            top.append(
+                max((s.s for n, s in series.items() if n not in (AGGREGATE, GRADIENT)), default=series[AGGREGATE].s)
+            )
             agg.append(series[AGGREGATE].s)
             grad.append(series[GRADIENT].s)
         paths.append({"max_layer": top, "aggregate": agg, "gradient": grad})
@@ -96,8 +105,13 @@ def record_paths(layers: int, heavy: bool, runs: int, horizon: int, seed: int, c
 
 
 def record_paths_vectorised(
-    layers: int, heavy: bool, runs: int, horizon: int, seed: int, correlation: float,
-) -> list[dict]:  # fmt: skip
+    layers: int,
+    heavy: bool,
+    runs: int,
+    horizon: int,
+    seed: int,
+    correlation: float,
+) -> list[dict]:
     """:func:`record_paths` with the monitor's statistic computed for all runs and layers at once (numpy).
 
     The same draws (one ``random.Random(seed)`` stream, run after run, through :func:`estimates`) and the same
@@ -149,8 +163,9 @@ def record_paths_vectorised(
                 s = np.maximum(0.0, s + x - ref.k)
         agg[:, t], grad[:, t] = s[:, -2], s[:, -1]
         top[:, t] = s[:, :-2].max(axis=1) if layers > 1 else s[:, -2]
-    return [{"max_layer": top[r].tolist(), "aggregate": agg[r].tolist(), "gradient": grad[r].tolist()}
-            for r in range(runs)]  # fmt: skip
+    return [
+        {"max_layer": top[r].tolist(), "aggregate": agg[r].tolist(), "gradient": grad[r].tolist()} for r in range(runs)
+    ]
 
 
 def rule_rate(paths: list[dict], layers: int, horizon: int, settings: dict[str, Any]) -> float:
@@ -184,14 +199,16 @@ if __name__ == "__main__":
     parser.add_argument("--monitor", type=json.loads, nargs="+", default=[{}], help="CusumMonitor settings as JSON")
     parser.add_argument("--record", default=None, help="save statistic paths to this JSON file")
     parser.add_argument("--rules", default=None, help="rates of the --monitor rules from this file of paths")
-    parser.add_argument("--check", action="store_true",
-                        help="compare the vectorised statistic with the monitor's own, path by path, and exit")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare the vectorised statistic with the monitor's own, path by path, and exit",
+    )
     args = parser.parse_args()
     if args.check:
         for layers in args.layers:
             for heavy in (False, True):
-                fast = record_paths_vectorised(layers, heavy, args.runs, max(args.horizon), args.seed,
-                                               args.correlation)  # fmt: skip
+                fast = record_paths_vectorised(layers, heavy, args.runs, max(args.horizon), args.seed, args.correlation)
                 slow = record_paths(layers, heavy, args.runs, max(args.horizon), args.seed, args.correlation)
                 worst = max(abs(a - b) for f, g in zip(fast, slow) for key in f for a, b in zip(f[key], g[key]))
                 print(f"layers {layers}, {'heavy' if heavy else 'gaussian'}: largest |ΔS| = {worst:.2e}", flush=True)
@@ -201,8 +218,9 @@ if __name__ == "__main__":
         for layers in args.layers:
             for heavy in (False, True):
                 key = f"{layers}/{'heavy' if heavy else 'gaussian'}"
-                saved[key] = record_paths_vectorised(layers, heavy, args.runs, max(args.horizon), args.seed,
-                                                     args.correlation)  # fmt: skip
+                saved[key] = record_paths_vectorised(
+                    layers, heavy, args.runs, max(args.horizon), args.seed, args.correlation
+                )
                 print(f"recorded {key}", flush=True)
                 tmp = f"{args.record}.tmp"
                 with open(tmp, "w") as f:  # written whole, then renamed: a reader never sees half a file
@@ -220,8 +238,11 @@ if __name__ == "__main__":
                 layers, noise = key.split("/")
                 for horizon in args.horizon:
                     rate = rule_rate(paths, int(layers), horizon, settings)
-                    print(f"| {json.dumps(settings)} | {layers} | {noise} | {horizon} | {len(paths)} | "
-                          f"{100 * rate:.0f} % |", flush=True)  # fmt: skip
+                    print(
+                        f"| {json.dumps(settings)} | {layers} | {noise} | {horizon} | {len(paths)} | "
+                        f"{100 * rate:.0f} % |",
+                        flush=True,
+                    )
         raise SystemExit(0)
     args.monitor = args.monitor[0]
     print(f"Monitor: {CusumMonitor(**args.monitor).settings()}; layer correlation {args.correlation}\n")
@@ -230,8 +251,18 @@ if __name__ == "__main__":
     for layers in args.layers:
         for horizon in args.horizon:
             for heavy in (False, True):
-                rate = false_alarm_rate(args.monitor, runs=args.runs, horizon=horizon, heavy=heavy, layers=layers,
-                                        seed=args.seed, correlation=args.correlation)  # fmt: skip
+                rate = false_alarm_rate(
+                    args.monitor,
+                    runs=args.runs,
+                    horizon=horizon,
+                    heavy=heavy,
+                    layers=layers,
+                    seed=args.seed,
+                    correlation=args.correlation,
+                )
                 noise = "Student t, 3 d.o.f." if heavy else "Gaussian"
-                print(f"| {layers} | {noise} | {horizon} | {args.runs} | {round(rate * args.runs)} | "
-                      f"{100 * rate:.0f} % |", flush=True)  # fmt: skip
+                print(
+                    f"| {layers} | {noise} | {horizon} | {args.runs} | {round(rate * args.runs)} | "
+                    f"{100 * rate:.0f} % |",
+                    flush=True,
+                )

@@ -50,8 +50,9 @@ def build(name: str, kwargs: dict | None, loss_fn: nn.Module, model_name: str, d
         opt = timm.optim.Lookahead(opt)
     if kwargs is not None:
         mechanism = name.startswith("mechanism")
-        opt = CurvatureAwareOptimizer(opt, model, loss_fn, **kwargs, lr_scaling="trace" if mechanism else
-                                      kwargs.get("lr_scaling"))  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            opt, model, loss_fn, **kwargs, lr_scaling="trace" if mechanism else kwargs.get("lr_scaling")
+        )
         if mechanism:  # fixed scales 0.5 / 2 on alternating layers, never re-estimated
             opt.lr_scales = {b.name: (0.5, 2.0)[i % 2] for i, b in enumerate(opt.layer_blocks)}
     return model, opt
@@ -97,10 +98,15 @@ def main() -> None:
                 spent[name] += time.perf_counter() - start
                 at_step[name][step] = spent[name]
     step_time = spent["bare"] / args.steps
-    where = f"{args.device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else \
-        f"CPU, {args.threads} threads"  # fmt: skip
-    print(f"{args.model}, batch {args.batch_size}, {args.img_size}×{args.img_size}, {where}, configurations "
-          f"interleaved; bare SGD step {1000 * step_time:.1f} ms\n")  # fmt: skip
+    where = (
+        f"{args.device} ({torch.cuda.get_device_name(device)})"
+        if device.type == "cuda"
+        else f"CPU, {args.threads} threads"
+    )
+    print(
+        f"{args.model}, batch {args.batch_size}, {args.img_size}×{args.img_size}, {where}, configurations "
+        f"interleaved; bare SGD step {1000 * step_time:.1f} ms\n"
+    )
     print("| configuration | steps | time s | overhead vs bare (same steps) | estimates | one estimate, in steps |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, (_, opt) in runs.items():

@@ -28,8 +28,9 @@ import curvopt
 
 def estimate(model, loss_fn, batch, precision: str, probes: int, device: str):
     generator = torch.Generator(device).manual_seed(0)
-    return curvopt.estimate_curvature(model, loss_fn, batch, probes=probes, generator=generator,
-                                      curvature_dtype=precision)  # fmt: skip
+    return curvopt.estimate_curvature(
+        model, loss_fn, batch, probes=probes, generator=generator, curvature_dtype=precision
+    )
 
 
 def timed(fn, reps: int, cuda: bool) -> float:
@@ -48,8 +49,11 @@ def compare(model_name: str, args) -> list[str]:
         low = estimate(model, loss_fn, (x, y), precision, args.probes, args.device)
         t = timed(lambda p=precision: estimate(model, loss_fn, (x, y), p, args.probes, args.device), args.reps, cuda)
         tr = [abs(low.trace[n] - exact.trace[n]) / exact.trace_se[n] for n in exact.layers if exact.trace_se[n] > 0]
-        gn = [abs(low.gn_trace[n] - exact.gn_trace[n]) / exact.gn_trace_se[n]
-              for n in exact.layers if exact.gn_trace_se[n] > 0]  # fmt: skip
+        gn = [
+            abs(low.gn_trace[n] - exact.gn_trace[n]) / exact.gn_trace_se[n]
+            for n in exact.layers
+            if exact.gn_trace_se[n] > 0
+        ]
         total = abs(low.total_trace - exact.total_trace) / abs(exact.total_trace)
         gap_exact, gap_low = exact.total_gn_gap, low.total_gn_gap
         gap = abs(gap_low - gap_exact) / abs(gap_exact)

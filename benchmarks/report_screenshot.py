@@ -18,9 +18,16 @@ import tempfile
 from pathlib import Path
 
 FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def chromium() -> str | None:
@@ -33,9 +40,20 @@ def render_check(page: Path, width: int = 1366, height: int = 900, timeout: floa
     if browser is None:
         raise FileNotFoundError("no chromium on this machine (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                               "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
-                              capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        done = subprocess.run(
+            [
+                browser,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                "--virtual-time-budget=10000",
+                "--dump-dom",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     found = re.search(r'data-render-check="([^"]*)"', done.stdout)
     if found is None:
         raise RuntimeError(f"the page did not report its render check (chromium said: {done.stderr[-500:]})")
@@ -47,9 +65,20 @@ def screenshot(page: Path, out: Path, width: int = 1366, height: int = 2400, tim
     if browser is None:
         raise FileNotFoundError("no chromium on this machine (apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                        f"--screenshot={out.resolve()}", page.resolve().as_uri()],
-                       capture_output=True, text=True, timeout=timeout, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                browser,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                f"--screenshot={out.resolve()}",
+                page.resolve().as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=True,
+        )
     return out
 
 

@@ -70,9 +70,11 @@ def coupling_by_distance(model: nn.Sequential, batch, probes: int, seed: int, sp
 
 
 def part1(args: argparse.Namespace) -> None:
-    print(f"Part 1: mean coupling C(v,w) of the hidden blocks by depth distance |v-w|, relative to distance 1; "
-          f"depth {args.depth}, width {args.width}, K={args.probes}, batch {args.batch}, mean ± sd over "
-          f"{args.seeds} seeds, at initialisation")  # fmt: skip
+    print(
+        f"Part 1: mean coupling C(v,w) of the hidden blocks by depth distance |v-w|, relative to distance 1; "
+        f"depth {args.depth}, width {args.width}, K={args.probes}, batch {args.batch}, mean ± sd over "
+        f"{args.seeds} seeds, at initialisation"
+    )
     for space in ("activations", "parameters"):
         results = {}
         for residual in (False, True):
@@ -88,8 +90,10 @@ def part1(args: argparse.Namespace) -> None:
             plain, res = results[False][dist], results[True][dist]
             sd_p = statistics.stdev(plain) if len(plain) > 1 else 0.0
             sd_r = statistics.stdev(res) if len(res) > 1 else 0.0
-            print(f"{dist:>8}  {statistics.mean(plain):>10.3f} ± {sd_p:<5.3f}  "
-                  f"{statistics.mean(res):>10.3f} ± {sd_r:<5.3f}")  # fmt: skip
+            print(
+                f"{dist:>8}  {statistics.mean(plain):>10.3f} ± {sd_p:<5.3f}  "
+                f"{statistics.mean(res):>10.3f} ± {sd_r:<5.3f}"
+            )
 
 
 def _time(fn, reps: int) -> float:
@@ -112,12 +116,28 @@ def part2(args: argparse.Namespace) -> None:
     whole = {MODEL: [n for n, _ in model.named_parameters()]}
 
     def ours_top() -> None:
-        layer_spectrum(model, loss_fn, batch, layers=whole, steps=m, slq_probes=0, slq_steps=2,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+        layer_spectrum(
+            model,
+            loss_fn,
+            batch,
+            layers=whole,
+            steps=m,
+            slq_probes=0,
+            slq_steps=2,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def ours_density() -> None:
-        layer_spectrum(model, loss_fn, batch, layers=whole, steps=1, slq_probes=n_v, slq_steps=m,
-                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+        layer_spectrum(
+            model,
+            loss_fn,
+            batch,
+            layers=whole,
+            steps=1,
+            slq_probes=n_v,
+            slq_steps=m,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     def theirs_top() -> None:
         model.zero_grad(set_to_none=True)
@@ -132,8 +152,10 @@ def part2(args: argparse.Namespace) -> None:
         (f"top eigenvalue, {m} products", ours_top, theirs_top),
         (f"density, {n_v}x{m} products", ours_density, theirs_density),
     ]
-    print(f"\nPart 2: residual MLP depth {args.depth} width {args.width}, batch {args.batch}, CPU, "
-          f"{torch.get_num_threads()} threads; median of {args.reps}")  # fmt: skip
+    print(
+        f"\nPart 2: residual MLP depth {args.depth} width {args.width}, batch {args.batch}, CPU, "
+        f"{torch.get_num_threads()} threads; median of {args.reps}"
+    )
     print(f"{'task':<32}{'curvopt s':>11}{'PyHessian s':>13}{'ratio':>8}")
     for label, ours, theirs in rows:
         ours()
@@ -146,11 +168,14 @@ def part2(args: argparse.Namespace) -> None:
         t_theirs = _time(theirs, args.reps)
         print(f"{label:<32}{t_ours:>11.3f}{t_theirs:>13.3f}{t_ours / t_theirs:>7.2f}x")
     k = args.probes
-    t_blocks = _time(lambda: block_norms(model, loss_fn, batch, probes=k,
-                                         generator=torch.Generator().manual_seed(0)), args.reps)  # fmt: skip
+    t_blocks = _time(
+        lambda: block_norms(model, loss_fn, batch, probes=k, generator=torch.Generator().manual_seed(0)), args.reps
+    )
     products = k * n_layers
-    print(f"{'block_norms, K=' + str(k) + ' x L=' + str(n_layers):<32}{t_blocks:>11.3f}{'–':>13}{'':>8}"
-          f"   ({1000 * t_blocks / products:.2f} ms per product; PyHessian has no block map)")  # fmt: skip
+    print(
+        f"{'block_norms, K=' + str(k) + ' x L=' + str(n_layers):<32}{t_blocks:>11.3f}{'–':>13}{'':>8}"
+        f"   ({1000 * t_blocks / products:.2f} ms per product; PyHessian has no block map)"
+    )
 
 
 def main() -> None:

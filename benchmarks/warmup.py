@@ -42,8 +42,10 @@ from torch import nn
 DEFAULT_OUT = Path(__file__).resolve().parent / "runs" / "warmup"
 WARMUP_FRACTIONS = (0.05, 0.1, 0.2)
 ARMS = ("none", *(f"warmup-{f:g}" for f in WARMUP_FRACTIONS), "radam", "giadam", "trust", "edge")
-LRS = {"adamw": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
-       "sgd": (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64)}
+LRS = {
+    "adamw": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    "sgd": (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64),
+}
 MODELS = {"gpt": ("adamw",), "vit": ("adamw",), "resnet": ("adamw", "sgd")}
 STEPS = {"gpt": 400, "vit": 400, "resnet": 400}
 SPIKE = 1.5
@@ -121,8 +123,11 @@ class BasicBlock(nn.Module):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out)
-        self.skip = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                     if stride != 1 or c_in != c_out else nn.Identity())  # fmt: skip
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -130,17 +135,37 @@ class BasicBlock(nn.Module):
 
 
 def resnet(width: int = 16) -> nn.Module:
-    blocks = [BasicBlock(width, width, 1), BasicBlock(width, 2 * width, 2), BasicBlock(2 * width, 2 * width, 1),
-              BasicBlock(2 * width, 4 * width, 2)]  # fmt: skip
-    return nn.Sequential(nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(), *blocks,
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4 * width, 10))  # fmt: skip
+    blocks = [
+        BasicBlock(width, width, 1),
+        BasicBlock(width, 2 * width, 2),
+        BasicBlock(2 * width, 2 * width, 1),
+        BasicBlock(2 * width, 4 * width, 2),
+    ]
+    return nn.Sequential(
+        nn.Conv2d(1, width, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(width),
+        nn.ReLU(),
+        *blocks,
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4 * width, 10),
+    )
 
 
 def vit() -> nn.Module:
     import timm
 
-    return timm.create_model("vit_tiny_patch16_224", num_classes=10, pretrained=False, img_size=14, patch_size=2,
-                             in_chans=1, depth=4, embed_dim=64, num_heads=4)  # fmt: skip
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        num_classes=10,
+        pretrained=False,
+        img_size=14,
+        patch_size=2,
+        in_chans=1,
+        depth=4,
+        embed_dim=64,
+        num_heads=4,
+    )
 
 
 @dataclass
@@ -262,8 +287,16 @@ def train(key: RunKey) -> dict:
     opt = base
     if policy is not None:
         scaling = curvopt.control.edge.EdgeScaling(**edge_options(key.arm)) if policy == "edge" else policy
-        opt = curvopt.CurvatureAwareOptimizer(base, p.model, p.loss_fn, every=10**9, monitor=None, lr_scaling=scaling,
-                                              curvature_batch_size=32, seed=key.seed)  # fmt: skip
+        opt = curvopt.CurvatureAwareOptimizer(
+            base,
+            p.model,
+            p.loss_fn,
+            every=10**9,
+            monitor=None,
+            lr_scaling=scaling,
+            curvature_batch_size=32,
+            seed=key.seed,
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(base, schedule(key.arm, steps))
     g = torch.Generator().manual_seed(key.seed + 1)
     losses, val_curve, scales = [], [], []
@@ -292,13 +325,24 @@ def train(key: RunKey) -> dict:
     for value in losses:
         spikes += value > SPIKE * running
         running = min(running, value)
-    record = {**asdict(key), "steps": steps, "initial_val": initial, "final_val": final, "val_curve": val_curve,
-              "best_val": min(val_curve, default=math.nan), "diverged": diverged, "spikes": spikes, "seconds": seconds,
-              "train_tail": statistics.fmean(losses[-steps // 20 :]) if len(losses) >= steps // 20 else math.nan,
-              }  # fmt: skip
+    record = {
+        **asdict(key),
+        "steps": steps,
+        "initial_val": initial,
+        "final_val": final,
+        "val_curve": val_curve,
+        "best_val": min(val_curve, default=math.nan),
+        "diverged": diverged,
+        "spikes": spikes,
+        "seconds": seconds,
+        "train_tail": statistics.fmean(losses[-steps // 20 :]) if len(losses) >= steps // 20 else math.nan,
+    }
     if policy == "edge":
-        record.update(measurements=opt.lr_policy.measurements, products=opt.lr_policy.products,
-                      scales=scales[:: max(1, steps // 100)])  # fmt: skip
+        record.update(
+            measurements=opt.lr_policy.measurements,
+            products=opt.lr_policy.products,
+            scales=scales[:: max(1, steps // 100)],
+        )
     return record
 
 
@@ -319,6 +363,13 @@ def _run_to_file(args: tuple[RunKey, str]) -> str:
 # ---------------------------------------------------------------------------------------------------- analysis
 def load(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+
+
+def _cell_text(value: float) -> str:
+    """A mean final validation loss; ``div`` when a seed diverged (inf), ``–`` when no run was recorded (NaN)."""
+    if math.isnan(value):
+        return "–"
+    return "div" if math.isinf(value) else f"{value:.4f}"
 
 
 def analyse(out: Path) -> str:
@@ -347,10 +398,14 @@ def analyse(out: Path) -> str:
             if not finite:
                 continue
             best_any = min(finite)
-            lines += [f"\n**{model}, {kind}** (seeds {seeds}; final validation loss, mean over seeds; robust range: "
-                      f"grid LRs within 2 % of the best of any arm, {best_any:.4f})", "",
-                      "| arm | " + " | ".join(f"{lr:g}" for lr in grid) + " | best | at LR | robust range | spikes | "
-                      "diverged | seconds/run |", "| --- |" + " ---: |" * (len(grid) + 6)]  # fmt: skip
+            lines += [
+                f"\n**{model}, {kind}** (seeds {seeds}; final validation loss, mean over seeds; robust range: "
+                f"grid LRs within 2 % of the best of any arm, {best_any:.4f})",
+                "",
+                "| arm | " + " | ".join(f"{lr:g}" for lr in grid) + " | best | at LR | robust range | spikes | "
+                "diverged | seconds/run |",
+                "| --- |" + " ---: |" * (len(grid) + 6),
+            ]
             for arm, row in table.items():
                 members = [r for r in mine if (r["arm"] == arm or (arm == "warmup (tuned)" and r["arm"] in warm))]
                 best_lr = min(grid, key=lambda lr: row[lr] if math.isfinite(row[lr]) else math.inf)
@@ -358,14 +413,18 @@ def analyse(out: Path) -> str:
                 spikes = sum(r["spikes"] for r in members)
                 diverged = sum(r["diverged"] for r in members)
                 seconds = statistics.fmean(r["seconds"] for r in members)
-                cells = " | ".join("div" if not math.isfinite(row[lr]) else f"{row[lr]:.4f}" for lr in grid)
-                lines.append(f"| {arm} | {cells} | {row[best_lr]:.4f} | {best_lr:g} | {robust}/{len(grid)} "
-                             f"| {spikes} | {diverged} | {seconds:.1f} |")  # fmt: skip
+                cells = " | ".join(_cell_text(row[lr]) for lr in grid)
+                lines.append(
+                    f"| {arm} | {cells} | {row[best_lr]:.4f} | {best_lr:g} | {robust}/{len(grid)} "
+                    f"| {spikes} | {diverged} | {seconds:.1f} |"
+                )
             for arm in [a for a in arms if a.startswith("edge")]:
                 edge = [r for r in mine if r["arm"] == arm]
-                lines.append(f"\n{arm}: {statistics.fmean(r['measurements'] for r in edge):.1f} measurements and "
-                             f"{statistics.fmean(r['products'] for r in edge):.1f} Hessian-vector products per "
-                             f"{mine[0]['steps']}-step run on average")  # fmt: skip
+                lines.append(
+                    f"\n{arm}: {statistics.fmean(r['measurements'] for r in edge):.1f} measurements and "
+                    f"{statistics.fmean(r['products'] for r in edge):.1f} Hessian-vector products per "
+                    f"{mine[0]['steps']}-step run on average"
+                )
     return "\n".join(lines)
 
 

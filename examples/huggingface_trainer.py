@@ -19,10 +19,20 @@ train_set, eval_set = rows[:256], rows[256:]
 model = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2, n_head=4))
 
 curvature = CurvatureCallback(probes=4)  # the model's own loss and optimizer; the cadence from max_steps
-args = TrainingArguments(output_dir=output_dir, max_steps=40, per_device_train_batch_size=16, learning_rate=1e-3,
-                         logging_steps=10, eval_strategy="steps", eval_steps=20, save_steps=40, use_cpu=True,
-                         bf16=torch.ops.mkldnn._is_mkldnn_bf16_supported(), report_to=["wandb", "tensorboard"],
-                         disable_tqdm=True)
+args = TrainingArguments(
+    output_dir=output_dir,
+    max_steps=40,
+    per_device_train_batch_size=16,
+    learning_rate=1e-3,
+    logging_steps=10,
+    eval_strategy="steps",
+    eval_steps=20,
+    save_steps=40,
+    use_cpu=True,
+    bf16=torch.ops.mkldnn._is_mkldnn_bf16_supported(),
+    report_to=["wandb", "tensorboard"],
+    disable_tqdm=True,
+)
 Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, callbacks=[curvature]).train()
 
 print(curvature.wrapper.last_estimate.summary())  # per-layer traces, GN traces, GN-Gap (computed in float32)

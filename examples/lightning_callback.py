@@ -38,8 +38,14 @@ class Shapes(pl.LightningDataModule):
 class Classifier(pl.LightningModule):
     def __init__(self):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.GELU(), nn.Conv2d(8, 8, 3, stride=2, padding=1),
-                                 nn.GELU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4))
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 8, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(8, 8, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Flatten(),
+            nn.Linear(8 * 8 * 8, 4),
+        )
 
     def forward(self, image):
         return self.net(image)
@@ -62,8 +68,14 @@ class Classifier(pl.LightningModule):
 root = sys.argv[1] if len(sys.argv) > 1 else "runs/lightning"
 torch.manual_seed(0)
 curvature = CurvatureCallback(probes=4)  # dict batches read by their "label" key; the module's curvature_loss
-trainer = pl.Trainer(max_epochs=3, accelerator="cpu", default_root_dir=root, callbacks=[curvature],
-                     enable_progress_bar=False, logger=pl.loggers.CSVLogger(root))
+trainer = pl.Trainer(
+    max_epochs=3,
+    accelerator="cpu",
+    default_root_dir=root,
+    callbacks=[curvature],
+    enable_progress_bar=False,
+    logger=pl.loggers.CSVLogger(root),
+)
 trainer.fit(Classifier(), datamodule=Shapes())
 
 print(curvature.wrapper.last_estimate.summary())

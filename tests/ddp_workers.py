@@ -41,9 +41,14 @@ def scenario_train(rank: int, world: int) -> dict:
     model = nn.parallel.DistributedDataParallel(_mlp())
     loss_fn = nn.CrossEntropyLoss()
     opt = CurvatureAwareOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, loss_fn,
-        every=2, probes=K, lr_scaling="trace", seed=3,
-    )  # fmt: skip
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        model,
+        loss_fn,
+        every=2,
+        probes=K,
+        lr_scaling="trace",
+        seed=3,
+    )
     for step in range(12):
         x, y = _local(_global_batch(seed=100 + step), rank, world)
         opt.zero_grad()
@@ -65,8 +70,16 @@ def scenario_shared(rank: int, world: int) -> dict:
     """Shared probes: the reduced traces equal one process probing the concatenated batch."""
     model = nn.parallel.DistributedDataParallel(_mlp())
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=K,
-                                  seed=5, distributed_probes="shared", curvature_batch_size=1000)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        loss_fn,
+        every=1,
+        probes=K,
+        seed=5,
+        distributed_probes="shared",
+        curvature_batch_size=1000,
+    )
     shared_state = opt.generator.get_state()
     batch = _global_batch()
     opt.zero_grad()
@@ -77,8 +90,9 @@ def scenario_shared(rank: int, world: int) -> dict:
     g = torch.Generator()
     g.set_state(shared_state)
     base = int(torch.randint(0, 2**62, (1,), generator=g))
-    reference = estimate_curvature(model.module, loss_fn, batch, probes=K, gn=True,
-                                   generator=torch.Generator().manual_seed(base))  # fmt: skip
+    reference = estimate_curvature(
+        model.module, loss_fn, batch, probes=K, gn=True, generator=torch.Generator().manual_seed(base)
+    )
     return {"distributed": opt.last_estimate, "reference": reference}
 
 
@@ -133,17 +147,26 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     params = [p.to_local().clone() for p in model.parameters()]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sharded = estimate_curvature(model, loss_fn, (x, y), probes=16, gn=True, strategy="auto",
-                                     generator=torch.Generator().manual_seed(11))  # fmt: skip
+        sharded = estimate_curvature(
+            model, loss_fn, (x, y), probes=16, gn=True, strategy="auto", generator=torch.Generator().manual_seed(11)
+        )
     untouched = all(torch.equal(p.grad.to_local(), g) for p, g in zip(model.parameters(), grads)) and all(
-        torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), params))  # fmt: skip
+        torch.equal(p.to_local(), q) for p, q in zip(model.parameters(), params)
+    )
     single = _mlp()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         references = {}
         for strategy in ("finite-difference", "autograd"):
-            references[strategy] = estimate_curvature(single, loss_fn, batch, probes=16, gn=True, strategy=strategy,
-                                                      generator=torch.Generator().manual_seed(11))  # fmt: skip
+            references[strategy] = estimate_curvature(
+                single,
+                loss_fn,
+                batch,
+                probes=16,
+                gn=True,
+                strategy=strategy,
+                generator=torch.Generator().manual_seed(11),
+            )
     error = None
     try:
         estimate_curvature(model, loss_fn, (x, y), probes=2, strategy="autograd")
@@ -155,8 +178,14 @@ def scenario_fsdp(rank: int, world: int) -> dict:
     with warnings.catch_warnings(record=True) as low:  # bf16 passes: the self-check must say it is rounding
         warnings.simplefilter("always")
         estimate_curvature(bf16, loss_fn, (x, y), probes=2, generator=torch.Generator().manual_seed(11))
-    return {"sharded": sharded, "references": references, "untouched": untouched, "explicit_error": error,
-            "warnings": [str(w.message) for w in caught], "bf16_warnings": [str(w.message) for w in low]}  # fmt: skip
+    return {
+        "sharded": sharded,
+        "references": references,
+        "untouched": untouched,
+        "explicit_error": error,
+        "warnings": [str(w.message) for w in caught],
+        "bf16_warnings": [str(w.message) for w in low],
+    }
 
 
 def scenario_fsdp_train(rank: int, world: int) -> dict:
@@ -185,8 +214,9 @@ def scenario_fsdp_train(rank: int, world: int) -> dict:
         }
     strict_error = None
     model = _fsdp_mlp()
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, loss_fn, every=1,
-                                  strategy="autograd")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), model, loss_fn, every=1, strategy="autograd"
+    )
     x, y = _local(_global_batch(), rank, world)
     loss_fn(model(x), y).backward()
     try:

@@ -35,8 +35,9 @@ def test_cuda_estimates_equal_the_cpu_s_on_the_same_probes(strategy):
     probes = dict(probes=6, strategy=strategy)
     # a CPU generator on both sides: the very same probes, copied to the device for the GPU estimate
     cpu = estimate_curvature(cpu_model, loss_fn, (x, y), generator=torch.Generator().manual_seed(1), **probes)
-    gpu = estimate_curvature(gpu_model, loss_fn, (x.cuda(), y.cuda()), generator=torch.Generator().manual_seed(1),
-                             **probes)  # fmt: skip
+    gpu = estimate_curvature(
+        gpu_model, loss_fn, (x.cuda(), y.cuda()), generator=torch.Generator().manual_seed(1), **probes
+    )
     for kind in cpu.samples:
         torch.testing.assert_close(gpu.samples[kind], cpu.samples[kind], rtol=1e-8, atol=1e-10)
 
@@ -97,10 +98,22 @@ def test_cheaper_products_stay_within_half_a_standard_error_and_restore_the_flag
     model = bn_cnn().cuda()
     batch = (torch.randn(64, 2, 5, 5, device="cuda"), torch.randint(0, 4, (64,), device="cuda"))
     flags = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
-    exact = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=16, curvature_dtype="float32",
-                               generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
-    cheap = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=16, curvature_dtype=precision,
-                               generator=torch.Generator("cuda").manual_seed(1))  # fmt: skip
+    exact = estimate_curvature(
+        model,
+        nn.CrossEntropyLoss(),
+        batch,
+        probes=16,
+        curvature_dtype="float32",
+        generator=torch.Generator("cuda").manual_seed(1),
+    )
+    cheap = estimate_curvature(
+        model,
+        nn.CrossEntropyLoss(),
+        batch,
+        probes=16,
+        curvature_dtype=precision,
+        generator=torch.Generator("cuda").manual_seed(1),
+    )
     assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == flags
     for layer in exact.layers:
         assert abs(cheap.trace[layer] - exact.trace[layer]) <= 0.5 * exact.trace_se[layer], layer
@@ -122,8 +135,9 @@ def test_resume_restores_the_device_probe_stream():
     run(opt, range(3))
     state = copy.deepcopy(opt.state_dict())
     run(opt, range(3, 6))
-    again = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=2,
-                                    seed=99)  # fmt: skip
+    again = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=2, seed=99
+    )
     again.load_state_dict(state)
     run(again, range(3, 6))
     assert list(again.history)[-3:] == list(opt.history)[-3:]

@@ -22,8 +22,12 @@ def _problems():
     torch.manual_seed(1)
     yield "bn_cnn", bn_cnn(), (torch.randn(8, 2, 5, 5), torch.randint(0, 4, (8,))), None
     torch.manual_seed(4)
-    yield "tied", TiedMLP(), (torch.randn(12, 5) * 1.5, torch.randint(0, 3, (12,))), {"W": ["first.weight"],
-                                                                                       "head": ["head.weight"]}
+    yield (
+        "tied",
+        TiedMLP(),
+        (torch.randn(12, 5) * 1.5, torch.randint(0, 3, (12,))),
+        {"W": ["first.weight"], "head": ["head.weight"]},
+    )
 
 
 @pytest.fixture(scope="module", params=list(DEFLATED))
@@ -33,9 +37,20 @@ def repeated(request):
     for name, model, batch, spec in _problems():
         loss_fn = nn.CrossEntropyLoss()
         dense = dense_curvature(model, loss_fn, batch, spec or layer_params(model))
-        estimates = [estimate_curvature(model, loss_fn, batch, probes=12, estimator=request.param, layers=spec,
-                                        strategy="func-vmap", chunk_size=12,
-                                        generator=torch.Generator().manual_seed(r)) for r in range(REPS)]  # fmt: skip
+        estimates = [
+            estimate_curvature(
+                model,
+                loss_fn,
+                batch,
+                probes=12,
+                estimator=request.param,
+                layers=spec,
+                strategy="func-vmap",
+                chunk_size=12,
+                generator=torch.Generator().manual_seed(r),
+            )
+            for r in range(REPS)
+        ]
         out[name] = (estimates, dense)
     return request.param, out
 
@@ -84,8 +99,16 @@ def test_exact_when_the_sketch_spans_the_hessian(estimator):
     )
     products = 18 if estimator == "hutch++" else 14  # sketch 6 (hutch++) / 6 of m = 7 (xtrace, leave-one-out)
     sketch = 6 if estimator == "hutch++" else None
-    est = estimate_curvature(model, nn.MSELoss(), batch, probes=products, estimator=estimator, sketch=sketch,
-                             distribution="gaussian", generator=torch.Generator().manual_seed(0))  # fmt: skip
+    est = estimate_curvature(
+        model,
+        nn.MSELoss(),
+        batch,
+        probes=products,
+        estimator=estimator,
+        sketch=sketch,
+        distribution="gaussian",
+        generator=torch.Generator().manual_seed(0),
+    )
     (name,) = est.layers
     assert est.trace[name] == pytest.approx(float(exact.trace()), rel=1e-5)
     assert est.trace_se[name] < 1e-5 * abs(est.trace[name])
@@ -100,16 +123,24 @@ def test_bad_splits_are_refused_before_any_product():
     with pytest.raises(ValueError, match="unknown estimator"):
         estimate_curvature(model, nn.CrossEntropyLoss(), batch, estimator="hutch")
     with pytest.raises(ValueError, match="xtrace needs"):
-        CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), probes=7,
-                                estimator="xtrace")  # fmt: skip
+        CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), probes=7, estimator="xtrace"
+        )
 
 
 @pytest.mark.parametrize("estimator", DEFLATED)
 def test_the_wrapper_estimates_with_a_deflated_estimator(estimator):
     torch.manual_seed(6)
     model = mlp()
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(),
-                                  every=2, probes=8, estimator=estimator, lr_scaling="trace")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        model,
+        nn.CrossEntropyLoss(),
+        every=2,
+        probes=8,
+        estimator=estimator,
+        lr_scaling="trace",
+    )
     for _ in range(8):
         x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
         opt.zero_grad()

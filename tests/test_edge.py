@@ -43,9 +43,10 @@ def _dense_hessian(model: nn.Module, loss_fn, batch) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize(("momentum", "dampening", "nesterov", "expected"),
-                         [(0.0, 0.0, False, 2.0), (0.9, 0.0, False, 3.8), (0.9, 0.9, False, 38.0),
-                          (0.9, 0.0, True, 3.8 / 2.8)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("momentum", "dampening", "nesterov", "expected"),
+    [(0.0, 0.0, False, 2.0), (0.9, 0.0, False, 3.8), (0.9, 0.9, False, 38.0), (0.9, 0.0, True, 3.8 / 2.8)],
+)
 def test_the_edge_of_heavy_ball_momentum(momentum, dampening, nesterov, expected):
     assert momentum_threshold(momentum, dampening, nesterov) == pytest.approx(expected)
 
@@ -100,9 +101,16 @@ def test_sgd_twice_past_its_edge_is_held_at_it_and_converges(momentum):
     for policy in (None, "edge"):  # margin 0.8: held at 0.8 of its edge (at the edge itself it would not converge)
         model_copy = nn.Linear(5, 1, bias=False)
         model_copy.load_state_dict(model.state_dict())
-        opt = CurvatureAwareOptimizer(torch.optim.SGD(model_copy.parameters(), lr=lr, momentum=momentum), model_copy,
-                                      loss_fn, every=10**6, monitor=None, curvature_batch_size=64, strategy="autograd",
-                                      lr_scaling=EdgeScaling(margin=0.8) if policy else None)  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            torch.optim.SGD(model_copy.parameters(), lr=lr, momentum=momentum),
+            model_copy,
+            loss_fn,
+            every=10**6,
+            monitor=None,
+            curvature_batch_size=64,
+            strategy="autograd",
+            lr_scaling=EdgeScaling(margin=0.8) if policy else None,
+        )
         for _ in range(60):
             opt.zero_grad()
             loss_fn(model_copy(batch[0]), batch[1]).backward()
@@ -121,8 +129,15 @@ def test_below_the_edge_the_trajectory_is_the_bare_optimizer_s_and_the_cadence_b
     for policy in (None, "edge"):
         m = nn.Linear(5, 1, bias=False)
         m.load_state_dict(model.state_dict())
-        opt = CurvatureAwareOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-3), m, loss_fn, every=10**6,
-                                      monitor=None, lr_scaling=policy, curvature_batch_size=64)  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            torch.optim.AdamW(m.parameters(), lr=1e-3),
+            m,
+            loss_fn,
+            every=10**6,
+            monitor=None,
+            lr_scaling=policy,
+            curvature_batch_size=64,
+        )
         for _ in range(200):
             opt.zero_grad()
             loss_fn(m(batch[0]), batch[1]).backward()

@@ -64,8 +64,12 @@ def _attention_problem():
     return TinyAttention(), nn.CrossEntropyLoss(), (torch.randn(6, 3, 4), torch.randint(0, 3, (6,)))
 
 
-PROBLEMS = {"mlp": _mlp_problem, "bn_cnn": _cnn_problem, "layernorm_gelu": _layernorm_problem,
-            "attention": _attention_problem}  # fmt: skip
+PROBLEMS = {
+    "mlp": _mlp_problem,
+    "bn_cnn": _cnn_problem,
+    "layernorm_gelu": _layernorm_problem,
+    "attention": _attention_problem,
+}
 
 
 @pytest.fixture(scope="module", params=list(PROBLEMS))
@@ -142,8 +146,15 @@ def test_dense_reference_agrees_with_finite_differences():
 def test_per_probe_variance_matches_closed_form(distribution):
     model, loss_fn, batch = _mlp_problem()
     dense = dense_curvature(model, loss_fn, batch, layer_params(model))
-    est = estimate_curvature(model, loss_fn, batch, probes=4000, distribution=distribution,
-                             generator=torch.Generator().manual_seed(2), **FAST)  # fmt: skip
+    est = estimate_curvature(
+        model,
+        loss_fn,
+        batch,
+        probes=4000,
+        distribution=distribution,
+        generator=torch.Generator().manual_seed(2),
+        **FAST,
+    )
     formula = rademacher_variance if distribution == "rademacher" else gaussian_variance
     for kind, A in (("trace", dense.H), ("gn_trace", dense.G)):
         for i, name in enumerate(est.layers):
@@ -157,8 +168,9 @@ def test_cross_layer_covariance_matches_block_norms():
     """Cov(T̂_l, T̂_m) = ‖H_lm‖_F² / K per probe pair with shared Rademacher probes (DESIGN §2)."""
     model, loss_fn, batch = _mlp_problem()
     dense = dense_curvature(model, loss_fn, batch, layer_params(model))
-    est = estimate_curvature(model, loss_fn, batch, probes=4000, gn=False, generator=torch.Generator().manual_seed(3),
-                             **FAST)  # fmt: skip
+    est = estimate_curvature(
+        model, loss_fn, batch, probes=4000, gn=False, generator=torch.Generator().manual_seed(3), **FAST
+    )
     s = est.samples["trace"]
     a, b = est.layers[0], est.layers[1]
     prod = (s[:, 0] - s[:, 0].mean()) * (s[:, 1] - s[:, 1].mean())
@@ -181,8 +193,15 @@ def test_tied_weight_uses_shared_tensor_and_unrolling_is_biased():
     # exact Hessian w.r.t. the shared weight W
     dense = dense_curvature(model, loss_fn, (x, y), {"W": ["first.weight"]})
     exact_shared = float(dense.H.trace())
-    est = estimate_curvature(model, loss_fn, (x, y), probes=3000, layers={"W": ["first.weight"]},
-                             generator=torch.Generator().manual_seed(5), **FAST)  # fmt: skip
+    est = estimate_curvature(
+        model,
+        loss_fn,
+        (x, y),
+        probes=3000,
+        layers={"W": ["first.weight"]},
+        generator=torch.Generator().manual_seed(5),
+        **FAST,
+    )
     assert_within(est.trace["W"], est.trace_se["W"], exact_shared, "shared-tensor trace")
 
     # unrolled: two independent copies W_a, W_b with equal values
@@ -196,8 +215,16 @@ def test_tied_weight_uses_shared_tensor_and_unrolling_is_biased():
     tr_ab = float(dense_u.block(dense_u.H, "Wa", "Wb").trace())
     # the true block is Σ_ab H̃_ab, so the exact shared trace = tr H̃_aa + tr H̃_bb + 2 tr H̃_ab
     assert exact_shared == pytest.approx(tr_aa + tr_bb + 2 * tr_ab, rel=1e-9, abs=1e-9)
-    est_u = estimate_curvature(unrolled, loss_fn, (x, y), probes=20000, layers=spec, gn=False,
-                               generator=torch.Generator().manual_seed(6), **FAST)  # fmt: skip
+    est_u = estimate_curvature(
+        unrolled,
+        loss_fn,
+        (x, y),
+        probes=20000,
+        layers=spec,
+        gn=False,
+        generator=torch.Generator().manual_seed(6),
+        **FAST,
+    )
     per_probe = est_u.samples["trace"].sum(1)
     unrolled_mean = float(per_probe.mean())
     unrolled_se = float(per_probe.std() / math.sqrt(len(per_probe)))

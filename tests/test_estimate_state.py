@@ -69,8 +69,11 @@ def test_closed_form_output_hessians_match_autodiff():
         "ce smoothed": (nn.CrossEntropyLoss(label_smoothing=0.1), hard.clamp_min(0), "cross-entropy"),
         "ce weighted+ignore+smoothed": (nn.CrossEntropyLoss(weight=weight, label_smoothing=0.2), hard, "cross-entropy"),
         "ce soft": (nn.CrossEntropyLoss(), soft, "cross-entropy"),
-        "ce soft unnormalised weighted": (nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1), unnormalised,
-                                          "cross-entropy"),
+        "ce soft unnormalised weighted": (
+            nn.CrossEntropyLoss(weight=weight, label_smoothing=0.1),
+            unnormalised,
+            "cross-entropy",
+        ),
         "timm soft": (timm.loss.SoftTargetCrossEntropy(), unnormalised, "cross-entropy"),
         "timm smoothing": (timm.loss.LabelSmoothingCrossEntropy(0.1), hard.clamp_min(0), "cross-entropy"),
         "functional ce": (nn.functional.cross_entropy, hard, "cross-entropy"),
@@ -79,7 +82,7 @@ def test_closed_form_output_hessians_match_autodiff():
         "bce logits": (nn.BCEWithLogitsLoss(weight=weight, pos_weight=weight.flip(0)), soft, "bce-with-logits"),
         "nll": (nn.NLLLoss(), hard.clamp_min(0), "zero"),
         "huber": (nn.HuberLoss(delta=0.5), torch.randn(7, 5, dtype=torch.float64), "generic"),
-    }  # fmt: skip
+    }
     for name, (loss_fn, targets, kind) in cases.items():
         closed = OutputHessian(loss_fn, out, targets)
         generic = OutputHessian(loss_fn, out, targets, closed_form=False)

@@ -19,8 +19,14 @@ NEEDS = {"huggingface_trainer.py": "transformers", "lightning_callback.py": "lig
 def test_each_example_runs_and_reports_its_curvature(example, tmp_path):
     pytest.importorskip(NEEDS.get(example.name, "torch"))
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(example), str(tmp_path / "out")], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(example), str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "model (all)" in done.stdout and "alarms: []" in done.stdout
     assert (tmp_path / "out" / "curvature.jsonl").stat().st_size > 0

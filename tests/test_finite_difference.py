@@ -49,8 +49,15 @@ SMOOTH = ["tanh_mlp", "gelu_mlp", "layernorm_gelu", "attention", "tied"]
 
 def _relu_pool_cnn() -> nn.Module:
     torch.manual_seed(5)
-    return nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 6, 3, padding=1),
-                         nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 4))  # fmt: skip
+    return nn.Sequential(
+        nn.Conv2d(2, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, 4),
+    )
 
 
 @pytest.fixture(scope="module", params=SMOOTH)
@@ -60,8 +67,9 @@ def smooth_fd(request):
     dense = dense_curvature(model, loss_fn, batch, layer_params(model))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = estimate_curvature(model, loss_fn, batch, probes=1500, strategy=FD,
-                                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        est = estimate_curvature(
+            model, loss_fn, batch, probes=1500, strategy=FD, generator=torch.Generator().manual_seed(0)
+        )
     return est, dense, [w for w in caught if issubclass(w.category, FiniteDifferenceWarning)]
 
 
@@ -76,10 +84,15 @@ def test_finite_difference_traces_match_dense_blocks(smooth_fd):
     assert not caught, "a smooth model must pass the self-check"
     for layer in est.layers:
         _within(est.trace[layer], est.trace_se[layer], float(dense.block(dense.H, layer).trace()), f"{layer} tr H")
-        _within(est.gn_trace[layer], est.gn_trace_se[layer], float(dense.block(dense.G, layer).trace()),
-                f"{layer} tr G")  # fmt: skip
-        _within(est.tensor_trace[layer], est.tensor_trace_se[layer], float(dense.block(dense.T, layer).trace()),
-                f"{layer} tr Hᵀ")  # fmt: skip
+        _within(
+            est.gn_trace[layer], est.gn_trace_se[layer], float(dense.block(dense.G, layer).trace()), f"{layer} tr G"
+        )
+        _within(
+            est.tensor_trace[layer],
+            est.tensor_trace_se[layer],
+            float(dense.block(dense.T, layer).trace()),
+            f"{layer} tr Hᵀ",
+        )
 
 
 def test_finite_difference_row_block_norms_and_gn_gap_match_dense(smooth_fd):
@@ -97,8 +110,10 @@ def test_finite_difference_row_block_norms_and_gn_gap_match_dense(smooth_fd):
 @pytest.mark.parametrize("name", SMOOTH)
 def test_finite_difference_is_a_small_fraction_of_an_se_from_the_exact_products(name):
     model, loss_fn, batch = _smooth(name)
-    runs = {s: estimate_curvature(model, loss_fn, batch, probes=32, strategy=s,
-                                  generator=torch.Generator().manual_seed(1)) for s in ("autograd", FD)}  # fmt: skip
+    runs = {
+        s: estimate_curvature(model, loss_fn, batch, probes=32, strategy=s, generator=torch.Generator().manual_seed(1))
+        for s in ("autograd", FD)
+    }
     exact, fd = runs["autograd"], runs[FD]
     for layer in exact.layers:
         assert abs(fd.trace[layer] - exact.trace[layer]) < 0.05 * exact.trace_se[layer], layer
@@ -166,20 +181,37 @@ def test_dropout_masks_are_the_same_at_theta_and_theta_plus_eps_z():
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3))
     batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
-    runs = [estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=16, strategy=s,
-                               generator=torch.Generator().manual_seed(2)) for s in ("autograd", FD)]  # fmt: skip
+    runs = [
+        estimate_curvature(
+            model, nn.CrossEntropyLoss(), batch, probes=16, strategy=s, generator=torch.Generator().manual_seed(2)
+        )
+        for s in ("autograd", FD)
+    ]
     for layer in runs[0].layers:
         assert abs(runs[1].trace[layer] - runs[0].trace[layer]) < 0.05 * runs[0].trace_se[layer]
 
 
 def test_block_norms_and_spectra_run_on_finite_differences():
     model, loss_fn, batch = _smooth("tanh_mlp")
-    norms = {s: block_norms(model, loss_fn, batch, probes=8, gn=True, strategy=s,
-                            generator=torch.Generator().manual_seed(3)) for s in ("autograd", FD)}  # fmt: skip
+    norms = {
+        s: block_norms(model, loss_fn, batch, probes=8, gn=True, strategy=s, generator=torch.Generator().manual_seed(3))
+        for s in ("autograd", FD)
+    }
     # squared norms of products whose fp32 rounding is ≈ u/ρ ≈ 6e-4 at the default relative step ρ = 1e-4
     torch.testing.assert_close(norms[FD].squared()[0], norms["autograd"].squared()[0], rtol=3e-3, atol=1e-7)
-    spectra = {s: layer_spectrum(model, loss_fn, batch, top_k=1, steps=12, slq_probes=0, strategy=s,
-                                 generator=torch.Generator().manual_seed(3)) for s in ("autograd", FD)}  # fmt: skip
+    spectra = {
+        s: layer_spectrum(
+            model,
+            loss_fn,
+            batch,
+            top_k=1,
+            steps=12,
+            slq_probes=0,
+            strategy=s,
+            generator=torch.Generator().manual_seed(3),
+        )
+        for s in ("autograd", FD)
+    }
     for layer, spectrum in spectra["autograd"].items():
         top = spectra[FD][layer].top[0]
         assert top == pytest.approx(spectrum.top[0], rel=1e-2, abs=1e-6), layer  # O(ε) error per product
@@ -236,10 +268,12 @@ def test_auto_falls_back_to_finite_differences_where_double_backward_cannot_go(r
         estimate_curvature(model, loss_fn, batch, probes=2, strategy="autograd")
     assert ("use_reentrant=False" in str(info.value)) == reentrant
     with pytest.warns(FiniteDifferenceWarning, match="strategy 'auto' uses finite differences"):
-        auto = estimate_curvature(model, loss_fn, batch, probes=16, strategy="auto",
-                                  generator=torch.Generator().manual_seed(4))  # fmt: skip
-    exact = estimate_curvature(_plain_twin(model), loss_fn, batch, probes=16, strategy="autograd",
-                               generator=torch.Generator().manual_seed(4))  # fmt: skip
+        auto = estimate_curvature(
+            model, loss_fn, batch, probes=16, strategy="auto", generator=torch.Generator().manual_seed(4)
+        )
+    exact = estimate_curvature(
+        _plain_twin(model), loss_fn, batch, probes=16, strategy="autograd", generator=torch.Generator().manual_seed(4)
+    )
     assert auto.strategy == FD
     for layer in exact.layers:
         assert abs(auto.trace[layer] - exact.trace[layer]) < 0.05 * exact.trace_se[layer], layer
@@ -250,8 +284,9 @@ def test_the_wrapper_resolves_auto_once_and_an_explicit_exact_strategy_raises_at
     batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
     loss_fn = nn.CrossEntropyLoss()
     model = _FirstOrderMLP(reentrant=True)
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, loss_fn, every=1, probes=2,
-                                  strategy="autograd")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), model, loss_fn, every=1, probes=2, strategy="autograd"
+    )
     loss_fn(model(batch[0]), batch[1]).backward()
     with pytest.raises(DoubleBackwardError, match="use_reentrant=False"):
         opt.step(batch=batch)
@@ -309,8 +344,12 @@ class _LayerScaleBlock(nn.Module):
 
 
 def _same_probes(model, loss_fn, batch, probes=16):
-    return {s: estimate_curvature(model, loss_fn, batch, probes=probes, strategy=s,
-                                  generator=torch.Generator().manual_seed(12)) for s in ("autograd", FD)}  # fmt: skip
+    return {
+        s: estimate_curvature(
+            model, loss_fn, batch, probes=probes, strategy=s, generator=torch.Generator().manual_seed(12)
+        )
+        for s in ("autograd", FD)
+    }
 
 
 def test_the_gauss_newton_part_takes_the_jacobian_at_theta_under_layer_scale():
@@ -354,22 +393,26 @@ class _InflatedNorm(nn.Module):
 def test_a_step_too_large_for_the_model_shrinks_once_and_is_remembered():
     model, loss_fn = _InflatedNorm(), nn.CrossEntropyLoss()
     batch = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
-    exact = estimate_curvature(model, loss_fn, batch, probes=16, strategy="autograd",
-                               generator=torch.Generator().manual_seed(15))  # fmt: skip
+    exact = estimate_curvature(
+        model, loss_fn, batch, probes=16, strategy="autograd", generator=torch.Generator().manual_seed(15)
+    )
     with pytest.warns(FiniteDifferenceWarning, match="relative step shrank from 0.0001 to") as record:
-        fd = estimate_curvature(model, loss_fn, batch, probes=16, strategy=FD,
-                                generator=torch.Generator().manual_seed(15))  # fmt: skip
+        fd = estimate_curvature(
+            model, loss_fn, batch, probes=16, strategy=FD, generator=torch.Generator().manual_seed(15)
+        )
     assert len(record) == 1
     for layer in exact.layers:
         assert abs(fd.trace[layer] - exact.trace[layer]) < 0.5 * exact.trace_se[layer], layer
         assert abs(fd.gn_trace[layer] - exact.gn_trace[layer]) < 0.5 * exact.gn_trace_se[layer], layer
-    settled = curvopt.engine.finite_difference.settled_step(model, torch.float32, sum(p.numel() for p in
-                                                            model.parameters()))  # fmt: skip
+    settled = curvopt.engine.finite_difference.settled_step(
+        model, torch.float32, sum(p.numel() for p in model.parameters())
+    )
     assert settled is not None and settled < 1e-4
     with warnings.catch_warnings():
         warnings.simplefilter("error", FiniteDifferenceWarning)  # said once: the next estimate starts there
-        again = estimate_curvature(model, loss_fn, batch, probes=16, strategy=FD,
-                                   generator=torch.Generator().manual_seed(15))  # fmt: skip
+        again = estimate_curvature(
+            model, loss_fn, batch, probes=16, strategy=FD, generator=torch.Generator().manual_seed(15)
+        )
     assert again.trace == fd.trace
 
 

@@ -30,8 +30,9 @@ def _batch(n: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 def _opt(model: nn.Module, loss_fn=None, **kwargs) -> CurvatureAwareOptimizer:
     kwargs.setdefault("every", 2)
     kwargs.setdefault("probes", 2)
-    return CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model,
-                                   loss_fn or nn.CrossEntropyLoss(), **kwargs)  # fmt: skip
+    return CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), model, loss_fn or nn.CrossEntropyLoss(), **kwargs
+    )
 
 
 def _train_step(opt, model, data, loss_fn=None, **step_kwargs):
@@ -111,10 +112,18 @@ def test_dict_inputs_through_forward_give_the_plain_model_s_numbers():
         return nn.functional.cross_entropy(out * 2.0, target)
 
     for strategy in ("autograd", "func", "func-vmap"):
-        got = estimate_curvature(model, nn.CrossEntropyLoss(), (inputs, y), probes=3, forward=forward,
-                                 strategy=strategy, generator=torch.Generator().manual_seed(1))  # fmt: skip
-        ref = estimate_curvature(model.body, plain_loss, (x, y), probes=3, strategy=strategy,
-                                 generator=torch.Generator().manual_seed(1))  # fmt: skip
+        got = estimate_curvature(
+            model,
+            nn.CrossEntropyLoss(),
+            (inputs, y),
+            probes=3,
+            forward=forward,
+            strategy=strategy,
+            generator=torch.Generator().manual_seed(1),
+        )
+        ref = estimate_curvature(
+            model.body, plain_loss, (x, y), probes=3, strategy=strategy, generator=torch.Generator().manual_seed(1)
+        )
         assert [n.removeprefix("body.") for n in got.layers] == ref.layers
         for kind in ref.samples:
             torch.testing.assert_close(got.samples[kind], ref.samples[kind], rtol=1e-5, atol=1e-7)
@@ -194,9 +203,16 @@ def test_every_train_flag_has_help_and_its_default_once():
 
 @pytest.mark.parametrize(
     "key, flag",
-    [("learning_rate", "lr"), ("lrr", "lr"), ("optimizer", "opt"), ("num_epochs", "epochs"),
-     ("batchsize", "batch_size"), ("weight_decy", "weight_decay"), ("label_smoothing", "smoothing")],
-)  # fmt: skip
+    [
+        ("learning_rate", "lr"),
+        ("lrr", "lr"),
+        ("optimizer", "opt"),
+        ("num_epochs", "epochs"),
+        ("batchsize", "batch_size"),
+        ("weight_decy", "weight_decay"),
+        ("label_smoothing", "smoothing"),
+    ],
+)
 def test_an_unknown_recipe_key_suggests_the_flag_it_means(key, flag):
     known = sorted(a.dest for a in build_parser()._actions)
     assert suggest_flag(key, known) == flag

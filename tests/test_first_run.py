@@ -17,8 +17,25 @@ from curvopt.reporting import plots
 from curvopt.reporting.report import make_report, monitor_verdict
 
 # 64 samples, batch 16: 4 updates per epoch.
-TINY = ["--dataset", "synthetic", "--synthetic-samples", "64", "-b", "16", "--model", "test_resnet", "--img-size",
-        "16", "--curv-probes", "1", "--curv-batch-size", "4", "--no-progress", "--workers", "0"]  # fmt: skip
+TINY = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-samples",
+    "64",
+    "-b",
+    "16",
+    "--model",
+    "test_resnet",
+    "--img-size",
+    "16",
+    "--curv-probes",
+    "1",
+    "--curv-batch-size",
+    "4",
+    "--no-progress",
+    "--workers",
+    "0",
+]
 
 
 def _train(tmp_path: Path, *extra: str, name: str = "run") -> tuple[int, Path]:
@@ -50,8 +67,9 @@ def test_a_chosen_cadence_too_slow_for_a_verdict_is_said_before_the_first_epoch(
 
 
 def test_a_label_switch_past_the_last_epoch_is_warned_and_never_shown(tmp_path, capsys):
-    code, run_dir = _train(tmp_path, "--epochs", "1", "--curv-every", "1", "--label-noise", "1.0",
-                           "--label-noise-start-epoch", "3")  # fmt: skip
+    code, run_dir = _train(
+        tmp_path, "--epochs", "1", "--curv-every", "1", "--label-noise", "1.0", "--label-noise-start-epoch", "3"
+    )
     assert code == 0, capsys.readouterr().err
     assert "after the last epoch (1): this run trains on clean labels only" in capsys.readouterr().out
     records = read_jsonl(run_dir / "curvature.jsonl")
@@ -67,20 +85,31 @@ def test_a_label_switch_past_the_last_epoch_is_warned_and_never_shown(tmp_path, 
 def test_a_report_of_an_uncalibrated_run_gives_no_verdict_not_a_clean_bill():
     config = {"type": "config", "curvopt": {"monitor": {"warmup": 8}, "layer_types": {}}}
     estimates = [{"type": "metrics", "step": s, "curv/trace/fc": 1.0, "curv/monitor_ready": 0.0} for s in (1, 2, 3)]
-    assert monitor_verdict([config, *estimates]).startswith("No verdict: the monitor calibrates on 9 estimates and "
-                                                            "this run made 3")  # fmt: skip
+    assert monitor_verdict([config, *estimates]).startswith(
+        "No verdict: the monitor calibrates on 9 estimates and this run made 3"
+    )
     ready = [{**e, "curv/monitor_ready": 1.0} for e in estimates]
     assert monitor_verdict([config, *ready]).startswith("No memorisation alarm")
     assert monitor_verdict([{"type": "config", "curvopt": {"monitor": None}}, *estimates]) == (
-        "Memorisation monitor off.")  # fmt: skip
+        "Memorisation monitor off."
+    )
 
 
 def test_an_alarm_quotes_layer_names_with_their_types():
-    alarm = Alarm(step=7, layers=["5", "fc"], statistic=12.0, threshold=10.0, kind="layer",
-                  layer_types={"5": "BatchNorm2d", "fc": "Linear"})  # fmt: skip
+    alarm = Alarm(
+        step=7,
+        layers=["5", "fc"],
+        statistic=12.0,
+        threshold=10.0,
+        kind="layer",
+        layer_types={"5": "BatchNorm2d", "fc": "Linear"},
+    )
     assert "layers: '5' (BatchNorm2d), 'fc' (Linear))" in alarm.describe()
-    assert Alarm.from_dict({"step": 1, "layers": ["5"], "statistic": 11.0, "threshold": 10.0}).describe().endswith(
-        "layers: '5')")  # an alarm saved before types were recorded  # fmt: skip
+    assert (
+        Alarm.from_dict({"step": 1, "layers": ["5"], "statistic": 11.0, "threshold": 10.0})
+        .describe()
+        .endswith("layers: '5')")
+    )  # an alarm saved before types were recorded
 
 
 def test_the_monitor_records_the_layer_types_in_its_alarms():
@@ -112,11 +141,14 @@ def test_resume_takes_a_run_directory(tmp_path, capsys):
     assert err.count("\n") == 0 and "a directory without last.pth.tar" in err
 
 
-@pytest.mark.parametrize("argv, hint", [
-    (["train", "--lr-rate", "0.1"], "did you mean --lr?"),
-    (["train", "--curv-evry", "3"], "did you mean --curv-every?"),
-    (["demo", "--stepz", "3"], "did you mean --steps?"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, hint",
+    [
+        (["train", "--lr-rate", "0.1"], "did you mean --lr?"),
+        (["train", "--curv-evry", "3"], "did you mean --curv-every?"),
+        (["demo", "--stepz", "3"], "did you mean --steps?"),
+    ],
+)
 def test_a_mistyped_flag_is_one_line_naming_the_closest_flag(argv, hint, capsys):
     with pytest.raises(SystemExit) as info:
         cli_main(argv)
@@ -172,8 +204,14 @@ def test_plots_threshold_colour_single_records_and_symlog_ticks():
     names = [f"l{i}" for i in range(12)]
     records = [{"type": "config", "curvopt": {"layer_types": {n: "Linear" for n in names}}}]
     for step in range(1, 6):
-        record = {"type": "metrics", "step": step, "curv/cusum/threshold": 12.5, "curv/cusum/aggregate": 0.1 * step,
-                  "curv/monitor_ready": 1.0, "curv/monitor_per_layer": 1.0}  # fmt: skip
+        record = {
+            "type": "metrics",
+            "step": step,
+            "curv/cusum/threshold": 12.5,
+            "curv/cusum/aggregate": 0.1 * step,
+            "curv/monitor_ready": 1.0,
+            "curv/monitor_per_layer": 1.0,
+        }
         for i, n in enumerate(names):
             record[f"curv/cusum/{n}"] = 0.5 * i + step
             record[f"curv/trace/{n}"] = (-1) ** i * 10.0 ** (i % 9) * step
@@ -191,14 +229,19 @@ def test_plots_threshold_colour_single_records_and_symlog_ticks():
     plt.close(fig)
     one = [records[0], {**records[1], "type": "train", "train/loss": 1.0, "train/acc": 50.0}]
     fig = plots.training_figure(one)
-    assert all(line.get_marker() not in (None, "None", "") for ax in fig.axes for line in ax.get_lines()
-               if line.get_label() in ("training loss", "training accuracy (batch)"))  # fmt: skip
+    assert all(
+        line.get_marker() not in (None, "None", "")
+        for ax in fig.axes
+        for line in ax.get_lines()
+        if line.get_label() in ("training loss", "training accuracy (batch)")
+    )
     plt.close(fig)
 
 
 def test_the_report_of_a_short_run_draws_its_events_where_they_happened(tmp_path, capsys):
-    code, run_dir = _train(tmp_path, "--epochs", "2", "--curv-every", "1", "--label-noise", "1.0",
-                           "--label-noise-start-epoch", "1")  # fmt: skip
+    code, run_dir = _train(
+        tmp_path, "--epochs", "2", "--curv-every", "1", "--label-noise", "1.0", "--label-noise-start-epoch", "1"
+    )
     assert code == 0, capsys.readouterr().err
     page = next(p for p in make_report(run_dir, html_page=True) if p.name == "report.html").read_text()
     assert "label noise start" in page  # the switch at update 5 happened
@@ -212,8 +255,9 @@ def test_a_model_through_the_wrapper_alarm_names_quoted_layers(caplog):
             return [Alarm(step, ["0"], 11.0, 10.0, "layer", {"0": "Linear"})] if step == 2 else []
 
     model = nn.Sequential(nn.Linear(4, 3))
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
-                                  every=1, probes=1, monitor=Always())  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=1, probes=1, monitor=Always()
+    )
     for _ in range(2):
         x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
         opt.zero_grad()
@@ -225,8 +269,10 @@ def test_a_model_through_the_wrapper_alarm_names_quoted_layers(caplog):
 def test_the_first_estimate_s_cost_is_said_in_training_steps(tmp_path, capsys):
     from curvopt.programs.train.run import estimate_cost_line
 
-    assert estimate_cost_line(4.0, 0.1, 8) == ("  one curvature estimate took 4.0 s, about 40 training steps: 500 % "
-                                               "overhead at every 8 updates (--curv-every 401 keeps it under 10 %)")
+    assert estimate_cost_line(4.0, 0.1, 8) == (
+        "  one curvature estimate took 4.0 s, about 40 training steps: 500 % "
+        "overhead at every 8 updates (--curv-every 401 keeps it under 10 %)"
+    )
     assert "keeps it" not in estimate_cost_line(1.0, 0.1, 500)
     code, _ = _train(tmp_path, "--epochs", "3", "--curv-every", "2")
     assert code == 0

@@ -19,11 +19,22 @@ from curvopt.integrations.huggingface import CurvatureCallback, logits_of, model
 SEQ = 16
 
 
-def tiny_gpt2(vocab: int = 256, width: int = 16, layers: int = 2, seed: int = 0, positions: int = SEQ,
-              inner: int | None = None) -> GPT2LMHeadModel:  # fmt: skip
+def tiny_gpt2(
+    vocab: int = 256, width: int = 16, layers: int = 2, seed: int = 0, positions: int = SEQ, inner: int | None = None
+) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=vocab, n_positions=positions, n_embd=width, n_layer=layers, n_head=2, n_inner=inner,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="eager")  # fmt: skip
+    config = GPT2Config(
+        vocab_size=vocab,
+        n_positions=positions,
+        n_embd=width,
+        n_layer=layers,
+        n_head=2,
+        n_inner=inner,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        attn_implementation="eager",
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -44,9 +55,21 @@ class ByteText(torch.utils.data.Dataset):
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    settings = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-3,
-                    logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-                    data_seed=0, dataloader_num_workers=0, lr_scheduler_type="constant")  # fmt: skip
+    settings = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+        lr_scheduler_type="constant",
+    )
     settings.update(overrides)
     return TrainingArguments(**settings)
 
@@ -76,8 +99,9 @@ class Recording(CausalLMLoss):
 def test_estimates_run_at_the_optimizer_steps_on_that_step_s_last_micro_batch(tmp_path):
     model = tiny_gpt2()
     trained_labels: list[torch.Tensor] = []
-    model.register_forward_pre_hook(lambda m, a, kw: trained_labels.append(kw["labels"].clone()) if "labels" in kw
-                                    else None, with_kwargs=True)  # fmt: skip
+    model.register_forward_pre_hook(
+        lambda m, a, kw: trained_labels.append(kw["labels"].clone()) if "labels" in kw else None, with_kwargs=True
+    )
     loss = Recording()
     callback = CurvatureCallback(loss, every=2, probes=2, curvature_batch_size=2, log_path=None)
     trainer = _train(tmp_path, callback, model=model, gradient_accumulation_steps=2)
@@ -111,8 +135,9 @@ def test_resume_from_checkpoint_continues_the_uninterrupted_curvature_history(tm
     _train(tmp_path / "whole", whole, save_strategy="steps", save_steps=3)
     _train(tmp_path / "cut", callback(), save_strategy="steps", save_steps=3, max_steps=3)
     resumed = callback()
-    _train(tmp_path / "cut", resumed, resume=str(tmp_path / "cut" / "checkpoint-3"), save_strategy="steps",
-           save_steps=3)  # fmt: skip
+    _train(
+        tmp_path / "cut", resumed, resume=str(tmp_path / "cut" / "checkpoint-3"), save_strategy="steps", save_steps=3
+    )
     assert [h["step"] for h in resumed.wrapper.history] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert list(resumed.wrapper.history) == list(whole.wrapper.history)
     steps = [r["step"] for r in curvopt.read_jsonl(tmp_path / "cut" / "curvature.jsonl") if r["type"] == "metrics"]
@@ -153,8 +178,9 @@ def test_metrics_reach_the_reporting_integrations(tmp_path):
             seen.append(dict(logs or {}))
 
     callback = CurvatureCallback(every=2, probes=1, curvature_batch_size=2, log_path=None)
-    trainer = Trainer(model=tiny_gpt2(), args=_args(tmp_path), train_dataset=ByteText(), callbacks=[Reporter(),
-                      callback])  # fmt: skip
+    trainer = Trainer(
+        model=tiny_gpt2(), args=_args(tmp_path), train_dataset=ByteText(), callbacks=[Reporter(), callback]
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.train()
@@ -169,8 +195,16 @@ def test_causal_lm_closed_form_matches_dense_float64_references():
     inputs = {"input_ids": rows}
     loss_fn = CausalLMLoss()
     dense = dense_curvature(model, loss_fn, (inputs, labels), layer_params(model), forward=logits_of)
-    est = estimate_curvature(model, loss_fn, (inputs, labels), forward=logits_of, probes=1500, strategy="func-vmap",
-                             chunk_size=500, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    est = estimate_curvature(
+        model,
+        loss_fn,
+        (inputs, labels),
+        forward=logits_of,
+        probes=1500,
+        strategy="func-vmap",
+        chunk_size=500,
+        generator=torch.Generator().manual_seed(0),
+    )
     for layer in est.layers:
         for value, se, matrix in ((est.trace, est.trace_se, dense.H), (est.gn_trace, est.gn_trace_se, dense.G)):
             exact = float(dense.block(matrix, layer).trace())
@@ -186,8 +220,15 @@ def test_the_closed_form_is_the_one_used_and_slices_along_the_batch():
     assert OutputHessian(CausalLMLoss(), logits, labels).kind == "causal-lm"
     model = tiny_gpt2(vocab=32)
     batch = ({"input_ids": ByteText(n=8, vocab=32).rows}, ByteText(n=8, vocab=32).rows)
-    opt = curvopt.CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, CausalLMLoss(),
-                                          every=1, probes=1, curvature_batch_size=3, forward=logits_of)  # fmt: skip
+    opt = curvopt.CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        CausalLMLoss(),
+        every=1,
+        probes=1,
+        curvature_batch_size=3,
+        forward=logits_of,
+    )
     opt.step(batch=batch)
     assert opt.last_estimate.batch_size == 3  # inputs and [B, T] labels sliced along B together
 
@@ -196,11 +237,15 @@ def test_the_loss_as_output_trap_and_cross_entropy_on_sequences_name_the_fix():
     model = tiny_gpt2(vocab=32)
     rows = ByteText(n=4, vocab=32).rows
     with pytest.raises(CurvatureInputError, match=r"CausalLMLoss\(\)"):  # GN = 0 and GN-Gap = inf silently before
-        estimate_curvature(model, lambda out, y: out, ({"input_ids": rows}, rows), probes=1,
-                           forward=lambda m, x: m(**x, labels=x["input_ids"]).loss)  # fmt: skip
+        estimate_curvature(
+            model,
+            lambda out, y: out,
+            ({"input_ids": rows}, rows),
+            probes=1,
+            forward=lambda m, x: m(**x, labels=x["input_ids"]).loss,
+        )
     with pytest.raises(CurvatureInputError, match=r"CausalLMLoss\(shift=False\)"):
-        estimate_curvature(model, torch.nn.CrossEntropyLoss(), ({"input_ids": rows}, rows), probes=1,
-                           forward=logits_of)  # fmt: skip
+        estimate_curvature(model, torch.nn.CrossEntropyLoss(), ({"input_ids": rows}, rows), probes=1, forward=logits_of)
 
 
 def test_reentrant_checkpointing_raises_at_the_first_step_or_falls_back_under_auto():
@@ -209,12 +254,20 @@ def test_reentrant_checkpointing_raises_at_the_first_step_or_falls_back_under_au
     model.train()
     rows = ByteText(n=4, vocab=32).rows
     batch = ({"input_ids": rows}, rows)
-    opt = curvopt.CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, CausalLMLoss(),
-                                          every=1, probes=1, forward=logits_of, strategy="autograd")  # fmt: skip
+    opt = curvopt.CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0),
+        model,
+        CausalLMLoss(),
+        every=1,
+        probes=1,
+        forward=logits_of,
+        strategy="autograd",
+    )
     with pytest.raises(curvopt.DoubleBackwardError, match="use_reentrant=False"):
         opt.step(batch=batch)
-    opt = curvopt.CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, CausalLMLoss(),
-                                          every=1, probes=2, forward=logits_of)  # fmt: skip
+    opt = curvopt.CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, CausalLMLoss(), every=1, probes=2, forward=logits_of
+    )
     with pytest.warns(curvopt.FiniteDifferenceWarning, match="uses finite differences"):
         opt.step(batch=batch)
     assert opt.last_estimate.strategy == "finite-difference" and opt.skipped_estimates == 0
@@ -243,8 +296,11 @@ def test_bf16_training_keeps_the_curvature_in_float32(tmp_path):
     assert "_original_forward" in trainer.model.__dict__  # the Trainer really trained under accelerate's autocast
     assert loss.dtypes == {torch.float32}
     asked = DtypeRecording()
-    _train(tmp_path / "asked", CurvatureCallback(asked, every=2, probes=2, curvature_batch_size=2, log_path=None,
-                                                 curvature_dtype="bfloat16"), bf16=True)  # fmt: skip
+    _train(
+        tmp_path / "asked",
+        CurvatureCallback(asked, every=2, probes=2, curvature_batch_size=2, log_path=None, curvature_dtype="bfloat16"),
+        bf16=True,
+    )
     assert asked.dtypes == {torch.bfloat16}  # unless the user asks for another curvature_dtype
 
 
@@ -256,8 +312,12 @@ def test_a_short_run_without_a_cadence_chooses_one_and_says_so(tmp_path, capsys)
     assert "curvature every 2 optimizer steps: 20 estimates in this run (chosen for this 40-step run" in out
     assert "the monitor calibrates on the first 9 (ready at step 18)" in out
     with pytest.warns(RuntimeWarning, match="no memorisation verdict: every 4 or less makes 10"):
-        _train(tmp_path / "explicit", CurvatureCallback(every=10, probes=1, curvature_batch_size=2, log_path=None),
-               max_steps=40, quiet=False)  # fmt: skip
+        _train(
+            tmp_path / "explicit",
+            CurvatureCallback(every=10, probes=1, curvature_batch_size=2, log_path=None),
+            max_steps=40,
+            quiet=False,
+        )
 
 
 def test_every_estimate_reaches_the_trainer_logs_at_its_own_step(tmp_path):

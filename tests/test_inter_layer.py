@@ -92,8 +92,17 @@ def test_lanczos_top_eigenvalue_matches_eigvalsh_per_block_and_whole_model(probl
     model, loss_fn, batch = request.getfixturevalue(problem)
     dense, names = _dense(model, loss_fn, batch)
     d_max = max(dense.block(dense.H, n).shape[0] for n in names)
-    spectra = layer_spectrum(model, loss_fn, batch, steps=dense.H.shape[0], top_k=2, slq_probes=2, slq_steps=4,
-                             whole_model=True, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    spectra = layer_spectrum(
+        model,
+        loss_fn,
+        batch,
+        steps=dense.H.shape[0],
+        top_k=2,
+        slq_probes=2,
+        slq_steps=4,
+        whole_model=True,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert d_max <= dense.H.shape[0]
     for name in [*names, MODEL]:
         block = dense.H if name == MODEL else dense.block(dense.H, name)
@@ -107,8 +116,15 @@ def test_lanczos_top_eigenvalue_matches_eigvalsh_per_block_and_whole_model(probl
 def test_slq_density_integrates_to_one_and_moments_match_traces(mlp_problem):
     model, loss_fn, batch = mlp_problem
     dense, names = _dense(model, loss_fn, batch)
-    spectra = layer_spectrum(model, loss_fn, batch, steps=dense.H.shape[0], slq_probes=40, slq_steps=8,
-                             generator=torch.Generator().manual_seed(3))  # fmt: skip
+    spectra = layer_spectrum(
+        model,
+        loss_fn,
+        batch,
+        steps=dense.H.shape[0],
+        slq_probes=40,
+        slq_steps=8,
+        generator=torch.Generator().manual_seed(3),
+    )
     for name in names:
         block = dense.block(dense.H, name)
         d = block.shape[0]
@@ -169,8 +185,12 @@ def test_activation_space_map_matches_the_dense_activation_hessian(mlp_problem):
 
     H = hessian(loss_of)(torch.zeros(sum(sizes), dtype=torch.float64)).detach()
     bounds = torch.cumsum(torch.tensor([0, *sizes]), 0).tolist()
-    exact = torch.tensor([[float(H[bounds[v]:bounds[v + 1], bounds[w]:bounds[w + 1]].square().sum())
-                           for w in range(3)] for v in range(3)])  # fmt: skip
+    exact = torch.tensor(
+        [
+            [float(H[bounds[v] : bounds[v + 1], bounds[w] : bounds[w + 1]].square().sum()) for w in range(3)]
+            for v in range(3)
+        ]
+    )
     est = activation_block_norms(model, loss_fn, (x.double(), y), probes=K, generator=torch.Generator().manual_seed(4))
     assert est.layers == names and list(children) == ["0", "1", "2", "3", "4"]
     mean, se = est.squared()
@@ -209,9 +229,18 @@ def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_est
     def run(inter_every, loggers):
         torch.manual_seed(0)
         model = mlp()
-        opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
-                                      every=1, probes=2, inter_every=inter_every, inter_probes=3, spectrum_steps=4,
-                                      spectrum_starts=3, logger=loggers)  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model,
+            nn.CrossEntropyLoss(),
+            every=1,
+            probes=2,
+            inter_every=inter_every,
+            inter_probes=3,
+            spectrum_steps=4,
+            spectrum_starts=3,
+            logger=loggers,
+        )
         g = torch.Generator().manual_seed(1)
         for _ in range(4):
             x, y = torch.randn(10, 6, generator=g), torch.randint(0, 3, (10,), generator=g)

@@ -93,8 +93,11 @@ def test_curvopt_and_its_integrations_never_import_timm_or_torchvision():
         if "programs" in path.relative_to(PACKAGE).parts:
             continue
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])  # fmt: skip
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             vision = [n for n in names if n.split(".")[0] in ("timm", "torchvision")]
             offenders += [f"{_module_name(path)} imports {n}" for n in vision]
     assert not offenders, offenders

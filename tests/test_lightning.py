@@ -64,8 +64,9 @@ class Classifier(pl.LightningModule):
         base = torch.optim.SGD(self.parameters(), lr=0.05)
         if self.wrap is None:
             return base
-        return CurvatureAwareOptimizer(base, self, self.wrap["loss"], **{k: v for k, v in self.wrap.items()
-                                                                         if k != "loss"})  # fmt: skip
+        return CurvatureAwareOptimizer(
+            base, self, self.wrap["loss"], **{k: v for k, v in self.wrap.items() if k != "loss"}
+        )
 
 
 class Collect(pl.loggers.Logger):
@@ -86,9 +87,16 @@ class Collect(pl.loggers.Logger):
 
 
 def _fit(module, callbacks, tmp_path, *, ckpt_path=None, **overrides):
-    settings = dict(max_steps=6, accelerator="cpu", logger=Collect(), enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                    log_every_n_steps=1)  # fmt: skip
+    settings = dict(
+        max_steps=6,
+        accelerator="cpu",
+        logger=Collect(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
+    )
     settings.update(overrides)
     trainer = pl.Trainer(callbacks=callbacks, **settings)
     with warnings.catch_warnings():
@@ -207,9 +215,16 @@ class DictClassifier(pl.LightningModule):
 
 
 def _fit_data(module, callbacks, tmp_path, data, **overrides):
-    settings = dict(max_steps=8, accelerator="cpu", logger=Collect(), enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path),
-                    log_every_n_steps=1)  # fmt: skip
+    settings = dict(
+        max_steps=8,
+        accelerator="cpu",
+        logger=Collect(),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
+    )
     settings.update(overrides)
     trainer = pl.Trainer(callbacks=callbacks, **settings)
     with warnings.catch_warnings():

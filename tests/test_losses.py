@@ -83,8 +83,16 @@ def test_loss_matches_dense_reference_with_gn(name):
     dense = dense_curvature(model, loss_fn, batch, layer_params(model))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the zero-GN losses warn (tested below)
-        est = estimate_curvature(model, loss_fn, batch, probes=3000, gn=True, strategy="func-vmap", chunk_size=500,
-                                 generator=torch.Generator().manual_seed(3))  # fmt: skip
+        est = estimate_curvature(
+            model,
+            loss_fn,
+            batch,
+            probes=3000,
+            gn=True,
+            strategy="func-vmap",
+            chunk_size=500,
+            generator=torch.Generator().manual_seed(3),
+        )
     for layer in est.layers:
         exact_h = float(dense.block(dense.H, layer).trace())
         exact_g = float(dense.block(dense.G, layer).trace())
@@ -106,8 +114,9 @@ def test_every_strategy_runs_every_loss_and_they_agree(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = [
-            estimate_curvature(model, loss_fn, batch, probes=3, gn=gn, strategy=s,
-                               generator=torch.Generator().manual_seed(4))
+            estimate_curvature(
+                model, loss_fn, batch, probes=3, gn=gn, strategy=s, generator=torch.Generator().manual_seed(4)
+            )
             for gn in (True, False)
             for s in EXACT_STRATEGIES
         ]

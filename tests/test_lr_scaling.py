@@ -80,8 +80,14 @@ def test_policy_names_are_public_and_accepted():
     assert LR_SCALING_POLICIES == ("trace", "local", "cap", "trust", "edge")
     for policy in LR_SCALING_POLICIES:
         model = _mlp()
-        opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
-                                      every=2, probes=2, lr_scaling=policy)  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            model,
+            nn.CrossEntropyLoss(),
+            every=2,
+            probes=2,
+            lr_scaling=policy,
+        )
         for step in range(6):
             x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(step)), torch.randint(0, 3, (16,))
             opt.zero_grad()
@@ -89,8 +95,9 @@ def test_policy_names_are_public_and_accepted():
             opt.step(batch=(x, y))
         assert set(opt.lr_scales) == {"0", "2", "4"} and all(math.isfinite(s) and s > 0 for s in opt.lr_scales.values())
         assert opt.settings()["lr_scaling"] == policy
-        restored = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
-                                           lr_scaling=policy)  # fmt: skip
+        restored = CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), lr_scaling=policy
+        )
         restored.load_state_dict(copy.deepcopy(opt.state_dict()))
         assert restored.lr_scales == opt.lr_scales
 
@@ -101,8 +108,9 @@ def test_local_curvature_of_a_linear_layer_is_its_input_energy():
     model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
     x = torch.randn(7, 5) * 3
     blocks = group_parameters(model)
-    alpha = local_curvature(model, blocks, (x, torch.zeros(7, dtype=torch.long)), probes=4000,
-                            generator=torch.Generator().manual_seed(0))  # fmt: skip
+    alpha = local_curvature(
+        model, blocks, (x, torch.zeros(7, dtype=torch.long)), probes=4000, generator=torch.Generator().manual_seed(0)
+    )
     hidden = torch.tanh(model[0](x))
     for name, inputs in (("0", x), ("2", hidden)):
         exact = (float(inputs.pow(2).sum()) + len(inputs)) / (inputs.shape[1] + 1)
@@ -114,8 +122,14 @@ def test_local_policy_equalises_layers_fed_by_very_different_activations():
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     with torch.no_grad():
         model[0].weight.mul_(10)  # layer 2's input is ~10x larger: its local Hessian ~100x
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, nn.CrossEntropyLoss(),
-                                  every=1, probes=2, lr_scaling="local")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01),
+        model,
+        nn.CrossEntropyLoss(),
+        every=1,
+        probes=2,
+        lr_scaling="local",
+    )
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step(batch=(x, y))
@@ -126,8 +140,9 @@ def test_cap_slows_only_the_layers_whose_step_exceeds_their_edge():
     torch.manual_seed(3)
     model = _mlp()
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=50.0), model, nn.CrossEntropyLoss(),
-                                  every=1, probes=2, lr_scaling="cap")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=50.0), model, nn.CrossEntropyLoss(), every=1, probes=2, lr_scaling="cap"
+    )
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step(batch=(x, y))
     top = opt.lr_policy.top
@@ -139,8 +154,9 @@ def test_cap_slows_only_the_layers_whose_step_exceeds_their_edge():
 def test_trust_ratio_follows_weight_to_gradient_norms():
     torch.manual_seed(4)
     model = _mlp()
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.01), model, nn.CrossEntropyLoss(),
-                                  every=0, lr_scaling="trust")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.01), model, nn.CrossEntropyLoss(), every=0, lr_scaling="trust"
+    )
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
     nn.functional.cross_entropy(model(x), y).backward()
     ratios = {}

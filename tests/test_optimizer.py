@@ -211,8 +211,9 @@ def test_no_batch_ever_given_raises_at_the_first_curvature_step():
 
 def test_a_batch_missing_at_one_curvature_step_warns_once_and_training_continues():
     model = _model()
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(), every=2,
-                                  probes=2)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.05), model, nn.CrossEntropyLoss(), every=2, probes=2
+    )
     x, y = _batches(1)[0]
     with pytest.warns(RuntimeWarning, match="no batch was given") as record:
         for step in range(1, 9):

@@ -50,8 +50,9 @@ def ln_problem():
 def test_bf16_products_stay_within_a_fraction_of_the_standard_error(request, problem, strategy):
     model, loss_fn, batch = request.getfixturevalue(problem)
     fp32 = estimate_curvature(model, loss_fn, batch, probes=16, generator=_gen(), strategy=strategy)
-    bf16 = estimate_curvature(model, loss_fn, batch, probes=16, generator=_gen(), strategy=strategy,
-                              curvature_dtype="bfloat16")  # fmt: skip
+    bf16 = estimate_curvature(
+        model, loss_fn, batch, probes=16, generator=_gen(), strategy=strategy, curvature_dtype="bfloat16"
+    )
     assert bf16.curvature_dtype == "bfloat16" and fp32.curvature_dtype is None
     assert not torch.equal(fp32.samples["trace"], bf16.samples["trace"])  # the products really ran in bf16
     for layer in fp32.layers:
@@ -86,8 +87,9 @@ def test_tf32_on_cpu_warns_and_computes_in_fp32(cnn_problem):
 
 def test_the_wrapper_passes_the_precision_to_every_estimate(cnn_problem):
     model, loss_fn, (x, y) = cnn_problem
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=2,
-                                  curvature_dtype=torch.bfloat16)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.0), model, loss_fn, every=1, probes=2, curvature_dtype=torch.bfloat16
+    )
     assert opt.settings()["curvature_dtype"] == "bfloat16"
     opt.zero_grad()
     loss_fn(model(x), y).backward()

@@ -34,9 +34,16 @@ def _run(tmp_path: Path, lr_scaling: str | None = None) -> Path:
     log = tmp_path / "curvature.jsonl"
     with JsonlLogger(log) as jsonl:
         jsonl.log_run({"model": "small_cnn", "dataset": "synthetic 8x8", "label_noise": "random from step 31"})
-        opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model,
-                                      nn.CrossEntropyLoss(), every=2, probes=2, logger=jsonl, lr_scaling=lr_scaling,
-                                      monitor=CusumMonitor(warmup=3))  # fmt: skip
+        opt = CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+            model,
+            nn.CrossEntropyLoss(),
+            every=2,
+            probes=2,
+            logger=jsonl,
+            lr_scaling=lr_scaling,
+            monitor=CusumMonitor(warmup=3),
+        )
         for step in range(1, 61):
             idx = torch.randint(0, 256, (32,))
             labels = (y_random if step > 30 else y)[idx]
@@ -81,8 +88,13 @@ def test_lr_scale_figure_only_with_scaling_and_with_its_reference_line(tmp_path)
 def test_every_time_plot_marks_the_label_switch_and_the_alarm(report):
     log, _ = report
     records = read_jsonl(log)
-    builders = [plots.curvature_heatmap_figure, plots.trace_figure, plots.cusum_figure, plots.training_figure,
-                lambda r: plots.layer_lines_figure(r, "gn_gap", title="t", ylabel="g", log_y=True)]  # fmt: skip
+    builders = [
+        plots.curvature_heatmap_figure,
+        plots.trace_figure,
+        plots.cusum_figure,
+        plots.training_figure,
+        lambda r: plots.layer_lines_figure(r, "gn_gap", title="t", ylabel="g", log_y=True),
+    ]
     for build in builders:
         fig = build(records)
         labels = {label for ax in fig.axes for label in ax.get_legend_handles_labels()[1]}
@@ -171,10 +183,36 @@ def test_an_estimate_prints_compactly_and_summarises_as_a_table():
 def test_curvopt_train_records_resumes_and_lr_restarts_as_events(tmp_path):
     from curvopt.programs.cli import main as cli_main
 
-    small = ["train", "--dataset", "synthetic", "--synthetic-samples", "48", "-b", "16", "--img-size", "16",
-             "--model", "test_resnet", "--curv-every", "1", "--curv-probes", "2", "--curv-batch-size", "8",
-             "--no-progress", "--output", str(tmp_path), "--experiment", "run",
-             "--sched", "step", "--decay-epochs", "1", "--decay-rate", "3.0"]  # each epoch's LR 3x the last
+    small = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--synthetic-samples",
+        "48",
+        "-b",
+        "16",
+        "--img-size",
+        "16",
+        "--model",
+        "test_resnet",
+        "--curv-every",
+        "1",
+        "--curv-probes",
+        "2",
+        "--curv-batch-size",
+        "8",
+        "--no-progress",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "run",
+        "--sched",
+        "step",
+        "--decay-epochs",
+        "1",
+        "--decay-rate",
+        "3.0",
+    ]  # each epoch's LR 3x the last
     assert cli_main([*small, "--epochs", "2"]) == 0
     assert cli_main([*small, "--epochs", "3", "--resume", str(tmp_path / "run" / "last.pth.tar")]) == 0
     events = [r for r in read_jsonl(tmp_path / "run" / "curvature.jsonl") if r["type"] == "event"]

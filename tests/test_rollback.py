@@ -15,8 +15,9 @@ from curvopt.programs.cli import main as cli_main
 def test_an_alarm_records_where_the_rise_began():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    estimate = estimate_curvature(model, nn.CrossEntropyLoss(), (torch.randn(16, 4), torch.randint(0, 3, (16,))),
-                                  probes=4)  # fmt: skip
+    estimate = estimate_curvature(
+        model, nn.CrossEntropyLoss(), (torch.randn(16, 4), torch.randint(0, 3, (16,))), probes=4
+    )
     g = torch.Generator().manual_seed(1)
     monitor, alarms = CusumMonitor(warmup=3), []
     for step in range(1, 60):  # noisy and flat, then rising by 1.5x per estimate from step 30
@@ -69,15 +70,43 @@ def test_rollback_on_alarm_restores_the_last_snapshot_before_the_change_point(th
 def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_point(tmp_path, capsys, monkeypatch):
     # 64 samples, batch 16: 4 updates per epoch; an estimate every update; alarm at update 11, change point at 7
     monkeypatch.setattr(CusumMonitor, "update", _alarm_at(11, onset=7))
-    argv = ["train", "--dataset", "synthetic", "--synthetic-samples", "64", "-b", "16", "--model", "test_resnet",
-            "--img-size", "16", "--curv-every", "1", "--curv-probes", "1", "--curv-batch-size", "4", "--no-progress",
-            "--epochs", "5", "--on-alarm", "rollback", "--rollback-keep", "2", "--output", str(tmp_path),
-            "--experiment", "r"]  # fmt: skip
+    argv = [
+        "train",
+        "--dataset",
+        "synthetic",
+        "--synthetic-samples",
+        "64",
+        "-b",
+        "16",
+        "--model",
+        "test_resnet",
+        "--img-size",
+        "16",
+        "--curv-every",
+        "1",
+        "--curv-probes",
+        "1",
+        "--curv-batch-size",
+        "4",
+        "--no-progress",
+        "--epochs",
+        "5",
+        "--on-alarm",
+        "rollback",
+        "--rollback-keep",
+        "2",
+        "--output",
+        str(tmp_path),
+        "--experiment",
+        "r",
+    ]
     assert cli_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     run_dir = tmp_path / "r"
-    assert ("rolled back to the end of epoch 1 (update 4; the best validation top-1 of the epochs before the change "
-            "point at update 7)") in out
+    assert (
+        "rolled back to the end of epoch 1 (update 4; the best validation top-1 of the epochs before the change "
+        "point at update 7)"
+    ) in out
     assert "rolled back at the alarm at update 11 to epoch 1" in out
     rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
     assert rings == ["ring-2-u8.pth.tar", "ring-3-u11.pth.tar"]  # keep 2: the alarm's epoch ended with one more
@@ -111,7 +140,10 @@ def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tm
         save_checkpoint(tmp_path / CHECKPOINT, {"epoch": epoch, "num_updates": updates, "model": {}, "optimizer": {}})
         keep_in_ring(tmp_path, epoch, updates, keep=3, score=top1)
     assert sorted(p.name for p in tmp_path.glob("ring-*.pth.tar")) == [
-        "ring-2-u8.pth.tar", "ring-3-u12.pth.tar", "ring-4-u16.pth.tar"]  # fmt: skip
+        "ring-2-u8.pth.tar",
+        "ring-3-u12.pth.tar",
+        "ring-4-u16.pth.tar",
+    ]
     path, state = ring_before(tmp_path, 14, "best")
     assert path.name == "ring-2-u8.pth.tar" and state["num_updates"] == 8  # 80 % beats epoch 3's 70 %
     assert ring_before(tmp_path, 14, "latest")[0].name == "ring-3-u12.pth.tar"
@@ -134,8 +166,10 @@ def test_estimates_carry_the_loss_gradient_per_layer_for_free():
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
     grads = torch.autograd.grad(nn.CrossEntropyLoss()(model(batch[0]), batch[1]), list(model.parameters()))
-    exact = {"0": float(grads[0].pow(2).sum() + grads[1].pow(2).sum()),
-             "2": float(grads[2].pow(2).sum() + grads[3].pow(2).sum())}  # fmt: skip
+    exact = {
+        "0": float(grads[0].pow(2).sum() + grads[1].pow(2).sum()),
+        "2": float(grads[2].pow(2).sum() + grads[3].pow(2).sum()),
+    }
     for strategy in ("autograd", "func", "finite-difference"):
         estimate = estimate_curvature(model, nn.CrossEntropyLoss(), batch, probes=2, strategy=strategy)
         assert estimate.gradient_sq == pytest.approx(exact, rel=1e-5), strategy
@@ -150,15 +184,21 @@ def test_the_monitor_can_watch_the_gradient_norm_as_its_own_series():
     g = torch.Generator().manual_seed(0)
     for step in range(1, 40):  # flat curvature; the gradient norm jumps at step 20 (a label switch)
         noise = float(1 + 0.05 * torch.rand(1, generator=g))
-        values = {"a": 1e-3 * noise, "b": 2e-3 * noise, AGGREGATE: 1.5e-3 * noise,
-                  GRADIENT: (1.0 if step < 20 else 30.0) * noise}  # fmt: skip
+        values = {
+            "a": 1e-3 * noise,
+            "b": 2e-3 * noise,
+            AGGREGATE: 1.5e-3 * noise,
+            GRADIENT: (1.0 if step < 20 else 30.0) * noise,
+        }
         alarms += monitor.update(step, values)
     assert len(alarms) == 1 and alarms[0].kind == GRADIENT
     assert 15 <= alarms[0].onset_step <= 20  # Page's estimate: where S last left zero, at or just before the jump
     assert f"gradient norm rising since step {alarms[0].onset_step}" in alarms[0].describe()
     quiet = CusumMonitor(warmup=3, gradient=False)  # curvature only: the same values raise nothing
-    assert not any(quiet.update(step, {"a": 1e-3, "b": 2e-3, AGGREGATE: 1.5e-3, GRADIENT: 30.0 if step > 20 else 1.0})
-                   for step in range(1, 40))  # fmt: skip
+    assert not any(
+        quiet.update(step, {"a": 1e-3, "b": 2e-3, AGGREGATE: 1.5e-3, GRADIENT: 30.0 if step > 20 else 1.0})
+        for step in range(1, 40)
+    )
 
 
 def test_curvopt_train_watches_the_gradient_norm_unless_told_not_to():

@@ -21,10 +21,30 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 # 96 samples, batch 16: 6 updates per epoch; an estimate every 2 updates.
 SMALL = [
-    "--dataset", "synthetic", "--synthetic-samples", "96", "-b", "16", "--model", "resnet18",
-    "--curv-every", "2", "--curv-probes", "2", "--curv-batch-size", "8", "--cusum-warmup", "3",
-    "--log-interval", "2", "--no-progress", "--workers", "0", "--img-size", "16",
-]  # fmt: skip
+    "--dataset",
+    "synthetic",
+    "--synthetic-samples",
+    "96",
+    "-b",
+    "16",
+    "--model",
+    "resnet18",
+    "--curv-every",
+    "2",
+    "--curv-probes",
+    "2",
+    "--curv-batch-size",
+    "8",
+    "--cusum-warmup",
+    "3",
+    "--log-interval",
+    "2",
+    "--no-progress",
+    "--workers",
+    "0",
+    "--img-size",
+    "16",
+]
 
 
 def _train(tmp_path: Path, *extra: str, name: str = "run") -> tuple[int, Path]:
@@ -58,9 +78,22 @@ def test_train_writes_checkpoint_jsonl_wandb_and_report_then_resumes(tmp_path, c
     (run_path,) = wb.offline_runs(run_dir)
     rec = wb.read_records(wb.run_file(run_path))
     summary = wb.summary(rec)
-    for key in ("curv/step", "curv/alarm", "curv/total/trace", "curv/total/gn_gap", "curv/cusum_aggregate",
-                "curv.trace/conv1", "curv.trace_se/conv1", "curv.gn_gap/conv1", "curv.cusum/conv1", "curv.frob/conv1",
-                "train/loss", "train/step", "eval/top1", "epoch"):  # fmt: skip
+    for key in (
+        "curv/step",
+        "curv/alarm",
+        "curv/total/trace",
+        "curv/total/gn_gap",
+        "curv/cusum_aggregate",
+        "curv.trace/conv1",
+        "curv.trace_se/conv1",
+        "curv.gn_gap/conv1",
+        "curv.cusum/conv1",
+        "curv.frob/conv1",
+        "train/loss",
+        "train/step",
+        "eval/top1",
+        "epoch",
+    ):
         assert key in summary, key
     assert summary["curv/step"] == 12
     config = wb.config(rec)
@@ -97,10 +130,34 @@ def test_mixup_cutmix_bf16_autocast_accumulation_ema_drop_path(tmp_path, capsys,
     # EMA and drop-path, so the test pins torch's own kernels (and the small test_resnet keeps them fast).
     monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)
     code, run_dir = _train(
-        tmp_path, "--model", "test_resnet", "--epochs", "1", "--mixup", "0.2", "--cutmix", "1.0", "--smoothing", "0.1",
-        "--amp", "--amp-dtype", "bfloat16", "--grad-accum-steps", "2", "--model-ema", "--drop-path", "0.1",
-        "--opt", "adamw", "--lr", "1e-4", "--sched", "step", "--clip-grad", "1.0",
-    )  # fmt: skip
+        tmp_path,
+        "--model",
+        "test_resnet",
+        "--epochs",
+        "1",
+        "--mixup",
+        "0.2",
+        "--cutmix",
+        "1.0",
+        "--smoothing",
+        "0.1",
+        "--amp",
+        "--amp-dtype",
+        "bfloat16",
+        "--grad-accum-steps",
+        "2",
+        "--model-ema",
+        "--drop-path",
+        "0.1",
+        "--opt",
+        "adamw",
+        "--lr",
+        "1e-4",
+        "--sched",
+        "step",
+        "--clip-grad",
+        "1.0",
+    )
     assert code == 0, capsys.readouterr().err
     ckpt = torch.load(run_dir / "last.pth.tar", map_location="cpu", weights_only=False)
     assert ckpt["num_updates"] == 3  # 6 micro-batches, 2 per update
@@ -194,12 +251,40 @@ def test_every_recipe_parses_builds_and_trains_a_few_steps(recipe, tmp_path, cap
     """Each recipe as written, on data of CIFAR's shape (the real datasets cannot be downloaded here)."""
     args = parse_train_args(["-c", str(RECIPES / recipe)])
     assert args.curv_every >= 1 and args.cusum
-    code = cli_main([
-        "train", "-c", str(RECIPES / recipe), "--dataset", "synthetic", "--synthetic-samples", "16", "-b", "8",
-        "--epochs", "1", "--amp", "false", "--workers", "0", "--curv-every", "1", "--curv-probes", "1",
-        "--curv-batch-size", "4", "--log-wandb", "false", "--no-progress", "--output", str(tmp_path),
-        "--experiment", "r", "--num-classes", str(100 if "cifar100" in recipe else 10),
-    ])  # fmt: skip
+    code = cli_main(
+        [
+            "train",
+            "-c",
+            str(RECIPES / recipe),
+            "--dataset",
+            "synthetic",
+            "--synthetic-samples",
+            "16",
+            "-b",
+            "8",
+            "--epochs",
+            "1",
+            "--amp",
+            "false",
+            "--workers",
+            "0",
+            "--curv-every",
+            "1",
+            "--curv-probes",
+            "1",
+            "--curv-batch-size",
+            "4",
+            "--log-wandb",
+            "false",
+            "--no-progress",
+            "--output",
+            str(tmp_path),
+            "--experiment",
+            "r",
+            "--num-classes",
+            str(100 if "cifar100" in recipe else 10),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert len(_metrics(tmp_path / "r")) == 2
 
@@ -243,8 +328,10 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_missing_cifar_offline_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    assert cli_main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--output",
-                     str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        cli_main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), "--output", str(tmp_path)])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "cifar10 not found" in err and "--data-dir" in err and "--dataset-download" in err
 
@@ -254,8 +341,21 @@ def test_missing_cifar_offline_is_a_one_line_error(tmp_path, capsys, monkeypatch
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
-    assert cli_main(["train", "--dataset", "torch/cifar100", "--dataset-download", "--data-dir",
-                     str(tmp_path / "none"), "--output", str(tmp_path)]) == 2  # fmt: skip
+    assert (
+        cli_main(
+            [
+                "train",
+                "--dataset",
+                "torch/cifar100",
+                "--dataset-download",
+                "--data-dir",
+                str(tmp_path / "none"),
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "could not be downloaded" in err and "cifar-100-python" in err
 

@@ -23,11 +23,43 @@ from curvopt.programs.train.rundir import RunDirLock
 HERE = Path(__file__).resolve().parent
 # Every random stream the loop has: shuffling, drop-path, Mixup/CutMix, label noise; 4 updates/epoch.
 RUN = [
-    "train", "--dataset", "synthetic", "--synthetic-samples", "64", "-b", "16", "--img-size", "16",
-    "--model", "test_resnet", "--drop-path", "0.1", "--mixup", "0.4", "--label-noise", "0.3", "--opt", "adamw",
-    "--lr", "2e-3", "--curv-every", "2", "--curv-probes", "2", "--curv-batch-size", "8", "--cusum-warmup", "3",
-    "--log-interval", "1", "--no-progress", "--workers", "0", "--log-wandb", "false",
-]  # fmt: skip
+    "train",
+    "--dataset",
+    "synthetic",
+    "--synthetic-samples",
+    "64",
+    "-b",
+    "16",
+    "--img-size",
+    "16",
+    "--model",
+    "test_resnet",
+    "--drop-path",
+    "0.1",
+    "--mixup",
+    "0.4",
+    "--label-noise",
+    "0.3",
+    "--opt",
+    "adamw",
+    "--lr",
+    "2e-3",
+    "--curv-every",
+    "2",
+    "--curv-probes",
+    "2",
+    "--curv-batch-size",
+    "8",
+    "--cusum-warmup",
+    "3",
+    "--log-interval",
+    "1",
+    "--no-progress",
+    "--workers",
+    "0",
+    "--log-wandb",
+    "false",
+]
 EPOCHS = 8
 
 
@@ -36,8 +68,18 @@ def _env() -> dict[str, str]:
 
 
 def _launch(out: Path, kill_on_save: int, resume: bool) -> subprocess.Popen:
-    cmd = [sys.executable, str(HERE / "crash_run.py"), str(kill_on_save), *RUN, "--epochs", str(EPOCHS),
-           "--output", str(out), "--experiment", "run"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(HERE / "crash_run.py"),
+        str(kill_on_save),
+        *RUN,
+        "--epochs",
+        str(EPOCHS),
+        "--output",
+        str(out),
+        "--experiment",
+        "run",
+    ]
     if resume:
         cmd += ["--resume", str(out / "run" / "last.pth.tar")]
     return subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -49,8 +91,11 @@ def _finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
 
 
 def _metrics(run_dir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k != "run_id"} for r in read_jsonl(run_dir / "curvature.jsonl")
-            if r["type"] in ("metrics", "eval", "alarm")]  # fmt: skip
+    return [
+        {k: v for k, v in r.items() if k != "run_id"}
+        for r in read_jsonl(run_dir / "curvature.jsonl")
+        if r["type"] in ("metrics", "eval", "alarm")
+    ]
 
 
 @pytest.mark.slow
@@ -292,4 +337,3 @@ def test_on_alarm_checkpoint_saves_the_state_at_each_alarm(tmp_path, monkeypatch
     assert sorted(p.name for p in run_dir.glob("alarm-*.pth.tar")) == ["alarm-4.pth.tar", "alarm-8.pth.tar"]
     state = torch.load(run_dir / "alarm-4.pth.tar", weights_only=False)
     assert state["alarm"]["step"] == 4 and state["mid_epoch"]
-

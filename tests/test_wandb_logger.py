@@ -94,8 +94,9 @@ def test_init_failure_warns_once_and_training_continues(monkeypatch):
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(),
-                                  every=1, probes=2, logger=logger)  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=1, probes=2, logger=logger
+    )
     x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a no-op logger must not warn again
@@ -131,8 +132,9 @@ def test_failures_while_logging_warn_once(tmp_path):
 def test_optimizer_settings_reach_the_config(tmp_path):
     logger = WandbLogger(project="t", dir=str(tmp_path), mode="offline", config={"recipe": "x"})
     model = nn.Sequential(nn.Linear(4, 3))
-    CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=7,
-                            logger=logger)  # fmt: skip
+    CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=7, logger=logger
+    )
     assert logger.owns_run
     run_dir = logger.local_dir
     logger.finish()

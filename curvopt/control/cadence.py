@@ -80,6 +80,8 @@ def describe_cadence(
         return line
     if not plan.gives_verdict:
         enough = max(1, plan.total // (plan.calibration + 1))
-        return (f"{line}; the monitor needs {plan.calibration} to calibrate, so this run gives no memorisation "
-                f"verdict: {option.rstrip('=')} {enough} or less makes {plan.calibration + 1}")  # fmt: skip
+        return (
+            f"{line}; the monitor needs {plan.calibration} to calibrate, so this run gives no memorisation "
+            f"verdict: {option.rstrip('=')} {enough} or less makes {plan.calibration + 1}"
+        )
     return f"{line}; the monitor calibrates on the first {plan.calibration} (ready at {one} {plan.ready_at_step})"

@@ -43,12 +43,28 @@ class InterLayerDiagnostics:
     def run(self, batch: tuple[Any, Any]) -> dict[str, Any]:
         """Compute both on ``batch``; return the metrics to log (exceptions propagate to the caller)."""
         s = self.settings
-        norms = block_norms(self.model, self.loss_fn, batch, probes=s.inter_probes, layers=self.blocks,
-                            generator=self.generator, strategy=s.strategy, forward=self.forward)  # fmt: skip
+        norms = block_norms(
+            self.model,
+            self.loss_fn,
+            batch,
+            probes=s.inter_probes,
+            layers=self.blocks,
+            generator=self.generator,
+            strategy=s.strategy,
+            forward=self.forward,
+        )
         spectra = layer_spectrum(
-            self.model, self.loss_fn, batch, layers=self.blocks, steps=s.spectrum_steps, slq_probes=s.spectrum_starts,
-            slq_steps=max(2, s.spectrum_steps), generator=self.generator, strategy=s.strategy, forward=self.forward,
-        )  # fmt: skip
+            self.model,
+            self.loss_fn,
+            batch,
+            layers=self.blocks,
+            steps=s.spectrum_steps,
+            slq_probes=s.spectrum_starts,
+            slq_steps=max(2, s.spectrum_steps),
+            generator=self.generator,
+            strategy=s.strategy,
+            forward=self.forward,
+        )
         self.last_block_norms, self.last_spectra = norms, spectra
         phi, phi_se = norms.phi()
         metrics: dict[str, Any] = {

@@ -102,8 +102,9 @@ def step_geometry(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> StepG
             threshold = momentum_threshold(beta1, dampening=beta1)
             scale.append((lr / threshold / precondition).sqrt_().to(p.dtype))
         else:
-            threshold = momentum_threshold(group.get("momentum", 0.0), group.get("dampening", 0.0),
-                                           group.get("nesterov", False))  # fmt: skip
+            threshold = momentum_threshold(
+                group.get("momentum", 0.0), group.get("dampening", 0.0), group.get("nesterov", False)
+            )
             scale.append(torch.full_like(p, math.sqrt(lr / threshold)))
     return StepGeometry(scale)
 
@@ -155,8 +156,10 @@ class EdgeScaling:
         """r carried forward from the last measurement to this step's D (module docstring)."""
         if self._weights is None or not math.isfinite(self.ratio):
             return self.ratio
-        carried = sum(float(torch.dot(w.reshape(-1).double(), d.reshape(-1).double().square()))
-                      for w, d in zip(self._weights, geometry.scale))  # fmt: skip
+        carried = sum(
+            float(torch.dot(w.reshape(-1).double(), d.reshape(-1).double().square()))
+            for w, d in zip(self._weights, geometry.scale)
+        )
         return self.ratio * carried
 
     def step_update(self, blocks: Sequence[Layer], context: StepContext) -> dict[str, float]:
@@ -167,8 +170,10 @@ class EdgeScaling:
             if math.isfinite(ratio):
                 self.ratio, self._vector = ratio, vector
                 with torch.no_grad():
-                    self._weights = [v.square() / d.square().clamp_min(torch.finfo(d.dtype).tiny)
-                                     for v, d in zip(vector, geometry.scale)]  # fmt: skip
+                    self._weights = [
+                        v.square() / d.square().clamp_min(torch.finfo(d.dtype).tiny)
+                        for v, d in zip(vector, geometry.scale)
+                    ]
                 self.measurements += 1
                 self.products += iterations
             scale = self._scale(self.ratio)
@@ -186,8 +191,14 @@ class EdgeScaling:
 
     def state_dict(self) -> dict[str, Any]:
         """Cadence and the last measurement (the eigenvector is not saved: a resumed run measures afresh)."""
-        return {"next_step": self.next_step, "interval": self.interval, "ratio": self.ratio, "scale": self.scale,
-                "measurements": self.measurements, "products": self.products}  # fmt: skip
+        return {
+            "next_step": self.next_step,
+            "interval": self.interval,
+            "ratio": self.ratio,
+            "scale": self.scale,
+            "measurements": self.measurements,
+            "products": self.products,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.interval, self.ratio, self.scale = float(state["interval"]), float(state["ratio"]), float(state["scale"])

@@ -136,33 +136,54 @@ class EstimateRunner:
         except FloatingPointError as exc:
             return Outcome(None, ("nonfinite", f"curvopt: non-finite curvature at step {step} discarded ({exc})"))
         except Exception as exc:  # estimation must never stop training
-            return Outcome(None, (f"error-{type(exc).__name__}", f"curvopt: curvature estimate at step {step} failed "
-                                  f"and was skipped: {type(exc).__name__}: {exc}"))  # fmt: skip
+            return Outcome(
+                None,
+                (
+                    f"error-{type(exc).__name__}",
+                    f"curvopt: curvature estimate at step {step} failed and was skipped: {type(exc).__name__}: {exc}",
+                ),
+            )
         if estimate.strategy == FINITE_DIFFERENCE:
             self.strategy, self.fd_checked = FINITE_DIFFERENCE, True
         return Outcome(estimate)
 
     def _estimate(self, batch: tuple[Any, Any], generator: torch.Generator) -> CurvatureEstimate:
         return estimate_curvature(
-            self.model, self.loss_fn, curvature_batch(batch, self.settings.curvature_batch_size),
-            probes=self.probes(), gn=self.settings.gn, generator=generator, layers=self.blocks,
-            strategy=self.strategy, forward=self.forward, estimator=self.settings.estimator,
-            curvature_dtype=self.settings.curvature_dtype, fd_check=not self.fd_checked,
-        )  # fmt: skip
+            self.model,
+            self.loss_fn,
+            curvature_batch(batch, self.settings.curvature_batch_size),
+            probes=self.probes(),
+            gn=self.settings.gn,
+            generator=generator,
+            layers=self.blocks,
+            strategy=self.strategy,
+            forward=self.forward,
+            estimator=self.settings.estimator,
+            curvature_dtype=self.settings.curvature_dtype,
+            fd_check=not self.fd_checked,
+        )
 
     def _combine_ranks(self, outcome: Outcome, strict: bool) -> Outcome:
         """The one collective of an estimate; every rank joins it, also when its own estimate failed."""
         kinds = [k for k in SAMPLE_KINDS if self.settings.gn or k in ("trace", "hess_row_sq")]
         names = [b.name for b in self.blocks]
-        layout = dist_utils.Layout(layers=names, numel={b.name: b.numel for b in self.blocks}, kinds=kinds,
-                                   probes=self.settings.samples_per_estimate(self.probes()))  # fmt: skip
+        layout = dist_utils.Layout(
+            layers=names,
+            numel={b.name: b.numel for b in self.blocks},
+            kinds=kinds,
+            probes=self.settings.samples_per_estimate(self.probes()),
+        )
         estimate, problem = outcome.estimate, outcome.problem
         if estimate is not None and (estimate.layers != names or sorted(estimate.samples) != sorted(kinds)):
             estimate, problem = None, ("layout", "curvopt: the estimate's layers or kinds differ from the wrapper's")
         combined, failed, fatal = dist_utils.all_gather_estimate(
-            estimate, layout, mode=self.settings.distributed_probes, group=self.process_group,
-            device=dist_utils.collective_device(self.process_group), configuration_error=outcome.error is not None,
-        )  # fmt: skip
+            estimate,
+            layout,
+            mode=self.settings.distributed_probes,
+            group=self.process_group,
+            device=dist_utils.collective_device(self.process_group),
+            configuration_error=outcome.error is not None,
+        )
         error = outcome.error
         if strict and fatal and error is None:
             error = CurvatureInputError(f"rank(s) {fatal} cannot estimate curvature (a configuration error there)")
@@ -180,8 +201,10 @@ class EstimateRunner:
         except (RuntimeError, ValueError, TypeError):  # saved on another device type: its stream cannot continue here
             seed = int.from_bytes(hashlib.blake2b(bytes(state["generator"].tolist()), digest_size=8).digest(), "little")
             self.generator.manual_seed(seed % 2**62)
-            message = (f"curvopt: the checkpoint's probe stream was drawn on another device type; probes on "
-                       f"{self.device.type} continue from a seed derived from it (estimates stay exact, the "
-                       "probe sequence differs from the original device's)")  # fmt: skip
+            message = (
+                f"curvopt: the checkpoint's probe stream was drawn on another device type; probes on "
+                f"{self.device.type} continue from a seed derived from it (estimates stay exact, the "
+                "probe sequence differs from the original device's)"
+            )
             warnings.warn(message, RuntimeWarning, stacklevel=3)
         self.probe_tracker.load_state_dict(state["probe_tracker"])

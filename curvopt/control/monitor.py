@@ -350,8 +350,9 @@ class CusumMonitor:
             x = self._observe(series, float(value))
             if x is not None and self._advance(name, series, x, step):
                 started.append(name)
-        layers_above = sorted((n for n in self._layer_names() if self.series[n].s > self.threshold(n)),
-                              key=lambda n: -self.series[n].s)  # fmt: skip
+        layers_above = sorted(
+            (n for n in self._layer_names() if self.series[n].s > self.threshold(n)), key=lambda n: -self.series[n].s
+        )
         kinds = getattr(estimate, "layer_types", {})
         types = {n: kinds[n] for n in layers_above if kinds.get(n)}
         if gradient_ongoing:  # one alarm per episode, whichever series raised it
@@ -362,8 +363,9 @@ class CusumMonitor:
         deciding = self.series[GRADIENT]  # the gradient norm rose first: its own alarm, one per episode
         return [Alarm(step, layers_above, deciding.s, self.threshold(GRADIENT), GRADIENT, types, deciding.rise_step)]
 
-    def _curvature_alarm(self, step: int, started: list[str], ongoing: bool, layers_above: list[str],
-                         types: dict[str, str]) -> list[Alarm]:  # fmt: skip
+    def _curvature_alarm(
+        self, step: int, started: list[str], ongoing: bool, layers_above: list[str], types: dict[str, str]
+    ) -> list[Alarm]:
         """The curvature series' alarm of this estimate (aggregate or per layer), if one starts."""
         if self.alarm_on == AGGREGATE or not self._layer_names():
             if AGGREGATE not in started:
@@ -468,13 +470,23 @@ class CusumMonitor:
 
     def settings(self) -> dict[str, Any]:
         return {
-            "k": self.k, "h": self.h, "warmup": self.warmup, "smoothing": self.smoothing,
-            "trough_smoothing": self.trough_smoothing, "leak": self.leak, "clip": self.clip,
-            "window": self.window, "floor": self.floor,
-            "signal": self.signal, "alarm_on": self.alarm_on, "min_sigma": self.min_sigma,
-            "tail_rate": self.tail_rate, "long_run": self.long_run, "gradient": self.gradient,
+            "k": self.k,
+            "h": self.h,
+            "warmup": self.warmup,
+            "smoothing": self.smoothing,
+            "trough_smoothing": self.trough_smoothing,
+            "leak": self.leak,
+            "clip": self.clip,
+            "window": self.window,
+            "floor": self.floor,
+            "signal": self.signal,
+            "alarm_on": self.alarm_on,
+            "min_sigma": self.min_sigma,
+            "tail_rate": self.tail_rate,
+            "long_run": self.long_run,
+            "gradient": self.gradient,
             "gradient_h": self.gradient_h,
-        }  # fmt: skip
+        }
 
     def save(self, path: str | Path) -> None:
         """Write settings and the ``fit`` reference as JSON."""

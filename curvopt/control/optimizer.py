@@ -137,11 +137,22 @@ class CurvatureAwareOptimizer(Optimizer):
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be callable as forward(model, inputs), got {type(forward).__name__}")
         self.config = CurvatureSettings(
-            every=every, probes=probes, curvature_batch_size=curvature_batch_size, gn=gn, strategy=strategy,
-            seed=seed, history=history, auto_probes=tuple(auto_probes), distributed_probes=distributed_probes,
-            inter_every=inter_every, inter_probes=inter_probes, spectrum_steps=spectrum_steps,
-            spectrum_starts=spectrum_starts, estimator=estimator, curvature_dtype=curvature_dtype,
-        )  # fmt: skip
+            every=every,
+            probes=probes,
+            curvature_batch_size=curvature_batch_size,
+            gn=gn,
+            strategy=strategy,
+            seed=seed,
+            history=history,
+            auto_probes=tuple(auto_probes),
+            distributed_probes=distributed_probes,
+            inter_every=inter_every,
+            inter_probes=inter_probes,
+            spectrum_steps=spectrum_steps,
+            spectrum_starts=spectrum_starts,
+            estimator=estimator,
+            curvature_dtype=curvature_dtype,
+        )
         _check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; from then on `param_groups` and `state` read through
         # to the wrapped optimizer (properties below), also after its load_state_dict replaced them.
@@ -154,8 +165,9 @@ class CurvatureAwareOptimizer(Optimizer):
         self.process_group = process_group
         self.monitor = _make_monitor(monitor)
         self.lr_policy = make_policy(lr_scaling)
-        self._policy_takes_context = self.lr_policy is not None and len(
-            inspect.signature(self.lr_policy.update).parameters) >= 2  # fmt: skip
+        self._policy_takes_context = (
+            self.lr_policy is not None and len(inspect.signature(self.lr_policy.update).parameters) >= 2
+        )
         self.policy_generator = torch.Generator().manual_seed(seed + 2)  # the policies' own probes
         self.layer_blocks = group_parameters(unwrap_model(model), layers)
         self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group, forward)
@@ -267,8 +279,9 @@ class CurvatureAwareOptimizer(Optimizer):
         if getattr(self.lr_policy, "every_step", False):  # the trust ratio, the edge: from this step's gradients
             self.lr_scales |= self._step_policy_update()
         inner = self.optimizer
-        result = scaled_step(inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(),
-                             self._scaled_layers())  # fmt: skip
+        result = scaled_step(
+            inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(), self._scaled_layers()
+        )
         self._after_update()
         return result
 
@@ -312,8 +325,9 @@ class CurvatureAwareOptimizer(Optimizer):
             self.skips = {"first_step": self.skips.get("first_step", step), "last_step": step, "last_reason": reason}
             if outcome.problem is not None:
                 self.notifier.warn_once(*outcome.problem)
-            self.notifier.metrics(step, {"curv/skipped_estimates": float(self.skipped_estimates),
-                                         "curv/skip_reason": reason})  # fmt: skip
+            self.notifier.metrics(
+                step, {"curv/skipped_estimates": float(self.skipped_estimates), "curv/skip_reason": reason}
+            )
             return
         metrics, new_alarms = self._absorb(step, outcome.estimate)
         self.estimate_seconds.append(seconds)  # wall time: kept apart from the (replayable, rank-identical) history
@@ -348,22 +362,34 @@ class CurvatureAwareOptimizer(Optimizer):
             return self.lr_policy.step_update(self.layer_blocks)
         params = [p for b in self.layer_blocks for p in b.params]
         measure = None if self._pending_batch is None else self._measure_preconditioned
-        return self.lr_policy.step_update(self.layer_blocks, StepContext(self.step_count + 1, self.optimizer, params,
-                                                                         measure))  # fmt: skip
+        return self.lr_policy.step_update(
+            self.layer_blocks, StepContext(self.step_count + 1, self.optimizer, params, measure)
+        )
 
-    def _measure_preconditioned(self, scale: list[torch.Tensor], start: list[torch.Tensor] | None,
-                                iterations: int) -> tuple[float, list[torch.Tensor]]:  # fmt: skip
+    def _measure_preconditioned(
+        self, scale: list[torch.Tensor], start: list[torch.Tensor] | None, iterations: int
+    ) -> tuple[float, list[torch.Tensor]]:
         """λ_max(D H D) on this step's curvature batch (averaged over ranks); NaN when it cannot be measured."""
         batch = curvature_batch(self._pending_batch, self.config.curvature_batch_size)
         try:
-            with curvature_operator(self.model, self.loss_fn, batch, layers=self.layer_blocks,
-                                    generator=self.policy_generator, strategy=self.runner.strategy,
-                                    forward=self.runner.forward) as op:  # fmt: skip
-                ratio, vector = preconditioned_top_eigenpair(op, scale, start=start, iterations=iterations,
-                                                             generator=self.policy_generator)  # fmt: skip
+            with curvature_operator(
+                self.model,
+                self.loss_fn,
+                batch,
+                layers=self.layer_blocks,
+                generator=self.policy_generator,
+                strategy=self.runner.strategy,
+                forward=self.runner.forward,
+            ) as op:
+                ratio, vector = preconditioned_top_eigenpair(
+                    op, scale, start=start, iterations=iterations, generator=self.policy_generator
+                )
         except Exception as exc:  # a measurement must never stop training: the scale is carried forward
-            self.notifier.warn_once(f"edge-{type(exc).__name__}", f"curvopt: lr_scaling='edge' could not measure "
-                                    f"at step {self.step_count + 1}: {type(exc).__name__}: {exc}")  # fmt: skip
+            self.notifier.warn_once(
+                f"edge-{type(exc).__name__}",
+                f"curvopt: lr_scaling='edge' could not measure "
+                f"at step {self.step_count + 1}: {type(exc).__name__}: {exc}",
+            )
             return float("nan"), start or []
         if dist_utils.is_active(self.process_group):
             ratio = dist_utils.mean_over_ranks(ratio, self.process_group)
@@ -376,14 +402,28 @@ class CurvatureAwareOptimizer(Optimizer):
         base_lrs = {b.name: float(group_lr.get(id(b.params[0]), 0.0)) for b in self.layer_blocks}
 
         def top_eigenvalues() -> dict[str, float]:
-            spectra = layer_spectrum(self.model, self.loss_fn, batch, layers=self.layer_blocks, steps=8, slq_probes=0,
-                                     generator=self.policy_generator, strategy=self.config.strategy,
-                                     forward=self.runner.forward)  # fmt: skip
+            spectra = layer_spectrum(
+                self.model,
+                self.loss_fn,
+                batch,
+                layers=self.layer_blocks,
+                steps=8,
+                slq_probes=0,
+                generator=self.policy_generator,
+                strategy=self.config.strategy,
+                forward=self.runner.forward,
+            )
             return {name: s.top[0] for name, s in spectra.items()}
 
         def local() -> dict[str, float]:
-            return local_curvature(self.model, self.layer_blocks, batch, probes=4, generator=self.policy_generator,
-                                   forward=self.runner.forward)  # fmt: skip
+            return local_curvature(
+                self.model,
+                self.layer_blocks,
+                batch,
+                probes=4,
+                generator=self.policy_generator,
+                forward=self.runner.forward,
+            )
 
         return PolicyContext(self.layer_blocks, base_lrs, top_eigenvalues, local)
 
@@ -395,8 +435,10 @@ class CurvatureAwareOptimizer(Optimizer):
         try:
             metrics = self.diagnostics.run(curvature_batch(self._pending_batch, self.config.curvature_batch_size))
         except Exception as exc:  # diagnostics must never stop training
-            self.notifier.warn_once(f"inter-{type(exc).__name__}", f"curvopt: inter-layer diagnostics at step {step} "
-                                    f"failed and were skipped: {type(exc).__name__}: {exc}")  # fmt: skip
+            self.notifier.warn_once(
+                f"inter-{type(exc).__name__}",
+                f"curvopt: inter-layer diagnostics at step {step} failed and were skipped: {type(exc).__name__}: {exc}",
+            )
             return
         self.notifier.metrics(step, metrics)
 

@@ -51,8 +51,9 @@ class Snapshot:
     score: float | None = None  # a validation score given by RollbackOnAlarm.score (higher is better)
 
 
-def pick_before(steps: Sequence[int], scores: Sequence[float | None], onset: int | None,
-                choose: str = "latest") -> int | None:  # fmt: skip
+def pick_before(
+    steps: Sequence[int], scores: Sequence[float | None], onset: int | None, choose: str = "latest"
+) -> int | None:
     """Which of the saved states (taken at ``steps``, oldest first) a rollback restores: the latest one taken before
     ``onset`` (``choose="best"``: the best-scored among those, the latest of equal scores, the latest when none of
     them is scored); the oldest when none is before ``onset``; ``None`` when there is none. The in-memory snapshots
@@ -96,8 +97,16 @@ class RollbackOnAlarm:
         choose: ``"latest"`` (the last snapshot before the onset) or ``"best"`` (the best :meth:`score` before it).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optimizer, *, keep: int = 32, then: str = "stop",
-                 lr_factor: float = 0.1, choose: str = "latest") -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optimizer,
+        *,
+        keep: int = 32,
+        then: str = "stop",
+        lr_factor: float = 0.1,
+        choose: str = "latest",
+    ) -> None:
         if then not in THEN:
             raise ValueError(f"then must be one of {THEN}, got {then!r}")
         if choose not in CHOOSE:
@@ -129,9 +138,12 @@ class RollbackOnAlarm:
         if snapshot is None:
             return
         if alarm.onset_step is not None and snapshot.step >= alarm.onset_step:
-            warnings.warn(f"curvopt: the rollback ring reaches back to step {snapshot.step} only, not before the "
-                          f"onset at step {alarm.onset_step}: restored the oldest snapshot (raise keep)",
-                          RuntimeWarning, stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"curvopt: the rollback ring reaches back to step {snapshot.step} only, not before the "
+                f"onset at step {alarm.onset_step}: restored the oldest snapshot (raise keep)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self.model.load_state_dict(snapshot.model)
         self.optimizer.load_state_dict(snapshot.optimizer)
         for param in self.model.parameters():

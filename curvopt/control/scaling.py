@@ -76,9 +76,7 @@ class _Smoothed:
     def relative(self, names: Sequence[str], power: float, low: float, high: float) -> dict[str, float]:
         """clip((ref / v̄_l)^power, low, high) with ref the median; 1 for layers never measured."""
         ref = statistics.median(self.log.values()) if self.log else 0.0
-        return {
-            n: min(high, max(low, math.exp(power * (ref - self.log[n])))) if n in self.log else 1.0 for n in names
-        }
+        return {n: min(high, max(low, math.exp(power * (ref - self.log[n])))) if n in self.log else 1.0 for n in names}
 
 
 class TraceScaling:
@@ -202,8 +200,13 @@ class TrustRatio:
         self.scales = dict(state["scales"])
 
 
-POLICIES: dict[str, Callable[[], Any]] = {"trace": TraceScaling, "local": LocalHessianScaling, "cap": CurvatureCap,
-                                          "trust": TrustRatio, "edge": EdgeScaling}  # fmt: skip
+POLICIES: dict[str, Callable[[], Any]] = {
+    "trace": TraceScaling,
+    "local": LocalHessianScaling,
+    "cap": CurvatureCap,
+    "trust": TrustRatio,
+    "edge": EdgeScaling,
+}
 
 
 def make_policy(policy: object) -> Any:
@@ -213,8 +216,9 @@ def make_policy(policy: object) -> Any:
         return None
     if isinstance(policy, str):
         if policy not in POLICIES:
-            raise ValueError(f"unknown lr_scaling policy {policy!r}; expected None, one of {LR_SCALING_POLICIES} "
-                             "or a policy object")  # fmt: skip
+            raise ValueError(
+                f"unknown lr_scaling policy {policy!r}; expected None, one of {LR_SCALING_POLICIES} or a policy object"
+            )
         return POLICIES[policy]()
     for method in ("update", "state_dict", "load_state_dict"):
         if not callable(getattr(policy, method, None)):

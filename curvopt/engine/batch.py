@@ -101,10 +101,16 @@ def call_loss(loss_fn: Callable[[torch.Tensor, Any], torch.Tensor], out: torch.T
         loss = loss_fn(out, targets)
     except Exception as exc:
         hint = ""
-        if (isinstance(loss_fn, nn.CrossEntropyLoss) and out.ndim == 3 and isinstance(targets, torch.Tensor)
-                and targets.shape == out.shape[:2]):  # fmt: skip
-            hint = ("; for logits [B, T, V] (a language model) use loss_fn=curvopt.CausalLMLoss(shift=False) (or "
-                    "CausalLMLoss() for Hugging Face labels), which takes them as they come")  # fmt: skip
+        if (
+            isinstance(loss_fn, nn.CrossEntropyLoss)
+            and out.ndim == 3
+            and isinstance(targets, torch.Tensor)
+            and targets.shape == out.shape[:2]
+        ):
+            hint = (
+                "; for logits [B, T, V] (a language model) use loss_fn=curvopt.CausalLMLoss(shift=False) (or "
+                "CausalLMLoss() for Hugging Face labels), which takes them as they come"
+            )
         raise CurvatureInputError(
             f"loss_fn failed on the model outputs ({describe(out)}) and targets ({describe(targets)}): "
             f"{type(exc).__name__}: {exc}{hint}"

@@ -160,8 +160,9 @@ def probing_context(
         (m, m.track_running_stats) for m in modules if isinstance(getattr(m, "track_running_stats", None), bool)
     ]
     saved_fused = [(m, m.fused_attn) for m in modules if isinstance(getattr(m, "fused_attn", None), bool)]
-    autocast_forwards = [(m, m.__dict__["forward"]) for m in modules
-                         if "forward" in m.__dict__ and "_original_forward" in m.__dict__]  # fmt: skip
+    autocast_forwards = [
+        (m, m.__dict__["forward"]) for m in modules if "forward" in m.__dict__ and "_original_forward" in m.__dict__
+    ]
     sync_bn = [m for m in modules if isinstance(m, nn.SyncBatchNorm)]
     cuda_devices = _cuda_devices(model)
     global _active_sessions

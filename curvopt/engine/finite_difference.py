@@ -108,8 +108,7 @@ SHRINK = 4.0
 """Truncation above tolerance: the step shrinks by this factor and the check runs again."""
 MAX_SHRINKS = 3
 """At most this many shrinks (ρ ÷ 64 in all) before the self-check reports what it found."""
-PIECEWISE_LINEAR = ("relu", "maxpool", "hardtanh", "hardswish", "hardsigmoid", "threshold", "hardshrink",
-                    "softshrink")  # fmt: skip
+PIECEWISE_LINEAR = ("relu", "maxpool", "hardtanh", "hardswish", "hardsigmoid", "threshold", "hardshrink", "softshrink")
 """Module class names (lower case) containing these have kinks: ReLU, ReLU6, LeakyReLU, PReLU, MaxPool2d,
 AdaptiveMaxPool2d, Hardtanh, Hardswish, … (GELU, SiLU, ELU, tanh and softmax are smooth enough)."""
 
@@ -148,8 +147,10 @@ class StepCheck:
     @property
     def worst(self) -> float:
         """The largest per-layer statistic, each in units of its tolerance."""
-        return max([t / TRUNCATION_TOLERANCE for t in self.truncation] +
-                   [m / LINEARITY_TOLERANCE for m in self.nonlinearity], default=0.0)  # fmt: skip
+        return max(
+            [t / TRUNCATION_TOLERANCE for t in self.truncation] + [m / LINEARITY_TOLERANCE for m in self.nonlinearity],
+            default=0.0,
+        )
 
     @property
     def within_tolerance(self) -> bool:
@@ -164,9 +165,7 @@ class StepCheck:
 
 # The step a model's self-check settled on, per (compute dtype, probed size): later sessions on the same model
 # start there without checking again (the wrapper's later estimates, repeated estimate_curvature calls).
-_settled_steps: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.dtype, int], float]] = (
-    weakref.WeakKeyDictionary()
-)
+_settled_steps: weakref.WeakKeyDictionary[nn.Module, dict[tuple[torch.dtype, int], float]] = weakref.WeakKeyDictionary()
 
 
 def settled_step(model: nn.Module, dtype: torch.dtype, numel: int) -> float | None:

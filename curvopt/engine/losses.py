@@ -65,8 +65,9 @@ class CausalLMLoss(nn.Module):
         scores, labels = self.aligned(logits, targets)
         if scores.dtype in (torch.float16, torch.bfloat16):  # as Hugging Face does: the softmax in fp32
             scores = scores.float()
-        return nn.functional.cross_entropy(scores.reshape(-1, scores.shape[-1]), labels.reshape(-1),
-                                           ignore_index=self.ignore_index)  # fmt: skip
+        return nn.functional.cross_entropy(
+            scores.reshape(-1, scores.shape[-1]), labels.reshape(-1), ignore_index=self.ignore_index
+        )
 
     def extra_repr(self) -> str:
         return f"shift={self.shift}, ignore_index={self.ignore_index}"

@@ -77,8 +77,9 @@ class CurvatureOperator:
         gradient = getattr(self.engine, "gradient", None)
         if gradient is None:
             return None
-        return torch.stack([sum(gradient[i].double().pow(2).sum() for i in tensors)
-                            for tensors in self._tensor_ranges()])  # fmt: skip
+        return torch.stack(
+            [sum(gradient[i].double().pow(2).sum() for i in tensors) for tensors in self._tensor_ranges()]
+        )
 
     def sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Complete a sum over coordinates whose per-rank parts ``values`` hold (identity when not sharded)."""
@@ -195,8 +196,9 @@ def _warn_no_tf32(device: torch.device) -> None:
 
 def _layer_list(operator: CurvatureOperator, layers: list[int], values: list[float]) -> str:
     ranked = sorted(layers, key=lambda i: -values[i])
-    names = ", ".join(f"'{operator.blocks[i].name}' ({operator.blocks[i].kind or 'layer'}, {values[i]:.2g})"
-                      for i in ranked[:6])  # fmt: skip
+    names = ", ".join(
+        f"'{operator.blocks[i].name}' ({operator.blocks[i].kind or 'layer'}, {values[i]:.2g})" for i in ranked[:6]
+    )
     return names + (f" and {len(ranked) - 6} more" if len(ranked) > 6 else "")
 
 
@@ -213,27 +215,39 @@ def _warn_finite_difference_check(
     settled (truncation at an explicit step, or rounding); or a step that shrank and now fits."""
     over = sorted(set().union(*check.layers_over())) if check is not None else []
     worst = [max(t, m) for t, m in zip(check.truncation, check.nonlinearity)] if check is not None else []
-    where = (f" in layer(s) {_layer_list(operator, over, worst)} (units of the per-probe scale, tolerances "
-             f"{TRUNCATION_TOLERANCE:g} off and {LINEARITY_TOLERANCE:g} from step-linear)") if over else ""  # fmt: skip
+    where = (
+        (
+            f" in layer(s) {_layer_list(operator, over, worst)} (units of the per-probe scale, tolerances "
+            f"{TRUNCATION_TOLERANCE:g} off and {LINEARITY_TOLERANCE:g} from step-linear)"
+        )
+        if over
+        else ""
+    )
     if dtype in (torch.bfloat16, torch.float16):
         if not over:
             return
-        message = (f"its samples at steps ε, 2ε and 4ε disagree{where}: the passes compute in "
-                   f"{str(dtype).removeprefix('torch.')}, where the difference of two gradients is mostly rounding; "
-                   "run the curvature passes in float32 (fp32 parameters, no bf16 param_dtype)")  # fmt: skip
+        message = (
+            f"its samples at steps ε, 2ε and 4ε disagree{where}: the passes compute in "
+            f"{str(dtype).removeprefix('torch.')}, where the difference of two gradients is mostly rounding; "
+            "run the curvature passes in float32 (fp32 parameters, no bf16 param_dtype)"
+        )
     elif kinked:
         modules = ", ".join(f"'{n}' ({kind})" for n, kind in kinked[:4])
         more = f" and {len(kinked) - 4} more" if len(kinked) > 4 else ""
         kinds = ", ".join(sorted({kind for _, kind in kinked}))
-        message = (f"the model has piecewise-linear modules {modules}{more}"
-                   f"{f'; its samples at steps ε, 2ε and 4ε disagree{where}' if over else ''}. Units of {kinds} "
-                   "that switch between θ and θ+εz make the finite difference a smoothed curvature, not autograd's "
-                   "Hessian (GN traces are not affected): ")  # fmt: skip
+        message = (
+            f"the model has piecewise-linear modules {modules}{more}"
+            f"{f'; its samples at steps ε, 2ε and 4ε disagree{where}' if over else ''}. Units of {kinds} "
+            "that switch between θ and θ+εz make the finite difference a smoothed curvature, not autograd's "
+            "Hessian (GN traces are not affected): "
+        )
         if exact_runs:
             message += "use strategy='autograd' (exact; it runs on this model)"
         else:
-            message += ("no exact strategy can run this model, so read the traces as smoothed curvature, or use "
-                        "smooth activations (GELU, SiLU, tanh)")  # fmt: skip
+            message += (
+                "no exact strategy can run this model, so read the traces as smoothed curvature, or use "
+                "smooth activations (GELU, SiLU, tanh)"
+            )
     elif over:
         tried = ", ".join(f"{s:g}" for s in check.steps)
         if check.rounding_limited:
@@ -245,9 +259,11 @@ def _warn_finite_difference_check(
             cause = f"the step could shrink no further (relative steps tried: {tried})"
         message = f"at relative step {check.step:g} its samples at steps ε, 2ε and 4ε disagree{where}: {cause}"
     elif check is not None and check.shrunk:
-        message = (f"the relative step shrank from {check.steps[0]:g} to {check.step:g} to keep each layer's "
-                   f"truncation below {TRUNCATION_TOLERANCE:g} of its per-probe scale; later estimates of this model "
-                   "use it")  # fmt: skip
+        message = (
+            f"the relative step shrank from {check.steps[0]:g} to {check.step:g} to keep each layer's "
+            f"truncation below {TRUNCATION_TOLERANCE:g} of its per-probe scale; later estimates of this model "
+            "use it"
+        )
     else:
         return
     warnings.warn(f"curvopt: finite-difference curvature: {message}", FiniteDifferenceWarning, stacklevel=4)
@@ -335,13 +351,15 @@ def curvature_operator(
     with probing_context(core, mask_seed=draw_mask_seed(generator), curvature_dtype=precision) as rewind:
         problem = ProbeProblem(core, loss_fn, inputs, targets, params, names, rewind, forward)
         owners = [i for i, block in enumerate(blocks) for _ in block.params]
-        engine = make_engine(strategy, problem, gn=gn, chunk_size=chunk_size, fd_step=fd_step, fd_check=fd_check,
-                             tensor_layers=owners)  # fmt: skip
+        engine = make_engine(
+            strategy, problem, gn=gn, chunk_size=chunk_size, fd_step=fd_step, fd_check=fd_check, tensor_layers=owners
+        )
         if engine.out_hessian is not None and engine.out_hessian.is_zero:
             _warn_zero_gauss_newton(loss_fn)
         samples = batch_size(inputs) * (world_size() if sharded else 1)
-        operator = CurvatureOperator(blocks, params, engine, engine.chunk_size, engine.strategy, samples,
-                                     sharded=sharded)
+        operator = CurvatureOperator(
+            blocks, params, engine, engine.chunk_size, engine.strategy, samples, sharded=sharded
+        )
         try:
             yield operator
         finally:

@@ -54,8 +54,9 @@ def _fill_rademacher(out: torch.Tensor, generator: torch.Generator) -> None:
     """Fill a flat contiguous tensor with ±1: 64 signs per random int64 word, coordinate 8·j + k taking bit k
     of byte j, unpacked eight at a time through a 256-row sign table (one gather per byte)."""
     n = out.numel()
-    words = torch.randint(-(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=out.device,
-                          dtype=torch.int64)  # fmt: skip
+    words = torch.randint(
+        -(2**63), 2**63 - 1, ((n + 63) // 64,), generator=generator, device=out.device, dtype=torch.int64
+    )
     data = words.view(torch.uint8)
     table = _sign_table(out.device, out.dtype)
     full = n // 8

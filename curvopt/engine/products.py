@@ -153,9 +153,12 @@ class ReverseOverReverse:
         self.gradient = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, self.params)]
         blocked = _first_order_only_node(self.grads)
         if blocked is not None:
-            raise double_backward_error(self.strategy, f"its gradient passes through {blocked}, which has no "
-                                        "second derivative (a @once_differentiable autograd.Function or a fused "
-                                        "kernel): double backward would silently drop its curvature")  # fmt: skip
+            raise double_backward_error(
+                self.strategy,
+                f"its gradient passes through {blocked}, which has no "
+                "second derivative (a @once_differentiable autograd.Function or a fused "
+                "kernel): double backward would silently drop its curvature",
+            )
 
     def __call__(self, probe: Tensors) -> tuple[Tensors, Tensors | None]:
         z = [t[0] for t in probe]
@@ -227,8 +230,9 @@ class _ModuleTracker:
 class ForwardOverReverse:
     """``"func"`` / ``"func-vmap"`` strategies: forward-over-reverse per probe or per chunk."""
 
-    def __init__(self, problem: ProbeProblem, *, gn: bool, chunk_size: int = 1, closed_form: bool = True,
-                 strategy: str = "func"):  # fmt: skip
+    def __init__(
+        self, problem: ProbeProblem, *, gn: bool, chunk_size: int = 1, closed_form: bool = True, strategy: str = "func"
+    ):
         self.gn = gn
         self.chunk_size = max(1, chunk_size)
         self.problem = problem

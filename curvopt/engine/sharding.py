@@ -67,8 +67,10 @@ def localize(directions: Sequence[torch.Tensor], params: Sequence[torch.Tensor])
         if not is_dtensor(p):
             out.append(v)
             continue
-        rows = [distribute_tensor(v[j], p.device_mesh, p.placements, src_data_rank=None).to_local()
-                for j in range(v.shape[0])]  # fmt: skip
+        rows = [
+            distribute_tensor(v[j], p.device_mesh, p.placements, src_data_rank=None).to_local()
+            for j in range(v.shape[0])
+        ]
         out.append(torch.stack(rows))
     return out
 

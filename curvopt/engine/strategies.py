@@ -122,8 +122,9 @@ def make_engine(
     sharded = is_sharded(problem.params)
 
     def finite_difference(check: bool) -> FiniteDifference:
-        return FiniteDifference(problem, gn=gn, closed_form=closed_form, step=fd_step, check=check,
-                                tensor_layers=tensor_layers)  # fmt: skip
+        return FiniteDifference(
+            problem, gn=gn, closed_form=closed_form, step=fd_step, check=check, tensor_layers=tensor_layers
+        )
 
     if strategy == FINITE_DIFFERENCE:
         return finite_difference(fd_check)
@@ -131,14 +132,23 @@ def make_engine(
         if sharded:
             _say_fallback("its parameters are sharded by FSDP (no double backward through sharded parameters)")
             return finite_difference(True)
-        return AutoEngine(lambda: ReverseOverReverse(problem, gn=gn, closed_form=closed_form),
-                          lambda: finite_difference(True))  # fmt: skip
+        return AutoEngine(
+            lambda: ReverseOverReverse(problem, gn=gn, closed_form=closed_form), lambda: finite_difference(True)
+        )
     if strategy not in EXACT_STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected 'auto' or one of {STRATEGIES}")
     if sharded:
-        raise double_backward_error(strategy, "its parameters are sharded by FSDP (autograd.grad cannot "
-                                    "differentiate the sharded parameters; only backward() reaches them)")  # fmt: skip
+        raise double_backward_error(
+            strategy,
+            "its parameters are sharded by FSDP (autograd.grad cannot "
+            "differentiate the sharded parameters; only backward() reaches them)",
+        )
     if strategy == "autograd":
         return ReverseOverReverse(problem, gn=gn, closed_form=closed_form)
-    return ForwardOverReverse(problem, gn=gn, chunk_size=chunk_size if strategy == "func-vmap" else 1,
-                              closed_form=closed_form, strategy=strategy)  # fmt: skip
+    return ForwardOverReverse(
+        problem,
+        gn=gn,
+        chunk_size=chunk_size if strategy == "func-vmap" else 1,
+        closed_form=closed_form,
+        strategy=strategy,
+    )

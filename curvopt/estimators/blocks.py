@@ -167,8 +167,9 @@ def block_norms(
         raise ValueError(f"unknown probe distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-    with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator,
-                            strategy=strategy, forward=forward) as op:  # fmt: skip
+    with curvature_operator(
+        model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy, forward=forward
+    ) as op:
         n = len(op.blocks)
         kinds = MAP_KINDS if gn else ("hess",)
         samples = {kind: torch.zeros(probes, n, n, dtype=torch.float64) for kind in kinds}
@@ -212,9 +213,11 @@ def activation_block_norms(
         raise TypeError("activation_block_norms needs an nn.Sequential (the layer outputs must be a chain)")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
-    names = list(modules) if modules is not None else [
-        n for n, m in model.named_children() if any(True for _ in m.parameters(recurse=True))
-    ]  # fmt: skip
+    names = (
+        list(modules)
+        if modules is not None
+        else [n for n, m in model.named_children() if any(True for _ in m.parameters(recurse=True))]
+    )
     children = dict(model.named_children())
     missing = [n for n in names if n not in children]
     if missing:

@@ -184,8 +184,9 @@ def layer_spectrum(
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     out: dict[str, Spectrum] = {}
-    with curvature_operator(model, loss_fn, batch, layers=layers, generator=generator, strategy=strategy,
-                            forward=forward) as op:  # fmt: skip
+    with curvature_operator(
+        model, loss_fn, batch, layers=layers, generator=generator, strategy=strategy, forward=forward
+    ) as op:
         wanted = op.layers if only is None else list(only)
         unknown = [n for n in wanted if n not in op.layers]
         if unknown:

@@ -41,8 +41,10 @@ def format_estimate(
         row += f"{estimate.gn_trace[name]:>11.3g}{estimate.gn_gap[name]:>8.3g}" if gn else ""
         row += "".join(f"{cells.get(name, '–'):>{width}}" for _, width, cells, _ in extra)
         rows.append(row)
-    total = (f"{'model (all)':<{w}}{sum(estimate.numel.values()):>10}{estimate.total_trace:>11.3g}"
-             f"{estimate.total_trace_se:>9.2g}")  # fmt: skip
+    total = (
+        f"{'model (all)':<{w}}{sum(estimate.numel.values()):>10}{estimate.total_trace:>11.3g}"
+        f"{estimate.total_trace_se:>9.2g}"
+    )
     total += f"{estimate.total_gn_trace:>11.3g}{estimate.total_gn_gap:>8.3g}" if gn else ""
     total += "".join(f"{cell:>{width}}" for _, width, _, cell in extra)
     rows += ["-" * len(header), total, *(LEGEND if gn else LEGEND[:1]), *legend]

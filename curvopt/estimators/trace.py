@@ -307,9 +307,20 @@ def estimate_curvature(
     precision = resolve_curvature_dtype(curvature_dtype)
     if generator is None:  # on the parameters' device: probes never cross the bus
         generator = probe_generator(secrets.randbits(63), next(iter(model.parameters())).device)
-    with curvature_operator(model, loss_fn, batch, gn=gn, layers=layers, generator=generator, strategy=strategy,
-                            chunk_size=chunk_size, forward=forward, curvature_dtype=precision, fd_step=fd_step,
-                            fd_check=fd_check) as op:  # fmt: skip
+    with curvature_operator(
+        model,
+        loss_fn,
+        batch,
+        gn=gn,
+        layers=layers,
+        generator=generator,
+        strategy=strategy,
+        chunk_size=chunk_size,
+        forward=forward,
+        curvature_dtype=precision,
+        fd_step=fd_step,
+        fd_check=fd_check,
+    ) as op:
         if estimator != "hutchinson":
             samples = deflated_samples(estimator, op, probes, distribution, generator, sketch)
         else:

@@ -170,8 +170,9 @@ class CurvatureCallback(TrainerCallback):
         """The :class:`~curvopt.CurvatureAwareOptimizer` tracking the run (``alarms``, ``history``, ...)."""
         return None if self.session is None else self.session.wrapper
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module = None, optimizer: Any = None,
-                       **kwargs: Any) -> None:  # fmt: skip
+    def on_train_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
         if model is None or optimizer is None:
             raise ValueError("CurvatureCallback needs the Trainer's model and optimizer (transformers >= 4.40)")
         self._close()
@@ -181,9 +182,17 @@ class CurvatureCallback(TrainerCallback):
             forward = forward or default_forward
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
         log_path = Path(args.output_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
-        self.session = TrackingSession(inner, model, loss_fn, forward=forward or logits_of, options=self.options,
-                                       log_path=log_path, sinks=self.extra_sinks, reports=state.is_world_process_zero,
-                                       total_steps=state.max_steps)  # fmt: skip
+        self.session = TrackingSession(
+            inner,
+            model,
+            loss_fn,
+            forward=forward or logits_of,
+            options=self.options,
+            log_path=log_path,
+            sinks=self.extra_sinks,
+            reports=state.is_world_process_zero,
+            total_steps=state.max_steps,
+        )
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False
         if state.global_step > 0:
@@ -192,8 +201,12 @@ class CurvatureCallback(TrainerCallback):
 
     def _resume(self, path: Path) -> None:
         if not path.is_file():
-            warnings.warn(f"curvopt: resuming at a step whose checkpoint has no {STATE_FILE} ({path}): the curvature "
-                          "monitor starts afresh", RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"curvopt: resuming at a step whose checkpoint has no {STATE_FILE} ({path}): the curvature "
+                "monitor starts afresh",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             return
         self.session.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
 
@@ -202,8 +215,10 @@ class CurvatureCallback(TrainerCallback):
         the reporting callbacks (W&B, TensorBoard) that run after it; the list is found through the garbage
         collector, since callbacks are not handed the Trainer."""
         for holder in gc.get_referrers(self):
-            if isinstance(holder, list) and self in holder and any(
-                type(c).__name__ == "DefaultFlowCallback" for c in holder
+            if (
+                isinstance(holder, list)
+                and self in holder
+                and any(type(c).__name__ == "DefaultFlowCallback" for c in holder)
             ):
                 holder.remove(self)
                 holder.insert(0, self)

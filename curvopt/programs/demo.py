@@ -57,8 +57,9 @@ def _start_wandb(out: Path, mode: str, config: dict[str, Any]) -> WandbLogger | 
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        logger = WandbLogger(project="curvopt-demo", dir=str(out), mode=mode, settings=wandb.Settings(silent=True),
-                             config=config)  # fmt: skip
+        logger = WandbLogger(
+            project="curvopt-demo", dir=str(out), mode=mode, settings=wandb.Settings(silent=True), config=config
+        )
     return logger if logger.active else None
 
 
@@ -75,24 +76,39 @@ def _clear_previous(out: Path) -> bool:
     return found
 
 
-def _set_up(steps: int, every: int, probes: int, seed: int, out: Path, lr_scaling: str | None, mode: str,
-            stack: ExitStack) -> _Demo:  # fmt: skip
+def _set_up(
+    steps: int, every: int, probes: int, seed: int, out: Path, lr_scaling: str | None, mode: str, stack: ExitStack
+) -> _Demo:
     log_path = out / "curvature.jsonl"
     torch.manual_seed(seed)
     images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
     random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)
     model = small_cnn()
     jsonl = stack.enter_context(JsonlLogger(log_path))
-    config = {"steps": steps, "every": every, "probes": probes, "seed": seed, "model": "small_cnn",
-              "dataset": "synthetic 16x16", "optimizer": "SGD(lr=0.05, momentum=0.9)", "batch_size": BATCH,
-              "label_noise": f"random labels from step {steps // 2 + 1}"}  # fmt: skip
+    config = {
+        "steps": steps,
+        "every": every,
+        "probes": probes,
+        "seed": seed,
+        "model": "small_cnn",
+        "dataset": "synthetic 16x16",
+        "optimizer": "SGD(lr=0.05, momentum=0.9)",
+        "batch_size": BATCH,
+        "label_noise": f"random labels from step {steps // 2 + 1}",
+    }
     wandb_logger = _start_wandb(out, mode, config)
     jsonl.log_run({**config, **(wandb_logger.describe() if wandb_logger is not None else {})})
     sinks: list[Any] = [jsonl] + ([wandb_logger] if wandb_logger is not None else [])
     opt = CurvatureAwareOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, nn.CrossEntropyLoss(), every=every,
-        probes=probes, lr_scaling=lr_scaling, logger=sinks, seed=seed,
-    )  # fmt: skip
+        torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
+        model,
+        nn.CrossEntropyLoss(),
+        every=every,
+        probes=probes,
+        lr_scaling=lr_scaling,
+        logger=sinks,
+        seed=seed,
+    )
     return _Demo(model, opt, images, labels, random_labels, steps // 2, sinks, wandb_logger, log_path, mode)
 
 
@@ -118,8 +134,9 @@ def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
                     sink.log_training(step, {"train/loss": loss.item(), "train/acc": 100.0 * correct / seen})
                 ready = monitor.ready
                 cusum = f"{monitor.alarm_statistic():.1f}/{monitor.alarm_threshold:.1f}" if ready else "calibrating"
-                bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}", cusum=cusum,
-                                alarms=len(opt.alarms))  # fmt: skip
+                bar.set_postfix(
+                    loss=f"{loss.item():.3f}", acc=f"{correct / seen:.2f}", cusum=cusum, alarms=len(opt.alarms)
+                )
                 correct = seen = 0
             if step == demo.switch:
                 bar.write(f"step {step}: labels switched to random")
@@ -186,10 +203,12 @@ def run_demo(
         if demo.wandb_logger is not None:
             stack.callback(_finish_quietly, demo.wandb_logger)
         calibrating = demo.opt.monitor.calibration_estimates
-        print(f"curvopt demo: small CNN, synthetic 16x16 images, SGD; K={probes} probes every {every} steps.\n"
-              f"Labels are clean until step {demo.switch}, then replaced by random classes (memorisation starts).\n"
-              f"The monitor calibrates on its first {calibrating} estimates: the earliest alarm is at step "
-              f"{(calibrating + 1) * every}.")  # fmt: skip
+        print(
+            f"curvopt demo: small CNN, synthetic 16x16 images, SGD; K={probes} probes every {every} steps.\n"
+            f"Labels are clean until step {demo.switch}, then replaced by random classes (memorisation starts).\n"
+            f"The monitor calibrates on its first {calibrating} estimates: the earliest alarm is at step "
+            f"{(calibrating + 1) * every}."
+        )
         stack.callback(curvopt_log.setLevel, curvopt_log.level)
         curvopt_log.setLevel(logging.ERROR)  # alarms are printed by the loop, not as log records mid-bar
         stack.enter_context(warnings.catch_warnings())

@@ -87,12 +87,19 @@ class ResNet20(nn.Module):
 
     def __init__(self, num_classes: int = 10, channels: int = 3, width: int = 16, blocks: int = 3):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
-                                  nn.ReLU())  # fmt: skip
+        self.stem = nn.Sequential(
+            nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
+        )
         stages, cin = [], width
         for i, cout in enumerate((width, 2 * width, 4 * width)):
-            stages.append(nn.Sequential(*[BasicBlock(cin if b == 0 else cout, cout, stride=2 if (b == 0 and i) else 1)
-                                          for b in range(blocks)]))  # fmt: skip
+            stages.append(
+                nn.Sequential(
+                    *[
+                        BasicBlock(cin if b == 0 else cout, cout, stride=2 if (b == 0 and i) else 1)
+                        for b in range(blocks)
+                    ]
+                )
+            )
             cin = cout
         self.layer1, self.layer2, self.layer3 = stages
         self.head = nn.Linear(4 * width, num_classes)
@@ -141,8 +148,17 @@ class SmallViT(nn.Module):
     """A ViT for small images (GELU, pre-LayerNorm, a class token, learned positions): ``patch`` px patches of a
     ``size`` px image, ``depth`` blocks of width ``dim``."""
 
-    def __init__(self, num_classes: int = 10, channels: int = 3, size: int = 14, patch: int = 2, dim: int = 64,
-                 depth: int = 4, heads: int = 4, mlp: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        num_classes: int = 10,
+        channels: int = 3,
+        size: int = 14,
+        patch: int = 2,
+        dim: int = 64,
+        depth: int = 4,
+        heads: int = 4,
+        mlp: int = 128,
+    ) -> None:
         super().__init__()
         tokens = (size // patch) ** 2
         self.embed = nn.Conv2d(channels, dim, patch, stride=patch)

@@ -25,16 +25,43 @@ ON_ALARM = ("warn", "checkpoint", "stop", "rollback")
 
 # Keys people write in recipes that are spelled differently here (PyTorch Lightning, HF, Keras, timm habits).
 SYNONYMS = {
-    "learning_rate": "lr", "base_lr": "lr", "optimizer": "opt", "optim": "opt", "scheduler": "sched",
-    "lr_scheduler": "sched", "num_epochs": "epochs", "n_epochs": "epochs", "max_epochs": "epochs",
-    "batch": "batch_size", "bs": "batch_size", "train_batch_size": "batch_size", "wd": "weight_decay",
-    "arch": "model", "architecture": "model", "model_name": "model", "data": "data_dir", "data_path": "data_dir",
-    "root": "data_dir", "output_dir": "output", "out_dir": "output", "label_smoothing": "smoothing",
-    "ema": "model_ema", "ema_decay": "model_ema_decay", "warmup": "warmup_epochs", "num_workers": "workers",
-    "mixed_precision": "amp", "precision": "amp_dtype", "grad_clip": "clip_grad", "gradient_clipping": "clip_grad",
-    "accumulate_grad_batches": "grad_accum_steps", "gradient_accumulation_steps": "grad_accum_steps",
-    "wandb": "log_wandb", "project": "wandb_project", "name": "experiment", "run_name": "experiment",
-}  # fmt: skip
+    "learning_rate": "lr",
+    "base_lr": "lr",
+    "optimizer": "opt",
+    "optim": "opt",
+    "scheduler": "sched",
+    "lr_scheduler": "sched",
+    "num_epochs": "epochs",
+    "n_epochs": "epochs",
+    "max_epochs": "epochs",
+    "batch": "batch_size",
+    "bs": "batch_size",
+    "train_batch_size": "batch_size",
+    "wd": "weight_decay",
+    "arch": "model",
+    "architecture": "model",
+    "model_name": "model",
+    "data": "data_dir",
+    "data_path": "data_dir",
+    "root": "data_dir",
+    "output_dir": "output",
+    "out_dir": "output",
+    "label_smoothing": "smoothing",
+    "ema": "model_ema",
+    "ema_decay": "model_ema_decay",
+    "warmup": "warmup_epochs",
+    "num_workers": "workers",
+    "mixed_precision": "amp",
+    "precision": "amp_dtype",
+    "grad_clip": "clip_grad",
+    "gradient_clipping": "clip_grad",
+    "accumulate_grad_batches": "grad_accum_steps",
+    "gradient_accumulation_steps": "grad_accum_steps",
+    "wandb": "log_wandb",
+    "project": "wandb_project",
+    "name": "experiment",
+    "run_name": "experiment",
+}
 
 
 class RecipeError(ValueError):
@@ -134,8 +161,14 @@ def _schedule_flags(g: Any) -> None:
 def _training_flags(g: Any) -> None:
     """The ``training`` flags."""
     _flag(g, "-b", "--batch-size", type=int, default=128, help="training batch size (per process)")
-    _flag(g, "-vb", "--validation-batch-size", type=int, default=None, help="validation batch size "
-          "(default: the training batch size)")  # fmt: skip
+    _flag(
+        g,
+        "-vb",
+        "--validation-batch-size",
+        type=int,
+        default=None,
+        help="validation batch size (default: the training batch size)",
+    )
     _flag(g, "--grad-accum-steps", type=int, default=1, help="micro-batches per optimizer update")
     _switch(g, "--amp", False, "mixed precision (autocast); curvature stays fp32 unless --curv-dtype says otherwise")
     _flag(g, "--amp-dtype", default="float16", choices=["float16", "bfloat16"], help="autocast dtype")
@@ -143,10 +176,20 @@ def _training_flags(g: Any) -> None:
     _flag(g, "--dist-backend", default=None, help="torch.distributed backend (default: nccl on CUDA, else gloo)")
     _flag(g, "--dist-url", default="env://", help="process-group init URL (torchrun sets env://)")
     _switch(g, "--sync-bn", False, "SyncBatchNorm across ranks; curvature uses per-rank batch statistics")
-    _switch(g, "--fsdp", False, "torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; curvature by "
-            "finite differences on the shards")  # fmt: skip
-    _flag(g, "--curv-dist-probes", default="independent", choices=["independent", "shared"],
-          help="torchrun: per-rank probes (effective K = world size x K) or one shared set")  # fmt: skip
+    _switch(
+        g,
+        "--fsdp",
+        False,
+        "torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; curvature by "
+        "finite differences on the shards",
+    )
+    _flag(
+        g,
+        "--curv-dist-probes",
+        default="independent",
+        choices=["independent", "shared"],
+        help="torchrun: per-rank probes (effective K = world size x K) or one shared set",
+    )
     _flag(g, "--smoothing", type=float, default=0.0, help="label smoothing")
     _flag(g, "--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
     _flag(g, "--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
@@ -163,11 +206,20 @@ def _training_flags(g: Any) -> None:
 
 def _output_tracking_flags(g: Any) -> None:
     """The ``output and tracking`` flags."""
-    _flag(g, "--output", default=None, help="parent directory of run directories (default: runs/train; on "
-          "--resume, the checkpoint's run directory)")  # fmt: skip
+    _flag(
+        g,
+        "--output",
+        default=None,
+        help="parent directory of run directories (default: runs/train; on --resume, the checkpoint's run directory)",
+    )
     _flag(g, "--experiment", default="", help="run directory name (default: <dataset>-<model>-<time>)")
-    _flag(g, "--resume", default="", metavar="CHECKPOINT", help="continue from a checkpoint (last.pth.tar) or a run "
-          "directory (its last.pth.tar)")
+    _flag(
+        g,
+        "--resume",
+        default="",
+        metavar="CHECKPOINT",
+        help="continue from a checkpoint (last.pth.tar) or a run directory (its last.pth.tar)",
+    )
     _switch(g, "--log-wandb", False, "log to Weights & Biases (offline when there is no API key)")
     _flag(g, "--wandb-project", default="curvopt", help="W&B project")
     _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")
@@ -175,42 +227,118 @@ def _output_tracking_flags(g: Any) -> None:
 
 def _curvature_flags(g: Any) -> None:
     """The ``curvature`` flags."""
-    _flag(g, "--curv-every", type=int, default=None, help="estimate every N optimizer updates (0: off; default: "
-          "500, or fewer for a run too short for 20 estimates, so the monitor calibrates and reaches a verdict)")
+    _flag(
+        g,
+        "--curv-every",
+        type=int,
+        default=None,
+        help="estimate every N optimizer updates (0: off; default: "
+        "500, or fewer for a run too short for 20 estimates, so the monitor calibrates and reaches a verdict)",
+    )
     _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
     _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
     _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
-    _flag(g, "--curv-strategy", default="auto", choices=["auto", *STRATEGIES],
-          help="how the products are computed: auto (exact autograd where it runs, finite differences where it "
-          "cannot: --fsdp, reentrant checkpointing), an exact strategy, or finite-difference (smooth models only)")
-    _flag(g, "--curv-estimator", default="hutchinson", choices=["hutchinson", "hutch++", "xtrace"],
-          help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)")  # fmt: skip
-    _flag(g, "--curv-dtype", default=None, choices=["float32", "tf32", "bfloat16"],
-          help="precision of the curvature products (default: fp32 under the global flags; tf32: CUDA only; "
-          "bfloat16: bf16 autocast inside the products; errors in benchmarks/RESULTS.md)")  # fmt: skip
-    _flag(g, "--curv-inter-every", type=int, default=0,
-          help="inter-layer map + per-layer spectra every N updates (0: off; costly)")  # fmt: skip
-    _flag(g, "--lr-scaling", default=None, choices=list(LR_SCALING_POLICIES),
-          help="layer-wise LR scaling policy (default: off)")  # fmt: skip
+    _flag(
+        g,
+        "--curv-strategy",
+        default="auto",
+        choices=["auto", *STRATEGIES],
+        help="how the products are computed: auto (exact autograd where it runs, finite differences where it "
+        "cannot: --fsdp, reentrant checkpointing), an exact strategy, or finite-difference (smooth models only)",
+    )
+    _flag(
+        g,
+        "--curv-estimator",
+        default="hutchinson",
+        choices=["hutchinson", "hutch++", "xtrace"],
+        help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)",
+    )
+    _flag(
+        g,
+        "--curv-dtype",
+        default=None,
+        choices=["float32", "tf32", "bfloat16"],
+        help="precision of the curvature products (default: fp32 under the global flags; tf32: CUDA only; "
+        "bfloat16: bf16 autocast inside the products; errors in benchmarks/RESULTS.md)",
+    )
+    _flag(
+        g,
+        "--curv-inter-every",
+        type=int,
+        default=0,
+        help="inter-layer map + per-layer spectra every N updates (0: off; costly)",
+    )
+    _flag(
+        g,
+        "--lr-scaling",
+        default=None,
+        choices=list(LR_SCALING_POLICIES),
+        help="layer-wise LR scaling policy (default: off)",
+    )
     _switch(g, "--cusum", True, "run the CUSUM memorisation monitor")
-    _flag(g, "--cusum-threshold", type=float, default=10.0,
-          help="CUSUM threshold h (per layer: h + ln(L)/(0.3k) for L layers)")  # fmt: skip
+    _flag(
+        g,
+        "--cusum-threshold",
+        type=float,
+        default=10.0,
+        help="CUSUM threshold h (per layer: h + ln(L)/(0.3k) for L layers)",
+    )
     _flag(g, "--cusum-k", type=float, default=0.5, help="CUSUM reference value k (σ units)")
-    _switch(g, "--cusum-gradient", True, "also watch the loss-gradient norm as its own CUSUM series (threshold 12): "
-            "it jumps at once after a label switch")  # fmt: skip
-    _flag(g, "--cusum-alarm-on", default="layer", choices=["layer", "aggregate"],
-          help="which series raise the alarm: any layer's (default) or the model-wide one")  # fmt: skip
-    _flag(g, "--cusum-warmup", type=int, default=8, help="noise-scale increments the monitor calibrates on: it is "
-          "ready after warmup + 1 estimates (default 8: 9 estimates)")
-    _flag(g, "--on-alarm", default="warn", choices=list(ON_ALARM), help="on a memorisation alarm: warn; also "
-          "checkpoint alarm-<update>.pth.tar; stop the run cleanly; or roll back to the last epoch checkpoint before "
-          "the alarm's change point (then --rollback-then)")  # fmt: skip
-    _flag(g, "--rollback-keep", type=int, default=20, help="--on-alarm rollback: epoch checkpoints kept on disk "
-          "(ring-<epoch>.pth.tar), how far back a rollback can go")  # fmt: skip
-    _flag(g, "--rollback-to", default="best", choices=["best", "latest"], help="--on-alarm rollback: among the ring's "
-          "checkpoints before the change point, the one with the best validation top-1, or the latest")  # fmt: skip
-    _flag(g, "--rollback-then", default="stop", choices=["stop", "lower-lr"], help="after a rollback: end the run "
-          "with the restored model, or continue from it at the learning rate x --rollback-lr-factor")  # fmt: skip
+    _switch(
+        g,
+        "--cusum-gradient",
+        True,
+        "also watch the loss-gradient norm as its own CUSUM series (threshold 12): "
+        "it jumps at once after a label switch",
+    )
+    _flag(
+        g,
+        "--cusum-alarm-on",
+        default="layer",
+        choices=["layer", "aggregate"],
+        help="which series raise the alarm: any layer's (default) or the model-wide one",
+    )
+    _flag(
+        g,
+        "--cusum-warmup",
+        type=int,
+        default=8,
+        help="noise-scale increments the monitor calibrates on: it is "
+        "ready after warmup + 1 estimates (default 8: 9 estimates)",
+    )
+    _flag(
+        g,
+        "--on-alarm",
+        default="warn",
+        choices=list(ON_ALARM),
+        help="on a memorisation alarm: warn; also "
+        "checkpoint alarm-<update>.pth.tar; stop the run cleanly; or roll back to the last epoch checkpoint before "
+        "the alarm's change point (then --rollback-then)",
+    )
+    _flag(
+        g,
+        "--rollback-keep",
+        type=int,
+        default=20,
+        help="--on-alarm rollback: epoch checkpoints kept on disk "
+        "(ring-<epoch>.pth.tar), how far back a rollback can go",
+    )
+    _flag(
+        g,
+        "--rollback-to",
+        default="best",
+        choices=["best", "latest"],
+        help="--on-alarm rollback: among the ring's "
+        "checkpoints before the change point, the one with the best validation top-1, or the latest",
+    )
+    _flag(
+        g,
+        "--rollback-then",
+        default="stop",
+        choices=["stop", "lower-lr"],
+        help="after a rollback: end the run "
+        "with the restored model, or continue from it at the learning rate x --rollback-lr-factor",
+    )
     _flag(g, "--rollback-lr-factor", type=float, default=0.1, help="--rollback-then lower-lr: the LR factor")
     _flag(g, "--label-noise", type=float, default=0.0, help="replace each training label by a random class w.p. p")
     _flag(g, "--label-noise-start-epoch", type=int, default=0, help="first epoch with noisy labels (0-based)")

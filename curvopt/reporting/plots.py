@@ -103,14 +103,21 @@ def run_events(records: Sequence[Mapping[str, Any]]) -> list[Event]:
     """The run's events and alarms that happened (none after its last step: a label switch configured past the
     end of a short run never took place), in step order."""
     end = last_step(records)
-    events = [Event(int(r["step"]), str(r.get("kind", "event")), str(r.get("text", ""))) for r in records
-              if r.get("type") == "event" and r.get("step") is not None
-              and (end is None or int(r["step"]) <= end)]  # fmt: skip
-    events += [Event(int(r["step"]), "alarm", f"CUSUM {r.get('statistic', math.nan):.2f} > {r.get('threshold')}")
-               for r in records if r.get("type") == "alarm"]  # fmt: skip
-    events += [Event(int(r["onset_step"]), "change_point", f"the rise of the alarm at step {r['step']} began here")
-               for r in records if r.get("type") == "alarm" and r.get("onset_step") is not None
-               and int(r["onset_step"]) < int(r["step"])]  # fmt: skip
+    events = [
+        Event(int(r["step"]), str(r.get("kind", "event")), str(r.get("text", "")))
+        for r in records
+        if r.get("type") == "event" and r.get("step") is not None and (end is None or int(r["step"]) <= end)
+    ]
+    events += [
+        Event(int(r["step"]), "alarm", f"CUSUM {r.get('statistic', math.nan):.2f} > {r.get('threshold')}")
+        for r in records
+        if r.get("type") == "alarm"
+    ]
+    events += [
+        Event(int(r["onset_step"]), "change_point", f"the rise of the alarm at step {r['step']} began here")
+        for r in records
+        if r.get("type") == "alarm" and r.get("onset_step") is not None and int(r["onset_step"]) < int(r["step"])
+    ]
     return sorted(events, key=lambda e: e.step)
 
 
@@ -127,8 +134,15 @@ def mark_events(ax: Any, events: Sequence[Event], *, to_x: Any = None, halo: boo
         if x is None:
             continue
         label = None if event.kind in seen else text
-        ax.axvline(x, color=colour, linestyle=style, linewidth=2.0 if halo else 1.4, label=label, zorder=3,
-                   path_effects=effects)  # fmt: skip
+        ax.axvline(
+            x,
+            color=colour,
+            linestyle=style,
+            linewidth=2.0 if halo else 1.4,
+            label=label,
+            zorder=3,
+            path_effects=effects,
+        )
         seen.add(event.kind)
 
 
@@ -136,8 +150,11 @@ def top_layers(series: Mapping[str, Sequence[float]], count: int = TOP, *, by: s
     """The ``count`` layers with the largest typical value (median over the second half of the run)."""
 
     def size(values: Sequence[float]) -> float:
-        tail = [abs(v) if by == "abs" else abs(math.log(v)) for v in values[len(values) // 2 :]
-                if math.isfinite(v) and (by == "abs" or v > 0)]  # fmt: skip
+        tail = [
+            abs(v) if by == "abs" else abs(math.log(v))
+            for v in values[len(values) // 2 :]
+            if math.isfinite(v) and (by == "abs" or v > 0)
+        ]
         return float(np.median(tail)) if tail else -math.inf
 
     ranked = sorted(series, key=lambda n: size(series[n]), reverse=True)
@@ -189,8 +206,9 @@ def layer_lines_figure(
     if total_key is not None:
         total_steps, total = scalar_series(records, total_key)
         if total_steps:
-            ax.plot(total_steps, total, color="black", linewidth=2.2, label="model (all layers)",
-                    **_points(total_steps))  # fmt: skip
+            ax.plot(
+                total_steps, total, color="black", linewidth=2.2, label="model (all layers)", **_points(total_steps)
+            )
     if reference is not None:
         ax.axhline(reference[0], color="0.3", linewidth=1.0, linestyle="-", alpha=0.7, label=reference[1])
     if log_y and any(v > 0 for vs in series.values() for v in vs if math.isfinite(v)):
@@ -216,8 +234,9 @@ def curvature_heatmap_figure(records: Sequence[Mapping[str, Any]]) -> Figure | N
     norm = LogNorm(vmin=float(np.percentile(positive, 1)), vmax=float(positive.max())) if positive.size else None
     height = min(13.0, 2.2 + 0.2 * len(names))
     fig, ax = plt.subplots(figsize=(10.5, height), constrained_layout=True)
-    image = ax.imshow(np.ma.masked_less_equal(grid, 0), aspect="auto", interpolation="nearest", cmap="viridis",
-                      norm=norm)  # fmt: skip
+    image = ax.imshow(
+        np.ma.masked_less_equal(grid, 0), aspect="auto", interpolation="nearest", cmap="viridis", norm=norm
+    )
     ticks = heatmap_rows(grid)
     ax.set_yticks(ticks, [label_of(names[i], labels) for i in ticks], fontsize=8 if len(names) <= 30 else 6.5)
     xticks = np.linspace(0, len(steps) - 1, num=min(len(steps), 8)).round().astype(int)
@@ -255,8 +274,13 @@ def heatmap_rows(grid: np.ndarray, limit: int = MAX_ROW_LABELS) -> list[int]:
 def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     """Per-layer Hutchinson traces of the ``TOP`` layers with ± 1 SE bands (symmetric log axis: traces can be
     negative, and near convergence single estimates change sign within their noise)."""
-    fig = layer_lines_figure(records, "trace", title="Hessian trace per layer tr(H_ll), ± 1 standard error "
-                             "(top layers; symlog axis)", ylabel="tr(H_ll)", total_key="curv/total/trace")  # fmt: skip
+    fig = layer_lines_figure(
+        records,
+        "trace",
+        title="Hessian trace per layer tr(H_ll), ± 1 standard error (top layers; symlog axis)",
+        ylabel="tr(H_ll)",
+        total_key="curv/total/trace",
+    )
     if fig is None:
         return None
     ax = fig.axes[0]
@@ -292,8 +316,11 @@ def _sparse_symlog_ticks(ax: Any, linthresh: float, per_side: int = 4) -> None:
         ticks += [sign * 10.0**e for e in range(last, first - 1, -stride)]
     ax.yaxis.set_major_locator(ticker.FixedLocator(sorted(ticks)))
     ax.yaxis.set_minor_locator(ticker.NullLocator())
-    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: "0" if v == 0 else f"{v:.0e}".replace("e+0", "e")
-                                                      .replace("e-0", "e-").replace("e+", "e")))  # fmt: skip
+    ax.yaxis.set_major_formatter(
+        ticker.FuncFormatter(
+            lambda v, _: "0" if v == 0 else f"{v:.0e}".replace("e+0", "e").replace("e-0", "e-").replace("e+", "e")
+        )
+    )
 
 
 def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
@@ -313,32 +340,49 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         ax.axvspan(steps[0], max(calibrating), color="0.93", label="monitor calibrating (no alarm possible)")
     shown = top_layers(series) if series else []
     for color, name in zip(plt.cm.tab10(np.arange(len(shown)) % 10), shown):
-        ax.plot(steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels),
-                **_points(steps))  # fmt: skip
+        ax.plot(
+            steps, series[name], color=color, linewidth=1.0, alpha=0.8, label=label_of(name, labels), **_points(steps)
+        )
     if aggregate is not None:
         role = "for reference; layers raise the alarm" if per_layer else "raises the alarm"
-        ax.plot(steps, aggregate, color="black", linewidth=1.4 if per_layer else 2.4, label=f"model-wide S ({role})",
-                **_points(steps))  # fmt: skip
+        ax.plot(
+            steps,
+            aggregate,
+            color="black",
+            linewidth=1.4 if per_layer else 2.4,
+            label=f"model-wide S ({role})",
+            **_points(steps),
+        )
     if threshold is not None:
         h = [v for v in threshold if math.isfinite(v)]
         if h:  # black dashes: no layer line is black (tab10), and the model-wide line is solid
             which = "per layer" if per_layer else "h"
             ax.axhline(h[-1], color="black", linestyle=(0, (6, 3)), lw=1.6, label=f"threshold {which} = {h[-1]:.3g}")
     if gradient is not None:  # the gradient norm's own series and threshold, in grey
-        ax.plot(steps, gradient, color="0.45", linewidth=1.6, linestyle="-.", label="gradient norm S (its own series)",
-                **_points(steps))  # fmt: skip
+        ax.plot(
+            steps,
+            gradient,
+            color="0.45",
+            linewidth=1.6,
+            linestyle="-.",
+            label="gradient norm S (its own series)",
+            **_points(steps),
+        )
         g = [v for v in gradient_threshold or [] if math.isfinite(v)]
         if g:
-            ax.axhline(g[-1], color="0.45", linestyle=(0, (2, 2)), lw=1.4,
-                       label=f"threshold, gradient norm = {g[-1]:.3g}")  # fmt: skip
+            ax.axhline(
+                g[-1], color="0.45", linestyle=(0, (2, 2)), lw=1.4, label=f"threshold, gradient norm = {g[-1]:.3g}"
+            )
     mark_events(ax, events)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("CUSUM statistic S")
     who = "a layer's S" if per_layer else "the model-wide S"
     also = " or the gradient norm's S > its own" if gradient is not None else ""
     sep = "\n" if also else " "  # two lines when the gradient norm joins, so the title fits the figure
-    ax.set_title(f"Memorisation monitor: CUSUM of the rise in curvature{sep}(alarm when {who} > the threshold{also})",
-                 fontsize=11)  # fmt: skip
+    ax.set_title(
+        f"Memorisation monitor: CUSUM of the rise in curvature{sep}(alarm when {who} > the threshold{also})",
+        fontsize=11,
+    )
     _legend(ax)
     return fig
 
@@ -355,35 +399,58 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(12.5, 4.3), constrained_layout=True, squeeze=False)
     ax_loss = axes[0][0]
     if train:
-        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], linewidth=1, label="training loss",
-                     **_points(train))  # fmt: skip
+        ax_loss.plot(
+            [r["step"] for r in train],
+            [r["train/loss"] for r in train],
+            linewidth=1,
+            label="training loss",
+            **_points(train),
+        )
     elif curv:
-        ax_loss.plot([r["step"] for r in curv], [r["curv/loss"] for r in curv], label="loss on the curvature batch",
-                     **_points(curv))  # fmt: skip
+        ax_loss.plot(
+            [r["step"] for r in curv],
+            [r["curv/loss"] for r in curv],
+            label="loss on the curvature batch",
+            **_points(curv),
+        )
     if any("eval/loss" in r for r in evals):
-        ax_loss.plot([r["step"] for r in evals], [_num(r.get("eval/loss")) for r in evals], "o-", markersize=3,
-                     label="validation loss")  # fmt: skip
+        ax_loss.plot(
+            [r["step"] for r in evals],
+            [_num(r.get("eval/loss")) for r in evals],
+            "o-",
+            markersize=3,
+            label="validation loss",
+        )
     mark_events(ax_loss, events)
     ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Loss")
     _legend(ax_loss)
     if has_acc:
         ax_acc = axes[0][1]
-        curves = (("train/acc", "training accuracy (batch)", "-"), ("eval/top1", "validation top-1", "o-"),
-                  ("eval/top1_ema", "validation top-1 (EMA weights)", "s--"))  # fmt: skip
+        curves = (
+            ("train/acc", "training accuracy (batch)", "-"),
+            ("eval/top1", "validation top-1", "o-"),
+            ("eval/top1_ema", "validation top-1 (EMA weights)", "s--"),
+        )
         for key, text, style in curves:
             rows = [r for r in train + evals if key in r]
             if rows:
                 marker = {"markersize": 4, "marker": "o"} if len(rows) <= 2 and style == "-" else {"markersize": 3}
-                ax_acc.plot([r["step"] for r in rows], [_num(r[key]) for r in rows], style, linewidth=1, label=text,
-                            **marker)  # fmt: skip
+                ax_acc.plot(
+                    [r["step"] for r in rows], [_num(r[key]) for r in rows], style, linewidth=1, label=text, **marker
+                )
         mark_events(ax_acc, events)
         ax_acc.set(xlabel="optimizer step", ylabel="accuracy (%)", title="Accuracy")
         _legend(ax_acc)
     return fig
 
 
-def matrix_heatmap_figure(matrix: Sequence[Sequence[float]], layers: Sequence[str], title: str, label: str,
-                          labels: Mapping[str, str] | None = None) -> Figure:  # fmt: skip
+def matrix_heatmap_figure(
+    matrix: Sequence[Sequence[float]],
+    layers: Sequence[str],
+    title: str,
+    label: str,
+    labels: Mapping[str, str] | None = None,
+) -> Figure:
     """An L × L layer map (resonance, coupling) on a log colour scale, layers in network order."""
     grid = np.array(matrix, dtype=float)
     positive = grid[np.isfinite(grid) & (grid > 0)]
@@ -441,8 +508,13 @@ def trace_heatmap_figure(traces: Sequence[tuple[int, Mapping[str, float]]], titl
     positive = finite[finite > 0]
     linthresh = float(np.percentile(positive, 10)) if positive.size else 1e-6
     fig, ax = plt.subplots(figsize=(10, min(11.0, 1.8 + 0.2 * len(names))), constrained_layout=True)
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", interpolation="nearest", cmap="RdBu_r",
-                      norm=SymLogNorm(linthresh=max(linthresh, 1e-12), vmin=-vmax, vmax=vmax))  # fmt: skip
+    image = ax.imshow(
+        np.ma.masked_invalid(grid),
+        aspect="auto",
+        interpolation="nearest",
+        cmap="RdBu_r",
+        norm=SymLogNorm(linthresh=max(linthresh, 1e-12), vmin=-vmax, vmax=vmax),
+    )
     every = max(1, math.ceil(len(names) / 30))
     ticks = list(range(0, len(names), every))
     ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7 if len(names) > 20 else 9)

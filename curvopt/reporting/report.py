@@ -42,40 +42,80 @@ def _sections() -> list[Section]:
     from . import plots
 
     return [
-        Section("curvature_heatmap", "Curvature per layer", plots.curvature_heatmap_figure,
-                "Each row is a layer (in network order), each column an estimate; colour is the layer's mean squared "
-                "Hessian eigenvalue on a log scale, the quantity the memorisation monitor watches. With clean labels "
-                "it falls by orders of magnitude early in training and then flattens; when the run starts fitting "
-                "noisy or random labels it rises again. Vertical lines mark the run's events."),
-        Section("trace", "Hessian trace per layer", plots.trace_figure,
-                "Hutchinson estimates of tr(H_ll) for the layers with the largest traces (the others as a grey range; "
-                "the model total in black). Traces can be negative (directions of negative curvature), and one "
-                "estimate is noisy: the table's ± gives its standard error."),
-        Section("gn_gap", "GN-Gap per layer", lambda r: plots.layer_lines_figure(
-                    r, "gn_gap", title="GN-Gap ||H^T_l,:||_F / ||G_l,:||_F per layer (log scale)", ylabel="GN-Gap",
-                    log_y=True, reference=(1.0, "GN-Gap = 1: tensor part as large as Gauss-Newton"),
-                    rank_by="log", total_key="curv/total/gn_gap"),
-                "How large the residual (non-Gauss-Newton) part of each layer's curvature is against its Gauss-Newton "
-                "part. Below 1 the Gauss-Newton matrix carries most of the layer's curvature (GGN and K-FAC "
-                "preconditioners see most of it); above 1 the residual dominates."),
-        Section("cusum", "Memorisation monitor", plots.cusum_figure,
-                "The CUSUM statistic adds up how far each layer's smoothed curvature (the model-wide one in black) "
-                "rises above its running trough, in units of its own noise. By default the alarm fires when any "
-                "layer's line crosses the dotted threshold (h + ln L / θ for L layers, θ = 0.3k); with "
-                "alarm_on='aggregate' when the black line crosses h. Grey shading is the calibration period, when no "
-                "alarm is possible."),
-        Section("lr_scale", "Layer-wise learning-rate scale", lambda r: plots.layer_lines_figure(
-                    r, "lr_scale", title="Layer-wise learning-rate scale s_l (top layers)", ylabel="scale s_l",
-                    log_y=True, reference=(1.0, "s = 1: unchanged"), rank_by="log"),
-                "The multiplier of each layer's learning rate chosen by the LR-scaling policy (1: the base rate)."),
-        Section("training", "Loss and accuracy", plots.training_figure,
-                "Training loss per logged step, validation loss and accuracy per epoch. On noisy labels validation "
-                "accuracy peaks and then falls while the training loss keeps falling: the model memorises."),
-        Section("inter_layer", "Cross-block mass and top eigenvalues", plots.inter_layer_figure,
-                "Φ is the share of the Hessian's squared Frobenius mass outside the diagonal layer blocks (what any "
-                "block-diagonal preconditioner ignores); the right panel follows each layer's largest eigenvalue "
-                "(2/λ_max bounds a stable step for that layer)."),
-    ]  # fmt: skip
+        Section(
+            "curvature_heatmap",
+            "Curvature per layer",
+            plots.curvature_heatmap_figure,
+            "Each row is a layer (in network order), each column an estimate; colour is the layer's mean squared "
+            "Hessian eigenvalue on a log scale, the quantity the memorisation monitor watches. With clean labels "
+            "it falls by orders of magnitude early in training and then flattens; when the run starts fitting "
+            "noisy or random labels it rises again. Vertical lines mark the run's events.",
+        ),
+        Section(
+            "trace",
+            "Hessian trace per layer",
+            plots.trace_figure,
+            "Hutchinson estimates of tr(H_ll) for the layers with the largest traces (the others as a grey range; "
+            "the model total in black). Traces can be negative (directions of negative curvature), and one "
+            "estimate is noisy: the table's ± gives its standard error.",
+        ),
+        Section(
+            "gn_gap",
+            "GN-Gap per layer",
+            lambda r: plots.layer_lines_figure(
+                r,
+                "gn_gap",
+                title="GN-Gap ||H^T_l,:||_F / ||G_l,:||_F per layer (log scale)",
+                ylabel="GN-Gap",
+                log_y=True,
+                reference=(1.0, "GN-Gap = 1: tensor part as large as Gauss-Newton"),
+                rank_by="log",
+                total_key="curv/total/gn_gap",
+            ),
+            "How large the residual (non-Gauss-Newton) part of each layer's curvature is against its Gauss-Newton "
+            "part. Below 1 the Gauss-Newton matrix carries most of the layer's curvature (GGN and K-FAC "
+            "preconditioners see most of it); above 1 the residual dominates.",
+        ),
+        Section(
+            "cusum",
+            "Memorisation monitor",
+            plots.cusum_figure,
+            "The CUSUM statistic adds up how far each layer's smoothed curvature (the model-wide one in black) "
+            "rises above its running trough, in units of its own noise. By default the alarm fires when any "
+            "layer's line crosses the dotted threshold (h + ln L / θ for L layers, θ = 0.3k); with "
+            "alarm_on='aggregate' when the black line crosses h. Grey shading is the calibration period, when no "
+            "alarm is possible.",
+        ),
+        Section(
+            "lr_scale",
+            "Layer-wise learning-rate scale",
+            lambda r: plots.layer_lines_figure(
+                r,
+                "lr_scale",
+                title="Layer-wise learning-rate scale s_l (top layers)",
+                ylabel="scale s_l",
+                log_y=True,
+                reference=(1.0, "s = 1: unchanged"),
+                rank_by="log",
+            ),
+            "The multiplier of each layer's learning rate chosen by the LR-scaling policy (1: the base rate).",
+        ),
+        Section(
+            "training",
+            "Loss and accuracy",
+            plots.training_figure,
+            "Training loss per logged step, validation loss and accuracy per epoch. On noisy labels validation "
+            "accuracy peaks and then falls while the training loss keeps falling: the model memorises.",
+        ),
+        Section(
+            "inter_layer",
+            "Cross-block mass and top eigenvalues",
+            plots.inter_layer_figure,
+            "Φ is the share of the Hessian's squared Frobenius mass outside the diagonal layer blocks (what any "
+            "block-diagonal preconditioner ignores); the right panel follows each layer's largest eigenvalue "
+            "(2/λ_max bounds a stable step for that layer).",
+        ),
+    ]
 
 
 def find_log(run: str | Path) -> Path:
@@ -127,15 +167,28 @@ def _map_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
     last, labels = inter[-1], layer_labels(records)
     layers = last["curv/inter_layers"]
     return [
-        Section("coupling", "Inter-layer coupling", lambda _: matrix_heatmap_figure(
-            last["curv/coupling"], layers, f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step "
-            f"{last['step']}", "C", labels),
+        Section(
+            "coupling",
+            "Inter-layer coupling",
+            lambda _: matrix_heatmap_figure(
+                last["curv/coupling"],
+                layers,
+                f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step {last['step']}",
+                "C",
+                labels,
+            ),
             "How strongly the loss couples two layers' parameters, relative to each layer's own curvature "
-            "(1: as strong as within a layer). Bright off-diagonal entries are what block-diagonal methods miss."),
-        Section("resonance", "Inter-layer resonance", lambda _: matrix_heatmap_figure(
-            last["curv/resonance"], layers, f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}", "R", labels),
-            "The size of each block of the Hessian, ||H_vw||_F, on a log colour scale."),
-    ]  # fmt: skip
+            "(1: as strong as within a layer). Bright off-diagonal entries are what block-diagonal methods miss.",
+        ),
+        Section(
+            "resonance",
+            "Inter-layer resonance",
+            lambda _: matrix_heatmap_figure(
+                last["curv/resonance"], layers, f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}", "R", labels
+            ),
+            "The size of each block of the Hessian, ||H_vw||_F, on a log colour scale.",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------- the HTML page
@@ -166,11 +219,17 @@ def _configuration(records: Sequence[Mapping[str, Any]]) -> list[tuple[str, Any]
     for record in records:
         if record.get("type") == "config":
             c = record.get("curvopt") or {}
-            rows += [("curvature", f"every {c.get('every')} steps, K = {c.get('probes')} probes on "
-                                   f"{c.get('curvature_batch_size')} samples, Gauss-Newton "
-                                   f"{'on' if c.get('gn') else 'off'}, strategy {c.get('strategy')}"),
-                     ("monitor", c.get("monitor") and {k: c["monitor"].get(k) for k in MONITOR_KEYS}),
-                     ("LR scaling", c.get("lr_scaling") or "off"), ("layers", len(c.get("layers", [])))]  # fmt: skip
+            rows += [
+                (
+                    "curvature",
+                    f"every {c.get('every')} steps, K = {c.get('probes')} probes on "
+                    f"{c.get('curvature_batch_size')} samples, Gauss-Newton "
+                    f"{'on' if c.get('gn') else 'off'}, strategy {c.get('strategy')}",
+                ),
+                ("monitor", c.get("monitor") and {k: c["monitor"].get(k) for k in MONITOR_KEYS}),
+                ("LR scaling", c.get("lr_scaling") or "off"),
+                ("layers", len(c.get("layers", []))),
+            ]
             break
     return rows
 
@@ -184,15 +243,24 @@ def monitor_verdict(records: Sequence[Mapping[str, Any]]) -> str:
     calibration = int((config.get("monitor") or {}).get("warmup", 8)) + 1
     ready = [r for r in estimates if r.get("curv/monitor_ready") == 1]
     if not ready:
-        return (f"No verdict: the monitor calibrates on {calibration} estimates and this run made {len(estimates)}, "
-                "so no alarm was possible.")  # fmt: skip
+        return (
+            f"No verdict: the monitor calibrates on {calibration} estimates and this run made {len(estimates)}, "
+            "so no alarm was possible."
+        )
     return f"No memorisation alarm ({len(estimates)} estimates; the monitor calibrated on the first {calibration})."
 
 
 def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
     names = [k.removeprefix("curv/trace/") for k in record if k.startswith("curv/trace/")]
-    columns = [("trace", "trace"), ("trace_se", "± se"), ("gn_trace", "GN trace"), ("gn_gap", "GN-Gap"),
-               ("frob", "||H_l,:||²/d"), ("cusum", "CUSUM S"), ("lr_scale", "LR scale")]  # fmt: skip
+    columns = [
+        ("trace", "trace"),
+        ("trace_se", "± se"),
+        ("gn_trace", "GN trace"),
+        ("gn_gap", "GN-Gap"),
+        ("frob", "||H_l,:||²/d"),
+        ("cusum", "CUSUM S"),
+        ("lr_scale", "LR scale"),
+    ]
     present = [(key, title) for key, title in columns if any(f"curv/{key}/{n}" in record for n in names)]
     rows = [[labels.get(n, n), *[record.get(f"curv/{key}/{n}") for key, _ in present]] for n in names]
     totals = {key: record.get(f"curv/total/{key}") for key, _ in present}
@@ -201,8 +269,9 @@ def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[l
     return ["layer", *[title for _, title in present]], rows
 
 
-def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]],
-                figures: Sequence[tuple[Section, Path]]) -> Path:  # fmt: skip
+def _write_html(
+    path: Path, log_path: Path, records: Sequence[Mapping[str, Any]], figures: Sequence[tuple[Section, Path]]
+) -> Path:
     from .plots import label_of, layer_labels, run_events
 
     labels = layer_labels(records)
@@ -219,12 +288,18 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
     elif run.get("wandb_dir"):
         links.append(f"W&amp;B run (offline, <code>wandb sync {html.escape(run['wandb_dir'])}</code> uploads it)")
     skipped = max((r.get("curv/skipped_estimates", 0) for r in records if r.get("type") == "metrics"), default=0)
-    summary = [("estimates", len(metrics)), ("last step", metrics[-1]["step"] if metrics else "–"),
-               ("alarms", len(alarms)), ("skipped estimates", skipped)]  # fmt: skip
+    summary = [
+        ("estimates", len(metrics)),
+        ("last step", metrics[-1]["step"] if metrics else "–"),
+        ("alarms", len(alarms)),
+        ("skipped estimates", skipped),
+    ]
     if evals:
         best = max(evals, key=lambda r: r["eval/top1"])
-        summary += [("last val top-1 (%)", evals[-1]["eval/top1"]),
-                    ("best val top-1 (%)", f"{best['eval/top1']:.2f} at epoch {best.get('epoch', 0) + 1}")]  # fmt: skip
+        summary += [
+            ("last val top-1 (%)", evals[-1]["eval/top1"]),
+            ("best val top-1 (%)", f"{best['eval/top1']:.2f} at epoch {best.get('epoch', 0) + 1}"),
+        ]
     parts = [
         f"<!doctype html><html lang='en'><meta charset='utf-8'><title>{html.escape(title)}</title>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -234,25 +309,36 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
         ".scroll{overflow-x:auto;max-width:100%}.how{color:#444;background:#f8f8fb;padding:.6em .9em;"
         "border-left:3px solid #99c}code{font-size:.9em;word-break:break-all}h2{margin-top:1.6em}</style>",
         f"<h1>{html.escape(title)}</h1><p>{' · '.join(links)}</p>",
-        "<h2>Run</h2>", _table(_configuration(records) + summary, cls="config"),
+        "<h2>Run</h2>",
+        _table(_configuration(records) + summary, cls="config"),
         "<h2>Alarms</h2>",
     ]
     if alarms:
-        rows = [[a["step"], a.get("onset_step"), a.get("kind"),
-                 *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
-                 ", ".join(label_of(n, labels) for n in a.get("layers", [])) or no_layers_text(a.get("kind", ""))]
-                for a in alarms]  # fmt: skip
+        rows = [
+            [
+                a["step"],
+                a.get("onset_step"),
+                a.get("kind"),
+                *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
+                ", ".join(label_of(n, labels) for n in a.get("layers", [])) or no_layers_text(a.get("kind", "")),
+            ]
+            for a in alarms
+        ]
         parts.append(_table(rows, ["step", "change point (onset)", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
-        parts.append("<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "
-                     "estimate at which the deciding CUSUM statistic left zero. Memorisation began there, before the "
-                     "alarm; <code>--on-alarm rollback</code> returns to a checkpoint before it. Kind "
-                     "<code>gradient</code>: the gradient norm's own CUSUM rose first (it jumps at once after a label "
-                     "switch).</p>")
+        parts.append(
+            "<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "
+            "estimate at which the deciding CUSUM statistic left zero. Memorisation began there, before the "
+            "alarm; <code>--on-alarm rollback</code> returns to a checkpoint before it. Kind "
+            "<code>gradient</code>: the gradient norm's own CUSUM rose first (it jumps at once after a label "
+            "switch).</p>"
+        )
     else:
         parts.append(f"<p>{html.escape(monitor_verdict(records))}</p>")
     if events:
-        parts += ["<h2>Events</h2>", _table([[e.step, e.kind.replace("_", " "), e.text] for e in events],
-                                            ["step", "event", "detail"])]  # fmt: skip
+        parts += [
+            "<h2>Events</h2>",
+            _table([[e.step, e.kind.replace("_", " "), e.text] for e in events], ["step", "event", "detail"]),
+        ]
     if metrics:
         header, rows = _layer_rows(metrics[-1], labels)
         heading = f"<h2>Per layer at the last estimate (step {metrics[-1]['step']})</h2>"
@@ -263,8 +349,11 @@ def _write_html(path: Path, log_path: Path, records: Sequence[Mapping[str, Any]]
         parts += [f"<h2>Per layer at the first alarm (step {at['step']})</h2>", _table(rows, header, "layers")]
     for section, image in figures:
         data = base64.b64encode(image.read_bytes()).decode("ascii")
-        parts += [f"<h2>{html.escape(section.heading)}</h2>", f"<p class='how'>{html.escape(section.how_to_read)}</p>",
-                  f"<img alt='{html.escape(section.heading)}' src='data:image/png;base64,{data}'>"]  # fmt: skip
+        parts += [
+            f"<h2>{html.escape(section.heading)}</h2>",
+            f"<p class='how'>{html.escape(section.how_to_read)}</p>",
+            f"<img alt='{html.escape(section.heading)}' src='data:image/png;base64,{data}'>",
+        ]
     parts.append(RENDER_CHECK)
     path.write_text("\n".join(parts), encoding="utf-8")
     return path

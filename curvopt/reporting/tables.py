@@ -24,9 +24,12 @@ def format_table(
         model_cell = f"{monitor.series[AGGREGATE].s:.2f}" if AGGREGATE in monitor.series else "–"
         extra.append(("cusum", 8, cells, model_cell))
         state = (
-            (f"the monitor alarms when a layer's S > {monitor.alarm_threshold:.3g} (h = {monitor.h:g} + ln L / "
-             f"{monitor.tail_rate:g}k)" if monitor.alarm_on == "layer"
-             else f"the monitor alarms when the model-wide S > {monitor.alarm_threshold:.3g}")
+            (
+                f"the monitor alarms when a layer's S > {monitor.alarm_threshold:.3g} (h = {monitor.h:g} + ln L / "
+                f"{monitor.tail_rate:g}k)"
+                if monitor.alarm_on == "layer"
+                else f"the monitor alarms when the model-wide S > {monitor.alarm_threshold:.3g}"
+            )
             + (f", or the gradient norm's S > {monitor.threshold(GRADIENT):.3g}" if monitor.gradient else "")
             if monitor.ready
             else f"the monitor is calibrating: {monitor.estimates_until_ready} more estimate(s) before it can alarm"

@@ -35,8 +35,19 @@ from ..control.monitor import Alarm
 log = logging.getLogger("curvopt")
 
 CURV_STEP = "curv/step"
-PER_LAYER = ("trace", "trace_se", "frob", "gn_trace", "tensor_trace", "gn_gap", "gn_gap_trace", "cusum", "lr_scale",
-             "top_eig", "stable_rank")  # fmt: skip
+PER_LAYER = (
+    "trace",
+    "trace_se",
+    "frob",
+    "gn_trace",
+    "tensor_trace",
+    "gn_gap",
+    "gn_gap_trace",
+    "cusum",
+    "lr_scale",
+    "top_eig",
+    "stable_rank",
+)
 
 
 def wandb_key(key: str) -> str:
@@ -49,6 +60,8 @@ def wandb_key(key: str) -> str:
             return f"curv/cusum_{parts[2]}"
         return f"curv.{parts[1]}/{parts[2]}"
     return key
+
+
 TRAIN_STEP = "train/step"
 
 T = TypeVar("T")
@@ -295,8 +308,17 @@ class WandbLogger:
         if self.run is None:
             return
         self._events.append([step, kind, text])
-        self._safely("events", lambda: self.run.log({CURV_STEP: step, "curv/events": self._wandb.Table(
-            columns=["step", "kind", "text"], data=[list(e) for e in self._events])}))  # fmt: skip
+        self._safely(
+            "events",
+            lambda: self.run.log(
+                {
+                    CURV_STEP: step,
+                    "curv/events": self._wandb.Table(
+                        columns=["step", "kind", "text"], data=[list(e) for e in self._events]
+                    ),
+                }
+            ),
+        )
 
     def finish(self) -> None:
         """Finish the run if this logger started it (flushes an offline run to disk)."""

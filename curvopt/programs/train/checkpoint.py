@@ -47,8 +47,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     except (OSError, RuntimeError) as exc:
         tmp.unlink(missing_ok=True)
         if _is_disk_full(exc):
-            raise CheckpointError(f"no space left on the device to write {path} (the previous checkpoint is "
-                                  "intact; free space and --resume it)") from None  # fmt: skip
+            raise CheckpointError(
+                f"no space left on the device to write {path} (the previous checkpoint is "
+                "intact; free space and --resume it)"
+            ) from None
         raise CheckpointError(f"could not write {path}: {type(exc).__name__}: {exc}") from None
 
 
@@ -62,8 +64,10 @@ def verify_checkpoint(path: Path) -> None:
     except OSError as exc:
         raise CheckpointError(f"--resume {path}: cannot read it ({exc.strerror or exc})") from None
     if bad is not None:
-        raise CheckpointError(f"--resume {path}: the checkpoint is corrupted (checksum mismatch in {bad}); "
-                              "use an earlier copy (model_best.pth.tar?)")  # fmt: skip
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint is corrupted (checksum mismatch in {bad}); "
+            "use an earlier copy (model_best.pth.tar?)"
+        )
 
 
 def checkpoint_path(path: str | Path) -> Path:
@@ -72,8 +76,10 @@ def checkpoint_path(path: str | Path) -> Path:
     if path.is_dir():
         if (path / CHECKPOINT).is_file():
             return path / CHECKPOINT
-        raise CheckpointError(f"--resume {path}: a directory without {CHECKPOINT}; pass a run directory or a "
-                              f"checkpoint file ({CHECKPOINT}, {BEST})")  # fmt: skip
+        raise CheckpointError(
+            f"--resume {path}: a directory without {CHECKPOINT}; pass a run directory or a "
+            f"checkpoint file ({CHECKPOINT}, {BEST})"
+        )
     if not path.is_file():
         raise CheckpointError(f"--resume {path}: no such checkpoint")
     return path

@@ -137,8 +137,14 @@ def train_one_epoch(ctx: EpochContext, loader: Any, epoch: int, num_updates: int
     ctx.model.train()
     loss_sum = acc_sum = 0.0
     batches = skipped = 0
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{ctx.num_epochs}", unit="batch", leave=False, dynamic_ncols=True,
-               disable=not ctx.show_progress)  # fmt: skip
+    bar = tqdm(
+        loader,
+        desc=f"epoch {epoch + 1}/{ctx.num_epochs}",
+        unit="batch",
+        leave=False,
+        dynamic_ncols=True,
+        disable=not ctx.show_progress,
+    )
     last_index = len(loader) - 1
     opt.zero_grad()
     for batch_idx, (x, y) in enumerate(bar):
@@ -185,8 +191,10 @@ def _micro_batch(
             logits = ctx.train_model(x)
             loss = ctx.loss_fn(logits, y)
         if not finite_on_every_rank(loss, args.distributed):
-            message = (f"curvopt train: non-finite loss at epoch {epoch} batch {batch_idx}; "
-                       "batch skipped (with the gradients accumulated so far)")  # fmt: skip
+            message = (
+                f"curvopt train: non-finite loss at epoch {epoch} batch {batch_idx}; "
+                "batch skipped (with the gradients accumulated so far)"
+            )
             warnings.warn(message, RuntimeWarning, stacklevel=1)
             ctx.buffers.restore()  # BN running statistics saw the bad batch in the forward
             opt.zero_grad()
@@ -195,8 +203,9 @@ def _micro_batch(
         if update:
             opt.observe(x, y)  # the curvature batch (a bare step() follows, e.g. from NativeScaler)
         if ctx.loss_scaler is not None:
-            ctx.loss_scaler(scaled_loss, opt, clip_grad=args.clip_grad, parameters=ctx.model.parameters(),
-                            need_update=update)  # fmt: skip
+            ctx.loss_scaler(
+                scaled_loss, opt, clip_grad=args.clip_grad, parameters=ctx.model.parameters(), need_update=update
+            )
         else:
             scaled_loss.backward()
             if update:
@@ -216,6 +225,8 @@ def _after_update(ctx: EpochContext, num_updates: int, epoch: int, loss_value: f
     ctx.scheduler.step_update(num_updates=num_updates)
     ctx.on_lr(num_updates, opt.param_groups[0]["lr"])
     if num_updates % ctx.args.log_interval == 0:
-        ctx.log_training(num_updates, {"train/loss": loss_value, "train/acc": batch_acc,
-                                       "train/lr": opt.param_groups[0]["lr"], "epoch": epoch})  # fmt: skip
+        ctx.log_training(
+            num_updates,
+            {"train/loss": loss_value, "train/acc": batch_acc, "train/lr": opt.param_groups[0]["lr"], "epoch": epoch},
+        )
     return num_updates

@@ -17,17 +17,59 @@ from typing import Any
 
 from .errors import TrainError
 
-CHANGEABLE = frozenset({
-    "epochs", "curv_every", "curv_probes", "curv_batch_size", "curv_inter_every", "curv_estimator", "curv_dtype",
-    "curv_strategy", "fsdp", "rollback_keep", "rollback_to", "rollback_then", "rollback_lr_factor",
-    "cusum_threshold", "cusum_k", "cusum_warmup", "cusum_alarm_on", "cusum_gradient", "on_alarm", "log_interval",
-    "log_wandb", "wandb_project", "wandb_tags", "no_progress", "workers", "validation_batch_size", "device",
-    "dist_backend", "dist_url", "data_dir", "dataset_download",
-})  # fmt: skip
+CHANGEABLE = frozenset(
+    {
+        "epochs",
+        "curv_every",
+        "curv_probes",
+        "curv_batch_size",
+        "curv_inter_every",
+        "curv_estimator",
+        "curv_dtype",
+        "curv_strategy",
+        "fsdp",
+        "rollback_keep",
+        "rollback_to",
+        "rollback_then",
+        "rollback_lr_factor",
+        "cusum_threshold",
+        "cusum_k",
+        "cusum_warmup",
+        "cusum_alarm_on",
+        "cusum_gradient",
+        "on_alarm",
+        "log_interval",
+        "log_wandb",
+        "wandb_project",
+        "wandb_tags",
+        "no_progress",
+        "workers",
+        "validation_batch_size",
+        "device",
+        "dist_backend",
+        "dist_url",
+        "data_dir",
+        "dataset_download",
+    }
+)
 """Settings a resume may change (applied from the resume step on, recorded as a ``settings_changed`` event)."""
 
-BOOKKEEPING = frozenset({"config", "resume", "output", "experiment", "explicit", "from_recipe", "run_id",
-                         "distributed", "rank", "world_size", "local_rank", "device_type"})  # fmt: skip
+BOOKKEEPING = frozenset(
+    {
+        "config",
+        "resume",
+        "output",
+        "experiment",
+        "explicit",
+        "from_recipe",
+        "run_id",
+        "distributed",
+        "rank",
+        "world_size",
+        "local_rank",
+        "device_type",
+    }
+)
 """Arguments that describe this invocation, not the run."""
 
 

@@ -158,16 +158,42 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
             sink.log_training(step, row)
 
     ctx = EpochContext(
-        args=args, model=model, train_model=train_model, model_ema=model_ema, opt=opt, scheduler=scheduler,
-        loss_fn=loss_fn, mixup_fn=mixup_fn, autocast=autocast, loss_scaler=loss_scaler, device=device,
-        buffers=BufferCheckpoint(model), log_training=log_training,
-        show_progress=not args.no_progress and args.rank == 0, num_epochs=num_epochs,
+        args=args,
+        model=model,
+        train_model=train_model,
+        model_ema=model_ema,
+        opt=opt,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        mixup_fn=mixup_fn,
+        autocast=autocast,
+        loss_scaler=loss_scaler,
+        device=device,
+        buffers=BufferCheckpoint(model),
+        log_training=log_training,
+        show_progress=not args.no_progress and args.rank == 0,
+        num_epochs=num_epochs,
         should_stop=lambda: after_update(run_box[0]),
         on_lr=lambda step, lr: note_lr(run_box[0], step, lr),
-    )  # fmt: skip
+    )
     say = print if args.rank == 0 else _silent
-    run = TrainingRun(args, device, data, model, train_model, model_ema, opt, scheduler, num_epochs, autocast,
-                      loss_scaler, ctx, stem_note=stem_note, cadence_note=cadence_note, say=say)  # fmt: skip
+    run = TrainingRun(
+        args,
+        device,
+        data,
+        model,
+        train_model,
+        model_ema,
+        opt,
+        scheduler,
+        num_epochs,
+        autocast,
+        loss_scaler,
+        ctx,
+        stem_note=stem_note,
+        cadence_note=cadence_note,
+        say=say,
+    )
     run_box.append(run)
     return run
 
@@ -198,10 +224,17 @@ def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[An
     run.num_updates = int(state["num_updates"])
     run.best_top1 = float(state.get("best_top1", -math.inf))
     run.best_epoch = int(state.get("best_epoch", -1))
-    monitor_changes = {new: changes[old][1] for old, new in (("cusum_threshold", "h"), ("cusum_k", "k"),
-                                                             ("cusum_warmup", "warmup"), ("cusum_alarm_on", "alarm_on"),
-                                                             ("cusum_gradient", "gradient"))
-                       if old in changes}  # fmt: skip
+    monitor_changes = {
+        new: changes[old][1]
+        for old, new in (
+            ("cusum_threshold", "h"),
+            ("cusum_k", "k"),
+            ("cusum_warmup", "warmup"),
+            ("cusum_alarm_on", "alarm_on"),
+            ("cusum_gradient", "gradient"),
+        )
+        if old in changes
+    }
     if monitor_changes and run.opt.monitor is not None:
         run.opt.monitor.update_settings(**monitor_changes)  # the checkpoint's monitor state, the new thresholds
     if run.start_epoch > 0:
@@ -259,9 +292,14 @@ def open_logs(run: TrainingRun, resume: dict[str, Any] | None, changes: dict[str
     run.jsonl = JsonlLogger(log_path, run_id=run.run_id)
     if args.log_wandb:
         run.wandb_logger = WandbLogger(
-            project=args.wandb_project, name=run.run_dir.name, dir=str(run.run_dir), config=saved,
-            tags=list(args.wandb_tags) or None, id=run.run_id, resume="allow",
-        )  # fmt: skip
+            project=args.wandb_project,
+            name=run.run_dir.name,
+            dir=str(run.run_dir),
+            config=saved,
+            tags=list(args.wandb_tags) or None,
+            id=run.run_id,
+            resume="allow",
+        )
     config = _run_config(run) | (run.wandb_logger.describe() if run.wandb_logger is not None else {})
     for sink in run.sinks:
         run.opt.add_logger(sink)
@@ -281,12 +319,18 @@ def _run_config(run: TrainingRun) -> dict[str, Any]:
     args, splits = run.args, run.data.splits
     noise = f"p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}" if args.label_noise else "none"
     return {
-        "model": args.model, "dataset": args.dataset, "train_samples": len(splits.train),
-        "val_samples": len(splits.val), "classes": splits.num_classes,
+        "model": args.model,
+        "dataset": args.dataset,
+        "train_samples": len(splits.train),
+        "val_samples": len(splits.val),
+        "classes": splits.num_classes,
         "optimizer": f"{args.opt} (lr {args.lr}, weight decay {args.weight_decay})",
-        "schedule": f"{args.sched}, {run.num_epochs} epochs, batch {args.batch_size}", "label_noise": noise,
-        "lr_scaling": args.lr_scaling or "off", "on_alarm": args.on_alarm, "run_dir": str(run.run_dir),
-    }  # fmt: skip
+        "schedule": f"{args.sched}, {run.num_epochs} epochs, batch {args.batch_size}",
+        "label_noise": noise,
+        "lr_scaling": args.lr_scaling or "off",
+        "on_alarm": args.on_alarm,
+        "run_dir": str(run.run_dir),
+    }
 
 
 # ---------------------------------------------------------------------- epochs
@@ -346,9 +390,14 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
 def _validate(run: TrainingRun, result: Any) -> dict[str, float]:
     args = run.args
     val = evaluate(run.model, run.data.val_loader, run.device, run.autocast, args.distributed)
-    stats = {"eval/loss": val["loss"], "eval/top1": val["top1"], "step": run.num_updates,
-             "train/loss_epoch": result.loss, "train/acc_epoch": result.acc,
-             "train/lr": run.opt.param_groups[0]["lr"]}  # fmt: skip
+    stats = {
+        "eval/loss": val["loss"],
+        "eval/top1": val["top1"],
+        "step": run.num_updates,
+        "train/loss_epoch": result.loss,
+        "train/acc_epoch": result.acc,
+        "train/lr": run.opt.param_groups[0]["lr"],
+    }
     if run.model_ema is not None:
         ema_val = evaluate(run.model_ema.module, run.data.val_loader, run.device, run.autocast, args.distributed)
         stats["eval/top1_ema"] = ema_val["top1"]
@@ -362,16 +411,22 @@ def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
         model_state, inner_state = full_state(run.model, run.opt.optimizer)
         optimizer_state = {"optimizer": inner_state, "curvopt": optimizer_state["curvopt"]}
     return {
-        "epoch": epoch, "num_updates": run.num_updates, "arch": run.args.model,
+        "epoch": epoch,
+        "num_updates": run.num_updates,
+        "arch": run.args.model,
         "args": {k: v for k, v in vars(run.args).items() if k not in ("explicit", "from_recipe")},
-        "model": model_state, "optimizer": optimizer_state,
+        "model": model_state,
+        "optimizer": optimizer_state,
         "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
         "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
-        "scheduler": run.scheduler.state_dict(), "best_top1": run.best_top1, "best_epoch": run.best_epoch,
-        "run_id": run.run_id, "wandb_id": run.run_id if run.wandb_logger is not None else None,
+        "scheduler": run.scheduler.state_dict(),
+        "best_top1": run.best_top1,
+        "best_epoch": run.best_epoch,
+        "run_id": run.run_id,
+        "wandb_id": run.run_id if run.wandb_logger is not None else None,
         "log_position": run.jsonl.position() if run.jsonl is not None else None,
         "stopped_at_alarm": run.stop_alarm.step if run.stop_alarm is not None else None,
-    }  # fmt: skip
+    }
 
 
 def _checkpoint(run: TrainingRun, epoch: int, best: bool, top1: float | None = None) -> None:
@@ -418,8 +473,10 @@ def estimate_cost_line(seconds: float, step_seconds: float, every: int) -> str:
     under 10 %)."""
     steps = seconds / max(step_seconds, 1e-9)
     overhead = steps / max(every, 1)
-    line = (f"  one curvature estimate took {seconds:.1f} s, about {steps:.0f} training steps: "
-            f"{100 * overhead:.0f} % overhead at every {every} updates")  # fmt: skip
+    line = (
+        f"  one curvature estimate took {seconds:.1f} s, about {steps:.0f} training steps: "
+        f"{100 * overhead:.0f} % overhead at every {every} updates"
+    )
     if overhead > 0.1:
         line += f" (--curv-every {int(steps * 10) + 1} keeps it under 10 %)"
     return line
@@ -466,8 +523,10 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
     path, state = found
     load_training_state(run, state, curvature=False)
     how = "the best validation top-1 of the epochs" if run.args.rollback_to == "best" else "the last epoch"
-    text = (f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; {how} before "
-            f"the change point at update {onset})")  # fmt: skip
+    text = (
+        f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; {how} before "
+        f"the change point at update {onset})"
+    )
     if run.args.rollback_then == "stop":
         run.stop_alarm = alarm
         write(f"  {text}; the run ends with that model (--rollback-then stop)")
@@ -479,36 +538,48 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
         write(f"  {text}; training goes on at {factor:g}x the learning rate (--rollback-then lower-lr)")
     for param in run.model.parameters():
         param.grad = None
-    run.rolled_back = {"alarm": alarm.step, "onset": onset, "epoch": int(state["epoch"]) + 1,
-                       "update": int(state["num_updates"]), "checkpoint": path.name}  # fmt: skip
+    run.rolled_back = {
+        "alarm": alarm.step,
+        "onset": onset,
+        "epoch": int(state["epoch"]) + 1,
+        "update": int(state["num_updates"]),
+        "checkpoint": path.name,
+    }
     run.log_event(run.num_updates, "rollback", text)
 
 
 def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
     curv = run.opt.last_estimate
     curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
-    run.say(f"epoch {epoch + 1:>3}/{run.num_epochs}  train loss {stats['train/loss_epoch']:.4f} "
-            f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
-            f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s")  # fmt: skip
+    run.say(
+        f"epoch {epoch + 1:>3}/{run.num_epochs}  train loss {stats['train/loss_epoch']:.4f} "
+        f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
+        f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s"
+    )
 
 
 def _announce(run: TrainingRun) -> None:
     args, splits = run.args, run.data.splits
     ranks = f" x {args.world_size} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if args.distributed else ""
-    run.say(f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
-            f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}")  # fmt: skip
+    run.say(
+        f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
+        f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}"
+    )
     if run.stem_note:
         run.say(f"  small-input adaptation: {run.stem_note}")
     if run.data.noisy is not None:
         run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
         if args.label_noise_start_epoch >= run.num_epochs:
-            run.say(f"  warning: the label noise starts at epoch {args.label_noise_start_epoch + 1}, after the last "
-                    f"epoch ({run.num_epochs}): this run trains on clean labels only (--epochs, "
-                    "--label-noise-start-epoch)")  # fmt: skip
+            run.say(
+                f"  warning: the label noise starts at epoch {args.label_noise_start_epoch + 1}, after the last "
+                f"epoch ({run.num_epochs}): this run trains on clean labels only (--epochs, "
+                "--label-noise-start-epoch)"
+            )
     upe = updates_per_epoch(args, run.data.train_loader)
     resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
-    run.say(f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs"
-            + resuming)  # fmt: skip
+    run.say(
+        f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs" + resuming
+    )
     run.say(f"  {run.cadence_note}")
 
 
@@ -538,8 +609,10 @@ def summarise(run: TrainingRun) -> None:
     run_dir = run.run_dir
     if run.rolled_back is not None:
         r = run.rolled_back
-        say(f"rolled back at the alarm at update {r['alarm']} to epoch {r['epoch']} (update {r['update']}, "
-            f"{r['checkpoint']}), before the change point at update {r['onset']}")  # fmt: skip
+        say(
+            f"rolled back at the alarm at update {r['alarm']} to epoch {r['epoch']} (update {r['update']}, "
+            f"{r['checkpoint']}), before the change point at update {r['onset']}"
+        )
     if run.stop_alarm is not None:
         best = f"{run_dir / BEST} (epoch {run.best_epoch + 1}, val top-1 {run.best_top1:.2f}%)"
         how = "--on-alarm rollback, --rollback-then stop" if run.rolled_back is not None else "--on-alarm stop"
@@ -559,8 +632,10 @@ def _monitor_verdict(opt: CurvatureAwareOptimizer) -> str:
     skipped, skips = opt.skipped_estimates, opt.skips
     total = skipped + len(opt.history)
     if skipped and not opt.history:
-        return (f"no memorisation verdict: the monitor saw nothing, all {skipped} curvature estimates were skipped "
-                f"(since update {skips.get('first_step')}; last reason: {skips.get('last_reason')})")  # fmt: skip
+        return (
+            f"no memorisation verdict: the monitor saw nothing, all {skipped} curvature estimates were skipped "
+            f"(since update {skips.get('first_step')}; last reason: {skips.get('last_reason')})"
+        )
     note = f" ({skipped} of {total} estimates skipped, first at update {skips.get('first_step')})" if skipped else ""
     if not opt.monitor.ready:
         return f"no memorisation verdict: the monitor was still calibrating{note}"

@@ -40,13 +40,20 @@ def check_vision_stack() -> None:
         except PackageNotFoundError:
             raise TrainError(f"curvopt train needs torchvision (for timm): {INSTALL_HINT}") from None
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise TrainError(f"torch {torch.__version__} and {vision} are builds that do not match ({reason}); "
-                         f"reinstall them together: {INSTALL_HINT}") from None  # fmt: skip
+        raise TrainError(
+            f"torch {torch.__version__} and {vision} are builds that do not match ({reason}); "
+            f"reinstall them together: {INSTALL_HINT}"
+        ) from None
 
 
 def check_args(args: argparse.Namespace) -> None:
-    positive = {"epochs": args.epochs, "batch_size": args.batch_size, "grad_accum_steps": args.grad_accum_steps,
-                "log_interval": args.log_interval, "curv_batch_size": args.curv_batch_size}  # fmt: skip
+    positive = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "grad_accum_steps": args.grad_accum_steps,
+        "log_interval": args.log_interval,
+        "curv_batch_size": args.curv_batch_size,
+    }
     for name, value in positive.items():
         if value < 1:
             raise TrainError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -87,26 +94,42 @@ class Data:
 def build_data(args: argparse.Namespace, device: torch.device) -> Data:
     try:
         splits = build_datasets(
-            args.dataset, data_dir=args.data_dir, download=args.dataset_download, hflip=args.hflip,
-            crop_padding=args.crop_padding, synthetic_samples=args.synthetic_samples, img_size=args.img_size,
-            num_classes=args.num_classes, seed=args.seed,
-        )  # fmt: skip
+            args.dataset,
+            data_dir=args.data_dir,
+            download=args.dataset_download,
+            hflip=args.hflip,
+            crop_padding=args.crop_padding,
+            synthetic_samples=args.synthetic_samples,
+            img_size=args.img_size,
+            num_classes=args.num_classes,
+            seed=args.seed,
+        )
     except ValueError as exc:
         raise TrainError(str(exc)) from None
     train_set: Any = splits.train
     noisy: NoisyLabels | None = None
     if args.label_noise > 0:
-        noisy = NoisyLabels(train_set, args.label_noise, splits.num_classes, seed=args.seed + 1,
-                            active=args.label_noise_start_epoch <= 0)  # fmt: skip
+        noisy = NoisyLabels(
+            train_set,
+            args.label_noise,
+            splits.num_classes,
+            seed=args.seed + 1,
+            active=args.label_noise_start_epoch <= 0,
+        )
         train_set = noisy
     sampler = None
     if args.distributed:
         sampler = torch.utils.data.distributed.DistributedSampler(train_set, seed=args.seed, drop_last=True)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=True,
-        num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed),
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed),
         pin_memory=device.type == "cuda",
-    )  # fmt: skip
+    )
     if len(train_loader) == 0:
         raise TrainError(f"the training set ({len(train_set)} samples) is smaller than one batch ({args.batch_size})")
     val_set = rank_shard(splits.val, args.rank, args.world_size) if args.distributed else splits.val
@@ -135,9 +158,12 @@ def adapt_to_small_inputs(model: nn.Module) -> str:
     if pre_logits is not None and type(pre_logits).__name__ == "ConvMlp" and hasattr(pre_logits, "fc1"):
         fc1, fc2 = pre_logits.fc1, pre_logits.fc2
         model.pre_logits = type(pre_logits)(
-            fc1.in_channels, fc2.out_channels, 1, mlp_ratio=fc1.out_channels / fc2.out_channels,
+            fc1.in_channels,
+            fc2.out_channels,
+            1,
+            mlp_ratio=fc1.out_channels / fc2.out_channels,
             drop_rate=pre_logits.drop.p,
-        )  # fmt: skip
+        )
         return "1x1 head (ConvMlp) instead of 7x7"
     raise TrainError(
         f"--cifar-stem does not know how to adapt {type(model).__name__}; supported: timm ResNets with a plain "
@@ -158,7 +184,11 @@ def create_model(args: argparse.Namespace, num_classes: int, in_chans: int = 3) 
         kwargs["drop_path_rate"] = args.drop_path
     try:
         model = timm.create_model(
-            args.model, pretrained=args.pretrained, num_classes=num_classes, drop_rate=args.drop, in_chans=in_chans,
+            args.model,
+            pretrained=args.pretrained,
+            num_classes=num_classes,
+            drop_rate=args.drop,
+            in_chans=in_chans,
             **kwargs,
         )
     except TypeError as exc:
@@ -181,8 +211,10 @@ def check_fsdp(args: argparse.Namespace) -> None:
         if on:
             raise TrainError(f"{flag} is not supported with --fsdp (it needs whole parameters on every rank)")
     if args.curv_strategy not in ("auto", "finite-difference"):
-        raise TrainError(f"--curv-strategy {args.curv_strategy} cannot run a sharded model (no double backward "
-                         "through FSDP's sharded parameters): use auto or finite-difference")  # fmt: skip
+        raise TrainError(
+            f"--curv-strategy {args.curv_strategy} cannot run a sharded model (no double backward "
+            "through FSDP's sharded parameters): use auto or finite-difference"
+        )
 
 
 def place_model(args: argparse.Namespace, model: nn.Module, device: torch.device) -> tuple[nn.Module, nn.Module, Any]:
@@ -213,9 +245,15 @@ def build_loss(args: argparse.Namespace, num_classes: int) -> tuple[nn.Module, A
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
     if args.mixup > 0 or args.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, prob=args.mixup_prob,
-                         switch_prob=args.mixup_switch_prob, mode=args.mixup_mode, label_smoothing=args.smoothing,
-                         num_classes=num_classes)  # fmt: skip
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=num_classes,
+        )
         return SoftTargetCrossEntropy(), mixup_fn
     if args.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=args.smoothing), None
@@ -239,21 +277,42 @@ def build_optimizer(
     if args.opt_betas is not None:
         opt_kwargs["betas"] = tuple(args.opt_betas)
     try:
-        base = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                   momentum=args.momentum, **opt_kwargs)  # fmt: skip
+        base = create_optimizer_v2(
+            model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum, **opt_kwargs
+        )
     except (ValueError, AssertionError) as exc:
         raise TrainError(f"optimizer '{args.opt}': {exc}") from None
-    monitor = (CusumMonitor(h=args.cusum_threshold, k=args.cusum_k, warmup=args.cusum_warmup,
-                            alarm_on=args.cusum_alarm_on, gradient=args.cusum_gradient)
-               if args.cusum else None)  # fmt: skip
+    monitor = (
+        CusumMonitor(
+            h=args.cusum_threshold,
+            k=args.cusum_k,
+            warmup=args.cusum_warmup,
+            alarm_on=args.cusum_alarm_on,
+            gradient=args.cusum_gradient,
+        )
+        if args.cusum
+        else None
+    )
     try:
         return CurvatureAwareOptimizer(
-            base, train_model, loss_fn, every=args.curv_every, probes=args.curv_probes,
-            curvature_batch_size=args.curv_batch_size, gn=args.curv_gn, monitor=monitor,
-            lr_scaling=args.lr_scaling, logger=sinks, callbacks=callbacks, seed=args.seed,
-            distributed_probes=args.curv_dist_probes, inter_every=args.curv_inter_every,
-            estimator=args.curv_estimator, curvature_dtype=args.curv_dtype, strategy=args.curv_strategy,
-        )  # fmt: skip
+            base,
+            train_model,
+            loss_fn,
+            every=args.curv_every,
+            probes=args.curv_probes,
+            curvature_batch_size=args.curv_batch_size,
+            gn=args.curv_gn,
+            monitor=monitor,
+            lr_scaling=args.lr_scaling,
+            logger=sinks,
+            callbacks=callbacks,
+            seed=args.seed,
+            distributed_probes=args.curv_dist_probes,
+            inter_every=args.curv_inter_every,
+            estimator=args.curv_estimator,
+            curvature_dtype=args.curv_dtype,
+            strategy=args.curv_strategy,
+        )
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
 
@@ -263,11 +322,19 @@ def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, upda
     from timm.scheduler import create_scheduler_v2
 
     return create_scheduler_v2(
-        opt, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_milestones=args.decay_milestones, cooldown_epochs=args.cooldown_epochs, decay_rate=args.decay_rate,
-        min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=not args.sched_on_updates, updates_per_epoch=updates_per_epoch,
-    )  # fmt: skip
+        opt,
+        sched=args.sched,
+        num_epochs=args.epochs,
+        decay_epochs=args.decay_epochs,
+        decay_milestones=args.decay_milestones,
+        cooldown_epochs=args.cooldown_epochs,
+        decay_rate=args.decay_rate,
+        min_lr=args.min_lr,
+        warmup_lr=args.warmup_lr,
+        warmup_epochs=args.warmup_epochs,
+        step_on_epochs=not args.sched_on_updates,
+        updates_per_epoch=updates_per_epoch,
+    )
 
 
 def choose_cadence(args: argparse.Namespace, updates_per_epoch: int, start_epoch: int = 0) -> str:

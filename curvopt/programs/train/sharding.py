@@ -45,8 +45,10 @@ def full_state(model: nn.Module, inner_optimizer: Any) -> tuple[dict[str, Any], 
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     options = _options(cpu_offload=True)
-    return (get_model_state_dict(model, options=options),
-            get_optimizer_state_dict(model, inner_optimizer, options=options))  # fmt: skip
+    return (
+        get_model_state_dict(model, options=options),
+        get_optimizer_state_dict(model, inner_optimizer, options=options),
+    )
 
 
 def load_full_state(model: nn.Module, inner_optimizer: Any, model_state: dict, optimizer_state: dict) -> None:
