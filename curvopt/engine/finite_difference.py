@@ -208,8 +208,11 @@ class FiniteDifference:
             OutputHessian(problem.loss_fn, self.out0, problem.targets, closed_form=closed_form) if gn else None
         )
         self.compute_dtype = out.dtype
-        numel = self._sum_over_ranks(torch.tensor([float(t.numel()) for t in self._saved]).sum().reshape(1).double())
-        self._key = (out.dtype, int(numel[0]))
+        # ‖θ‖² and the probed size in one sum over ranks
+        theta_sq = torch.stack(torch._foreach_norm(self._saved)).double().pow(2).sum().cpu()
+        sizes = torch.stack([theta_sq, torch.tensor(float(sum(t.numel() for t in self._saved)), dtype=torch.float64)])
+        theta_sq, numel = self._sum_over_ranks(sizes).tolist()
+        self._key = (out.dtype, int(numel))
         settled = settled_step(problem.model, *self._key)
         self.explicit_step = step is not None
         if step is not None:
@@ -222,8 +225,7 @@ class FiniteDifference:
             raise ValueError(f"the finite-difference step must be > 0, got {step!r}")
         self.check = check and (step is not None or settled is None)
         self.kinked = kinked_modules(problem.model) if self.check else []
-        theta_sq = torch.stack(torch._foreach_norm(self._saved)).double().pow(2).sum().reshape(1).cpu()
-        theta_norm = math.sqrt(float(self._sum_over_ranks(theta_sq)[0]))
+        theta_norm = math.sqrt(theta_sq)
         self._theta_norm = theta_norm if theta_norm > 0 else 1.0
 
     # ------------------------------------------------------------------ passes
