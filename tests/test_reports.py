@@ -222,3 +222,15 @@ def test_curvopt_train_records_resumes_and_lr_restarts_as_events(tmp_path):
     fig = plots.cusum_figure(records)
     assert {"LR schedule restart", "resumed"} <= set(fig.axes[0].get_legend_handles_labels()[1])
     plt.close(fig)
+
+
+def test_a_report_says_which_lines_of_a_damaged_log_it_could_not_read(tmp_path):
+    log = _run(tmp_path)
+    lines = log.read_text().splitlines()
+    damaged = [*lines[:5], '{"type": "metrics", "step": 3, "curv/tr', "garbage", "[1, 2]", *lines[5:]]
+    log.write_text("\n".join(damaged) + "\n")
+    unreadable: list[int] = []
+    assert len(read_jsonl(log, unreadable=unreadable)) == len(lines)
+    assert unreadable == [6, 7, 8]
+    with pytest.warns(RuntimeWarning, match=r"3 line\(s\) of .* could not be read .*line 6, 7, 8"):
+        make_report(tmp_path, tmp_path / "out")

@@ -45,6 +45,7 @@ from torch import nn
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..engine.losses import CausalLMLoss
+from ..reporting.loggers import LOG_NAME
 from .session import SUMMARY_KEYS, BatchRecorder, TrackingSession, wrapper_options
 
 try:
@@ -181,7 +182,7 @@ class CurvatureCallback(TrainerCallback):
             loss_fn, default_forward = model_loss(model)
             forward = forward or default_forward
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the real one
-        log_path = Path(args.output_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
+        log_path = Path(args.output_dir) / LOG_NAME if self.log_path == "auto" else self.log_path
         self.session = TrackingSession(
             inner,
             model,

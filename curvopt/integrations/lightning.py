@@ -40,6 +40,7 @@ import torch
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..engine.batch import CurvatureInputError, describe
+from ..reporting.loggers import LOG_NAME
 from .session import TrackingSession, wrapper_options
 
 try:
@@ -183,7 +184,7 @@ class CurvatureCallback(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.optimizers:
             raise ValueError("CurvatureCallback needs an optimizer (configure_optimizers returned none)")
-        log_path = Path(trainer.default_root_dir) / "curvature.jsonl" if self.log_path == "auto" else self.log_path
+        log_path = Path(trainer.default_root_dir) / LOG_NAME if self.log_path == "auto" else self.log_path
         loss_fn = self.loss_fn if self.loss_fn is not None else module_loss(pl_module)
         total = trainer.estimated_stepping_batches
         total = int(total) if isinstance(total, (int, float)) and math.isfinite(total) else None

@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..control.optimizer import CurvatureAwareOptimizer
-from ..reporting.loggers import JsonlLogger
+from ..reporting.loggers import LOG_NAME, JsonlLogger
 from ..reporting.report import make_report
 from ..reporting.tables import format_table
 from ..reporting.wandb_logger import WandbLogger
@@ -66,7 +66,7 @@ def _start_wandb(out: Path, mode: str, config: dict[str, Any]) -> WandbLogger | 
 def _clear_previous(out: Path) -> bool:
     """Remove what an earlier demo left in ``out`` (its JSONL, W&B runs and report), so the directory holds one run;
     returns whether there was one. Nothing else in ``out`` is touched."""
-    previous = [out / "curvature.jsonl", out / "wandb", out / "report"]
+    previous = [out / LOG_NAME, out / "wandb", out / "report"]
     found = any(p.exists() for p in previous)
     for path in previous:
         if path.is_dir():
@@ -79,7 +79,7 @@ def _clear_previous(out: Path) -> bool:
 def _set_up(
     steps: int, every: int, probes: int, seed: int, out: Path, lr_scaling: str | None, mode: str, stack: ExitStack
 ) -> _Demo:
-    log_path = out / "curvature.jsonl"
+    log_path = out / LOG_NAME
     torch.manual_seed(seed)
     images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
     random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)

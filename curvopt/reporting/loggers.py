@@ -27,6 +27,10 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+LOG_NAME = "curvature.jsonl"
+"""The JSONL log's file name in a run directory (``curvopt train``, the framework callbacks, ``curvopt report``)."""
+
+
 class JsonlLogger:
     """Appends one JSON object per line, ``{"type": "metrics", "step": …, …}``, ``{"type": "alarm", …}``,
     and from training loops ``train``/``eval``/``config``/``run``/``event`` records.
@@ -108,14 +112,20 @@ def _cut_torn_tail(path: Path) -> None:
         handle.truncate(data.rfind(b"\n") + 1)
 
 
-def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
-    """All complete records of a JSONL log (a torn last line from an interrupted run is skipped)."""
+def read_jsonl(path: str | Path, *, unreadable: list[int] | None = None) -> list[dict[str, Any]]:
+    """All complete records of a JSONL log. Lines that are not a JSON object (a torn last line from an interrupted
+    run, or damage) are skipped; their 1-based numbers are appended to ``unreadable`` when it is given, so a reader
+    can say what it left out."""
     records = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif unreadable is not None and line.strip():
+            unreadable.append(number)
     return records
 
 

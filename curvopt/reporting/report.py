@@ -12,16 +12,16 @@ import base64
 import html
 import math
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..control.monitor import distinct_numbers, no_layers_text
-from .loggers import deduplicate, read_jsonl
+from .loggers import LOG_NAME, deduplicate, read_jsonl
 
 MONITOR_KEYS = ("h", "k", "warmup", "signal", "alarm_on")
-LOG_NAME = "curvature.jsonl"
 
 
 class ReportError(ValueError):
@@ -137,7 +137,16 @@ def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page
     import matplotlib.pyplot as plt
 
     log_path = find_log(run)
-    records = deduplicate(read_jsonl(log_path))
+    unreadable: list[int] = []
+    records = deduplicate(read_jsonl(log_path, unreadable=unreadable))
+    if unreadable:
+        lines = ", ".join(str(n) for n in unreadable[:8]) + (" …" if len(unreadable) > 8 else "")
+        warnings.warn(
+            f"curvopt report: {len(unreadable)} line(s) of {log_path} could not be read (torn or not a JSON "
+            f"record: line {lines}); the report is drawn from the {len(records)} others",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     if not any(r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r) for r in records):
         raise ReportError(f"{log_path} holds no curvature estimates yet")
     out = Path(out_dir) if out_dir is not None else log_path.parent / "report"

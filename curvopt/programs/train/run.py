@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from ...control.monitor import Alarm
 from ...control.optimizer import CurvatureAwareOptimizer
-from ...reporting.loggers import JsonlLogger, truncate_log
+from ...reporting.loggers import LOG_NAME, JsonlLogger, truncate_log
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
 from .checkpoint import (
@@ -77,7 +77,6 @@ from .sharding import full_state, load_full_state
 __all__ = ["TrainError", "adapt_to_small_inputs", "run_training"]
 
 DEFAULT_OUTPUT = "runs/train"
-LOG_NAME = "curvature.jsonl"
 
 
 def _silent(*args: Any, **kwargs: Any) -> None:
