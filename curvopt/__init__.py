@@ -13,6 +13,7 @@ The package reads top to bottom, each subpackage importing only from those above
 The names below are the public API.
 """
 
+from .control.edge import EdgeScaling
 from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.rollback import RollbackOnAlarm
@@ -21,6 +22,7 @@ from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
 from .engine.losses import CausalLMLoss, causal_lm_loss
+from .engine.operator import CurvatureOperator, curvature_operator
 from .engine.products import CurvatureStrategyError, DoubleBackwardError
 from .engine.strategies import STRATEGIES
 from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
@@ -43,9 +45,11 @@ __all__ = [
     "CurvatureAwareOptimizer",
     "CurvatureEstimate",
     "CurvatureInputError",
+    "CurvatureOperator",
     "CurvatureStrategyError",
     "CusumMonitor",
     "DoubleBackwardError",
+    "EdgeScaling",
     "FiniteDifferenceWarning",
     "JsonlLogger",
     "Layer",
@@ -59,6 +63,7 @@ __all__ = [
     "activation_block_norms",
     "block_norms",
     "causal_lm_loss",
+    "curvature_operator",
     "estimate_curvature",
     "group_parameters",
     "layer_spectrum",

@@ -25,6 +25,7 @@ from conftest import (
 )
 from torch import nn
 
+import curvopt
 from curvopt import estimate_curvature, group_parameters
 
 Z = 4.0  # tolerance in reported standard errors
@@ -258,3 +259,28 @@ def test_standard_error_is_honest_across_repetitions():
         errors.append(abs(e.total_trace - exact_value) / e.total_trace_se)
     coverage = sum(err < 2 for err in errors) / len(errors)
     assert 0.82 < coverage < 0.995, coverage
+
+
+def test_the_public_operator_applies_h_and_g_as_the_dense_blocks_do():
+    """``curvopt.curvature_operator``: H v, G v for one direction and H_ll x, G_ll x per layer, against float64."""
+    torch.manual_seed(21)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    loss_fn, batch = nn.CrossEntropyLoss(), (torch.randn(12, 4), torch.randint(0, 3, (12,)))
+    dense = dense_curvature(model, loss_fn, batch, layer_params(model))
+    v = [torch.randn(p.shape) for p in model.parameters()]
+    flat = torch.cat([t.reshape(-1) for t in v]).double()
+    with curvopt.curvature_operator(model, loss_fn, batch, gn=True, strategy="autograd") as op:
+        assert list(op.shapes) == ["0", "2"] and op.shapes["0"] == [torch.Size([6, 4]), torch.Size([6])]
+        hv, gv = op.hvp(v), op.ggn_vp(v)
+        x = torch.randn(op.numel["2"])
+        block_h, block_g = op.layer_hvp("2", x), op.layer_ggn_vp("2", x)
+        with pytest.raises(ValueError, match="one tensor per parameter"):
+            op.hvp(v[:2])
+        with pytest.raises(KeyError, match="the operator's layers are"):
+            op.layer_hvp("head", x)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in hv]).double(), dense.H @ flat, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(torch.cat([t.reshape(-1) for t in gv]).double(), dense.G @ flat, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block_h.double(), dense.block(dense.H, "2") @ x.double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(block_g.double(), dense.block(dense.G, "2") @ x.double(), rtol=1e-4, atol=1e-6)
+    with curvopt.curvature_operator(model, loss_fn, batch) as op, pytest.raises(ValueError, match="gn=True"):
+        op.ggn_vp(v)

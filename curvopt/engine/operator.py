@@ -166,6 +166,52 @@ class CurvatureOperator:
         h, _ = self.matvec(self.embed(layer, x))
         return self.restrict(layer, h)
 
+    # ------------------------------------------------------------------ one direction, as users write it
+    @property
+    def shapes(self) -> dict[str, list[torch.Size]]:
+        """The shapes of each layer's tensors, in the order ``hvp`` takes and returns them."""
+        return {b.name: [p.shape for p in b.params] for b in self.blocks}
+
+    def _one(self, vector: Sequence[torch.Tensor]) -> tuple[Tensors, Tensors | None]:
+        if len(vector) != len(self.params) or any(v.shape != p.shape for v, p in zip(vector, self.params)):
+            expected = ", ".join(str(tuple(p.shape)) for p in self.params[:4]) + (", …" if len(self.params) > 4 else "")
+            raise ValueError(
+                f"a direction is one tensor per parameter of the operator ({len(self.params)}: {expected}), in layer "
+                "order (see .shapes)"
+            )
+        h, g = self.matvec([v.to(p.dtype).unsqueeze(0) for v, p in zip(vector, self.params)])
+        return [t[0] for t in h], None if g is None else [t[0] for t in g]
+
+    def hvp(self, vector: Sequence[torch.Tensor]) -> Tensors:
+        """H v for one direction ``v`` given as one tensor per parameter (layer order, :attr:`shapes`)."""
+        return self._one(vector)[0]
+
+    def ggn_vp(self, vector: Sequence[torch.Tensor]) -> Tensors:
+        """G v, the Gauss-Newton product, for one direction (the operator must be opened with ``gn=True``)."""
+        _, g = self._one(vector)
+        if g is None:
+            raise ValueError("ggn_vp needs the Gauss-Newton products: open the operator with gn=True")
+        return g
+
+    def layer_hvp(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """H_ll x, the diagonal block of layer ``layer`` (a name of :attr:`layers`) on its flat coordinates."""
+        index = self._layer_index(layer)
+        return self.block_matvec(index, x.reshape(1, -1))[0]
+
+    def layer_ggn_vp(self, layer: str, x: torch.Tensor) -> torch.Tensor:
+        """G_ll x for layer ``layer`` on its flat coordinates (``gn=True``)."""
+        index = self._layer_index(layer)
+        _, g = self.matvec(self.embed(index, x.reshape(1, -1)))
+        if g is None:
+            raise ValueError("layer_ggn_vp needs the Gauss-Newton products: open the operator with gn=True")
+        return self.restrict(index, g)[0]
+
+    def _layer_index(self, layer: str) -> int:
+        names = self.layers
+        if layer not in names:
+            raise KeyError(f"no layer {layer!r}; the operator's layers are {names[:8]}{' …' if len(names) > 8 else ''}")
+        return names.index(layer)
+
 
 _warned: set[str] = set()
 
