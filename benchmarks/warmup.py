@@ -245,12 +245,15 @@ def schedule(arm: str, steps: int) -> Callable[[int], float]:
     return factor
 
 
-def edge_options(arm: str) -> dict[str, float]:
-    """``edge`` at its defaults; ``edge-m0.1``: margin 0.1 (design variants, named in the arm)."""
-    options = {}
+def edge_options(arm: str) -> dict[str, object]:
+    """``edge`` at its defaults; ``edge-m0.1``: margin 0.1; ``edge-update-m2``: the update criterion, margin 2
+    (design variants, named in the arm)."""
+    options: dict[str, object] = {}
     for part in arm.split("-")[1:]:
         if part.startswith("m"):
             options["margin"] = float(part[1:])
+        elif part == "update":
+            options["criterion"] = "update"
     return options
 
 

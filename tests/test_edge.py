@@ -149,3 +149,48 @@ def test_below_the_edge_the_trajectory_is_the_bare_optimizer_s_and_the_cadence_b
     restored = EdgeScaling()
     restored.load_state_dict(policy.state_dict())
     assert restored.ratio == policy.ratio and restored.next_step == 0  # a resumed run measures at its next step
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: torch.optim.SGD(p, lr=0.05),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, dampening=0.1),
+        lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
+        lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99)),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+    ],
+    ids=["sgd", "heavy-ball", "nesterov", "adam", "adamw"],
+)
+def test_the_upcoming_update_is_the_step_the_optimizer_takes(make):
+    from curvopt.control.edge import upcoming_update
+
+    torch.manual_seed(3)
+    model = nn.Linear(4, 2)
+    opt = make(model.parameters())
+    for _ in range(4):  # the first step (no state) and later ones (momentum buffers, moments)
+        opt.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        predicted = upcoming_update(opt, list(model.parameters()))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt.step()
+        for p, b, d in zip(model.parameters(), before, predicted):
+            torch.testing.assert_close(p.detach() - b, d, rtol=1e-5, atol=1e-7)
+
+
+def test_the_update_criterion_is_the_quadratic_model_s_optimal_step():
+    """Least squares with plain SGD: Δ = −ηg, so s* = gᵀg / (η gᵀHg) exactly."""
+    model, loss_fn, batch, lam = _regression()
+    lr = 3.0 / lam
+    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model, loss_fn, every=10**6, monitor=None,
+                                  lr_scaling=EdgeScaling(criterion="update"), curvature_batch_size=64,
+                                  strategy="autograd")  # fmt: skip
+    opt.zero_grad()
+    loss_fn(model(batch[0]), batch[1]).backward()
+    g = model.weight.grad.reshape(-1).double()
+    x = batch[0].double()
+    h = 2 * x.T @ x / len(x)
+    optimal = float(g @ g / (lr * g @ h @ g))
+    opt.step(batch=batch)
+    assert opt.lr_policy.ratio == pytest.approx(1 / optimal, rel=1e-5)
+    assert opt.lr_policy.scale == pytest.approx(min(1.0, optimal), rel=1e-5)

@@ -27,6 +27,11 @@ interval that grows by ``growth`` while s < 1 and doubles once s = 1, up to ``ma
 measurements r is carried forward with the change of D along the last eigenvector v: with F = D_now / D_then,
 r_now ≈ r_then · Σ_i v_i² F_i² (exact when the eigenvector does not turn), which costs no product. A step
 without a batch keeps the carried-forward value.
+
+**``criterion="update"``** looks at the step about to be taken instead of the top eigenvalue: with Δ the
+optimizer's upcoming update (:func:`upcoming_update`), the quadratic model L + s gᵀΔ + ½ s² ΔᵀHΔ is lowest at
+s* = −gᵀΔ / ΔᵀHΔ, and s = min(1, margin · s*), from one product per measurement. It is a design variant measured
+in benchmarks/warmup.py (RESULTS.md), not the default.
 """
 
 from __future__ import annotations
@@ -109,6 +114,37 @@ def step_geometry(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> StepG
     return StepGeometry(scale)
 
 
+@torch.no_grad()
+def upcoming_update(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> Tensors:
+    """Δ, the step the optimizer is about to take on ``params`` (before any scaling; decoupled weight decay left out:
+    it is not part of the loss): Adam/AdamW −η m̂/(√v̂ + ε) with this step's gradient folded into m and v; SGD
+    −η b with b its momentum buffer after this step (Nesterov: −η (g + μ b))."""
+    if not isinstance(optimizer, SUPPORTED_OPTIMIZERS):
+        raise _unsupported(optimizer)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    update = []
+    for p in params:
+        group = group_of.get(id(p))
+        if group is None or p.grad is None:
+            update.append(torch.zeros_like(p))
+            continue
+        lr, grad, state = float(group["lr"]), p.grad.to(torch.float32), optimizer.state.get(p, {})
+        if isinstance(optimizer, (Adam, AdamW)):
+            beta1, beta2 = group["betas"]
+            step = float(state["step"]) + 1 if "step" in state else 1.0
+            m = grad * (1 - beta1) + (state["exp_avg"].float() * beta1 if "exp_avg" in state else 0.0)
+            v = grad.square() * (1 - beta2) + (state["exp_avg_sq"].float() * beta2 if "exp_avg_sq" in state else 0.0)
+            denominator = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
+            update.append((m / (1 - beta1**step) / denominator * -lr).to(p.dtype))
+        else:
+            momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
+            buffer = state.get("momentum_buffer")
+            b = grad if buffer is None or momentum == 0 else buffer.float() * momentum + grad * (1 - dampening)
+            direction = grad + momentum * b if group.get("nesterov", False) else b
+            update.append((direction * -lr).to(p.dtype))
+    return update
+
+
 @dataclass
 class StepContext:
     """What a per-step policy may use at the upcoming step: its number, the inner optimizer, the parameters in layer
@@ -134,7 +170,11 @@ class EdgeScaling:
         first_iterations: int = 8,
         growth: float = 1.5,
         max_interval: int = 1000,
+        criterion: str = "edge",
     ) -> None:
+        if criterion not in ("edge", "update"):
+            raise ValueError(f"criterion must be 'edge' or 'update', got {criterion!r}")
+        self.criterion = criterion
         if not margin > 0:
             raise ValueError(f"margin must be > 0, got {margin}")
         if iterations < 1 or first_iterations < 1:
@@ -163,6 +203,8 @@ class EdgeScaling:
         return self.ratio * carried
 
     def step_update(self, blocks: Sequence[Layer], context: StepContext) -> dict[str, float]:
+        if self.criterion == "update":
+            return self._update_criterion(blocks, context)
         geometry = step_geometry(context.optimizer, context.params)
         if context.step >= self.next_step and context.measure is not None:
             iterations = self.iterations if self._vector is not None else self.first_iterations
@@ -180,6 +222,27 @@ class EdgeScaling:
             self.interval = min(self.max_interval, self.interval * (2.0 if scale >= 1.0 else self.growth))
             self.next_step = context.step + max(1, int(self.interval))
         self.scale = self._scale(self.current_ratio(geometry))
+        return {b.name: self.scale for b in blocks}
+
+    def _update_criterion(self, blocks: Sequence[Layer], context: StepContext) -> dict[str, float]:
+        """``criterion="update"``: the quadratic model along the step about to be taken, Δ. The loss along sΔ is
+        L + s gᵀΔ + ½ s² ΔᵀHΔ, lowest at s* = −gᵀΔ / ΔᵀHΔ; the scale is min(1, margin · s*) (margin 2: the largest
+        step that still lowers the model). One product per measurement (a one-step Lanczos from Δ); between
+        measurements the scale is held."""
+        if context.step >= self.next_step and context.measure is not None:
+            update = upcoming_update(context.optimizer, context.params)
+            slope = sum(float(torch.dot(p.grad.reshape(-1).double(), u.reshape(-1).double()))
+                        for p, u in zip(context.params, update) if p.grad is not None)  # fmt: skip
+            size = math.sqrt(sum(float(u.double().square().sum()) for u in update))
+            if size > 0 and slope < 0:
+                ones = [torch.ones_like(u) for u in update]
+                curvature, _ = context.measure(ones, update, 1)  # qᵀHq for q = Δ/‖Δ‖ (0 when not positive)
+                self.ratio = curvature * size**2 / -slope if math.isfinite(curvature) else math.nan  # 1/s*
+                self.measurements += 1
+                self.products += 1
+            self.scale = self._scale(self.ratio)
+            self.interval = min(self.max_interval, self.interval * (2.0 if self.scale >= 1.0 else self.growth))
+            self.next_step = context.step + max(1, int(self.interval))
         return {b.name: self.scale for b in blocks}
 
     def _scale(self, ratio: float) -> float:
