@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import bn_cnn
+from helpers import bn_cnn
 from torch import nn
 
 from curvopt import STRATEGIES, CurvatureAwareOptimizer, estimate_curvature

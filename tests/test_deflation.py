@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TiedMLP, bn_cnn, dense_curvature, layer_params, mlp
+from helpers import TiedMLP, bn_cnn, dense_curvature, layer_params, mlp
 from torch import nn
 
 from curvopt import CurvatureAwareOptimizer, estimate_curvature

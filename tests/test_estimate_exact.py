@@ -11,7 +11,7 @@ import math
 
 import pytest
 import torch
-from conftest import (
+from helpers import (
     LayerNormGELU,
     TiedMLP,
     TinyAttention,

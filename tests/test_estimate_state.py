@@ -9,7 +9,7 @@ import pytest
 import timm
 import timm.loss
 import torch
-from conftest import bn_cnn
+from helpers import bn_cnn
 from torch import nn
 
 from curvopt import STRATEGIES, estimate_curvature

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import dense_curvature, layer_params
+from helpers import dense_curvature, layer_params
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TiedMLP, bn_cnn, mlp
+from helpers import TiedMLP, bn_cnn, mlp
 from torch import nn
 
 from curvopt import (

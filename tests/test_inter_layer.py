@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import dense_curvature
+from helpers import dense_curvature
 from torch import nn
 from torch.func import functional_call, hessian
 
@@ -221,7 +221,7 @@ def test_activation_map_with_dropout_and_bn_is_deterministic_and_leaves_rng_and_
 
 
 def test_wrapper_inter_every_logs_maps_and_spectra_without_touching_the_main_estimates(tmp_path):
-    from conftest import mlp
+    from helpers import mlp
 
     from curvopt import CurvatureAwareOptimizer, JsonlLogger, WandbLogger, read_jsonl
     from curvopt.reporting.report import make_report

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import dense_curvature, layer_params
+from helpers import dense_curvature, layer_params
 from torch import nn
 from torch.nn import functional as F
 

@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import mlp
+from helpers import mlp
 from torch import nn
 
 from curvopt import CusumMonitor, estimate_curvature

@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LayerNormGELU
+from helpers import LayerNormGELU
 from torch import nn
 
 from curvopt import CurvatureAwareOptimizer, estimate_curvature

@@ -1,0 +1,19 @@
+"""What the tests share: dense references (:mod:`helpers.dense`) and small models (:mod:`helpers.models`).
+Imported as ``from helpers import …`` (pytest puts ``tests/`` on the path); fixtures stay in ``conftest.py``."""
+
+from .dense import DenseCurvature, dense_curvature, gaussian_variance, rademacher_variance, variance_se
+from .models import LayerNormGELU, TiedMLP, TinyAttention, bn_cnn, layer_params, mlp
+
+__all__ = [
+    "DenseCurvature",
+    "LayerNormGELU",
+    "TiedMLP",
+    "TinyAttention",
+    "bn_cnn",
+    "dense_curvature",
+    "gaussian_variance",
+    "layer_params",
+    "mlp",
+    "rademacher_variance",
+    "variance_se",
+]
