@@ -86,7 +86,7 @@ class Collect(pl.loggers.Logger):
         self.calls.append((step, dict(metrics)))
 
 
-def _fit(module, callbacks, tmp_path, *, ckpt_path=None, **overrides):
+def _fit(module, callbacks, tmp_path, *, ckpt_path=None, datamodule=None, **overrides):
     settings = dict(
         max_steps=6,
         accelerator="cpu",
@@ -101,7 +101,10 @@ def _fit(module, callbacks, tmp_path, *, ckpt_path=None, **overrides):
     trainer = pl.Trainer(callbacks=callbacks, **settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer.fit(module, _data(), ckpt_path=ckpt_path)
+        if datamodule is not None:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(module, _data(), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -215,22 +218,8 @@ class DictClassifier(pl.LightningModule):
 
 
 def _fit_data(module, callbacks, tmp_path, data, **overrides):
-    settings = dict(
-        max_steps=8,
-        accelerator="cpu",
-        logger=Collect(),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-        log_every_n_steps=1,
-    )
-    settings.update(overrides)
-    trainer = pl.Trainer(callbacks=callbacks, **settings)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer.fit(module, datamodule=data)
-    return trainer
+    """8 steps of a DataModule's dict batches."""
+    return _fit(module, callbacks, tmp_path, datamodule=data, **{"max_steps": 8, **overrides})
 
 
 def test_dict_batches_with_the_module_s_own_loss(tmp_path):
