@@ -168,6 +168,9 @@ class CurvatureAwareOptimizer(Optimizer):
         self._policy_takes_context = (
             self.lr_policy is not None and len(inspect.signature(self.lr_policy.update).parameters) >= 2
         )
+        self._step_policy_takes_context = getattr(self.lr_policy, "every_step", False) and (
+            len(inspect.signature(self.lr_policy.step_update).parameters) >= 2
+        )
         self.policy_generator = torch.Generator().manual_seed(seed + 2)  # the policies' own probes
         self.layer_blocks = group_parameters(unwrap_model(model), layers)
         self.runner = EstimateRunner(model, loss_fn, self.layer_blocks, self.config, process_group, forward)
@@ -358,7 +361,7 @@ class CurvatureAwareOptimizer(Optimizer):
     def _step_policy_update(self) -> dict[str, float]:
         """A per-step policy's scales for the upcoming step (:class:`~curvopt.control.edge.StepContext` for the
         policies that take one)."""
-        if len(inspect.signature(self.lr_policy.step_update).parameters) < 2:
+        if not self._step_policy_takes_context:
             return self.lr_policy.step_update(self.layer_blocks)
         params = [p for b in self.layer_blocks for p in b.params]
         measure = None if self._pending_batch is None else self._measure_preconditioned

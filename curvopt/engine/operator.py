@@ -40,7 +40,6 @@ from .finite_difference import (
     TRUNCATION_TOLERANCE,
     FiniteDifferenceWarning,
     StepCheck,
-    kinked_modules,
 )
 from .layers import Layer, LayerSpec, flat_params, resolve_blocks
 from .probes import derive_seed
@@ -316,15 +315,15 @@ def _warn_finite_difference_check(
 
 
 def _finite_difference_findings(
-    engine: object, problem: ProbeProblem, core: nn.Module, gn: bool
+    engine: object, problem: ProbeProblem, gn: bool
 ) -> tuple[StepCheck | None, list[tuple[str, str]], torch.dtype, bool] | None:
     """What the warning about a finite-difference session needs, gathered inside the probing context: the
     self-check, the model's piecewise-linear modules, the compute precision, and whether an exact strategy runs
     on this model (tried only when there is something to advise)."""
     fd = engine.engine if isinstance(engine, AutoEngine) else engine
-    if getattr(fd, "strategy", None) != FINITE_DIFFERENCE or not (fd.check or fd.step_check is not None):
+    if getattr(fd, "strategy", None) != FINITE_DIFFERENCE or not fd.check:
         return None
-    kinked = kinked_modules(core)
+    kinked = fd.kinked  # scanned by the engine when it checks
     check = fd.step_check
     nonlinear = bool(check is not None and check.layers_over()[1])
     exact = False
@@ -416,7 +415,7 @@ def curvature_operator(
             operator.loss = float(host[0]) / (world_size() if sharded else 1)
             operator.gradient_sq = host[1:].tolist() if gradient_sq is not None else None
             operator.strategy = engine.strategy
-            check = _finite_difference_findings(engine, problem, core, gn)
+            check = _finite_difference_findings(engine, problem, gn)
             operator.engine = None  # type: ignore[assignment]  # release the kept graph
             del engine, problem
     if check is not None:
