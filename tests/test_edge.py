@@ -159,8 +159,9 @@ def test_below_the_edge_the_trajectory_is_the_bare_optimizer_s_and_the_cadence_b
         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True),
         lambda p: torch.optim.Adam(p, lr=1e-2, betas=(0.8, 0.99)),
         lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+        lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0, amsgrad=True),
     ],
-    ids=["sgd", "heavy-ball", "nesterov", "adam", "adamw"],
+    ids=["sgd", "heavy-ball", "nesterov", "adam", "adamw", "amsgrad"],
 )
 def test_the_upcoming_update_is_the_step_the_optimizer_takes(make):
     from curvopt.control.edge import upcoming_update

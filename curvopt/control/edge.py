@@ -78,6 +78,25 @@ def _unsupported(optimizer: Optimizer) -> UnsupportedOptimizerError:
     )
 
 
+def _adam_moments(
+    group: Mapping[str, Any], state: Mapping[str, Any], grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m̂, √v̂ + ε) of Adam's upcoming step, float32: this step's gradient folded into both moments, bias-corrected
+    with the upcoming step number (the running maximum of v under ``amsgrad``), as torch's Adam/AdamW compute them."""
+    beta1, beta2 = group["betas"]
+    step = (float(state["step"]) if "step" in state else 0.0) + 1
+    grad = grad.to(torch.float32)
+    m = grad * (1 - beta1)
+    v = grad.square().mul_(1 - beta2)
+    if "exp_avg" in state:
+        m.add_(state["exp_avg"].float(), alpha=beta1)
+    if "exp_avg_sq" in state:
+        v.add_(state["exp_avg_sq"].float(), alpha=beta2)
+    if group.get("amsgrad") and state.get("max_exp_avg_sq") is not None:
+        v = torch.maximum(v, state["max_exp_avg_sq"].float())
+    return m / (1 - beta1**step), (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
+
+
 @torch.no_grad()
 def step_geometry(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> StepGeometry:
     """The diagonal D of the upcoming step for ``params`` (module docstring); needs this step's gradients."""
@@ -92,19 +111,8 @@ def step_geometry(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> StepG
             continue
         lr = float(group["lr"])
         if isinstance(optimizer, (Adam, AdamW)):
-            beta1, beta2 = group["betas"]
-            state = optimizer.state.get(p, {})
-            step = float(state["step"]) if "step" in state else 0.0
-            v = state.get("exp_avg_sq")
-            grad = p.grad.to(torch.float32)
-            v_next = grad.square().mul_(1 - beta2)
-            if v is not None:
-                v_next.add_(v.float(), alpha=beta2)
-            if group.get("amsgrad") and state.get("max_exp_avg_sq") is not None:
-                v_next = torch.maximum(v_next, state["max_exp_avg_sq"].float())
-            v_hat = v_next / (1 - beta2 ** (step + 1))
-            precondition = v_hat.sqrt_().add_(group["eps"])
-            threshold = momentum_threshold(beta1, dampening=beta1)
+            _, precondition = _adam_moments(group, optimizer.state.get(p, {}), p.grad)
+            threshold = momentum_threshold(group["betas"][0], dampening=group["betas"][0])
             scale.append((lr / threshold / precondition).sqrt_().to(p.dtype))
         else:
             threshold = momentum_threshold(
@@ -128,15 +136,12 @@ def upcoming_update(optimizer: Optimizer, params: Sequence[torch.Tensor]) -> Ten
         if group is None or p.grad is None:
             update.append(torch.zeros_like(p))
             continue
-        lr, grad, state = float(group["lr"]), p.grad.to(torch.float32), optimizer.state.get(p, {})
+        lr, state = float(group["lr"]), optimizer.state.get(p, {})
         if isinstance(optimizer, (Adam, AdamW)):
-            beta1, beta2 = group["betas"]
-            step = float(state["step"]) + 1 if "step" in state else 1.0
-            m = grad * (1 - beta1) + (state["exp_avg"].float() * beta1 if "exp_avg" in state else 0.0)
-            v = grad.square() * (1 - beta2) + (state["exp_avg_sq"].float() * beta2 if "exp_avg_sq" in state else 0.0)
-            denominator = (v / (1 - beta2**step)).sqrt_().add_(group["eps"])
-            update.append((m / (1 - beta1**step) / denominator * -lr).to(p.dtype))
+            m_hat, denominator = _adam_moments(group, state, p.grad)
+            update.append((m_hat / denominator * -lr).to(p.dtype))
         else:
+            grad = p.grad.to(torch.float32)
             momentum, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
             buffer = state.get("momentum_buffer")
             b = grad if buffer is None or momentum == 0 else buffer.float() * momentum + grad * (1 - dampening)

@@ -18,6 +18,7 @@ import math
 import torch
 
 from ..engine.operator import CurvatureOperator
+from .spectra import lanczos_basis, tridiagonal_eig
 
 Tensors = list[torch.Tensor]
 
@@ -47,26 +48,14 @@ def preconditioned_top_eigenpair(
         q = operator.flatten([t.unsqueeze(0) for t in start])[0].double()
     if not float(q.norm()) > 0:
         raise ValueError("the start direction is zero")
-    q = q / q.norm()
-    basis, alphas, betas = [q], [], []
-    for j in range(min(iterations, d.numel())):
-        h, _ = operator.matvec(operator.unflatten((d * basis[-1]).unsqueeze(0).float()))
-        w = d * operator.flatten(h)[0].double()
-        alphas.append(float(torch.dot(w, basis[-1])))
-        stacked = torch.stack(basis)
-        w = w - stacked.T @ (stacked @ w)
-        w = w - stacked.T @ (stacked @ w)  # full reorthogonalisation (twice is enough)
-        beta = float(w.norm())
-        if j == iterations - 1 or not beta > 1e-10 * max(1.0, abs(alphas[-1])):
-            break
-        betas.append(beta)
-        basis.append(w / beta)
-    t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-    if betas:
-        off = torch.tensor(betas, dtype=torch.float64)
-        t = t + torch.diag(off, 1) + torch.diag(off, -1)
-    values, vectors = torch.linalg.eigh(t)
+
+    def matvec(x: torch.Tensor) -> torch.Tensor:  # D H D x on flat float64 coordinates
+        h, _ = operator.matvec(operator.unflatten((d * x).unsqueeze(0).float()))
+        return d * operator.flatten(h)[0].double()
+
+    alpha, beta, basis = lanczos_basis(matvec, q, iterations)
+    values, vectors = tridiagonal_eig(alpha, beta)
     top = float(values[-1])
-    ritz = torch.stack(basis).T @ vectors[:, -1].to(basis[0].device)
+    ritz = basis.T @ vectors[:, -1].to(basis.device)
     vector = [v[0] for v in operator.unflatten(ritz.unsqueeze(0).float())]
     return (max(top, 0.0) if math.isfinite(top) else math.nan), vector

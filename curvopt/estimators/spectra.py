@@ -39,6 +39,12 @@ Matvec = Callable[[torch.Tensor], torch.Tensor]
 def lanczos(matvec: Matvec, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(alpha, beta)`` of T_m from ``start`` (float64, [d]); full reorthogonalisation, stops early
     on an invariant subspace (β ≈ 0)."""
+    alpha, beta, _ = lanczos_basis(matvec, start, steps)
+    return alpha, beta
+
+
+def lanczos_basis(matvec: Matvec, start: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lanczos` and its orthonormal Krylov basis ``[m, d]``, for Ritz vectors (``basis.T @ eigenvector``)."""
     d = start.numel()
     steps = min(steps, d)
     q = start / start.norm()
@@ -58,7 +64,8 @@ def lanczos(matvec: Matvec, start: torch.Tensor, steps: int) -> tuple[torch.Tens
         betas.append(beta)
         q = w / beta
         basis.append(q)
-    return torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
+    alpha_t, beta_t = torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas, dtype=torch.float64)
+    return alpha_t, beta_t, torch.stack(basis[: len(alphas)])
 
 
 def tridiagonal_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
