@@ -78,6 +78,7 @@ their running statistics alone (:mod:`curvopt.engine.context`). Gradients are ta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import weakref
 from collections.abc import Sequence
@@ -321,25 +322,23 @@ class FiniteDifference:
         :data:`SHRINK`, keeping the step with the smallest error (a shrink that does not lower it is rounding)."""
         n_layers = max(self.tensor_layers, default=-1) + 1
         tried: list[float] = []
-        best: tuple[float, float, list, StepCheck] | None = None
+        best: tuple[StepCheck, list, float] | None = None  # the smallest error so far: check, products, step
+        rounding_limited = False
         for _ in range(MAX_SHRINKS + 1):
             tried.append(self.relative_step)
             eps = self._step(z)
             runs = [self.products(z, k * eps, gn=self.gn) for k in CHECK_STEPS]
-            truncation, nonlinearity = step_statistics(z, runs, self.tensor_layers, n_layers, self.sharded)
-            check = StepCheck(truncation, nonlinearity, list(tried))
-            error = check.worst
-            if best is not None and error >= best[1]:
-                check.rounding_limited = True
+            check = StepCheck(*step_statistics(z, runs, self.tensor_layers, n_layers, self.sharded))
+            if best is not None and check.worst >= best[0].worst:
+                rounding_limited = True
                 break
-            best = (self.relative_step, error, runs, check)
+            best = (check, runs, self.relative_step)
             if self.explicit_step or self.kinked or check.within_tolerance:
                 break
             self.relative_step /= SHRINK
         assert best is not None
-        self.relative_step, _, runs, self.step_check = best
-        self.step_check.steps = tried
-        self.step_check.rounding_limited = check.rounding_limited
+        check, runs, self.relative_step = best
+        self.step_check = dataclasses.replace(check, steps=tried, rounding_limited=rounding_limited)
         if not self.explicit_step:
             _settled_steps.setdefault(self.problem.model, {})[self._key] = self.relative_step
         return runs[0]
