@@ -23,35 +23,43 @@ class CadencePlan:
     """A run's curvature cadence: ``every`` optimizer steps, ``estimates`` in ``total`` steps."""
 
     every: int
-    total: int
+    total: int | None  # None: the run's length is unknown
     chosen: bool  # the user set it (kept as it is)
     calibration: int | None  # estimates before the monitor can alarm (None: no monitor)
 
     @property
-    def estimates(self) -> int:
+    def estimates(self) -> int | None:
+        """Estimates in the run (``None`` when its length is unknown)."""
+        if self.total is None:
+            return None
         return self.total // self.every if self.every > 0 else 0
 
     @property
     def gives_verdict(self) -> bool:
-        """Whether the monitor is calibrated before the run ends, with at least one estimate left to watch."""
-        return self.calibration is None or self.estimates > self.calibration
+        """Whether the monitor is calibrated before the run ends, with at least one estimate left to watch (assumed
+        when the run's length is unknown)."""
+        return self.calibration is None or self.estimates is None or self.estimates > self.calibration
 
     @property
     def ready_at_step(self) -> int | None:
         """The optimizer step of the estimate that completes calibration (None: never in this run, or no monitor)."""
-        if self.calibration is None or self.every <= 0 or self.estimates < self.calibration:
+        if self.calibration is None or self.every <= 0:
+            return None
+        if self.estimates is not None and self.estimates < self.calibration:
             return None
         return self.calibration * self.every
 
 
-def plan_cadence(total: int, every: int | None, calibration: int | None) -> CadencePlan:
-    """The cadence of a run of ``total`` optimizer steps: ``every`` when set, else chosen (module docstring)."""
-    total = max(int(total), 0)
+def plan_cadence(total: int | None, every: int | None, calibration: int | None) -> CadencePlan:
+    """The cadence of a run of ``total`` optimizer steps (``None``: unknown): ``every`` when set, else chosen
+    (module docstring; :data:`DEFAULT_EVERY` when the length is unknown)."""
+    total = None if total is None else max(int(total), 0)
     if every is not None:
         if every < 0:
             raise ValueError(f"every must be >= 0 optimizer steps, got {every}")
         return CadencePlan(int(every), total, True, calibration)
-    return CadencePlan(max(1, min(DEFAULT_EVERY, total // AUTO_ESTIMATES)), total, False, calibration)
+    chosen = DEFAULT_EVERY if total is None else max(1, min(DEFAULT_EVERY, total // AUTO_ESTIMATES))
+    return CadencePlan(chosen, total, False, calibration)
 
 
 def describe_cadence(
@@ -71,6 +79,14 @@ def describe_cadence(
     one, many = unit
     if plan.every == 0:
         return f"curvature monitoring off ({option.rstrip('=')} 0)"
+    if plan.total is None:
+        how = "" if plan.chosen else f" (the run's length is unknown, so the default; {option} sets it)"
+        line = f"curvature every {plan.every} {many}{how}"
+        if isinstance(probes, int) and batch:
+            line += f", about {probes + 1} forward+backward passes of ≤ {batch} samples each"
+        if plan.calibration is None:
+            return line
+        return f"{line}; the monitor calibrates on the first {plan.calibration} (ready at {one} {plan.ready_at_step})"
     how = "" if plan.chosen else f" (chosen for this {plan.total}-{one} run; {option} sets it)"
     line = f"curvature every {plan.every} {many}: {plan.estimates} estimates in this run{how}"
     if isinstance(probes, int) and batch:

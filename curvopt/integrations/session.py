@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..control.cadence import DEFAULT_EVERY, CadencePlan, describe_cadence, plan_cadence
+from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..engine.context import is_probing
@@ -206,40 +206,30 @@ class TrackingSession:
 
 @dataclass(frozen=True)
 class RunCadence:
-    """A callback run's cadence: the plan, the products per estimate and batch (for its cost), and whether the
-    framework knew the run's length."""
+    """A callback run's cadence: the plan, and the products per estimate and batch (for its cost)."""
 
     plan: CadencePlan
     probes: int | str
     batch: int | None
-    known_length: bool
 
     def line(self) -> str:
-        text = "curvopt: " + describe_cadence(self.plan, "every=", probes=self.probes, batch=self.batch)
-        if not self.known_length:
-            text += f" (the run's length is unknown: every={DEFAULT_EVERY} unless set)"
-        return text
+        return "curvopt: " + describe_cadence(self.plan, "every=", probes=self.probes, batch=self.batch)
 
     def announce(self) -> None:
         """Print the line; warn when a cadence the user chose leaves the monitor no verdict."""
         print(self.line(), flush=True)
-        if self.plan.chosen and self.known_length and not self.plan.gives_verdict:
+        if self.plan.chosen and not self.plan.gives_verdict:
             warnings.warn(self.line(), RuntimeWarning, stacklevel=3)
 
 
 def choose_cadence(options: dict[str, Any], total_steps: int | None) -> RunCadence:
-    """Set ``options["every"]`` when it is ``None`` (from ``total_steps``; :data:`DEFAULT_EVERY` when unknown) and
-    return the run's cadence."""
+    """Set ``options["every"]`` when it is ``None`` (from ``total_steps``; ``None`` or ≤ 0: unknown) and return the
+    run's cadence."""
     monitor = options.get("monitor", "cusum")
     if monitor == "cusum":
         monitor = CusumMonitor()
     calibration = monitor.calibration_estimates if isinstance(monitor, CusumMonitor) else None
-    known = bool(total_steps and total_steps > 0)
-    every = options.get("every")
-    if every is None and not known:
-        every = DEFAULT_EVERY
-    plan = plan_cadence(total_steps if known else 0, every, calibration)
-    if plan.chosen and not known:  # the default of an unknown length: not the user's choice
-        plan = CadencePlan(plan.every, plan.total, options.get("every") is not None, calibration)
+    total = total_steps if total_steps and total_steps > 0 else None
+    plan = plan_cadence(total, options.get("every"), calibration)
     options["every"] = plan.every
-    return RunCadence(plan, options.get("probes", 8), options.get("curvature_batch_size"), known)
+    return RunCadence(plan, options.get("probes", 8), options.get("curvature_batch_size"))
