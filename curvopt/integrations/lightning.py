@@ -41,7 +41,7 @@ from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..engine.batch import CurvatureInputError, describe
 from ..reporting.loggers import LOG_NAME
-from .session import TrackingSession, wrapper_options
+from .session import TrackingSession, stamped_scalars, wrapper_options
 
 try:
     import lightning.pytorch as pl
@@ -114,8 +114,7 @@ class _TrainerLoggers:
         self.trainer = trainer
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        scalars = {"curv/step": float(step)}
-        scalars.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        scalars = stamped_scalars(step, metrics)
         for logger in self.trainer.loggers:
             logger.log_metrics(scalars, step=step)  # the estimate's optimizer step, as in the JSONL
 

@@ -38,6 +38,7 @@ from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
+from ..reporting.wandb_logger import CURV_STEP
 
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
@@ -68,7 +69,7 @@ def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
 
 
 SUMMARY_KEYS = (
-    "curv/step",
+    CURV_STEP,
     "curv/total/trace",
     "curv/total/trace_se",
     "curv/total/gn_trace",
@@ -100,6 +101,11 @@ class BatchRecorder:
         self.handle.remove()
 
 
+def stamped_scalars(step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """An estimate's scalar metrics with its own optimizer step as ``curv/step``, for a framework's loggers."""
+    return {CURV_STEP: float(step), **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+
+
 class _Collector:
     """A sink keeping the latest estimate's metrics and the alarms raised since they were last taken."""
 
@@ -111,8 +117,7 @@ class _Collector:
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         if "curv/loss" in metrics or "curv/skipped_estimates" in metrics:  # an estimate (or a skipped one)
             self.step = step
-            self.metrics = {"curv/step": float(step)}
-            self.metrics.update({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            self.metrics = stamped_scalars(step, metrics)
 
     def alert(self, alarm: Alarm) -> None:
         self.alarms.append(alarm)
