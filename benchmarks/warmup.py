@@ -52,7 +52,7 @@ SPIKE = 1.5
 
 
 # ---------------------------------------------------------------------------------------------------- data, models
-def text_data(seed: int, context: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def text_data() -> tuple[torch.Tensor, torch.Tensor]:
     from pydoc_data.topics import topics
 
     data = torch.tensor(list(" ".join(topics.values()).encode("utf-8")), dtype=torch.long)
@@ -179,7 +179,7 @@ class Problem:
 def problem(name: str, seed: int) -> Problem:
     torch.manual_seed(seed)
     if name == "gpt":
-        train, val = text_data(seed)
+        train, val = text_data()
         g = torch.Generator().manual_seed(10_000)
         validation = text_batch(val, 64, 128, g)
         return Problem(TinyGPT(), next_token_loss, lambda gen: text_batch(train, 16, 128, gen), validation)
