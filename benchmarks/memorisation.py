@@ -52,7 +52,7 @@ import time
 import warnings
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -87,8 +87,30 @@ CHANCE = 0.1
 
 
 # ---------------------------------------------------------------------- tasks
-DEEP_TASKS = ("mnist14-resnet20", "mnist14-vgg11", "mnist14-vit")
+DEEP_TASKS = ("mnist14-resnet20", "mnist14-vgg11", "mnist14-vit", "digits8-resnet20", "digits8-vit")
 HOLDOUT = 0.1
+
+
+class Job(NamedTuple):
+    """One recorded run: what ``record`` (and ``rollback``) hand a worker."""
+
+    task: str
+    opt: str
+    condition: str
+    seed: int
+    epochs: int
+    every: int
+    batch: int
+    out_dir: str
+    holdout: float = HOLDOUT
+    rollback_plan: tuple[str, dict[str, Any]] | None = None  # (then, monitor settings): roll back online
+
+
+def run_name(job: Job) -> str:
+    """The record's file name; a run trained on all its data (``holdout`` 0) is marked ``_all``."""
+    suffix = f"_rollback-{job.rollback_plan[0]}" if job.rollback_plan else ""
+    whole = "_all" if job.holdout == 0 and job.task in DEEP_TASKS else ""
+    return f"{job.task}_{job.opt}_{job.condition}_{job.seed}{whole}{suffix}.json.gz"
 
 
 def deep_model(task: str) -> nn.Module:
@@ -98,7 +120,25 @@ def deep_model(task: str) -> nn.Module:
         return resnet20(channels=1, width=8)
     if task == "mnist14-vgg11":
         return vgg11(channels=1, width=8)
+    if task == "digits8-resnet20":
+        return resnet20(channels=1, width=8)
+    if task == "digits8-vit":
+        return SmallViT(channels=1, size=8, patch=4, dim=64, depth=4, heads=4, mlp=128)
     return SmallViT(channels=1, size=14, patch=7, dim=64, depth=4, heads=4, mlp=128)
+
+
+def digits8(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's bundled 8×8 handwritten digits (1,797 real images, 16 grey levels; no download): a fixed
+    split of 1,297 training and 500 clean test digits, scaled to [0, 1]. Data not used to choose the monitor's
+    rules: the held-out check of a rule chosen on MNIST."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(12_345))
+    train, test = order[:1297], order[1297:]
+    return x[train], y[train], x[test], y[test]
 
 
 def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
@@ -107,6 +147,8 @@ def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     from curvopt.programs.synthetic import make_synthetic_images
 
     torch.manual_seed(seed)
+    if task.startswith("digits8"):
+        return (*digits8(seed), deep_model(task))
     if task in DEEP_TASKS:
         splits = mnist5k_splits()
         x, y = splits.train.tensors
@@ -163,19 +205,18 @@ def _signals(estimate: Any) -> dict[str, Any]:
     }
 
 
-def run_one(job: tuple) -> str:
+def run_one(job: Job) -> str:
     """Train one run and save its signals and ground truth as JSON; returns the file name.
 
-    With a 9th element ``(mode, monitor settings)`` the run monitors itself online with those settings and
+    With ``job.rollback_plan = (mode, monitor settings)`` the run monitors itself online with those settings and
     rolls back at its first alarm (:class:`curvopt.RollbackOnAlarm`, ``then=mode``, ``choose="best"`` on the noisy
     validation split; an in-memory ring of 64 estimates), then trains on: the countermeasures' runs (``rollback``
     phase)."""
     from curvopt import CurvatureAwareOptimizer, CusumMonitor, RollbackOnAlarm
 
-    task, opt_name, condition, seed, epochs, every, batch, out_dir = job[:8]
-    rollback_plan = job[8] if len(job) > 8 else None
-    suffix = f"_rollback-{rollback_plan[0]}" if rollback_plan else ""
-    path = Path(out_dir) / f"{task}_{opt_name}_{condition}_{seed}{suffix}.json.gz"
+    task, opt_name, condition, seed, epochs, every, batch = job[:7]
+    rollback_plan = job.rollback_plan
+    path = Path(job.out_dir) / run_name(job)
     if path.exists() or path.with_suffix("").exists():  # recorded already (compressed, or plain JSON)
         return path.name
     torch.set_num_threads(1)
@@ -183,9 +224,9 @@ def run_one(job: tuple) -> str:
     p, switched = condition_plan(condition)
     y_noisy = noisy_labels(y, p, seed + 7_919) if p > 0 else y.clone()
     holdout = None
-    if task in DEEP_TASKS:  # a validation split as noisy as the training labels, for early stopping
+    if task in DEEP_TASKS and job.holdout > 0:  # a validation split as noisy as the training labels
         order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 31))
-        cut = int(HOLDOUT * len(y))
+        cut = int(job.holdout * len(y))
         held, kept = order[:cut], order[cut:]
         holdout = (x[held], y[held], y_noisy[held])
         x, y, y_noisy = x[kept], y[kept], y_noisy[kept]
@@ -276,6 +317,7 @@ def run_one(job: tuple) -> str:
         "opt": opt_name,
         "condition": condition,
         "seed": seed,
+        "holdout": job.holdout if task in DEEP_TASKS else 0.0,
         "epochs": epochs,
         "every": every,
         "batch": batch,
@@ -917,6 +959,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--first-seed", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=None, help="default: 50, 30 for the deep tasks")
+    parser.add_argument(
+        "--clean-epochs", type=int, default=None, help="record: epochs of the clean runs (default: --epochs)"
+    )
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=HOLDOUT,
+        help="deep tasks: the noisy validation split's fraction (0: train on all the data, records marked _all)",
+    )
     parser.add_argument("--every", type=int, default=25)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
@@ -932,7 +983,7 @@ def main() -> None:
     if args.phase == "rollback":  # online runs that roll back at their first alarm and train on
         args.runs.mkdir(parents=True, exist_ok=True)
         jobs = [
-            (
+            Job(
                 t,
                 o,
                 c,
@@ -941,6 +992,7 @@ def main() -> None:
                 args.every,
                 args.batch,
                 str(args.runs),
+                args.holdout,
                 (mode, args.monitor),
             )
             for s in seeds
@@ -959,7 +1011,17 @@ def main() -> None:
     if args.phase == "record" or args.quick:
         args.runs.mkdir(parents=True, exist_ok=True)
         jobs = [
-            (t, o, c, s, args.epochs or (30 if t in DEEP_TASKS else 50), args.every, args.batch, str(args.runs))
+            Job(
+                t,
+                o,
+                c,
+                s,
+                args.clean_epochs if c == "clean" and args.clean_epochs else args.epochs or (30 if t in DEEP_TASKS else 50),
+                args.every,
+                args.batch,
+                str(args.runs),
+                args.holdout,
+            )
             for s in seeds
             for t in args.task
             for o in args.opt

@@ -32,10 +32,18 @@ the last 64 increments, available after ``warmup`` estimates; μ0 = 0. ``fit`` i
 and μ0 (the median excess over the trough) from clean reference runs' histories, saved and
 loaded as JSON.
 
-Change point. With every alarm the monitor records Page's estimate of when the change began: the
-estimate at which the deciding statistic last left zero (``Alarm.onset_step``; per layer, the earliest
-such estimate among the layers above their thresholds). Memorisation began there, before the alarm, so it is
-where a rollback should return to (:mod:`curvopt.control.rollback`).
+Change point. With every alarm the monitor estimates when the change began (``Alarm.onset_step``), where a rollback
+should return to (:mod:`curvopt.control.rollback`). By default (``onset="fit"``) it fits each credible series (the
+one that alarmed and every series above its own threshold) retrospectively over its stored log history
+(:func:`curvopt.control.changepoint.locate_change`: a two-phase regression for abrupt changes of either sign,
+the end of the trough for gradual ones) and takes the earliest abrupt break, or the earliest trough end when no
+series broke abruptly. ``onset="page"`` keeps Page's estimate: the estimate at which the deciding statistic last left
+zero (per layer, the earliest among the layers above their thresholds), which lands after a collapse that precedes
+the rise, and never before the monitor is calibrated.
+
+Which signal fired. Every alarm carries ``crossings``: the step at which each signal family (``"curvature"``: any
+layer's series, or the model-wide one with ``alarm_on="aggregate"``; ``"gradient"``) crossed its threshold in this
+episode, so far; :attr:`CusumMonitor.crossings` keeps every crossing of the run, including those after the alarm.
 
 Which series decide. By default (``alarm_on="layer"``) every layer's series decides on its own,
 against h_L = h + ln(L) / θ with θ = ``tail_rate`` · k = 0.3 k (:data:`TAIL_RATE_PER_K`): a stationary series
@@ -75,10 +83,12 @@ from pathlib import Path
 from typing import Any
 
 from ..estimators.trace import CurvatureEstimate
+from .changepoint import ABRUPT, GRADUAL, MIN_SEGMENT, locate_change
 
 AGGREGATE = "aggregate"
 GRADIENT = "gradient"
 SIGNALS = ("frobenius", "trace")
+ONSETS = ("fit", "page")
 _MAD_TO_SD = 1.4826
 SIGMA_UCB = 2.0
 """σ0 is the robust estimate times (1 + SIGMA_UCB/√n) for n increments (1.7× after the 8-estimate warm-up,
@@ -101,7 +111,9 @@ class Alarm:
     threshold: float
     kind: str = AGGREGATE
     layer_types: dict[str, str] = field(default_factory=dict)  # the layers' module classes, for people
-    onset_step: int | None = None  # Page's change point: the estimate at which the deciding S left zero
+    onset_step: int | None = None  # the estimated change point: where a rollback should return to
+    onset_kind: str = "page"  # which rule placed it: "abrupt", "gradual" (onset="fit") or "page"
+    crossings: dict[str, int] = field(default_factory=dict)  # signal family -> step it crossed its threshold
 
     def describe(self, max_layers: int = 5) -> str:
         """One line; the ``max_layers`` layers with the largest CUSUM statistics are named, quoted, with their type
@@ -112,10 +124,11 @@ class Alarm:
             where += f" and {len(self.layers) - max_layers} more"
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
         since = f" since step {self.onset_step}" if self.onset_step is not None and self.onset_step < self.step else ""
+        change = f" ({self.onset_kind} change)" if since and self.onset_kind != "page" else ""
         what = "gradient norm" if self.kind == GRADIENT else "curvature"
         return (
-            f"memorisation alarm at step {self.step}: {what} rising{since} ({self.kind} CUSUM "
-            f"{statistic} > {threshold}; layers: {where})"
+            f"memorisation alarm at step {self.step}: {what} rising{since}{change}; {describe_crossings(self)} "
+            f"({self.kind} CUSUM {statistic} > {threshold}; layers: {where})"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -124,6 +137,23 @@ class Alarm:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Alarm:
         return cls(**dict(data))
+
+
+SIGNAL_NAMES = {"curvature": "curvature", GRADIENT: "the gradient norm"}
+
+
+def describe_crossings(alarm: Alarm) -> str:
+    """What the other signal family did by the alarm: ``"the gradient norm not above its threshold yet"`` or
+    ``"curvature crossed too, at step 660"`` (the alarm's own family is the one that fired)."""
+    fired = GRADIENT if alarm.kind == GRADIENT else "curvature"
+    parts = []
+    for family, name in SIGNAL_NAMES.items():
+        if family != fired:
+            step = alarm.crossings.get(family)
+            parts.append(
+                f"{name} crossed too, at step {step}" if step is not None else f"{name} not above its threshold yet"
+            )
+    return "; ".join(parts)
 
 
 def no_layers_text(kind: str) -> str:
@@ -158,6 +188,8 @@ class _Series:
     s: float = 0.0
     in_episode: bool = False
     rise_step: int | None = None  # the estimate at which s last left zero (Page's change-point estimate)
+    levels: list[float] = field(default_factory=list)  # log values y_t, for the retrospective change-point fit
+    level_steps: list[int] = field(default_factory=list)  # their steps
 
 
 def _median(ordered: Sequence[float]) -> float:
@@ -208,6 +240,9 @@ class CusumMonitor:
         long_run: T: after T estimates every threshold grows by 2 ln(n/T)/θ (0: never).
         gradient: also watch the squared gradient norm as a series of its own (against ``gradient_h``).
         gradient_h: the gradient-norm series' threshold.
+        onset: how an alarm's change point is estimated: ``"fit"`` (retrospective, over each credible series'
+            history) or ``"page"`` (where the deciding statistic last left zero); see the module docstring.
+        history: log values kept per series for the ``"fit"`` change point (the latest ones).
     """
 
     def __init__(
@@ -229,6 +264,8 @@ class CusumMonitor:
         long_run: int = 1000,
         gradient: bool = True,
         gradient_h: float = 12.0,
+        onset: str = "fit",
+        history: int = 1024,
     ) -> None:
         if k < 0 or h <= 0:
             raise ValueError(f"need k >= 0 and h > 0, got k={k}, h={h}")
@@ -248,11 +285,16 @@ class CusumMonitor:
             raise ValueError(f"alarm_on must be 'aggregate' or 'layer', got {alarm_on!r}")
         if not tail_rate > 0 or long_run < 0:
             raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {tail_rate}, {long_run}")
+        if onset not in ONSETS:
+            raise ValueError(f"unknown onset {onset!r}; expected one of {ONSETS}")
+        if history < 2 * MIN_SEGMENT:
+            raise ValueError(f"history must be >= {2 * MIN_SEGMENT} estimates, got {history}")
         self.k, self.h, self.warmup, self.smoothing = k, h, warmup, smoothing
         self.trough_smoothing, self.leak, self.clip, self.window = trough_smoothing, leak, clip, window
         self.floor, self.signal, self.alarm_on, self.min_sigma = floor, signal, alarm_on, min_sigma
         self.tail_rate, self.long_run = tail_rate, long_run
         self.gradient, self.gradient_h = gradient, gradient_h
+        self.onset, self.history = onset, history
         self.reference: dict[str, dict[str, float]] | None = None
         self.reset()
 
@@ -261,6 +303,8 @@ class CusumMonitor:
         """Forget the run (keeps settings and any ``fit`` reference)."""
         self.count = 0
         self.series: dict[str, _Series] = {}
+        self.crossings: list[tuple[str, int]] = []  # (signal family, step) each time one crossed its threshold
+        self._above: dict[str, bool] = {}
 
     def _new_series(self, name: str) -> _Series:
         ref = (self.reference or {}).get(name)
@@ -277,7 +321,7 @@ class CusumMonitor:
         return values
 
     # ------------------------------------------------------------------ the decision rule
-    def _observe(self, series: _Series, value: float) -> float | None:
+    def _observe(self, series: _Series, value: float, step: int | None = None) -> float | None:
         """Fold one value into ``series``; return x_t once calibrated (None before)."""
         if not math.isfinite(value):
             return None
@@ -286,6 +330,11 @@ class CusumMonitor:
                 return None
             series.floor = self.floor * value
         y = math.log(max(value, series.floor))
+        if step is not None:
+            series.levels.append(y)
+            series.level_steps.append(step)
+            if len(series.levels) > self.history:
+                del series.levels[0], series.level_steps[0]
         if series.fast is None:
             series.fast = series.slow = series.last_raw = y
             return None
@@ -347,21 +396,68 @@ class CusumMonitor:
             series = self.series.get(name)
             if series is None:
                 series = self.series[name] = self._new_series(name)
-            x = self._observe(series, float(value))
+            x = self._observe(series, float(value), step)
             if x is not None and self._advance(name, series, x, step):
                 started.append(name)
         layers_above = sorted(
             (n for n in self._layer_names() if self.series[n].s > self.threshold(n)), key=lambda n: -self.series[n].s
         )
+        self._note_crossings(step, layers_above)
         kinds = getattr(estimate, "layer_types", {})
         types = {n: kinds[n] for n in layers_above if kinds.get(n)}
         if gradient_ongoing:  # one alarm per episode, whichever series raised it
             return []
-        curvature = self._curvature_alarm(step, started, ongoing, layers_above, types)
-        if curvature or GRADIENT not in started or ongoing:
-            return curvature
-        deciding = self.series[GRADIENT]  # the gradient norm rose first: its own alarm, one per episode
-        return [Alarm(step, layers_above, deciding.s, self.threshold(GRADIENT), GRADIENT, types, deciding.rise_step)]
+        alarms = self._curvature_alarm(step, started, ongoing, layers_above, types)
+        if not alarms and GRADIENT in started and not ongoing:  # the gradient norm rose first: its own alarm
+            deciding = self.series[GRADIENT]
+            alarms = [Alarm(step, layers_above, deciding.s, self.threshold(GRADIENT), GRADIENT, types)]
+        for alarm in alarms:
+            deciding_name = GRADIENT if alarm.kind == GRADIENT else AGGREGATE if alarm.kind == AGGREGATE else None
+            alarm.onset_step, alarm.onset_kind = self._onset(deciding_name, layers_above)
+            alarm.crossings = self._episode_crossings()
+        return alarms
+
+    def _family_above(self, layers_above: list[str]) -> dict[str, bool]:
+        per_layer = self.alarm_on == "layer" and bool(self._layer_names())
+        aggregate = self.series.get(AGGREGATE)
+        curvature = bool(layers_above) if per_layer else aggregate is not None and aggregate.s > self.h
+        gradient = self.series.get(GRADIENT)
+        return {"curvature": curvature, GRADIENT: gradient is not None and gradient.s > self.threshold(GRADIENT)}
+
+    def _note_crossings(self, step: int, layers_above: list[str]) -> None:
+        """Record each signal family's upward crossing of its threshold (for attribution)."""
+        for family, above in self._family_above(layers_above).items():
+            if above and not self._above.get(family, False):
+                self.crossings.append((family, step))
+            self._above[family] = above
+
+    def _episode_crossings(self) -> dict[str, int]:
+        """The step at which each family now above its threshold crossed it."""
+        latest = {family: step for family, step in self.crossings}
+        return {family: latest[family] for family, above in self._above.items() if above and family in latest}
+
+    def _onset(self, deciding: str | None, layers_above: list[str]) -> tuple[int | None, str]:
+        """The alarm's change point and the rule that placed it (see the module docstring)."""
+        if self.onset == "page":
+            names = [deciding] if deciding is not None else layers_above
+            steps = [self.series[n].rise_step for n in names if self.series[n].rise_step is not None]
+            return (min(steps) if steps else None), "page"
+        credible = [n for n in self.series if n in layers_above or (n in (AGGREGATE, GRADIENT) and self._over(n))]
+        if deciding is not None and deciding not in credible:
+            credible.append(deciding)
+        abrupt, gradual = [], []
+        for name in credible:
+            series = self.series[name]
+            if len(series.levels) < 2 * MIN_SEGMENT or series.sigma is None:
+                continue
+            change = locate_change(series.levels, series.sigma)
+            (abrupt if change.kind == ABRUPT else gradual).append(series.level_steps[change.index])
+        if abrupt:
+            return min(abrupt), ABRUPT
+        return (min(gradual), GRADUAL) if gradual else (None, GRADUAL)
+
+    def _over(self, name: str) -> bool:
+        return self.series[name].s > self.threshold(name)
 
     def _curvature_alarm(
         self, step: int, started: list[str], ongoing: bool, layers_above: list[str], types: dict[str, str]
@@ -371,12 +467,11 @@ class CusumMonitor:
             if AGGREGATE not in started:
                 return []
             deciding = self.series[AGGREGATE]
-            return [Alarm(step, layers_above, deciding.s, self.h, AGGREGATE, types, deciding.rise_step)]
+            return [Alarm(step, layers_above, deciding.s, self.h, AGGREGATE, types)]
         if ongoing or not any(n not in (AGGREGATE, GRADIENT) for n in started):
             return []
         top = layers_above[0]
-        onset = min(self.series[n].rise_step for n in layers_above if self.series[n].rise_step is not None)
-        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer", types, onset)]
+        return [Alarm(step, layers_above, self.series[top].s, self.threshold(top), "layer", types)]
 
     def statistics(self) -> dict[str, float]:
         """``{"cusum/<layer>": S, …, "cusum/aggregate": S, "cusum/threshold": the deciding threshold,
@@ -486,6 +581,8 @@ class CusumMonitor:
             "long_run": self.long_run,
             "gradient": self.gradient,
             "gradient_h": self.gradient_h,
+            "onset": self.onset,
+            "history": self.history,
         }
 
     def save(self, path: str | Path) -> None:
@@ -506,6 +603,8 @@ class CusumMonitor:
             "reference": self.reference,
             "count": self.count,
             "series": {n: asdict(s) for n, s in self.series.items()},
+            "crossings": [list(c) for c in self.crossings],
+            "above": dict(self._above),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -514,3 +613,5 @@ class CusumMonitor:
         self.reference = state["reference"]
         self.count = int(state["count"])
         self.series = {n: _Series(**s) for n, s in state["series"].items()}
+        self.crossings = [(str(f), int(step)) for f, step in state.get("crossings", [])]
+        self._above = dict(state.get("above", {}))
