@@ -113,6 +113,7 @@ class Alarm:
     layer_types: dict[str, str] = field(default_factory=dict)  # the layers' module classes, for people
     onset_step: int | None = None  # the estimated change point: where a rollback should return to
     onset_kind: str = "page"  # which rule placed it: "abrupt", "gradual" (onset="fit") or "page"
+    onset_series: str | None = None  # the series whose change placed it (a layer, "aggregate" or "gradient")
     crossings: dict[str, int] = field(default_factory=dict)  # signal family -> step it crossed its threshold
 
     def describe(self, max_layers: int = 5) -> str:
@@ -413,7 +414,7 @@ class CusumMonitor:
             alarms = [Alarm(step, layers_above, deciding.s, self.threshold(GRADIENT), GRADIENT, types)]
         for alarm in alarms:
             deciding_name = GRADIENT if alarm.kind == GRADIENT else AGGREGATE if alarm.kind == AGGREGATE else None
-            alarm.onset_step, alarm.onset_kind = self._onset(deciding_name, layers_above)
+            alarm.onset_step, alarm.onset_kind, alarm.onset_series = self._onset(deciding_name, layers_above)
             alarm.crossings = self._episode_crossings()
         return alarms
 
@@ -436,25 +437,31 @@ class CusumMonitor:
         latest = {family: step for family, step in self.crossings}
         return {family: latest[family] for family, above in self._above.items() if above and family in latest}
 
-    def _onset(self, deciding: str | None, layers_above: list[str]) -> tuple[int | None, str]:
-        """The alarm's change point and the rule that placed it (see the module docstring)."""
+    def _onset(self, deciding: str | None, layers_above: list[str]) -> tuple[int | None, str, str | None]:
+        """The alarm's change point, the rule that placed it and the series it came from (see the module
+        docstring)."""
         if self.onset == "page":
             names = [deciding] if deciding is not None else layers_above
-            steps = [self.series[n].rise_step for n in names if self.series[n].rise_step is not None]
-            return (min(steps) if steps else None), "page"
+            steps = [(self.series[n].rise_step, n) for n in names if self.series[n].rise_step is not None]
+            if not steps:
+                return None, "page", None
+            step, name = min(steps)
+            return step, "page", name
         credible = [n for n in self.series if n in layers_above or (n in (AGGREGATE, GRADIENT) and self._over(n))]
         if deciding is not None and deciding not in credible:
             credible.append(deciding)
-        abrupt, gradual = [], []
+        found: dict[str, list[tuple[int, str]]] = {ABRUPT: [], GRADUAL: []}
         for name in credible:
             series = self.series[name]
             if len(series.levels) < 2 * MIN_SEGMENT or series.sigma is None:
                 continue
             change = locate_change(series.levels, series.sigma)
-            (abrupt if change.kind == ABRUPT else gradual).append(series.level_steps[change.index])
-        if abrupt:
-            return min(abrupt), ABRUPT
-        return (min(gradual), GRADUAL) if gradual else (None, GRADUAL)
+            found[change.kind].append((series.level_steps[change.index], name))
+        for kind in (ABRUPT, GRADUAL):  # an abrupt break anywhere outranks every trough
+            if found[kind]:
+                step, name = min(found[kind])
+                return step, kind, name
+        return None, GRADUAL, None
 
     def _over(self, name: str) -> bool:
         return self.series[name].s > self.threshold(name)

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..control.monitor import Alarm
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..reporting.loggers import LOG_NAME, JsonlLogger
 from ..reporting.report import make_report
@@ -160,6 +161,7 @@ def _print_summary(demo: _Demo, steps: int, elapsed: float, lr_scaling: str | No
         print(f"alarm: {alarm.describe()}")
     if not opt.alarms:
         print("no alarm was raised")
+    print(attribution(opt.monitor.crossings, opt.alarms, demo.switch))
     print(f"JSONL log:  {demo.log_path}")
     if demo.wandb_logger is not None and demo.wandb_logger.local_dir is not None:
         print(f"W&B run:    {demo.wandb_logger.local_dir} ({demo.mode}; `wandb sync` uploads an offline run)")
@@ -168,6 +170,35 @@ def _print_summary(demo: _Demo, steps: int, elapsed: float, lr_scaling: str | No
         print(f"plots:      {plots[0].parent}/ ({', '.join(p.name for p in plots)})")
     except Exception as exc:  # a plotting problem must not hide the demo's result
         print(f"plots:      not written ({type(exc).__name__}: {exc})")
+
+
+def attribution(crossings: list[tuple[str, int]], alarms: list[Alarm], switch: int) -> str:
+    """Which signal did the work: when each family first crossed its threshold after the label switch, which was
+    first, and how far the first alarm's estimated change point is from the switch."""
+    first = {}
+    for family, step in crossings:
+        if step > switch:
+            first.setdefault(family, step)
+    if not first:
+        return "signals: neither curvature nor the gradient norm crossed its threshold after the switch"
+    names = {"curvature": "curvature (per layer)", "gradient": "the gradient norm"}
+    order = sorted(first, key=first.get)
+    lines = [f"signals: {names[order[0]]} crossed its threshold first, at step {first[order[0]]}"]
+    for family in order[1:]:
+        lines.append(f"{names[family]} at step {first[family]} ({first[family] - first[order[0]]} steps later)")
+    missing = [names[f] for f in names if f not in first]
+    text = "; ".join(lines) + "".join(f"; {name} never did" for name in missing)
+    after = [a for a in alarms if a.step > switch and a.onset_step is not None]
+    if after:
+        alarm = after[0]
+        source = {"gradient": "the gradient norm", "aggregate": "the model-wide curvature"}.get(
+            alarm.onset_series or "", f"layer '{alarm.onset_series}' curvature"
+        )
+        text += (
+            f"\nchange point: step {alarm.onset_step}, {alarm.onset_step - switch:+d} steps from the switch at step "
+            f"{switch} ({alarm.onset_kind} change in {source}): a rollback returns to the last snapshot before it"
+        )
+    return text
 
 
 def run_demo(
