@@ -104,8 +104,7 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     out = capsys.readouterr().out
     run_dir = tmp_path / "r"
     assert (
-        "rolled back to the end of epoch 1 (update 4; the best validation top-1 of the epochs before the change "
-        "point at update 7)"
+        "rolled back to the end of epoch 1 (update 4; the last epoch before the change point at update 7)"
     ) in out
     assert "rolled back at the alarm at update 11 to epoch 1" in out
     rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
@@ -136,20 +135,21 @@ def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tm
     assert last_before(snaps, 9).step == 8
     assert best_before([Snapshot(2, {}, {}), Snapshot(4, {}, {})], 9).step == 4  # nothing scored: the latest
     assert best_before([*snaps[:1], Snapshot(4, {}, {}, 0.5)], 9).step == 4  # ties: the latest of them
-    for epoch, (updates, top1) in enumerate([(4, 60.0), (8, 80.0), (12, 70.0), (16, 90.0)]):
+    for epoch, (updates, top1) in enumerate([(4, 80.0), (8, 60.0), (12, 70.0), (16, 90.0)]):
         save_checkpoint(tmp_path / CHECKPOINT, {"epoch": epoch, "num_updates": updates, "model": {}, "optimizer": {}})
         keep_in_ring(tmp_path, epoch, updates, keep=3, score=top1)
-    assert sorted(p.name for p in tmp_path.glob("ring-*.pth.tar")) == [
-        "ring-2-u8.pth.tar",
+    assert sorted(p.name for p in tmp_path.glob("ring-*.pth.tar")) == [  # log-spaced: the first one stays
+        "ring-1-u4.pth.tar",
         "ring-3-u12.pth.tar",
         "ring-4-u16.pth.tar",
     ]
-    path, state = ring_before(tmp_path, 14, "best")
-    assert path.name == "ring-2-u8.pth.tar" and state["num_updates"] == 8  # 80 % beats epoch 3's 70 %
-    assert ring_before(tmp_path, 14, "latest")[0].name == "ring-3-u12.pth.tar"
-    assert ring_before(tmp_path, 5, "best")[0].name == "ring-2-u8.pth.tar"  # nothing before: the oldest kept
+    path, state = ring_before(tmp_path, 14, "best-validated")
+    assert path.name == "ring-1-u4.pth.tar" and state["num_updates"] == 4  # 80 % beats epoch 3's 70 %
+    assert ring_before(tmp_path, 14, "onset")[0].name == "ring-3-u12.pth.tar"
+    assert ring_before(tmp_path, 14, "latest")[0].name == "ring-3-u12.pth.tar"  # the older name, from old runs
+    assert ring_before(tmp_path, 3, "best-validated")[0].name == "ring-1-u4.pth.tar"  # nothing before: the oldest
     model = nn.Linear(2, 1)
-    rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), choose="best")
+    rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), choose="best-validated")
     for step, score in [(2, 0.3), (4, 0.8), (6, 0.6)]:  # the API: score() tags the latest snapshot
         with torch.no_grad():
             model.weight.fill_(step)
@@ -157,8 +157,36 @@ def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tm
         rollback.score(score)
     rollback.alert(Alarm(8, ["(root)"], 11.0, 10.0, onset_step=7))
     assert rollback.restored == [(8, 4)] and float(model.weight.detach()[0, 0]) == 4.0
-    with pytest.raises(ValueError, match="choose must be one of"):
+    with pytest.raises(ValueError, match="choose must be one of \\('onset', 'best-validated'\\), got 'oldest'"):
         RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), choose="oldest")
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), spacing="linear")
+
+
+def test_a_log_spaced_ring_reaches_back_to_the_start_with_gaps_that_grow_with_age():
+    from curvopt.control.rollback import thin_log_spaced
+
+    steps: list[int] = []
+    for now in range(0, 5000, 5):
+        steps.append(now)
+        while len(steps) > 16:
+            del steps[thin_log_spaced(steps, now)]
+    assert steps[0] == 0 and steps[-1] == 4995 and len(steps) == 16
+    ages = [4995 - s for s in steps]
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    assert gaps[-1] <= 10 and gaps[0] > 500  # dense at the end, sparse at the start
+    # geometric spacing: 16 snapshots over 1,000 estimates is a ratio ≈ 1.58, a gap ≈ 0.58 × the newer one's age;
+    # an onset is restored from a snapshot at most about that much of its age older (plus a few estimates)
+    assert all(gap <= 0.75 * age + 15 for gap, age in zip(gaps, ages[1:]))
+    model = nn.Linear(2, 1)
+    rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), keep=4)
+    for step in range(0, 100, 10):
+        rollback.log(step, {"curv/loss": 1.0})
+    assert [s.step for s in rollback.snapshots][0] == 0 and len(rollback.snapshots) == 4
+    recent = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), keep=4, spacing="recent")
+    for step in range(0, 100, 10):
+        recent.log(step, {"curv/loss": 1.0})
+    assert [s.step for s in recent.snapshots] == [60, 70, 80, 90]
 
 
 def test_estimates_carry_the_loss_gradient_per_layer_for_free():
@@ -210,4 +238,4 @@ def test_curvopt_train_watches_the_gradient_norm_unless_told_not_to():
         args = parse_train_args(["--model", "resnet18", "--curv-every", "5", *flags])
         opt = build_optimizer(args, model, model, nn.CrossEntropyLoss(), [], [])
         assert opt.monitor.gradient is expected and opt.monitor.tail_rate == 0.3 and opt.monitor.long_run == 1000
-    assert parse_train_args(["--model", "resnet18"]).rollback_to == "best"
+    assert parse_train_args(["--model", "resnet18"]).rollback_to == "onset"  # no validation split needed

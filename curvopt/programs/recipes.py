@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..control.rollback import CHOOSE
 from ..control.scaling import LR_SCALING_POLICIES
 from ..engine.strategies import STRATEGIES
 from .arguments import OneLineParser
@@ -321,15 +322,15 @@ def _curvature_flags(g: Any) -> None:
         type=int,
         default=20,
         help="--on-alarm rollback: epoch checkpoints kept on disk "
-        "(ring-<epoch>.pth.tar), how far back a rollback can go",
+        "(ring-<epoch>-u<updates>.pth.tar), log-spaced back to the first: recent epochs dense, old ones sparse",
     )
     _flag(
         g,
         "--rollback-to",
-        default="best",
-        choices=["best", "latest"],
-        help="--on-alarm rollback: among the ring's "
-        "checkpoints before the change point, the one with the best validation top-1, or the latest",
+        default="onset",
+        choices=list(CHOOSE),
+        help="--on-alarm rollback: the last ring checkpoint before the alarm's change point (onset: no validation "
+        "needed), or the one with the best validation top-1 among them (best-validated)",
     )
     _flag(
         g,

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ...control.rollback import pick_before
+from ...control.rollback import pick_before, thin_log_spaced
 from .errors import TrainError
 
 CHECKPOINT = "last.pth.tar"
@@ -102,21 +102,24 @@ RING = "ring-{epoch}-u{updates}.pth.tar"
 
 
 RING_SCORES = "ring-scores.json"
-"""The ring checkpoints' validation top-1, by file name (``--rollback-to best`` reads it)."""
+"""The ring checkpoints' validation top-1, by file name (``--rollback-to best-validated`` reads it)."""
 
 
 def keep_in_ring(run_dir: Path, epoch: int, updates: int, keep: int, score: float | None = None) -> None:
     """``--on-alarm rollback``: this epoch's checkpoint also as ``ring-<epoch>-u<updates>.pth.tar`` (a hard link to
-    ``last.pth.tar`` where the file system has them), only the last ``keep`` of them kept; ``score`` (the epoch's
-    validation top-1) is noted in ``ring-scores.json``."""
+    ``last.pth.tar`` where the file system has them), ``keep`` of them kept, log-spaced back to the first
+    (:func:`curvopt.control.rollback.thin_log_spaced`); ``score`` (the epoch's validation top-1) is noted in
+    ``ring-scores.json``."""
     ring = run_dir / RING.format(epoch=epoch + 1, updates=updates)
     ring.unlink(missing_ok=True)
     try:
         os.link(run_dir / CHECKPOINT, ring)
     except OSError:
         shutil.copyfile(run_dir / CHECKPOINT, ring)
-    for old in sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)[:-keep]:
-        old.unlink(missing_ok=True)
+    ring_files = sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)
+    while len(ring_files) > max(keep, 1):
+        drop = thin_log_spaced([_ring_updates(p) for p in ring_files], updates) if keep >= 3 else 0
+        ring_files.pop(drop).unlink(missing_ok=True)
     kept = {p.name for p in run_dir.glob("ring-*.pth.tar")}
     scores = {k: v for k, v in _ring_scores(run_dir).items() if k in kept}
     if score is not None:
@@ -141,10 +144,10 @@ def _ring_updates(path: Path) -> int:
     return int(path.name.split("-u")[1].removesuffix(".pth.tar"))
 
 
-def ring_before(run_dir: Path, update: int, choose: str = "latest") -> tuple[Path, dict[str, Any]] | None:
-    """The latest ring checkpoint taken before optimizer update ``update`` (``choose="best"``: the one with the best
-    validation top-1 among them, the latest of equals); the oldest one when none is before it; ``None`` when the
-    ring is empty. Loaded."""
+def ring_before(run_dir: Path, update: int, choose: str = "onset") -> tuple[Path, dict[str, Any]] | None:
+    """The latest ring checkpoint taken before optimizer update ``update`` (``choose="best-validated"``: the one with
+    the best validation top-1 among them, the latest of equals); the oldest one when none is before it; ``None``
+    when the ring is empty. Loaded."""
     ring = sorted(run_dir.glob("ring-*.pth.tar"), key=_ring_epoch)
     scores = _ring_scores(run_dir)
     index = pick_before([_ring_updates(p) for p in ring], [scores.get(p.name) for p in ring], update, choose)

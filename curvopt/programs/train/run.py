@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from ...control.monitor import Alarm
 from ...control.optimizer import CurvatureAwareOptimizer
+from ...control.rollback import choice
 from ...reporting.loggers import LOG_NAME, JsonlLogger, truncate_log
 from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
@@ -511,9 +512,9 @@ def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
 
 
 def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
-    """``--on-alarm rollback`` on every rank: the ring checkpoint before the alarm's onset with the best validation
-    top-1 (``--rollback-to latest``: the last one; weights, optimizer, EMA, scaler, schedule; the curvature monitor
-    keeps its own history), then stop or continue at a lower LR."""
+    """``--on-alarm rollback`` on every rank: the last ring checkpoint before the alarm's change point
+    (``--rollback-to best-validated``: the one with the best validation top-1 among them; weights, optimizer, EMA,
+    scaler, schedule; the curvature monitor keeps its own history), then stop or continue at a lower LR."""
     onset = alarm.onset_step if alarm.onset_step is not None else alarm.step
     found = ring_before(run.run_dir, onset, run.args.rollback_to)
     if found is None:
@@ -521,7 +522,8 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
         return
     path, state = found
     load_training_state(run, state, curvature=False)
-    how = "the best validation top-1 of the epochs" if run.args.rollback_to == "best" else "the last epoch"
+    validated = choice(run.args.rollback_to) == "best-validated"
+    how = "the best validation top-1 of the epochs" if validated else "the last epoch"
     text = (
         f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; {how} before "
         f"the change point at update {onset})"
