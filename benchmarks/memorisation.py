@@ -1016,7 +1016,7 @@ def main() -> None:
                 o,
                 c,
                 s,
-                args.clean_epochs if c == "clean" and args.clean_epochs else args.epochs or (30 if t in DEEP_TASKS else 50),
+                (c == "clean" and args.clean_epochs) or args.epochs or (30 if t in DEEP_TASKS else 50),
                 args.every,
                 args.batch,
                 str(args.runs),
