@@ -157,6 +157,30 @@ def test_on_alarm_stop_ends_training(tmp_path, monkeypatch):
     assert trainer.state.global_step == 4 and len(callback.wrapper.alarms) == 1
 
 
+def test_on_alarm_rollback_restores_the_state_before_the_change_point_and_ends_training(tmp_path, monkeypatch):
+    from curvopt import Alarm
+
+    def alarm_at_third(self, step, estimate):  # estimates at steps 1, 2, 3; the change began at step 2
+        self.count += 1
+        return [Alarm(step, ["lm_head"], 11.0, 10.0, onset_step=2)] if self.count == 3 else []
+
+    monkeypatch.setattr(CusumMonitor, "update", alarm_at_third)
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    callback = CurvatureCallback(every=1, probes=1, curvature_batch_size=2, on_alarm="rollback", log_path=None)
+    trainer = _train(tmp_path, callback, model=model)
+    assert trainer.state.global_step == 3 and len(callback.wrapper.alarms) == 1
+    assert callback.session.rollback.restored == [(3, 1)]  # the snapshot before step 1's update: the last before 2
+    for key, value in model.state_dict().items():  # steps 1 and 2 undone, step 3's update dropped
+        assert torch.equal(value, before[key]), key
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert not any(inner.state.values())  # AdamW's moments of steps 1 and 2 restored away with the weights
+    with pytest.raises(ValueError, match=r"on_alarm must be one of \('warn', 'stop', 'rollback'\), got 'restore'"):
+        CurvatureCallback(on_alarm="restore")
+    with pytest.raises(ValueError, match="rollback_keep must be >= 3"):
+        CurvatureCallback(on_alarm="rollback", rollback_keep=1)
+
+
 def test_bf16_training_and_a_frozen_model_probe_only_the_trainable_layers(tmp_path):
     model = tiny_gpt2()
     for name, param in model.named_parameters():

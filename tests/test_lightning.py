@@ -156,6 +156,21 @@ def test_on_alarm_stop(tmp_path, monkeypatch):
     assert trainer.global_step == 2 and len(callback.wrapper.alarms) == 1
 
 
+def test_on_alarm_rollback(tmp_path, monkeypatch):
+    def alarm_at_third(self, step, estimate):  # estimates at steps 1, 2, 3; the change began at step 2
+        self.count += 1
+        return [Alarm(step, ["net.0"], 11.0, 10.0, onset_step=2)] if self.count == 3 else []
+
+    monkeypatch.setattr(CusumMonitor, "update", alarm_at_third)
+    module = Classifier()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    callback = CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=1, on_alarm="rollback", log_path=None)
+    trainer = _fit(module, [callback], tmp_path)
+    assert trainer.global_step == 3 and callback.session.rollback.restored == [(3, 1)]
+    for key, value in module.state_dict().items():  # back to the state before step 1's update
+        assert torch.equal(value, before[key]), key
+
+
 def test_a_user_wrapped_optimizer_observes_through_lightning_s_copy_and_estimates_this_step_s_batch(tmp_path):
     """Before: the batch observed in training_step landed on LightningOptimizer's copy ("no batch was ever given"),
     and the wrapper estimated before Lightning's closure ran the training step (the previous step's batch)."""

@@ -28,7 +28,11 @@ The callback takes the Trainer's own model and optimizer (no subclass, no hand-m
 * **Checkpoints.** ``curvopt_state.pt`` in each ``checkpoint-N`` folder; ``trainer.train(resume_from_checkpoint=…)``
   restores it (probe stream, monitor, history) and cuts the JSONL back, so a resumed run continues the
   uninterrupted run's curvature history.
-* **Alarms.** ``on_alarm="stop"`` ends training through ``control.should_training_stop``.
+* **Alarms.** ``on_alarm="stop"`` ends training through ``control.should_training_stop``; ``on_alarm="rollback"``
+  first restores the model and optimizer from before the alarm's change point (an in-memory, log-spaced ring of
+  ``rollback_keep`` snapshots taken at the estimates; no validation split needed), drops the step's gradients so
+  the Trainer's optimizer step changes nothing, and ends training: the Trainer's final save holds the restored
+  model.
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..engine.losses import CausalLMLoss
 from ..reporting.loggers import LOG_NAME
-from .session import SUMMARY_KEYS, BatchRecorder, TrackingSession, wrapper_options
+from .session import (
+    ROLLBACK_KEEP,
+    SUMMARY_KEYS,
+    BatchRecorder,
+    TrackingSession,
+    check_on_alarm,
+    wrapper_options,
+)
 
 try:
     from transformers import TrainerCallback
@@ -54,7 +65,6 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('curvopt.integrations.huggingface needs transformers: pip install -e ".[huggingface]"') from exc
 
 STATE_FILE = "curvopt_state.pt"
-ON_ALARM = ("warn", "stop")
 
 
 def logits_of(model: nn.Module, inputs: Mapping[str, Any]) -> torch.Tensor:
@@ -121,7 +131,9 @@ class CurvatureCallback(TrainerCallback):
             ``None`` (default): chosen from the run's ``max_steps`` (module docstring).
         probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
             inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
-        on_alarm: ``"warn"`` (default: a log record and the JSONL) or ``"stop"`` (end training).
+        on_alarm: ``"warn"`` (default: a log record and the JSONL), ``"stop"`` (end training) or ``"rollback"``
+            (restore the state before the change point, then end training; single process).
+        rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
         log_path: the JSONL log; default ``<output_dir>/curvature.jsonl``; ``None`` for none.
         trainer_metrics: ``"summary"`` (default: totals, monitor, alarm) or ``"all"`` (every ``curv/*`` value)
             into the Trainer's log rows.
@@ -147,18 +159,19 @@ class CurvatureCallback(TrainerCallback):
         inter_every: int = 0,
         distributed_probes: str = "independent",
         on_alarm: str = "warn",
+        rollback_keep: int = ROLLBACK_KEEP,
         log_path: str | Path | None = "auto",
         trainer_metrics: str = "summary",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
     ) -> None:
-        if on_alarm not in ON_ALARM:
-            raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
+        check_on_alarm(on_alarm, rollback_keep)
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
         self.options = wrapper_options(locals())
-        self.on_alarm, self.log_path, self.trainer_metrics = on_alarm, log_path, trainer_metrics
+        self.on_alarm, self.rollback_keep = on_alarm, rollback_keep
+        self.log_path, self.trainer_metrics = log_path, trainer_metrics
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
         self.recorder: BatchRecorder | None = None
@@ -193,6 +206,8 @@ class CurvatureCallback(TrainerCallback):
             sinks=self.extra_sinks,
             reports=state.is_world_process_zero,
             total_steps=state.max_steps,
+            on_alarm=self.on_alarm,
+            rollback_keep=self.rollback_keep,
         )
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False
@@ -239,7 +254,7 @@ class CurvatureCallback(TrainerCallback):
         if metrics:
             self.pending = metrics
             control.should_log = True  # a log row of its own at this step (global_step = curv/step after the step)
-        if alarms and self.on_alarm == "stop":
+        if self.session.should_stop(alarms):
             control.should_training_stop = True
         return control
 

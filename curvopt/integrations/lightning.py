@@ -25,7 +25,10 @@
   off) unless ``curvature_dtype`` asks otherwise.
 * **Checkpoints.** The callback's state (probe stream, monitor, history, the JSONL position) is in Lightning's
   checkpoints (``state_dict``/``load_state_dict``), so ``trainer.fit(..., ckpt_path=…)`` resumes it exactly.
-* **Alarms.** ``on_alarm="stop"`` sets ``trainer.should_stop``.
+* **Alarms.** ``on_alarm="stop"`` sets ``trainer.should_stop``; ``on_alarm="rollback"`` first restores the module and
+  optimizer from before the alarm's change point (an in-memory, log-spaced ring of ``rollback_keep`` snapshots taken
+  at the estimates; no validation split needed) and drops the step's gradients, so the optimizer step changes
+  nothing, then stops: checkpoints saved after it hold the restored model.
 """
 
 from __future__ import annotations
@@ -41,14 +44,13 @@ from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..engine.batch import CurvatureInputError, describe
 from ..reporting.loggers import LOG_NAME
-from .session import TrackingSession, stamped_scalars, wrapper_options
+from .session import ROLLBACK_KEEP, TrackingSession, check_on_alarm, stamped_scalars, wrapper_options
 
 try:
     import lightning.pytorch as pl
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError('curvopt.integrations.lightning needs lightning: pip install -e ".[lightning]"') from exc
 
-ON_ALARM = ("warn", "stop")
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 """The keys a dict batch's targets are found under, in this order (``"labels"``: the Hugging Face convention)."""
 
@@ -134,7 +136,9 @@ class CurvatureCallback(pl.Callback):
         every: estimate every this many optimizer steps; ``None`` (default): chosen from the run's length.
         probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
             inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
-        on_alarm: ``"warn"`` (default) or ``"stop"`` (``trainer.should_stop``).
+        on_alarm: ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``) or ``"rollback"`` (restore the state before
+            the change point, then stop; single process).
+        rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
         log_path: the JSONL log; default ``<default_root_dir>/curvature.jsonl``; ``None`` for none.
         logger: further curvopt sinks; callbacks: called with every :class:`~curvopt.Alarm`.
     """
@@ -158,6 +162,7 @@ class CurvatureCallback(pl.Callback):
         inter_every: int = 0,
         distributed_probes: str = "independent",
         on_alarm: str = "warn",
+        rollback_keep: int = ROLLBACK_KEEP,
         log_path: str | Path | None = "auto",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
@@ -165,10 +170,9 @@ class CurvatureCallback(pl.Callback):
         for name, value in (("loss_fn", loss_fn), ("split_batch", split_batch), ("forward", forward)):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-        if on_alarm not in ON_ALARM:
-            raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
+        check_on_alarm(on_alarm, rollback_keep)
         self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
-        self.on_alarm, self.log_path = on_alarm, log_path
+        self.on_alarm, self.rollback_keep, self.log_path = on_alarm, rollback_keep, log_path
         self.options = wrapper_options(locals())
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
@@ -198,6 +202,8 @@ class CurvatureCallback(pl.Callback):
             sinks=[_TrainerLoggers(trainer), *self.extra_sinks],
             reports=trainer.is_global_zero,
             total_steps=total,
+            on_alarm=self.on_alarm,
+            rollback_keep=self.rollback_keep,
         )
         if self._restored is not None:
             self.session.load_state_dict(self._restored)
@@ -239,7 +245,7 @@ class CurvatureCallback(pl.Callback):
         if self.session is None or getattr(optimizer, "_optimizer", optimizer) is not self.session.wrapper.optimizer:
             return
         _, alarms = self.session.step(self.batch)
-        if alarms and self.on_alarm == "stop":
+        if self.session.should_stop(alarms):
             trainer.should_stop = True
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -30,15 +30,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
+from ..control.rollback import RollbackOnAlarm
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
 from ..reporting.wandb_logger import CURV_STEP
+
+ON_ALARM = ("warn", "stop", "rollback")
+"""What a framework callback does at an alarm: log it; end training; or restore the model and optimizer state from
+before the alarm's change point (an in-memory, log-spaced ring of ``rollback_keep`` snapshots,
+:class:`~curvopt.RollbackOnAlarm`; no validation split needed) and end training with it."""
+ROLLBACK_KEEP = 8
+"""Snapshots a callback's rollback keeps in host memory: each is a copy of the model's and the optimizer's state."""
 
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
@@ -59,6 +68,14 @@ WRAPPER_OPTIONS = (
     "callbacks",
 )
 """The :class:`~curvopt.CurvatureAwareOptimizer` options a framework callback takes under the same names."""
+
+
+def check_on_alarm(on_alarm: str, rollback_keep: int) -> None:
+    """ValueError naming the choices for a callback's ``on_alarm``, or a ``rollback_keep`` the ring cannot use."""
+    if on_alarm not in ON_ALARM:
+        raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
+    if rollback_keep < 3:
+        raise ValueError(f"rollback_keep must be >= 3 (the first, the latest and one between), got {rollback_keep}")
 
 
 def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
@@ -141,6 +158,7 @@ class TrackingSession:
         reports: whether this process writes logs (rank 0).
         total_steps: the run's optimizer steps, for a cadence chosen from them (``options["every"]`` is ``None``);
             ``None`` or ≤ 0 when the framework does not know (every :data:`~curvopt.control.cadence.DEFAULT_EVERY`).
+        on_alarm: one of :data:`ON_ALARM`; ``"rollback"`` keeps ``rollback_keep`` snapshots (single process only).
     """
 
     def __init__(
@@ -155,7 +173,16 @@ class TrackingSession:
         sinks: list[Any],
         reports: bool,
         total_steps: int | None = None,
+        on_alarm: str = "warn",
+        rollback_keep: int = ROLLBACK_KEEP,
     ) -> None:
+        check_on_alarm(on_alarm, rollback_keep)
+        if on_alarm == "rollback" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "on_alarm='rollback' in a framework callback needs a single process (the snapshots are kept by the "
+                "reporting process); under DDP use on_alarm='stop', or `curvopt train --on-alarm rollback`, which "
+                "rolls back every rank from its epoch checkpoints"
+            )
         if options.get("lr_scaling") is not None:
             raise ValueError(
                 "lr_scaling is not available through a framework callback (the framework steps the "
@@ -166,15 +193,25 @@ class TrackingSession:
         self.cadence = choose_cadence(options, total_steps)
         self.collector = _Collector()
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
+        self.on_alarm = on_alarm
+        self.rollback = RollbackOnAlarm(model, optimizer, keep=rollback_keep) if on_alarm == "rollback" else None
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
+        if self.rollback is not None:  # snapshots before the JSONL sees an alarm, restored before the framework steps
+            loggers.insert(1, self.rollback)
         self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers, **options)
         if reports:
             self.cadence.announce()
 
     def step(self, batch: Any) -> tuple[dict[str, float], list[Alarm]]:
-        """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms."""
+        """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms. With
+        ``on_alarm="rollback"`` an alarm has already restored the state before its change point and dropped this
+        step's gradients (the framework's optimizer step then changes nothing)."""
         self.wrapper.record_step(batch)
         return self.collector.take()
+
+    def should_stop(self, alarms: list[Alarm]) -> bool:
+        """Whether the framework should end training after these alarms."""
+        return bool(alarms) and self.on_alarm in ("stop", "rollback")
 
     def log_training(self, step: int, metrics: Mapping[str, float]) -> None:
         """The framework's own training metrics (``train/loss``, ``train/lr``) into the JSONL at ``step``, so reports
