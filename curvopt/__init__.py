@@ -18,6 +18,7 @@ from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.rollback import RollbackOnAlarm
 from .control.scaling import LR_SCALING_POLICIES, TraceScaling
+from .control.settings import CurvatureConfig
 from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
@@ -43,6 +44,7 @@ __all__ = [
     "CallbackLogger",
     "CausalLMLoss",
     "CurvatureAwareOptimizer",
+    "CurvatureConfig",
     "CurvatureEstimate",
     "CurvatureInputError",
     "CurvatureOperator",

@@ -1,8 +1,9 @@
-"""Alarms carry Page's change point, and a rollback returns to the last state before it (API and curvopt train)."""
+"""Alarms carry a change point, and a rollback returns to the last state before it (API, curvopt train, callbacks)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -103,9 +104,7 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     assert cli_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     run_dir = tmp_path / "r"
-    assert (
-        "rolled back to the end of epoch 1 (update 4; the last epoch before the change point at update 7)"
-    ) in out
+    assert ("rolled back to the end of epoch 1 (update 4; the last epoch before the change point at update 7)") in out
     assert "rolled back at the alarm at update 11 to epoch 1" in out
     rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
     assert rings == ["ring-2-u8.pth.tar", "ring-3-u11.pth.tar"]  # keep 2: the alarm's epoch ended with one more
@@ -173,7 +172,7 @@ def test_a_log_spaced_ring_reaches_back_to_the_start_with_gaps_that_grow_with_ag
             del steps[thin_log_spaced(steps, now)]
     assert steps[0] == 0 and steps[-1] == 4995 and len(steps) == 16
     ages = [4995 - s for s in steps]
-    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(steps)]
     assert gaps[-1] <= 10 and gaps[0] > 500  # dense at the end, sparse at the start
     # geometric spacing: 16 snapshots over 1,000 estimates is a ratio ≈ 1.58, a gap ≈ 0.58 × the newer one's age;
     # an onset is restored from a snapshot at most about that much of its age older (plus a few estimates)
@@ -182,7 +181,7 @@ def test_a_log_spaced_ring_reaches_back_to_the_start_with_gaps_that_grow_with_ag
     rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), keep=4)
     for step in range(0, 100, 10):
         rollback.log(step, {"curv/loss": 1.0})
-    assert [s.step for s in rollback.snapshots][0] == 0 and len(rollback.snapshots) == 4
+    assert rollback.snapshots[0].step == 0 and len(rollback.snapshots) == 4
     recent = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1), keep=4, spacing="recent")
     for step in range(0, 100, 10):
         recent.log(step, {"curv/loss": 1.0})

@@ -17,7 +17,7 @@ from torch import nn
 from ..engine.layers import Layer
 from ..estimators.blocks import BlockNorms, block_norms
 from ..estimators.spectra import Spectrum, layer_spectrum
-from .settings import CurvatureSettings
+from .settings import CurvatureConfig
 
 
 class InterLayerDiagnostics:
@@ -28,7 +28,7 @@ class InterLayerDiagnostics:
         model: nn.Module,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         blocks: Sequence[Layer],
-        settings: CurvatureSettings,
+        settings: CurvatureConfig,
         forward: Any = None,
     ) -> None:
         self.model = model

@@ -39,7 +39,7 @@ from ..engine.strategies import FINITE_DIFFERENCE
 from ..estimators import distributed as dist_utils
 from ..estimators.budget import ProbeBudgetTracker
 from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
-from .settings import CurvatureSettings
+from .settings import CurvatureConfig
 
 Problem = tuple[str, str]  # (warning key, message)
 
@@ -67,7 +67,7 @@ class EstimateRunner:
         model: nn.Module,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         blocks: Sequence[Layer],
-        settings: CurvatureSettings,
+        settings: CurvatureConfig,
         process_group: Any = None,
         forward: Forward | None = None,
     ) -> None:

@@ -47,7 +47,7 @@ from .estimation import EstimateRunner, curvature_batch
 from .monitor import Alarm, CusumMonitor
 from .notify import CurvatureSink, Notifier, as_sinks
 from .scaling import PolicyContext, make_policy
-from .settings import CurvatureSettings
+from .settings import CurvatureConfig
 from .update_scaling import ScaledLayer, scaled_step
 
 __all__ = ["CurvatureAwareOptimizer", "CurvatureSink"]
@@ -60,45 +60,25 @@ class CurvatureAwareOptimizer(Optimizer):
         optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, timm optimizers, Lookahead).
         model: the model owning the optimizer's parameters (DDP/compile wrappers allowed).
         loss_fn: ``loss_fn(model(x), y)`` is the training loss.
-        every: estimate every N optimizer steps (gradient-accumulation micro-batches do not
-            count: only ``step()`` calls that reach the optimizer do); 0 turns monitoring off.
-            The default 500 keeps the cost under 3 % of training time: on CPU one estimate
-            (K = 8, GN on, 32 samples) costs about 12 resnet18 training steps at batch 128
-            (benchmarks/RESULTS.md). Monitoring works in units of estimates (the CUSUM warm-up
-            is 8 estimates), so short runs want a smaller ``every``.
-        probes: K, or ``"auto"`` to adapt K from the mini-batch variance decomposition within
-            ``auto_probes`` bounds.
-        curvature_batch_size: the curvature sub-batch is the first N samples of the batch.
-        gn: also estimate Gauss-Newton traces and GN-Gap.
+        config: a :class:`~curvopt.CurvatureConfig`, every curvature option in one record (default: its
+            defaults); ``**options`` replace its fields.
+        **options: any :class:`~curvopt.CurvatureConfig` field by name: ``every`` (default 500 here: the wrapper
+            does not know the run's length; one estimate with K = 8, GN on and 32 samples costs about 12 resnet18
+            training steps at batch 128 on CPU, benchmarks/RESULTS.md, and the CUSUM warm-up is 8 estimates, so
+            short runs want a smaller ``every``), ``probes``, ``curvature_batch_size``, ``gn``, ``strategy``,
+            ``estimator``, ``curvature_dtype``, ``seed``, ``history``, ``auto_probes``, ``distributed_probes``
+            (estimates, alarms and LR scales are identical on all ranks; only rank 0 logs, warns and calls the
+            alarm callbacks), ``inter_every``, ``inter_probes``, ``spectrum_steps``, ``spectrum_starts``;
+            :func:`curvopt.control.settings.describe_options` lists each one's meaning.
         monitor: ``"cusum"`` (default settings), a ``CusumMonitor``, or ``None``.
-        lr_scaling: ``None`` (off), a name in ``curvopt.LR_SCALING_POLICIES`` (``"trace"``, ``"local"``,
-            ``"cap"``, ``"trust"``) or a policy object (see :mod:`curvopt.control.scaling`).
+        lr_scaling: ``None`` (off), a name in ``curvopt.LR_SCALING_POLICIES`` or a policy object (see
+            :mod:`curvopt.control.scaling`).
         logger: a sink (``log``/``alert``) or a list of them; failures warn once, never raise.
         callbacks: called as ``callback(alarm)`` for every alarm.
-        seed: seeds the probe generator (probes and dropout masks of estimates).
-        history: how many past estimates (as flat dicts) to keep in ``opt.history``.
         layers: custom grouping, as for :func:`curvopt.estimate_curvature`.
-        strategy: product strategy, as for :func:`curvopt.estimate_curvature`.
         forward: ``forward(model, inputs) -> outputs`` when the model is not called as
             ``model(inputs)`` (dict inputs: ``lambda m, x: m(**x).logits``); used by every estimate.
-        estimator: ``"hutchinson"`` (default), ``"hutch++"`` or ``"xtrace"``: how the K products become
-            per-layer traces (:mod:`curvopt.estimators.deflation`; benchmarks/RESULTS.md says when each wins).
-        curvature_dtype: ``None`` (default: products in the parameters' dtype, fp32, whatever autocast the
-            training step uses), ``"float32"`` (also no TF32), ``"tf32"`` (CUDA TensorFloat-32) or ``"bfloat16"``
-            (bf16 autocast inside the products; probes and reductions stay fp32). Opt-in speed for a measured
-            error (benchmarks/RESULTS.md); ``"bfloat16"`` needs strategy ``"autograd"``/``"auto"`` or ``"func"``.
-        distributed_probes: under an initialised process group, ``"independent"`` (each rank draws
-            its own probes: effective K = world size × K) or ``"shared"`` (one set of probes:
-            exactly the single-process estimate on the concatenated batch). See
-            :mod:`curvopt.estimators.distributed`; estimates, alarms and LR scales are identical on
-            all ranks, and only rank 0 logs, warns and calls the alarm callbacks.
         process_group: the group to reduce over (default: the default group, when initialised).
-        inter_every: a second, slower cadence (0: off) for the inter-layer map (block norms with
-            ``inter_probes`` probes: resonance, coupling, cross-block mass Φ) and per-layer
-            Lanczos spectra (``spectrum_steps`` steps: top eigenvalue, stable rank; the SLQ
-            moments behind the stable rank average ``spectrum_starts`` random starts). Cost per
-            run: L·(inter_probes + (1 + spectrum_starts)·spectrum_steps) products, so keep it rare.
-            Logged only (no effect on training); under DDP only rank 0 computes it.
     """
 
     def __init__(
@@ -106,29 +86,16 @@ class CurvatureAwareOptimizer(Optimizer):
         optimizer: Optimizer,
         model: nn.Module,
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        config: CurvatureConfig | None = None,
         *,
-        every: int = 500,
-        probes: int | str = 8,
-        curvature_batch_size: int = 32,
-        gn: bool = True,
         monitor: str | CusumMonitor | None = "cusum",
         lr_scaling: object = None,
         logger: CurvatureSink | Iterable[CurvatureSink] | None = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
-        seed: int = 0,
-        history: int = 256,
-        auto_probes: tuple[int, int] = (4, 32),
         layers: Any = None,
-        strategy: str = "auto",
-        distributed_probes: str = "independent",
-        process_group: Any = None,
-        inter_every: int = 0,
-        inter_probes: int = 4,
-        spectrum_steps: int = 20,
-        spectrum_starts: int = 2,
         forward: Any = None,
-        estimator: str = "hutchinson",
-        curvature_dtype: str | torch.dtype | None = None,
+        process_group: Any = None,
+        **options: Any,
     ) -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -136,23 +103,8 @@ class CurvatureAwareOptimizer(Optimizer):
             raise TypeError("loss_fn must be callable")
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be callable as forward(model, inputs), got {type(forward).__name__}")
-        self.config = CurvatureSettings(
-            every=every,
-            probes=probes,
-            curvature_batch_size=curvature_batch_size,
-            gn=gn,
-            strategy=strategy,
-            seed=seed,
-            history=history,
-            auto_probes=tuple(auto_probes),
-            distributed_probes=distributed_probes,
-            inter_every=inter_every,
-            inter_probes=inter_probes,
-            spectrum_steps=spectrum_steps,
-            spectrum_starts=spectrum_starts,
-            estimator=estimator,
-            curvature_dtype=curvature_dtype,
-        )
+        self.config = CurvatureConfig.build(config, **options)
+        seed, history = self.config.seed, self.config.history
         _check_ownership(optimizer, model)
         # Optimizer.__init__ sets up hooks and step patching; from then on `param_groups` and `state` read through
         # to the wrapped optimizer (properties below), also after its load_state_dict replaced them.
@@ -219,7 +171,7 @@ class CurvatureAwareOptimizer(Optimizer):
             self.__dict__["_state"] = value
 
     # ------------------------------------------------------------------ settings, as attributes
-    every = property(lambda self: self.config.every, doc="Estimate every N optimizer steps (0: never).")
+    every = property(lambda self: self.config.interval, doc="Estimate every N optimizer steps (0: never).")
     probes = property(lambda self: self.config.probes, doc="K, or ``'auto'``.")
     curvature_batch_size = property(lambda self: self.config.curvature_batch_size)
     gn = property(lambda self: self.config.gn, doc="Whether Gauss-Newton traces and GN-Gap are estimated.")
@@ -233,7 +185,7 @@ class CurvatureAwareOptimizer(Optimizer):
 
     @property
     def monitoring(self) -> bool:
-        return self.config.every > 0
+        return self.config.interval > 0
 
     # ------------------------------------------------------------------ torch.optim interface
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -450,7 +402,7 @@ class CurvatureAwareOptimizer(Optimizer):
         c = self.config
         return {
             "optimizer": type(self.optimizer).__name__,
-            "every": c.every,
+            "every": c.interval,
             "probes": c.probes,
             "curvature_batch_size": c.curvature_batch_size,
             "gn": c.gn,

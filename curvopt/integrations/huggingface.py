@@ -48,6 +48,7 @@ from torch import nn
 
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
+from ..control.settings import CurvatureConfig
 from ..engine.losses import CausalLMLoss
 from ..reporting.loggers import LOG_NAME
 from .session import (
@@ -55,8 +56,8 @@ from .session import (
     SUMMARY_KEYS,
     BatchRecorder,
     TrackingSession,
+    callback_options,
     check_on_alarm,
-    wrapper_options,
 )
 
 try:
@@ -127,10 +128,11 @@ class CurvatureCallback(TrainerCallback):
     Args:
         loss_fn: ``loss_fn(outputs, labels)``; default: the model's own loss (see the module docstring).
         forward: ``forward(model, inputs) -> outputs``; default ``model(**inputs).logits``.
-        every: estimate every this many optimizer steps (gradient accumulation's micro-batches do not count);
-            ``None`` (default): chosen from the run's ``max_steps`` (module docstring).
-        probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
-            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
+        config, **settings: the curvature options, a :class:`~curvopt.CurvatureConfig` and/or its fields by name
+            (``every``, ``probes``, ``curvature_batch_size``, ``gn``, ``strategy``, ...); ``every`` counts optimizer
+            steps (gradient accumulation's micro-batches do not count), ``None`` (default): chosen from the run's
+            ``max_steps`` (module docstring).
+        monitor, layers: as for :class:`~curvopt.CurvatureAwareOptimizer`.
         on_alarm: ``"warn"`` (default: a log record and the JSONL), ``"stop"`` (end training) or ``"rollback"``
             (restore the state before the change point, then end training; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
@@ -146,30 +148,22 @@ class CurvatureCallback(TrainerCallback):
         loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
         *,
         forward: Callable[..., torch.Tensor] | None = None,
-        every: int | None = None,
-        probes: int | str = 8,
-        curvature_batch_size: int = 32,
-        gn: bool = True,
+        config: CurvatureConfig | None = None,
         monitor: Any = "cusum",
-        strategy: str = "auto",
-        estimator: str = "hutchinson",
-        curvature_dtype: Any = None,
-        seed: int = 0,
         layers: Any = None,
-        inter_every: int = 0,
-        distributed_probes: str = "independent",
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         log_path: str | Path | None = "auto",
         trainer_metrics: str = "summary",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
+        **settings: Any,
     ) -> None:
         check_on_alarm(on_alarm, rollback_keep)
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
-        self.options = wrapper_options(locals())
+        self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
         self.on_alarm, self.rollback_keep = on_alarm, rollback_keep
         self.log_path, self.trainer_metrics = log_path, trainer_metrics
         self.extra_sinks = as_sinks(logger)

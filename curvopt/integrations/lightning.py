@@ -42,9 +42,10 @@ import torch
 
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
+from ..control.settings import CurvatureConfig
 from ..engine.batch import CurvatureInputError, describe
 from ..reporting.loggers import LOG_NAME
-from .session import ROLLBACK_KEEP, TrackingSession, check_on_alarm, stamped_scalars, wrapper_options
+from .session import ROLLBACK_KEEP, TrackingSession, callback_options, check_on_alarm, stamped_scalars
 
 try:
     import lightning.pytorch as pl
@@ -133,9 +134,10 @@ class CurvatureCallback(pl.Callback):
         split_batch: ``split_batch(batch) -> (inputs, targets)`` for a training batch the defaults do not read.
         forward: ``forward(module, inputs) -> outputs``; default ``module(inputs)`` (``module(**inputs)`` for a dict,
             ``.logits`` of a Hugging Face style output).
-        every: estimate every this many optimizer steps; ``None`` (default): chosen from the run's length.
-        probes, curvature_batch_size, gn, monitor, strategy, estimator, curvature_dtype, seed, layers,
-            inter_every, distributed_probes: as for :class:`~curvopt.CurvatureAwareOptimizer`.
+        config, **settings: the curvature options, a :class:`~curvopt.CurvatureConfig` and/or its fields by name
+            (``every``, ``probes``, ``curvature_batch_size``, ``gn``, ``strategy``, ...); ``every=None`` (default):
+            chosen from the run's length.
+        monitor, layers: as for :class:`~curvopt.CurvatureAwareOptimizer`.
         on_alarm: ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``) or ``"rollback"`` (restore the state before
             the change point, then stop; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
@@ -149,23 +151,15 @@ class CurvatureCallback(pl.Callback):
         *,
         split_batch: Callable[[Any], tuple[Any, Any]] | None = None,
         forward: Callable[..., torch.Tensor] | None = None,
-        every: int | None = None,
-        probes: int | str = 8,
-        curvature_batch_size: int = 32,
-        gn: bool = True,
+        config: CurvatureConfig | None = None,
         monitor: Any = "cusum",
-        strategy: str = "auto",
-        estimator: str = "hutchinson",
-        curvature_dtype: Any = None,
-        seed: int = 0,
         layers: Any = None,
-        inter_every: int = 0,
-        distributed_probes: str = "independent",
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         log_path: str | Path | None = "auto",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
+        **settings: Any,
     ) -> None:
         for name, value in (("loss_fn", loss_fn), ("split_batch", split_batch), ("forward", forward)):
             if value is not None and not callable(value):
@@ -173,7 +167,7 @@ class CurvatureCallback(pl.Callback):
         check_on_alarm(on_alarm, rollback_keep)
         self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
         self.on_alarm, self.rollback_keep, self.log_path = on_alarm, rollback_keep, log_path
-        self.options = wrapper_options(locals())
+        self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
         self.batch: Any = None

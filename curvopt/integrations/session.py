@@ -23,6 +23,7 @@ verdict is warned about.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..control.rollback import RollbackOnAlarm
+from ..control.settings import CurvatureConfig
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
 from ..reporting.wandb_logger import CURV_STEP
@@ -52,22 +54,24 @@ ROLLBACK_KEEP = 8
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
 
-WRAPPER_OPTIONS = (
-    "every",
-    "probes",
-    "curvature_batch_size",
-    "gn",
-    "monitor",
-    "strategy",
-    "estimator",
-    "curvature_dtype",
-    "seed",
-    "layers",
-    "inter_every",
-    "distributed_probes",
-    "callbacks",
+LR_SCALING_REFUSED = (
+    "lr_scaling is not available through a framework callback (the framework steps the optimizer); wrap the "
+    "optimizer in curvopt.CurvatureAwareOptimizer to scale its updates"
 )
-"""The :class:`~curvopt.CurvatureAwareOptimizer` options a framework callback takes under the same names."""
+CALLBACK_OPTIONS = ("monitor", "layers", "callbacks")
+"""The :class:`~curvopt.CurvatureAwareOptimizer` arguments besides the :class:`~curvopt.CurvatureConfig` record that
+a framework callback takes under the same names."""
+
+
+def callback_options(config: CurvatureConfig | None, settings: Mapping[str, Any], **arguments: Any) -> dict[str, Any]:
+    """A callback's wrapper arguments: the record (``config`` with ``settings`` replacing its fields; TypeError for
+    a keyword that is not a curvature option) and :data:`CALLBACK_OPTIONS`."""
+    if settings.get("lr_scaling") is not None:
+        raise ValueError(LR_SCALING_REFUSED)
+    options: dict[str, Any] = {"config": CurvatureConfig.build(config, **settings)}
+    options |= {name: arguments[name] for name in CALLBACK_OPTIONS}
+    options["callbacks"] = list(options["callbacks"])
+    return options
 
 
 def check_on_alarm(on_alarm: str, rollback_keep: int) -> None:
@@ -76,13 +80,6 @@ def check_on_alarm(on_alarm: str, rollback_keep: int) -> None:
         raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
     if rollback_keep < 3:
         raise ValueError(f"rollback_keep must be >= 3 (the first, the latest and one between), got {rollback_keep}")
-
-
-def wrapper_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
-    """The :data:`WRAPPER_OPTIONS` among a callback's ``__init__`` arguments (``locals()``)."""
-    options = {name: arguments[name] for name in WRAPPER_OPTIONS}
-    options["callbacks"] = list(options["callbacks"])
-    return options
 
 
 SUMMARY_KEYS = (
@@ -184,11 +181,7 @@ class TrackingSession:
                 "rolls back every rank from its epoch checkpoints"
             )
         if options.get("lr_scaling") is not None:
-            raise ValueError(
-                "lr_scaling is not available through a framework callback (the framework steps the "
-                "optimizer); wrap the optimizer in curvopt.CurvatureAwareOptimizer to scale its "
-                "updates"
-            )
+            raise ValueError(LR_SCALING_REFUSED)
         options = dict(options)
         self.cadence = choose_cadence(options, total_steps)
         self.collector = _Collector()
@@ -265,13 +258,14 @@ class RunCadence:
 
 
 def choose_cadence(options: dict[str, Any], total_steps: int | None) -> RunCadence:
-    """Set ``options["every"]`` when it is ``None`` (from ``total_steps``; ``None`` or ≤ 0: unknown) and return the
+    """Set the record's ``every`` when it is ``None`` (from ``total_steps``; ``None`` or ≤ 0: unknown) and return the
     run's cadence."""
     monitor = options.get("monitor", "cusum")
     if monitor == "cusum":
         monitor = CusumMonitor()
     calibration = monitor.calibration_estimates if isinstance(monitor, CusumMonitor) else None
     total = total_steps if total_steps and total_steps > 0 else None
-    plan = plan_cadence(total, options.get("every"), calibration)
-    options["every"] = plan.every
-    return RunCadence(plan, options.get("probes", 8), options.get("curvature_batch_size"))
+    config = options.get("config") or CurvatureConfig()
+    plan = plan_cadence(total, config.every, calibration)
+    options["config"] = dataclasses.replace(config, every=plan.every)
+    return RunCadence(plan, config.probes, config.curvature_batch_size)

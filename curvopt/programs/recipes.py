@@ -18,7 +18,7 @@ import yaml
 
 from ..control.rollback import CHOOSE
 from ..control.scaling import LR_SCALING_POLICIES
-from ..engine.strategies import STRATEGIES
+from ..control.settings import flagged_options, parse_probes
 from .arguments import OneLineParser
 from .data import DATASETS
 
@@ -76,16 +76,6 @@ def _bool(text: str) -> bool:
     if value in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
-
-def _probes(text: str) -> int | str:
-    if text == "auto":
-        return text
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
-    return value
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -184,13 +174,6 @@ def _training_flags(g: Any) -> None:
         "torchrun: shard the model with FSDP2 (fully_shard) instead of DDP; curvature by "
         "finite differences on the shards",
     )
-    _flag(
-        g,
-        "--curv-dist-probes",
-        default="independent",
-        choices=["independent", "shared"],
-        help="torchrun: per-rank probes (effective K = world size x K) or one shared set",
-    )
     _flag(g, "--smoothing", type=float, default=0.0, help="label smoothing")
     _flag(g, "--mixup", type=float, default=0.0, help="mixup alpha (> 0 enables)")
     _flag(g, "--cutmix", type=float, default=0.0, help="cutmix alpha (> 0 enables)")
@@ -228,47 +211,12 @@ def _output_tracking_flags(g: Any) -> None:
 
 def _curvature_flags(g: Any) -> None:
     """The ``curvature`` flags."""
-    _flag(
-        g,
-        "--curv-every",
-        type=int,
-        default=None,
-        help="estimate every N optimizer updates (0: off; default: "
-        "500, or fewer for a run too short for 20 estimates, so the monitor calibrates and reaches a verdict)",
-    )
-    _flag(g, "--curv-probes", type=_probes, default=8, help="Hutchinson probes K, or 'auto'")
-    _flag(g, "--curv-batch-size", type=int, default=32, help="samples of the batch used for curvature")
-    _switch(g, "--curv-gn", True, "also estimate Gauss-Newton traces and the GN-Gap")
-    _flag(
-        g,
-        "--curv-strategy",
-        default="auto",
-        choices=["auto", *STRATEGIES],
-        help="how the products are computed: auto (exact autograd where it runs, finite differences where it "
-        "cannot: --fsdp, reentrant checkpointing), an exact strategy, or finite-difference (smooth models only)",
-    )
-    _flag(
-        g,
-        "--curv-estimator",
-        default="hutchinson",
-        choices=["hutchinson", "hutch++", "xtrace"],
-        help="how the K products become per-layer traces (xtrace: deflated, needs an even K >= 6)",
-    )
-    _flag(
-        g,
-        "--curv-dtype",
-        default=None,
-        choices=["float32", "tf32", "bfloat16"],
-        help="precision of the curvature products (default: fp32 under the global flags; tf32: CUDA only; "
-        "bfloat16: bf16 autocast inside the products; errors in benchmarks/RESULTS.md)",
-    )
-    _flag(
-        g,
-        "--curv-inter-every",
-        type=int,
-        default=0,
-        help="inter-layer map + per-layer spectra every N updates (0: off; costly)",
-    )
+    for option, meta in flagged_options():  # every curvature option with a flag, from its record
+        if option.type in (bool, "bool"):
+            _switch(g, meta["flag"], option.default, meta["help"])
+            continue
+        kind = meta["parse"] if meta["choices"] is None else None
+        _flag(g, meta["flag"], type=kind, default=option.default, choices=meta["choices"], help=meta["help"])
     _flag(
         g,
         "--lr-scaling",
@@ -418,11 +366,11 @@ def _check_scalar(key: str, value: Any, action: argparse.Action, where: str) -> 
             value = float(value)
         except (TypeError, ValueError):
             raise RecipeError(f"{where}: '{key}' must be a number, got {value!r}") from None
-    elif kind is _probes:
+    elif kind is parse_probes:
         value = value if isinstance(value, int) and not isinstance(value, bool) else str(value)
         if isinstance(value, str):
             try:
-                value = _probes(value)
+                value = parse_probes(value)
             except argparse.ArgumentTypeError as exc:
                 raise RecipeError(f"{where}: '{key}' {exc}") from None
     elif kind is None:

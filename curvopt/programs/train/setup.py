@@ -19,6 +19,7 @@ from torch import nn
 from ...control.cadence import describe_cadence, plan_cadence
 from ...control.monitor import CusumMonitor
 from ...control.optimizer import CurvatureAwareOptimizer
+from ...control.settings import CurvatureConfig, flag_dest, flagged_options
 from ..data import DataSplits, NoisyLabels, build_datasets
 from .errors import TrainError
 from .loop import rank_shard
@@ -298,23 +299,21 @@ def build_optimizer(
             base,
             train_model,
             loss_fn,
-            every=args.curv_every,
-            probes=args.curv_probes,
-            curvature_batch_size=args.curv_batch_size,
-            gn=args.curv_gn,
+            config_from_args(args),
             monitor=monitor,
             lr_scaling=args.lr_scaling,
             logger=sinks,
             callbacks=callbacks,
-            seed=args.seed,
-            distributed_probes=args.curv_dist_probes,
-            inter_every=args.curv_inter_every,
-            estimator=args.curv_estimator,
-            curvature_dtype=args.curv_dtype,
-            strategy=args.curv_strategy,
         )
     except (ValueError, TypeError) as exc:
         raise TrainError(str(exc)) from None
+
+
+def config_from_args(args: argparse.Namespace) -> CurvatureConfig:
+    """The run's :class:`~curvopt.CurvatureConfig`: every option with a flag from its flag (the flag's name is the
+    record's), the probe seed from ``--seed``."""
+    flagged = {f.name: getattr(args, flag_dest(meta["flag"])) for f, meta in flagged_options()}
+    return CurvatureConfig(**flagged, seed=args.seed)
 
 
 def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, updates_per_epoch: int) -> tuple[Any, int]:
