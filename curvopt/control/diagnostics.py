@@ -17,6 +17,7 @@ from torch import nn
 from ..engine.layers import Layer
 from ..estimators.blocks import BlockNorms, block_norms
 from ..estimators.spectra import Spectrum, layer_spectrum
+from . import log_schema
 from .settings import CurvatureConfig
 
 
@@ -68,13 +69,13 @@ class InterLayerDiagnostics:
         self.last_block_norms, self.last_spectra = norms, spectra
         phi, phi_se = norms.phi()
         metrics: dict[str, Any] = {
-            "curv/phi": phi,
-            "curv/phi_se": phi_se,
-            "curv/inter_layers": list(norms.layers),
-            "curv/resonance": norms.resonance()[0].tolist(),
-            "curv/coupling": norms.coupling()[0].tolist(),
+            log_schema.PHI: phi,
+            log_schema.PHI_SE: phi_se,
+            log_schema.INTER_LAYERS: list(norms.layers),
+            log_schema.RESONANCE: norms.resonance()[0].tolist(),
+            log_schema.COUPLING: norms.coupling()[0].tolist(),
         }
         for name, spectrum in spectra.items():
-            metrics[f"curv/top_eig/{name}"] = spectrum.top[0]
-            metrics[f"curv/stable_rank/{name}"] = spectrum.stable_rank
+            metrics[log_schema.per_layer("top_eig", name)] = spectrum.top[0]
+            metrics[log_schema.per_layer("stable_rank", name)] = spectrum.stable_rank
         return metrics

@@ -41,6 +41,7 @@ from ..estimators.local import local_curvature
 from ..estimators.preconditioned import preconditioned_top_eigenpair
 from ..estimators.spectra import layer_spectrum
 from ..estimators.trace import CurvatureEstimate
+from . import log_schema
 from .diagnostics import InterLayerDiagnostics
 from .edge import StepContext
 from .estimation import EstimateRunner, curvature_batch
@@ -281,7 +282,7 @@ class CurvatureAwareOptimizer(Optimizer):
             if outcome.problem is not None:
                 self.notifier.warn_once(*outcome.problem)
             self.notifier.metrics(
-                step, {"curv/skipped_estimates": float(self.skipped_estimates), "curv/skip_reason": reason}
+                step, {log_schema.SKIPPED: float(self.skipped_estimates), log_schema.SKIP_REASON: reason}
             )
             return
         metrics, new_alarms = self._absorb(step, outcome.estimate)
@@ -295,19 +296,19 @@ class CurvatureAwareOptimizer(Optimizer):
     def _absorb(self, step: int, estimate: CurvatureEstimate) -> tuple[dict[str, float], list[Alarm]]:
         """Fold one estimate into the monitor and the LR policy; return its metrics and new alarms."""
         self.last_estimate = estimate
-        metrics = {f"curv/{k}": v for k, v in estimate.to_dict().items()}
-        metrics["curv/probes"] = float(estimate.probes)
+        metrics = log_schema.prefixed(estimate.to_dict())
+        metrics[log_schema.PROBES] = float(estimate.probes)
         new_alarms: list[Alarm] = []
         if self.monitor is not None:
             new_alarms = self.monitor.update(step, estimate)
-            metrics |= {f"curv/{k}": v for k, v in self.monitor.statistics().items()}
+            metrics |= log_schema.prefixed(self.monitor.statistics())
         if self.lr_policy is not None:
             if self._policy_takes_context:
                 self.lr_scales |= self.lr_policy.update(estimate, self._policy_context())
             else:
                 self.lr_scales |= self.lr_policy.update(estimate)
-            metrics |= {f"curv/lr_scale/{k}": v for k, v in self.lr_scales.items()}
-        metrics["curv/alarm"] = float(bool(new_alarms))
+            metrics |= {log_schema.per_layer("lr_scale", k): v for k, v in self.lr_scales.items()}
+        metrics[log_schema.ALARM] = float(bool(new_alarms))
         return metrics, new_alarms
 
     def _step_policy_update(self) -> dict[str, float]:

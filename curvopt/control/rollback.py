@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from . import log_schema
 from .monitor import Alarm
 
 THEN = ("stop", "lower-lr", "freeze")
@@ -147,7 +148,7 @@ class RollbackOnAlarm:
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
         """At every estimate: a snapshot of the state before this step's update."""
-        if "curv/loss" not in metrics:
+        if log_schema.LOSS not in metrics:
             return
         state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.snapshots.append(Snapshot(step, state, copy.deepcopy(self.optimizer.state_dict())))

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
+from ..control import log_schema
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
@@ -42,7 +43,6 @@ from ..control.rollback import RollbackOnAlarm
 from ..control.settings import CurvatureConfig
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
-from ..reporting.wandb_logger import CURV_STEP
 
 ON_ALARM = ("warn", "stop", "rollback")
 """What a framework callback does at an alarm: log it; end training; or restore the model and optimizer state from
@@ -83,18 +83,14 @@ def check_on_alarm(on_alarm: str, rollback_keep: int) -> None:
 
 
 SUMMARY_KEYS = (
-    CURV_STEP,
-    "curv/total/trace",
-    "curv/total/trace_se",
-    "curv/total/gn_trace",
-    "curv/total/gn_gap",
-    "curv/total/frob",
-    "curv/loss",
-    "curv/cusum/aggregate",
-    "curv/cusum/threshold",
-    "curv/monitor_ready",
-    "curv/alarm",
-    "curv/skipped_estimates",
+    log_schema.STEP,
+    *(log_schema.total(q) for q in ("trace", "trace_se", "gn_trace", "gn_gap", "frob")),
+    log_schema.LOSS,
+    log_schema.cusum("aggregate"),
+    log_schema.cusum("threshold"),
+    log_schema.MONITOR_READY,
+    log_schema.ALARM,
+    log_schema.SKIPPED,
 )
 """The metrics a callback puts into the framework's own log rows by default (per-layer ones go to the JSONL)."""
 
@@ -117,7 +113,7 @@ class BatchRecorder:
 
 def stamped_scalars(step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
     """An estimate's scalar metrics with its own optimizer step as ``curv/step``, for a framework's loggers."""
-    return {CURV_STEP: float(step), **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+    return {log_schema.STEP: float(step), **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
 
 
 class _Collector:
@@ -129,7 +125,7 @@ class _Collector:
         self.alarms: list[Alarm] = []
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> None:
-        if "curv/loss" in metrics or "curv/skipped_estimates" in metrics:  # an estimate (or a skipped one)
+        if log_schema.LOSS in metrics or log_schema.SKIPPED in metrics:  # an estimate (or a skipped one)
             self.step = step
             self.metrics = stamped_scalars(step, metrics)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import matplotlib
 
+from ..control import log_schema
+
 matplotlib.use("Agg", force=False)
 import matplotlib.pyplot as plt
 import numpy as np
@@ -49,7 +51,7 @@ EVENT_STYLE = {
 # ---------------------------------------------------------------------- reading the records
 def layer_series(records: Sequence[Mapping[str, Any]], kind: str) -> tuple[list[int], dict[str, list[float]]]:
     """Steps and ``{layer: values}`` of ``curv/<kind>/<layer>`` over the ``metrics`` records (NaN where missing)."""
-    prefix = f"curv/{kind}/"
+    prefix = log_schema.layer_prefix(kind)
     rows = [r for r in records if r.get("type") == "metrics" and any(k.startswith(prefix) for k in r)]
     steps = [int(r["step"]) for r in rows]
     names: list[str] = []
@@ -279,7 +281,7 @@ def trace_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
         "trace",
         title="Hessian trace per layer tr(H_ll), ± 1 standard error (top layers; symlog axis)",
         ylabel="tr(H_ll)",
-        total_key="curv/total/trace",
+        total_key=log_schema.total("trace"),
     )
     if fig is None:
         return None
@@ -333,8 +335,8 @@ def cusum_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     gradient, gradient_threshold = series.pop("gradient", None), series.pop("gradient_threshold", None)
     labels, events = layer_labels(records), run_events(records)
     fig, ax = plt.subplots(figsize=WIDE, constrained_layout=True)
-    ready_steps, ready = scalar_series(records, "curv/monitor_ready")
-    per_layer = bool(scalar_series(records, "curv/monitor_per_layer")[1][-1:] == [1.0])
+    ready_steps, ready = scalar_series(records, log_schema.MONITOR_READY)
+    per_layer = bool(scalar_series(records, log_schema.MONITOR_PER_LAYER)[1][-1:] == [1.0])
     calibrating = [s for s, r in zip(ready_steps, ready) if r == 0]
     if calibrating:
         ax.axvspan(steps[0], max(calibrating), color="0.93", label="monitor calibrating (no alarm possible)")
@@ -391,7 +393,7 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     """Training loss (per logged step) and validation loss/accuracy (per epoch), events marked."""
     train = [r for r in records if r.get("type") == "train" and r.get("train/loss") is not None]
     evals = [r for r in records if r.get("type") == "eval"]
-    curv = [r for r in records if r.get("type") == "metrics" and r.get("curv/loss") is not None]
+    curv = [r for r in records if r.get("type") == "metrics" and r.get(log_schema.LOSS) is not None]
     if not (train or evals or curv):
         return None
     events = run_events(records)
@@ -409,7 +411,7 @@ def training_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     elif curv:
         ax_loss.plot(
             [r["step"] for r in curv],
-            [r["curv/loss"] for r in curv],
+            [r[log_schema.LOSS] for r in curv],
             label="loss on the curvature batch",
             **_points(curv),
         )
@@ -473,13 +475,15 @@ def matrix_heatmap_figure(
 
 def inter_layer_figure(records: Sequence[Mapping[str, Any]]) -> Figure | None:
     """Cross-block mass Φ and each top layer's top Hessian eigenvalue over steps (inter-layer cadence)."""
-    rows = [r for r in records if r.get("type") == "metrics" and r.get("curv/phi") is not None]
+    rows = [r for r in records if r.get("type") == "metrics" and r.get(log_schema.PHI) is not None]
     if not rows:
         return None
     steps = [r["step"] for r in rows]
     events = run_events(records)
     fig, (ax_phi, ax_eig) = plt.subplots(1, 2, figsize=(13.5, 4.3), constrained_layout=True)
-    ax_phi.errorbar(steps, [r["curv/phi"] for r in rows], yerr=[_num(r.get("curv/phi_se")) for r in rows], fmt="o-")
+    ax_phi.errorbar(
+        steps, [r[log_schema.PHI] for r in rows], yerr=[_num(r.get(log_schema.PHI_SE)) for r in rows], fmt="o-"
+    )
     ax_phi.set_ylim(0, 1)
     mark_events(ax_phi, events)
     ax_phi.set(xlabel="optimizer step", ylabel="Φ", title="Cross-block mass Φ (what block-diagonal methods drop)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..control import log_schema
 from ..control.monitor import distinct_numbers, no_layers_text
 from .loggers import LOG_NAME, deduplicate, read_jsonl
 
@@ -70,7 +71,7 @@ def _sections() -> list[Section]:
                 log_y=True,
                 reference=(1.0, "GN-Gap = 1: tensor part as large as Gauss-Newton"),
                 rank_by="log",
-                total_key="curv/total/gn_gap",
+                total_key=log_schema.total("gn_gap"),
             ),
             "How large the residual (non-Gauss-Newton) part of each layer's curvature is against its Gauss-Newton "
             "part. Below 1 the Gauss-Newton matrix carries most of the layer's curvature (GGN and K-FAC "
@@ -147,7 +148,7 @@ def make_report(run: str | Path, out_dir: str | Path | None = None, *, html_page
             RuntimeWarning,
             stacklevel=2,
         )
-    if not any(r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r) for r in records):
+    if not any(r.get("type") == "metrics" and log_schema.has_layers(r) for r in records):
         raise ReportError(f"{log_path} holds no curvature estimates yet")
     out = Path(out_dir) if out_dir is not None else log_path.parent / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -170,17 +171,17 @@ def _map_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
     """The L × L coupling and resonance maps of the last inter-layer estimate, when the run has one."""
     from .plots import layer_labels, matrix_heatmap_figure
 
-    inter = [r for r in records if r.get("type") == "metrics" and r.get("curv/coupling") is not None]
+    inter = [r for r in records if r.get("type") == "metrics" and r.get(log_schema.COUPLING) is not None]
     if not inter:
         return []
     last, labels = inter[-1], layer_labels(records)
-    layers = last["curv/inter_layers"]
+    layers = last[log_schema.INTER_LAYERS]
     return [
         Section(
             "coupling",
             "Inter-layer coupling",
             lambda _: matrix_heatmap_figure(
-                last["curv/coupling"],
+                last[log_schema.COUPLING],
                 layers,
                 f"Coupling C(v,w) = ||H_vw||_F / sqrt(||H_vv||_F ||H_ww||_F), step {last['step']}",
                 "C",
@@ -193,7 +194,7 @@ def _map_sections(records: Sequence[Mapping[str, Any]]) -> list[Section]:
             "resonance",
             "Inter-layer resonance",
             lambda _: matrix_heatmap_figure(
-                last["curv/resonance"], layers, f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}", "R", labels
+                last[log_schema.RESONANCE], layers, f"Resonance R(v,w) = ||H_vw||_F, step {last['step']}", "R", labels
             ),
             "The size of each block of the Hessian, ||H_vw||_F, on a log colour scale.",
         ),
@@ -248,9 +249,9 @@ def monitor_verdict(records: Sequence[Mapping[str, Any]]) -> str:
     config = next((r.get("curvopt") or {} for r in records if r.get("type") == "config"), {})
     if config and config.get("monitor") is None:
         return "Memorisation monitor off."
-    estimates = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
+    estimates = [r for r in records if r.get("type") == "metrics" and log_schema.has_layers(r)]
     calibration = int((config.get("monitor") or {}).get("warmup", 8)) + 1
-    ready = [r for r in estimates if r.get("curv/monitor_ready") == 1]
+    ready = [r for r in estimates if r.get(log_schema.MONITOR_READY) == 1]
     if not ready:
         return (
             f"No verdict: the monitor calibrates on {calibration} estimates and this run made {len(estimates)}, "
@@ -260,7 +261,7 @@ def monitor_verdict(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
-    names = [k.removeprefix("curv/trace/") for k in record if k.startswith("curv/trace/")]
+    names = list(log_schema.layer_values(record, "trace"))
     columns = [
         ("trace", "trace"),
         ("trace_se", "± se"),
@@ -270,10 +271,14 @@ def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[l
         ("cusum", "CUSUM S"),
         ("lr_scale", "LR scale"),
     ]
-    present = [(key, title) for key, title in columns if any(f"curv/{key}/{n}" in record for n in names)]
-    rows = [[labels.get(n, n), *[record.get(f"curv/{key}/{n}") for key, _ in present]] for n in names]
-    totals = {key: record.get(f"curv/total/{key}") for key, _ in present}
-    totals["cusum"] = record.get("curv/cusum/aggregate")
+
+    def key_of(quantity: str, name: str) -> str:
+        return log_schema.cusum(name) if quantity == "cusum" else log_schema.per_layer(quantity, name)
+
+    present = [(key, title) for key, title in columns if any(key_of(key, n) in record for n in names)]
+    rows = [[labels.get(n, n), *[record.get(key_of(key, n)) for key, _ in present]] for n in names]
+    totals = {key: record.get(log_schema.total(key)) for key, _ in present if key in log_schema.TOTALS}
+    totals["cusum"] = record.get(log_schema.cusum("aggregate"))
     rows.append(["model (all)", *[totals.get(key) for key, _ in present]])
     return ["layer", *[title for _, title in present]], rows
 
@@ -284,7 +289,7 @@ def _write_html(
     from .plots import label_of, layer_labels, run_events
 
     labels = layer_labels(records)
-    metrics = [r for r in records if r.get("type") == "metrics" and any(k.startswith("curv/trace/") for k in r)]
+    metrics = [r for r in records if r.get("type") == "metrics" and log_schema.has_layers(r)]
     alarms = [r for r in records if r.get("type") == "alarm"]
     events = [e for e in run_events(records) if e.kind not in ("alarm", "change_point")]  # what happened, no alarms
     evals = [r for r in records if r.get("type") == "eval" and "eval/top1" in r]
@@ -296,7 +301,7 @@ def _write_html(
         links.append(f"<a href='{html.escape(run['wandb_url'])}'>W&amp;B run</a>")
     elif run.get("wandb_dir"):
         links.append(f"W&amp;B run (offline, <code>wandb sync {html.escape(run['wandb_dir'])}</code> uploads it)")
-    skipped = max((r.get("curv/skipped_estimates", 0) for r in records if r.get("type") == "metrics"), default=0)
+    skipped = max((r.get(log_schema.SKIPPED, 0) for r in records if r.get("type") == "metrics"), default=0)
     summary = [
         ("estimates", len(metrics)),
         ("last step", metrics[-1]["step"] if metrics else "–"),

@@ -30,24 +30,13 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlparse
 
+from ..control import log_schema
 from ..control.monitor import Alarm
 
 log = logging.getLogger("curvopt")
 
-CURV_STEP = "curv/step"
-PER_LAYER = (
-    "trace",
-    "trace_se",
-    "frob",
-    "gn_trace",
-    "tensor_trace",
-    "gn_gap",
-    "gn_gap_trace",
-    "cusum",
-    "lr_scale",
-    "top_eig",
-    "stable_rank",
-)
+SECTIONED = (*log_schema.PER_LAYER, "cusum")
+"""The ``curv/<quantity>/<name>`` keys W&B shows as a panel section per quantity."""
 
 
 def wandb_key(key: str) -> str:
@@ -55,7 +44,7 @@ def wandb_key(key: str) -> str:
     section per quantity); the model-wide CUSUM and threshold → ``curv/cusum_aggregate``, ``curv/cusum_threshold``
     (the gradient norm's: ``curv/cusum_gradient``, ``curv/cusum_gradient_threshold``)."""
     parts = key.split("/", 2)
-    if len(parts) == 3 and parts[0] == "curv" and parts[1] in PER_LAYER:
+    if len(parts) == 3 and parts[0] == "curv" and parts[1] in SECTIONED:
         if parts[1] == "cusum" and parts[2] in ("aggregate", "threshold", "gradient", "gradient_threshold"):
             return f"curv/cusum_{parts[2]}"
         return f"curv.{parts[1]}/{parts[2]}"
@@ -180,9 +169,9 @@ class WandbLogger:
                 self.owns_run = True
             self.run = run
             self.local_dir = str(Path(run.dir).parent)
-            run.define_metric(CURV_STEP)
-            run.define_metric("curv/*", step_metric=CURV_STEP)
-            run.define_metric("curv.*", step_metric=CURV_STEP)
+            run.define_metric(log_schema.STEP)
+            run.define_metric("curv/*", step_metric=log_schema.STEP)
+            run.define_metric("curv.*", step_metric=log_schema.STEP)
             run.define_metric(TRAIN_STEP)
             run.define_metric("train/*", step_metric=TRAIN_STEP)
             run.define_metric("epoch")
@@ -249,10 +238,10 @@ class WandbLogger:
         if self.run is None:
             return
         maps = {k: v for k, v in metrics.items() if isinstance(v, (list, tuple))}
-        self._log({CURV_STEP: step, **{wandb_key(k): v for k, v in metrics.items() if k not in maps}})
-        if "curv/coupling" in maps and "curv/inter_layers" in maps:
+        self._log({log_schema.STEP: step, **{wandb_key(k): v for k, v in metrics.items() if k not in maps}})
+        if log_schema.COUPLING in maps and log_schema.INTER_LAYERS in maps:
             self._safely("layer maps", self._log_maps, step, maps)
-        traces = {k.removeprefix("curv/trace/"): v for k, v in metrics.items() if k.startswith("curv/trace/")}
+        traces = log_schema.layer_values(metrics, "trace")
         if not traces:
             return
         self._traces.append((step, traces))
@@ -262,18 +251,20 @@ class WandbLogger:
     def _log_maps(self, step: int, maps: Mapping[str, Any]) -> None:
         from .plots import matrix_heatmap_figure
 
-        layers = maps["curv/inter_layers"]
+        layers = maps[log_schema.INTER_LAYERS]
         images = {
             key: self._image(matrix_heatmap_figure(maps[key], layers, f"{key} at step {step}", label))
-            for key, label in (("curv/coupling", "C"), ("curv/resonance", "R"))
+            for key, label in ((log_schema.COUPLING, "C"), (log_schema.RESONANCE, "R"))
             if key in maps
         }
-        self.run.log({CURV_STEP: step, **images})
+        self.run.log({log_schema.STEP: step, **images})
 
     def _log_heatmap(self, step: int) -> None:
         from .plots import trace_heatmap_figure
 
-        self.run.log({CURV_STEP: step, "curv/trace_heatmap": self._image(trace_heatmap_figure(self._traces.items()))})
+        self.run.log(
+            {log_schema.STEP: step, log_schema.TRACE_HEATMAP: self._image(trace_heatmap_figure(self._traces.items()))}
+        )
 
     def alert(self, alarm: Alarm) -> None:
         """One W&B alert per alarm episode (the monitor raises one per episode), and a row of ``curv/events``."""
@@ -312,8 +303,8 @@ class WandbLogger:
             "events",
             lambda: self.run.log(
                 {
-                    CURV_STEP: step,
-                    "curv/events": self._wandb.Table(
+                    log_schema.STEP: step,
+                    log_schema.EVENTS: self._wandb.Table(
                         columns=["step", "kind", "text"], data=[list(e) for e in self._events]
                     ),
                 }
