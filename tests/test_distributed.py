@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import ddp_workers
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import ddp_workers
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 WORLD = 2

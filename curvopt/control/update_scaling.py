@@ -14,7 +14,7 @@ Two mechanisms with the same effect, θ_l,new − θ_l,old = s_l × (the inner o
   one copy of the scaled parameters per step, paid only while some scale differs from 1.
 
 Either way schedulers stay in charge of the base rate. :func:`scaled_step` picks the first where it is
-exact (tests/test_lr_scaling.py checks both against each other).
+exact (tests/control/test_lr_scaling.py checks both against each other).
 """
 
 from __future__ import annotations

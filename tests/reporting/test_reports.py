@@ -22,7 +22,7 @@ from curvopt.reporting.report import make_report
 from curvopt.reporting.wandb_logger import wandb_key
 
 PNG = b"\x89PNG\r\n\x1a\n"
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _run(tmp_path: Path, lr_scaling: str | None = None) -> Path:

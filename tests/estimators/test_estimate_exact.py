@@ -2,7 +2,7 @@
 
 One large estimate per model (module-scoped, shared by the checks of traces, row-block norms and
 GN-Gap) keeps the suite fast; the products come from ``func-vmap`` in chunks of 500 probes, which
-tests/test_estimate_state.py shows to equal the default strategy's on the same probes.
+tests/estimators/test_estimate_state.py shows to equal the default strategy's on the same probes.
 """
 
 from __future__ import annotations

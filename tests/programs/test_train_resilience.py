@@ -20,7 +20,7 @@ from curvopt import read_jsonl
 from curvopt.programs.cli import main as cli_main
 from curvopt.programs.train.rundir import RunDirLock
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parents[1] / "helpers"
 # Every random stream the loop has: shuffling, drop-path, Mixup/CutMix, label noise; 4 updates/epoch.
 RUN = [
     "train",

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 import wandb
-import wandb_offline as wb
+from helpers import wandb_offline as wb
 from torch import nn
 
 from curvopt import Alarm, CurvatureAwareOptimizer, WandbLogger

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import wandb_offline as wb
 import yaml
+from helpers import wandb_offline as wb
 
 from curvopt import read_jsonl
 from curvopt.programs.cli import main as cli_main
 from curvopt.programs.recipes import RecipeError, build_parser, load_recipe, parse_train_args
 from curvopt.programs.train.run import adapt_to_small_inputs
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 PNG = b"\x89PNG\r\n\x1a\n"
 
 # 96 samples, batch 16: 6 updates per epoch; an estimate every 2 updates.

@@ -1,6 +1,6 @@
 """`curvopt train` in a subprocess that can die in the middle of a checkpoint write (tests only).
 
-    python tests/crash_run.py KILL_ON_SAVE ARGS...
+    python tests/helpers/crash_run.py KILL_ON_SAVE ARGS...
 
 KILL_ON_SAVE = N > 0: on the N-th checkpoint write, write half of the bytes to the temporary file
 and SIGKILL this process (what a power cut or `kill -9` during `torch.save` leaves behind).
