@@ -33,13 +33,14 @@ and μ0 (the median excess over the trough) from clean reference runs' histories
 loaded as JSON.
 
 Change point. With every alarm the monitor estimates when the change began (``Alarm.onset_step``), where a rollback
-should return to (:mod:`curvopt.control.rollback`). By default (``onset="fit"``) it fits each credible series (the
-one that alarmed and every series above its own threshold) retrospectively over its stored log history
-(:func:`curvopt.control.changepoint.locate_change`: a two-phase regression for abrupt changes of either sign,
-the end of the trough for gradual ones) and takes the earliest abrupt break, or the earliest trough end when no
-series broke abruptly. ``onset="page"`` keeps Page's estimate: the estimate at which the deciding statistic last left
-zero (per layer, the earliest among the layers above their thresholds), which lands after a collapse that precedes
-the rise, and never before the monitor is calibrated.
+should return to (:mod:`curvopt.control.rollback`). Page's estimate is the estimate at which the deciding statistic
+last left zero (per layer, the earliest among the layers above their thresholds). It is late after an abrupt change
+that first makes the series *fall* (a switch to random labels collapses the network, and its curvature and
+gradient norm drop before they rise), so by default (``onset="fit"``) each credible series (the one that alarmed
+and every series above its own threshold) is also fitted retrospectively over its stored log history
+(:func:`curvopt.control.changepoint.abrupt_change`: a two-phase regression, either sign, at or after the estimate
+at which its CUSUM started) and the earliest abrupt break is the onset (``onset_kind="abrupt"``); without one,
+Page's estimate (``onset_kind="page"``). ``onset="page"`` always uses Page's.
 
 Which signal fired. Every alarm carries ``crossings``: the step at which each signal family (``"curvature"``: any
 layer's series, or the model-wide one with ``alarm_on="aggregate"``; ``"gradient"``) crossed its threshold in this
@@ -83,7 +84,7 @@ from pathlib import Path
 from typing import Any
 
 from ..estimators.trace import CurvatureEstimate
-from .changepoint import ABRUPT, GRADUAL, MIN_SEGMENT, locate_change
+from .changepoint import ABRUPT, MIN_SEGMENT, abrupt_change
 
 AGGREGATE = "aggregate"
 GRADIENT = "gradient"
@@ -112,7 +113,7 @@ class Alarm:
     kind: str = AGGREGATE
     layer_types: dict[str, str] = field(default_factory=dict)  # the layers' module classes, for people
     onset_step: int | None = None  # the estimated change point: where a rollback should return to
-    onset_kind: str = "page"  # which rule placed it: "abrupt", "gradual" (onset="fit") or "page"
+    onset_kind: str = "page"  # which rule placed it: "abrupt" (a two-phase break; onset="fit") or "page"
     onset_series: str | None = None  # the series whose change placed it (a layer, "aggregate" or "gradient")
     crossings: dict[str, int] = field(default_factory=dict)  # signal family -> step it crossed its threshold
 
@@ -191,6 +192,7 @@ class _Series:
     rise_step: int | None = None  # the estimate at which s last left zero (Page's change-point estimate)
     levels: list[float] = field(default_factory=list)  # log values y_t, for the retrospective change-point fit
     level_steps: list[int] = field(default_factory=list)  # their steps
+    armed_step: int | None = None  # the estimate at which the CUSUM started (calibrated)
 
 
 def _median(ordered: Sequence[float]) -> float:
@@ -376,6 +378,8 @@ class CusumMonitor:
 
     def _advance(self, name: str, series: _Series, x: float, step: int) -> bool:
         """One CUSUM step; True when this step starts an episode above the series' threshold."""
+        if series.armed_step is None:
+            series.armed_step = step
         if series.s == 0.0:
             series.rise_step = step  # if s rises now, the change began here (the last time s was 0 was before)
         series.s = max(0.0, series.s + x - self.k)
@@ -440,28 +444,28 @@ class CusumMonitor:
     def _onset(self, deciding: str | None, layers_above: list[str]) -> tuple[int | None, str, str | None]:
         """The alarm's change point, the rule that placed it and the series it came from (see the module
         docstring)."""
-        if self.onset == "page":
-            names = [deciding] if deciding is not None else layers_above
-            steps = [(self.series[n].rise_step, n) for n in names if self.series[n].rise_step is not None]
-            if not steps:
-                return None, "page", None
-            step, name = min(steps)
-            return step, "page", name
-        credible = [n for n in self.series if n in layers_above or (n in (AGGREGATE, GRADIENT) and self._over(n))]
-        if deciding is not None and deciding not in credible:
-            credible.append(deciding)
-        found: dict[str, list[tuple[int, str]]] = {ABRUPT: [], GRADUAL: []}
-        for name in credible:
-            series = self.series[name]
-            if len(series.levels) < 2 * MIN_SEGMENT or series.sigma is None:
-                continue
-            change = locate_change(series.levels, series.sigma)
-            found[change.kind].append((series.level_steps[change.index], name))
-        for kind in (ABRUPT, GRADUAL):  # an abrupt break anywhere outranks every trough
-            if found[kind]:
-                step, name = min(found[kind])
-                return step, kind, name
-        return None, GRADUAL, None
+        if self.onset == "fit":
+            credible = [n for n in self.series if n in layers_above or (n in (AGGREGATE, GRADIENT) and self._over(n))]
+            if deciding is not None and deciding not in credible:
+                credible.append(deciding)
+            breaks = []
+            for name in credible:
+                series = self.series[name]
+                if len(series.levels) < 2 * MIN_SEGMENT or series.sigma is None or series.armed_step is None:
+                    continue
+                first = next((i for i, s in enumerate(series.level_steps) if s >= series.armed_step), 0)
+                change = abrupt_change(series.levels, series.sigma, first=first)
+                if change is not None:
+                    breaks.append((series.level_steps[change.index], name))
+            if breaks:
+                step, name = min(breaks)
+                return step, ABRUPT, name
+        names = [deciding] if deciding is not None else layers_above
+        steps = [(self.series[n].rise_step, n) for n in names if self.series[n].rise_step is not None]
+        if not steps:
+            return None, "page", None
+        step, name = min(steps)
+        return step, "page", name
 
     def _over(self, name: str) -> bool:
         return self.series[name].s > self.threshold(name)

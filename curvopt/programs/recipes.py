@@ -275,10 +275,11 @@ def _curvature_flags(g: Any) -> None:
     _flag(
         g,
         "--rollback-to",
-        default="onset",
+        default="best-validated",
         choices=list(CHOOSE),
-        help="--on-alarm rollback: the last ring checkpoint before the alarm's change point (onset: no validation "
-        "needed), or the one with the best validation top-1 among them (best-validated)",
+        help="--on-alarm rollback: among the ring checkpoints before the alarm's change point, the one with the best "
+        "validation top-1 (best-validated), or the last one (onset: no validation used; measured in "
+        "benchmarks/RESULTS.md §15)",
     )
     _flag(
         g,

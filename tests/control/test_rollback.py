@@ -237,4 +237,4 @@ def test_curvopt_train_watches_the_gradient_norm_unless_told_not_to():
         args = parse_train_args(["--model", "resnet18", "--curv-every", "5", *flags])
         opt = build_optimizer(args, model, model, nn.CrossEntropyLoss(), [], [])
         assert opt.monitor.gradient is expected and opt.monitor.tail_rate == 0.3 and opt.monitor.long_run == 1000
-    assert parse_train_args(["--model", "resnet18"]).rollback_to == "onset"  # no validation split needed
+    assert parse_train_args(["--model", "resnet18"]).rollback_to == "best-validated"  # curvopt train validates
