@@ -104,7 +104,10 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     assert cli_main(argv) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     run_dir = tmp_path / "r"
-    assert ("rolled back to the end of epoch 1 (update 4; the last epoch before the change point at update 7)") in out
+    assert (
+        "rolled back to the end of epoch 1 (update 4; the best validation top-1 of the epochs before the change "
+        "point at update 7)"
+    ) in out
     assert "rolled back at the alarm at update 11 to epoch 1" in out
     rings = sorted(p.name for p in run_dir.glob("ring-*.pth.tar"))
     assert rings == ["ring-2-u8.pth.tar", "ring-3-u11.pth.tar"]  # keep 2: the alarm's epoch ended with one more
