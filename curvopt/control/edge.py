@@ -236,8 +236,11 @@ class EdgeScaling:
         measurements the scale is held."""
         if context.step >= self.next_step and context.measure is not None:
             update = upcoming_update(context.optimizer, context.params)
-            slope = sum(float(torch.dot(p.grad.reshape(-1).double(), u.reshape(-1).double()))
-                        for p, u in zip(context.params, update) if p.grad is not None)  # fmt: skip
+            slope = sum(
+                float(torch.dot(p.grad.reshape(-1).double(), u.reshape(-1).double()))
+                for p, u in zip(context.params, update)
+                if p.grad is not None
+            )
             size = math.sqrt(sum(float(u.double().square().sum()) for u in update))
             if size > 0 and slope < 0:
                 ones = [torch.ones_like(u) for u in update]

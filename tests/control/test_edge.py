@@ -183,9 +183,16 @@ def test_the_update_criterion_is_the_quadratic_model_s_optimal_step():
     """Least squares with plain SGD: Δ = −ηg, so s* = gᵀg / (η gᵀHg) exactly."""
     model, loss_fn, batch, lam = _regression()
     lr = 3.0 / lam
-    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=lr), model, loss_fn, every=10**6, monitor=None,
-                                  lr_scaling=EdgeScaling(criterion="update"), curvature_batch_size=64,
-                                  strategy="autograd")  # fmt: skip
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=lr),
+        model,
+        loss_fn,
+        every=10**6,
+        monitor=None,
+        lr_scaling=EdgeScaling(criterion="update"),
+        curvature_batch_size=64,
+        strategy="autograd",
+    )
     opt.zero_grad()
     loss_fn(model(batch[0]), batch[1]).backward()
     g = model.weight.grad.reshape(-1).double()
