@@ -12,7 +12,7 @@ peak RSS above the RSS after set-up (CPU) or the peak allocated (CUDA). Rows:
   backward at the logits (what users got before ``CausalLMLoss``);
 * ``fd`` rows — the same with ``strategy="finite-difference"``.
 
-    python benchmarks/causal_lm_memory.py --write benchmarks/RESULTS.md
+    python -m benchmarks.causal_lm_memory --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hvp_speed import machine, median_time, peak_rss_bytes, rss_bytes, write_section
+from benchmarks.hvp_speed import machine, median_time, peak_rss_bytes, rss_bytes, write_section
 
 ROWS = ["fwd_bwd", "gn=False", "gn=True", "gn=True, generic", "fd, gn=False", "fd, gn=True"]
 
@@ -115,7 +114,8 @@ def main() -> None:
     for name in ROWS:
         cmd = [
             sys.executable,
-            __file__,
+            "-m",
+            "benchmarks.causal_lm_memory",
             "--row",
             name,
             *[

@@ -17,9 +17,9 @@ the retrospective fit, the default; ``page``: where the CUSUM last left zero), a
    labels exceeds 2× chance), median per model and condition.
 4. **Clean runs**: false alarms (and the epoch of each), and the epoch their training loss stopped falling.
 
-    python benchmarks/changepoint.py --runs benchmarks/records/memorisation-deep --seeds 1 --first-seed 0
-    python benchmarks/changepoint.py --runs benchmarks/records/memorisation-deep --seeds 5 --first-seed 100
-    python benchmarks/changepoint.py --runs benchmarks/records/memorisation-digits --seeds 3 --first-seed 100
+    python -m benchmarks.changepoint --runs benchmarks/records/memorisation-deep --seeds 1 --first-seed 0
+    python -m benchmarks.changepoint --runs benchmarks/records/memorisation-deep --seeds 5 --first-seed 100
+    python -m benchmarks.changepoint --runs benchmarks/records/memorisation-digits --seeds 3 --first-seed 100
 """
 
 from __future__ import annotations
@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # memorisation, a sibling script
-
-import memorisation as mem
+from benchmarks import memorisation as mem
 
 RULE = "layer_frob+grad"
 LEADERS = {"curvature": "layer_frob", "gradient norm": "grad_norm", "train loss": "train_loss"}

@@ -1,6 +1,6 @@
 """Estimate time against world size on CPU (gloo): one process vs two DDP ranks.
 
-    python benchmarks/ddp_scaling.py --reps 5
+    python -m benchmarks.ddp_scaling --reps 5
 
 Per configuration: the wall time of one full wrapper estimate (probes, products, the one
 all-reduce, monitor update), median over ``--reps`` after one warm-up, the time of the all-reduce

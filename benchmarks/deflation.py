@@ -9,7 +9,7 @@ Models: timm resnet18 (32×32, batch 32) at initialisation, after ``--mid`` and 
 steps of the synthetic task (the late stage is near convergence: ~100 % training accuracy), and the
 DAG paper's plain tanh MLP (depth 12, width 32, a teacher task) at initialisation and after training.
 
-    python benchmarks/deflation.py --reps 8 --mlp-reps 50
+    python -m benchmarks.deflation --reps 8 --mlp-reps 50
 """
 
 from __future__ import annotations
@@ -58,12 +58,8 @@ def _frozen(model: nn.Module) -> nn.Module:
 
 
 def mlp_stages(steps: int) -> list[tuple[str, nn.Module, tuple[torch.Tensor, torch.Tensor], float]]:
-    import importlib.util
-    from pathlib import Path
+    from benchmarks import resonance_depth as module
 
-    spec = importlib.util.spec_from_file_location("resonance_depth", Path(__file__).with_name("resonance_depth.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     torch.manual_seed(0)
     model = module.deep_mlp(12, 32, 16, 10, residual=False)
     x, y = module.teacher_batch(2048, 16, 10, seed=0)

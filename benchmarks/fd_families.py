@@ -12,9 +12,9 @@ Families with piecewise-linear activations (ReLU and max-pooling in the timm Res
 MobileNetV3) are not expected to match: their rows show the warning and what it advises (MobileNetV3 has no exact
 reference: autograd cannot differentiate its Hardsigmoid twice).
 
-    python benchmarks/fd_families.py                       # every family (≈ 5 min on 2 cores)
-    python benchmarks/fd_families.py --models convnext,vit
-    python benchmarks/fd_families.py --write benchmarks/RESULTS.md
+    python -m benchmarks.fd_families                       # every family (≈ 5 min on 2 cores)
+    python -m benchmarks.fd_families --models convnext,vit
+    python -m benchmarks.fd_families --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ Same model, same batch, K probes for every row. Each row runs in its own subproc
 its peak memory can be measured (CPU: peak RSS above the post-set-up RSS; CUDA: peak
 allocated). Times are medians over ``--reps`` repetitions after one warm-up.
 
-    python benchmarks/hvp_speed.py                      # resnet18 + small ViT, K=8, batch 32
-    python benchmarks/hvp_speed.py --models resnet18 --reps 3 --write benchmarks/RESULTS.md
-    python benchmarks/hvp_speed.py --device cuda --models resnet18,resnet50,vit_s --image-size 224 \
+    python -m benchmarks.hvp_speed                      # resnet18 + small ViT, K=8, batch 32
+    python -m benchmarks.hvp_speed --models resnet18 --reps 3 --write benchmarks/RESULTS.md
+    python -m benchmarks.hvp_speed --device cuda --models resnet18,resnet50,vit_s --image-size 224 \
         --batch-size 128 --write benchmarks/RESULTS.md     # GPU rows (+ the tf32/bf16 product rows)
 
 Models: ``resnet18``, ``resnet50`` (timm, 10 classes), ``vit`` (ViT-Tiny, depth 6, patch 4 at 32×32,
@@ -345,7 +345,8 @@ if __name__ == "__main__":
         for row in rows:
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "benchmarks.hvp_speed",
                 "--row",
                 row,
                 "--model",

@@ -17,8 +17,8 @@ learnt). The table gives mean ± sd over seeds per setting, optimizer,
 policy and base LR, and per policy the best final loss, the steps to the threshold at the best LR
 and the largest base LR at which no seed diverged.
 
-    python benchmarks/lr_scaling.py --seeds 5 --workers 2 --out benchmarks/runs/lr_scaling
-    python benchmarks/lr_scaling.py --quick
+    python -m benchmarks.lr_scaling --seeds 5 --workers 2 --out benchmarks/runs/lr_scaling
+    python -m benchmarks.lr_scaling --quick
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ samples of the batch, Gauss-Newton on):
   grad_norm      gradient norm of the batch at the estimate step
   gap_val_train  validation loss minus training loss (the early-stopping signal)
 
-    python benchmarks/memorisation.py record --task mnist-cnn --opt sgd --seeds 10 --first-seed 100
-    python benchmarks/memorisation.py analyse --runs benchmarks/runs/memorisation
-    python benchmarks/memorisation.py --quick   # one small sweep end to end (< 10 min on 2 CPU cores)
+    python -m benchmarks.memorisation record --task mnist-cnn --opt sgd --seeds 10 --first-seed 100
+    python -m benchmarks.memorisation analyse --runs benchmarks/runs/memorisation
+    python -m benchmarks.memorisation --quick   # one small sweep end to end (< 10 min on 2 CPU cores)
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 import warnings
 from multiprocessing import Pool
@@ -56,8 +55,6 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # monitor_stationary, a sibling script
 
 CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
 RECORDED = (
@@ -791,7 +788,7 @@ STATIONARY_BUDGET = {"gaussian": 0.05, "heavy": 0.10, "horizon": 1000, "runs": 4
 
 def stationary_ok(settings: dict[str, Any], layers: int) -> tuple[bool, str]:
     """Whether ``settings`` keep :data:`STATIONARY_BUDGET`, and the two rates as text."""
-    from monitor_stationary import false_alarm_rate
+    from benchmarks.monitor_stationary import false_alarm_rate
 
     b = STATIONARY_BUDGET
     kwargs = {"runs": b["runs"], "horizon": b["horizon"], "layers": layers}
@@ -886,7 +883,7 @@ def tune_thresholds(
     depth (Gaussian / Student t; 1,000 and 5,000 estimates)."""
     import itertools
 
-    from monitor_stationary import rule_rate
+    from benchmarks.monitor_stationary import rule_rate
 
     paths = json.loads(paths_file.read_text())["paths"]
     grad = condition_delays(runs, "grad_norm", {})

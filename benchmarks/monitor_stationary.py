@@ -8,17 +8,17 @@ the layers' noise is correlated: each layer's standardised noise is √ρ·c_t +
 c_t (``--correlation`` ρ, default 0.5), and heavy tails share their scale across layers (one χ² draw per
 estimate), as a bad batch would make every layer's estimate an outlier at once.
 
-    python benchmarks/monitor_stationary.py --runs 100 --horizon 1000 --layers 1 10 43 161
-    python benchmarks/monitor_stationary.py --layers 43 --horizon 5000 --runs 60
+    python -m benchmarks.monitor_stationary --runs 100 --horizon 1000 --layers 1 10 43 161
+    python -m benchmarks.monitor_stationary --layers 43 --horizon 5000 --runs 60
 
 The statistic does not depend on the threshold (an alarm only reports a crossing), so ``--record FILE`` runs each
 (layers, noise) case once with the monitor's default dynamics and saves, per run and estimate, the largest
 per-layer statistic max_l S_l(t) and the model-wide S(t); ``--rules FILE`` then gives the false-alarm rate of any
 threshold rule (h, ``tail_rate``, ``long_run``) at every horizon from those paths, without simulating again:
 
-    python benchmarks/monitor_stationary.py --record benchmarks/runs/stationary.json --layers 1 10 43 161 \
+    python -m benchmarks.monitor_stationary --record benchmarks/runs/stationary.json --layers 1 10 43 161 \
         --horizon 5000 --runs 100
-    python benchmarks/monitor_stationary.py --rules benchmarks/runs/stationary.json --horizon 1000 5000 \
+    python -m benchmarks.monitor_stationary --rules benchmarks/runs/stationary.json --horizon 1000 5000 \
         --monitor '{"tail_rate": 0.7}' '{"tail_rate": 0.5, "long_run": 1000}'
 """
 

@@ -10,8 +10,8 @@ The ``mechanism`` rows keep per-layer LR scales fixed at values ≠ 1 and never 
 measure what applying layer-wise learning rates costs per step (through the learning rate for
 SGD, through the update for a Lookahead-wrapped SGD, which is not linear in the rate).
 
-    python benchmarks/overhead.py --steps 1000
-    python benchmarks/overhead.py --device cuda --model resnet50 --img-size 224 --batch-size 64 --steps 500
+    python -m benchmarks.overhead --steps 1000
+    python -m benchmarks.overhead --device cuda --model resnet50 --img-size 224 --batch-size 64 --steps 500
 """
 
 from __future__ import annotations

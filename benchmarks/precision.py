@@ -6,8 +6,8 @@ estimator's own noise, so it is reported per layer in units of the fp32 estimate
 (|trace_low − trace_fp32| / SE_fp32; same for the GN trace), plus the relative error of the
 whole-model trace and GN-Gap, and the time of one estimate (median of ``--reps``).
 
-    python benchmarks/precision.py                                 # CPU: bfloat16 (tf32 is CUDA-only)
-    python benchmarks/precision.py --device cuda --image-size 224 --write benchmarks/RESULTS.md
+    python -m benchmarks.precision                                 # CPU: bfloat16 (tf32 is CUDA-only)
+    python -m benchmarks.precision --device cuda --image-size 224 --write benchmarks/RESULTS.md
 """
 
 from __future__ import annotations
@@ -20,10 +20,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hvp_speed import build, machine, median_time, write_section
-
 import curvopt
+from benchmarks.hvp_speed import build, machine, median_time, write_section
 
 
 def estimate(model, loss_fn, batch, precision: str, probes: int, device: str):

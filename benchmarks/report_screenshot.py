@@ -1,6 +1,6 @@
 """Open a ``report.html`` in headless Chromium: a screenshot to look at, and the page's render self-check.
 
-    python benchmarks/report_screenshot.py runs/demo/report/report.html --out runs/demo/report/screenshot.png
+    python -m benchmarks.report_screenshot runs/demo/report/report.html --out runs/demo/report/screenshot.png
 
 Needs Debian's ``chromium`` (``apt-get install chromium``). Prints the self-check the page computes
 on load (images loaded, none broken, nothing wider than the window) and exits 1 when it fails.

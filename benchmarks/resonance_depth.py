@@ -1,6 +1,6 @@
 """Resonance vs depth distance in plain and residual MLPs; block_norms / Lanczos / SLQ timings vs PyHessian.
 
-    python benchmarks/resonance_depth.py --depth 8 --width 32 --probes 16 --seeds 3
+    python -m benchmarks.resonance_depth --depth 8 --width 32 --probes 16 --seeds 3
 
 Part 1 (the DAG paper's qualitative claim): for a plain deep tanh MLP and the same MLP with skip
 connections (h ← h + f(h)), estimate the parameter-space map ‖H_vw‖_F² of the hidden layers at

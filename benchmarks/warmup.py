@@ -19,8 +19,8 @@ final validation loss above the initial one), wall time, and for ``edge`` its me
 Record (one JSON file per run under ``--out``; existing files are skipped, so a grid runs in parts and resumes),
 then analyse:
 
-    python benchmarks/warmup.py record --models gpt --seeds 0 --workers 2 --out benchmarks/runs/warmup
-    python benchmarks/warmup.py analyse --out benchmarks/runs/warmup
+    python -m benchmarks.warmup record --models gpt --seeds 0 --workers 2 --out benchmarks/runs/warmup
+    python -m benchmarks.warmup analyse --out benchmarks/runs/warmup
 """
 
 from __future__ import annotations

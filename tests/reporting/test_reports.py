@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -150,11 +149,8 @@ def test_the_html_page_tells_the_run_s_story(report):
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
 def test_the_html_page_renders_in_headless_chromium(report, tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        import report_screenshot
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    from benchmarks import report_screenshot
+
     _, paths = report
     page = next(p for p in paths if p.name == "report.html")
     assert report_screenshot.render_check(page) == {"images": 5, "broken": 0, "overflow": False}
