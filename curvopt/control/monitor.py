@@ -268,7 +268,7 @@ class CusumMonitor:
         gradient: bool = True,
         gradient_h: float = 12.0,
         onset: str = "fit",
-        history: int = 1024,
+        history: int = 512,
     ) -> None:
         if k < 0 or h <= 0:
             raise ValueError(f"need k >= 0 and h > 0, got k={k}, h={h}")

@@ -166,6 +166,12 @@ class RollbackOnAlarm:
         """Restore the last (or best-scored) snapshot before the alarm's onset, then stop, lower the LR or freeze."""
         snapshot = _pick(self.snapshots, alarm.onset_step, self.choose)
         if snapshot is None:
+            warnings.warn(
+                f"curvopt: the alarm at step {alarm.step} found no snapshot to roll back to (none taken yet in this "
+                "process, e.g. right after a resume): the model is left as it is",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         if alarm.onset_step is not None and snapshot.step >= alarm.onset_step:
             warnings.warn(

@@ -241,3 +241,13 @@ def test_curvopt_train_watches_the_gradient_norm_unless_told_not_to():
         opt = build_optimizer(args, model, model, nn.CrossEntropyLoss(), [], [])
         assert opt.monitor.gradient is expected and opt.monitor.tail_rate == 0.3 and opt.monitor.long_run == 1000
     assert parse_train_args(["--model", "resnet18"]).rollback_to == "best-validated"  # curvopt train validates
+
+
+def test_an_alarm_with_no_snapshot_warns_and_leaves_the_model():
+    model = nn.Linear(2, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rollback = RollbackOnAlarm(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(RuntimeWarning, match="found no snapshot to roll back to"):
+        rollback.alert(Alarm(5, ["(root)"], 11.0, 10.0, onset_step=3))
+    assert rollback.restored == [] and not rollback.stopped
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
