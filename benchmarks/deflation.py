@@ -7,9 +7,11 @@ per-layer traces over the repetitions, and the wall time of one estimate. Below 
 
 Models: timm resnet18 (32×32, batch 32) at initialisation, after ``--mid`` and after ``--late`` SGD
 steps of the synthetic task (the late stage is near convergence: ~100 % training accuracy), and the
-DAG paper's plain tanh MLP (depth 12, width 32, a teacher task) at initialisation and after training.
+inter-layer Hessian paper's plain tanh MLP (depth 12, width 32, a teacher task) at initialisation and after training.
 
     python -m benchmarks.deflation --reps 8 --mlp-reps 50
+
+The inter-layer Hessian paper: “Inter-Layer Hessian Analysis of Neural Networks with DAG Architectures” (arXiv, 2026).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python -m benchmarks.resonance_depth --depth 8 --width 32 --probes 16 --seeds 3
 
-Part 1 (the DAG paper's qualitative claim): for a plain deep tanh MLP and the same MLP with skip
+Part 1 (the inter-layer Hessian paper's qualitative claim): for a plain deep tanh MLP and the same MLP with skip
 connections (h ← h + f(h)), estimate the parameter-space map ‖H_vw‖_F² of the hidden layers at
 initialisation on a synthetic teacher task and print the mean coupling C(v, w) by depth distance
 |v − w|, relative to distance 1. The claim: it decays with distance in the plain MLP and is
@@ -13,6 +13,8 @@ curvopt's Lanczos top eigenvalue of the whole H (m steps) vs PyHessian's power i
 (``eigenvalues(maxIter=m, tol=-inf)``); curvopt's SLQ density (n_v starts × m steps) vs
 PyHessian's ``density(iter=m, n_v)``; and one ``block_norms`` call (K·L products) with its cost
 per product.
+
+The inter-layer Hessian paper: “Inter-Layer Hessian Analysis of Neural Networks with DAG Architectures” (arXiv, 2026).
 """
 
 from __future__ import annotations

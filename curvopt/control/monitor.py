@@ -1,4 +1,4 @@
-r"""CUSUM memorisation monitor on per-layer curvature (DESIGN §5).
+r"""CUSUM memorisation monitor on per-layer curvature.
 
 Signal (``signal="frobenius"``, the default). From the row-block products every estimate
 already has, v_l = mean_k ‖(Hz)_l‖² / d_l, an unbiased, never-negative estimate of

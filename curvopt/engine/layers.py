@@ -150,7 +150,7 @@ def group_parameters(model: nn.Module, layers: LayerSpec | None = None) -> list[
 
     Args:
         model: the model (wrappers are not stripped here; see :func:`unwrap_model`).
-        layers: ``None`` for one layer per owning module (DESIGN §1), or a mapping
+        layers: ``None`` for one layer per owning module (the parameters it owns directly), or a mapping
             ``name -> [parameter names | parameters | module names | modules]``. Tensors not
             listed are held constant: the estimate covers the listed blocks only.
 

@@ -1,4 +1,4 @@
-r"""Inter-layer curvature: the L × L map of block norms ‖H_vw‖_F² and what it implies (DESIGN §4).
+r"""Inter-layer curvature: the L × L map of block norms ‖H_vw‖_F² and what it implies.
 
 A probe supported on layer w only, z = (0, …, z_w, …, 0) with E z_w z_wᵀ = I, gives for *every*
 layer v at once
@@ -19,8 +19,9 @@ O(1/K) bias). Standard errors: the sample SE of each squared norm, and leave-one
 jackknife SEs for R, C and Φ. With ``gn`` the same products give the Gauss-Newton and tensor maps
 ‖G_vw‖_F² and ‖Hᵀ_vw‖_F² (Hᵀ = H − G).
 
-Parameter space (this module) is what an optimizer acts on. :func:`activation_block_norms` is the
-DAG paper's own definition, the Hessian of the loss with respect to the layers' *outputs*.
+Parameter space (this module) is what an optimizer acts on. :func:`activation_block_norms` is the definition of
+“Inter-Layer Hessian Analysis of Neural Networks with DAG Architectures” (arXiv, 2026): the Hessian of the loss
+with respect to the layers' *outputs*.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def activation_block_norms(
     modules: Sequence[str] | None = None,
     generator: torch.Generator | None = None,
 ) -> BlockNorms:
-    """The DAG paper's activation-space map: ‖∂²L/∂a_v∂a_w‖_F² for the outputs a_l of ``modules``.
+    """The inter-layer Hessian paper's activation-space map (module docstring): ‖∂²L/∂a_v∂a_w‖_F² for the outputs
+    a_l of ``modules``.
 
     a_l is the output of child module l of an ``nn.Sequential`` over the whole batch (shape
     ``[B, …]``); the loss is differentiated with respect to a perturbation δ_l added to that

@@ -1,4 +1,4 @@
-r"""How many probes are worth buying: the mini-batch variance decomposition (DESIGN §2).
+r"""How many probes are worth buying: the mini-batch variance decomposition.
 
 Over random batches B and probes, the K-probe estimate of layer l has
 

@@ -1,4 +1,4 @@
-r"""Per-layer Hessian spectra: Lanczos top eigenvalues, stable rank and SLQ spectral density (DESIGN §4).
+r"""Per-layer Hessian spectra: Lanczos top eigenvalues, stable rank and SLQ spectral density.
 
 For a layer's diagonal block H_ll (d_l × d_l, applied as restricted products, never formed):
 

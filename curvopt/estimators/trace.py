@@ -1,7 +1,7 @@
 r"""Per-layer Hutchinson estimates of Hessian, Gauss-Newton and tensor-part curvature.
 
 With probes z⁽¹⁾…z⁽ᴷ⁾ over *all* P coordinates and one product u = Hz per probe, every layer
-l reads its own estimate from the same product (DESIGN §2):
+l reads its own estimate from the same product:
 
     T̂_l = (1/K) Σ_k z_lᵀ (H z)_l,        E[T̂_l] = tr H_ll,
 
@@ -16,7 +16,8 @@ over √K. The same probes give the Gauss-Newton trace (z_lᵀ(Gz)_l), the tenso
 (z_lᵀ(Hz − Gz)_l, exact per probe) and unbiased squared Frobenius norms of the *row blocks*
 E‖(Az)_l‖² = ‖A_{l,:}‖_F² for A ∈ {H, G, Hᵀ}.
 
-``gn_gap`` is the DAG paper's Frobenius ratio restricted to a layer's row block,
+``gn_gap`` is the Frobenius ratio of “Inter-Layer Hessian Analysis of Neural Networks with DAG
+Architectures” (arXiv, 2026) restricted to a layer's row block,
 ``gn_gap[l] = ‖Hᵀ_{l,:}‖_F / ‖G_{l,:}‖_F`` (a ratio of the two unbiased squared-norm means);
 the model total is ‖Hᵀ‖_F / ‖G‖_F. The trace form ``gn_gap_trace[l] = tr Hᵀ_ll / tr G_ll`` is
 reported beside it.
@@ -74,7 +75,7 @@ class CurvatureEstimate:
     """Per-layer curvature estimates from K shared probes.
 
     Attributes:
-        layers: layer names (DESIGN §1 grouping, or the caller's).
+        layers: layer names (one per parameter-owning module, or the caller's grouping).
         numel: coordinates d_l per layer.
         samples: kind -> ``[K, L]`` float64 per-probe values, kinds in ``SAMPLE_KINDS``
             (``gn_trace`` and the row norms of G and Hᵀ only when ``gn``).
@@ -191,7 +192,7 @@ class CurvatureEstimate:
 
     @property
     def total_gn_gap(self) -> float:
-        """‖Hᵀ‖_F / ‖G‖_F over the probed parameters (the DAG paper's GN-Gap)."""
+        """‖Hᵀ‖_F / ‖G‖_F over the probed parameters (the GN-Gap of the paper cited in the module docstring)."""
         return math.sqrt(
             _ratio(float(self.samples["tensor_row_sq"].sum(1).mean()), float(self.samples["gn_row_sq"].sum(1).mean()))
         )

@@ -1,4 +1,5 @@
-"""Bad input gets a clear error; layer grouping follows DESIGN §1; the K* tracker recovers known variances."""
+"""Bad input gets a clear error; layers are the parameters each module owns directly; the K* tracker recovers
+known variances."""
 
 from __future__ import annotations
 

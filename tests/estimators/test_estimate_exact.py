@@ -166,7 +166,7 @@ def test_per_probe_variance_matches_closed_form(distribution):
 
 
 def test_cross_layer_covariance_matches_block_norms():
-    """Cov(T̂_l, T̂_m) = ‖H_lm‖_F² / K per probe pair with shared Rademacher probes (DESIGN §2)."""
+    """Cov(T̂_l, T̂_m) = ‖H_lm‖_F² / K per probe pair with shared Rademacher probes."""
     model, loss_fn, batch = _mlp_problem()
     dense = dense_curvature(model, loss_fn, batch, layer_params(model))
     est = estimate_curvature(
