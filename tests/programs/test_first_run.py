@@ -267,7 +267,7 @@ def test_a_model_through_the_wrapper_alarm_names_quoted_layers(caplog):
 
 
 def test_the_first_estimate_s_cost_is_said_in_training_steps(tmp_path, capsys):
-    from curvopt.programs.train.run import estimate_cost_line
+    from curvopt.programs.train.messages import estimate_cost_line
 
     assert estimate_cost_line(4.0, 0.1, 8) == (
         "  one curvature estimate took 4.0 s, about 40 training steps: 500 % "

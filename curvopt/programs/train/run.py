@@ -27,20 +27,16 @@ import secrets
 import time
 import warnings
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
-from torch import nn
 from tqdm import tqdm
 
 from ...control.monitor import Alarm
-from ...control.optimizer import CurvatureAwareOptimizer
 from ...control.rollback import choice
 from ...reporting.loggers import LOG_NAME, JsonlLogger, truncate_log
-from ...reporting.tables import format_table
 from ...reporting.wandb_logger import WandbLogger
 from .checkpoint import (
     BEST,
@@ -54,10 +50,10 @@ from .checkpoint import (
 )
 from .errors import TrainError
 from .loop import BufferCheckpoint, EpochContext, evaluate, train_one_epoch
+from .messages import announce, estimate_cost_line, print_epoch, summarise
 from .resume import merge_resume_args
 from .rundir import RunDirLock, claim_fresh_dir, make_dir, remove_unstarted
 from .setup import (
-    Data,
     adapt_to_small_inputs,
     build_data,
     build_loss,
@@ -74,65 +70,11 @@ from .setup import (
     updates_per_epoch,
 )
 from .sharding import full_state, load_full_state
+from .state import TrainingRun, silent
 
 __all__ = ["TrainError", "adapt_to_small_inputs", "run_training"]
 
 DEFAULT_OUTPUT = "runs/train"
-
-
-def _silent(*args: Any, **kwargs: Any) -> None:
-    """``print`` on ranks other than 0."""
-
-
-@dataclass
-class TrainingRun:
-    """The parts of one run, built by :func:`set_up` and used by every later stage."""
-
-    args: argparse.Namespace
-    device: torch.device
-    data: Data
-    model: nn.Module
-    train_model: nn.Module
-    model_ema: Any
-    opt: CurvatureAwareOptimizer
-    scheduler: Any
-    num_epochs: int
-    autocast: Any
-    loss_scaler: Any
-    epoch_context: EpochContext
-    stem_note: str = ""
-    cadence_note: str = ""
-    say: Any = print
-    run_dir: Path = Path()
-    run_id: str = ""
-    jsonl: JsonlLogger | None = None
-    wandb_logger: WandbLogger | None = None
-    start_epoch: int = 0
-    num_updates: int = 0
-    best_top1: float = -math.inf
-    best_epoch: int = -1
-    skipped_batches: int = 0
-    epoch: int = 0
-    last_lr: float | None = None
-    stop_alarm: Alarm | None = None
-    alarms_handled: int = 0
-    rolled_back: dict[str, Any] | None = None
-    update_times: list[float] = field(default_factory=list)  # wall time of updates without an estimate
-    last_update_at: float | None = None
-    cost_said: bool = False
-    last_epoch_stats: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def main_process(self) -> bool:
-        return self.args.rank == 0
-
-    @property
-    def sinks(self) -> list[Any]:
-        return [s for s in (self.jsonl, self.wandb_logger) if s is not None]
-
-    def log_event(self, step: int, kind: str, text: str) -> None:
-        for sink in self.sinks:
-            sink.log_event(step, kind, text)
 
 
 # ---------------------------------------------------------------------- set-up: nothing written yet
@@ -176,7 +118,7 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
         should_stop=lambda: after_update(run_box[0]),
         on_lr=lambda step, lr: note_lr(run_box[0], step, lr),
     )
-    say = print if args.rank == 0 else _silent
+    say = print if args.rank == 0 else silent
     run = TrainingRun(
         args,
         device,
@@ -384,7 +326,7 @@ def run_epoch(run: TrainingRun, epoch: int) -> None:
         sink.log_epoch(epoch, stats)
     _checkpoint(run, epoch, best, stats["eval/top1"])
     run.last_epoch_stats = stats
-    _print_epoch(run, epoch, stats, time.perf_counter() - start)
+    print_epoch(run, epoch, stats, time.perf_counter() - start)
 
 
 def _validate(run: TrainingRun, result: Any) -> dict[str, float]:
@@ -468,20 +410,6 @@ def after_update(run: TrainingRun) -> bool:
     return handle_new_alarms(run)
 
 
-def estimate_cost_line(seconds: float, step_seconds: float, every: int) -> str:
-    """What one estimate costs in training steps, and the overhead at this cadence (with the cadence that keeps it
-    under 10 %)."""
-    steps = seconds / max(step_seconds, 1e-9)
-    overhead = steps / max(every, 1)
-    line = (
-        f"  one curvature estimate took {seconds:.1f} s, about {steps:.0f} training steps: "
-        f"{100 * overhead:.0f} % overhead at every {every} updates"
-    )
-    if overhead > 0.1:
-        line += f" (--curv-every {int(steps * 10) + 1} keeps it under 10 %)"
-    return line
-
-
 def handle_new_alarms(run: TrainingRun) -> bool:
     """After every update, on every rank (the wrapper's alarms are the same on all): ``--on-alarm`` for the alarms
     raised since the last call — print them, save ``alarm-<update>.pth.tar`` (checkpoint), or end the run (stop).
@@ -493,7 +421,7 @@ def handle_new_alarms(run: TrainingRun) -> bool:
 
 
 def _handle_alarm(run: TrainingRun, alarm: Alarm) -> None:
-    write = tqdm.write if run.main_process else _silent
+    write = tqdm.write if run.main_process else silent
     write(f"ALARM: {alarm.describe()}")
     action = run.args.on_alarm
     if action == "rollback" and run.stop_alarm is None:
@@ -549,41 +477,6 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
     run.log_event(run.num_updates, "rollback", text)
 
 
-def _print_epoch(run: TrainingRun, epoch: int, stats: dict[str, float], elapsed: float) -> None:
-    curv = run.opt.last_estimate
-    curv_text = f"tr H {curv.total_trace:.3g}" if curv is not None else "no estimate yet"
-    run.say(
-        f"epoch {epoch + 1:>3}/{run.num_epochs}  train loss {stats['train/loss_epoch']:.4f} "
-        f"acc {stats['train/acc_epoch']:5.1f}%  val loss {stats['eval/loss']:.4f} top1 {stats['eval/top1']:5.1f}%  "
-        f"lr {stats['train/lr']:.3g}  {curv_text}  alarms {len(run.opt.alarms)}  {elapsed:.1f}s"
-    )
-
-
-def _announce(run: TrainingRun) -> None:
-    args, splits = run.args, run.data.splits
-    ranks = f" x {args.world_size} ranks ({'FSDP2' if args.fsdp else 'DDP'})" if args.distributed else ""
-    run.say(
-        f"curvopt train: {args.model} on {args.dataset} ({len(splits.train)} train / {len(splits.val)} val, "
-        f"{splits.num_classes} classes) on {run.device}{ranks}; run dir {run.run_dir}"
-    )
-    if run.stem_note:
-        run.say(f"  small-input adaptation: {run.stem_note}")
-    if run.data.noisy is not None:
-        run.say(f"  label noise p={args.label_noise} from epoch {args.label_noise_start_epoch + 1}")
-        if args.label_noise_start_epoch >= run.num_epochs:
-            run.say(
-                f"  warning: the label noise starts at epoch {args.label_noise_start_epoch + 1}, after the last "
-                f"epoch ({run.num_epochs}): this run trains on clean labels only (--epochs, "
-                "--label-noise-start-epoch)"
-            )
-    upe = updates_per_epoch(args, run.data.train_loader)
-    resuming = f"; resuming at epoch {run.start_epoch + 1}, update {run.num_updates}" if run.start_epoch else ""
-    run.say(
-        f"  {run.opt!r}; {len(run.opt.layer_blocks)} layers; {upe} updates/epoch, {run.num_epochs} epochs" + resuming
-    )
-    run.say(f"  {run.cadence_note}")
-
-
 def close(run: TrainingRun, finished: bool) -> None:
     """Close the logs and, under DDP, leave the process group together."""
     if run.jsonl is not None:
@@ -594,53 +487,6 @@ def close(run: TrainingRun, finished: bool) -> None:
         if finished:  # every rank is here: no rank tears the group down while a peer still uses it
             torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def summarise(run: TrainingRun) -> None:
-    """The final per-layer table, the alarms, what the monitor could not see, and where everything is."""
-    say, opt = run.say, run.opt
-    if run.skipped_batches:
-        say(f"{run.skipped_batches} batch(es) with a non-finite loss were skipped")
-    if opt.last_estimate is not None:
-        say("\nlast curvature estimate, per layer:")
-        say(format_table(opt.last_estimate, opt.lr_scales if run.args.lr_scaling else None, opt.monitor))
-    for alarm in opt.alarms:
-        say(f"alarm: {alarm.describe()}")
-    say(_monitor_verdict(opt))
-    run_dir = run.run_dir
-    if run.rolled_back is not None:
-        r = run.rolled_back
-        say(
-            f"rolled back at the alarm at update {r['alarm']} to epoch {r['epoch']} (update {r['update']}, "
-            f"{r['checkpoint']}), before the change point at update {r['onset']}"
-        )
-    if run.stop_alarm is not None:
-        best = f"{run_dir / BEST} (epoch {run.best_epoch + 1}, val top-1 {run.best_top1:.2f}%)"
-        how = "--on-alarm rollback, --rollback-then stop" if run.rolled_back is not None else "--on-alarm stop"
-        say(f"stopped at the alarm at update {run.stop_alarm.step} ({how}); best checkpoint: {best}")
-    say(f"\nrun dir:     {run_dir}\ncheckpoint:  {run_dir / CHECKPOINT}\nJSONL log:   {run_dir / LOG_NAME}")
-    if run.wandb_logger is not None and run.wandb_logger.local_dir is not None:
-        say(f"W&B run:     {run.wandb_logger.local_dir}")
-    say(f"report:      curvopt report {run_dir}")
-    if run.last_epoch_stats:
-        say(f"final val top1 {run.last_epoch_stats['eval/top1']:.2f}%")
-
-
-def _monitor_verdict(opt: CurvatureAwareOptimizer) -> str:
-    """What the monitor saw; a monitor that saw nothing must not read like a clean run."""
-    if opt.monitor is None:
-        return "memorisation monitor off"
-    skipped, skips = opt.skipped_estimates, opt.skips
-    total = skipped + len(opt.history)
-    if skipped and not opt.history:
-        return (
-            f"no memorisation verdict: the monitor saw nothing, all {skipped} curvature estimates were skipped "
-            f"(since update {skips.get('first_step')}; last reason: {skips.get('last_reason')})"
-        )
-    note = f" ({skipped} of {total} estimates skipped, first at update {skips.get('first_step')})" if skipped else ""
-    if not opt.monitor.ready:
-        return f"no memorisation verdict: the monitor was still calibrating{note}"
-    return ("memorisation alarm(s) raised" if opt.alarms else "no memorisation alarm") + note
 
 
 # ---------------------------------------------------------------------- the run
@@ -663,7 +509,7 @@ def run_training(args: argparse.Namespace) -> int:
             if resume is None and run.main_process:
                 remove_unstarted(run.run_dir)
             raise
-        _announce(run)
+        announce(run)
         stack.enter_context(_quiet_alarms())
         try:
             for epoch in range(run.start_epoch, run.num_epochs):
