@@ -56,6 +56,9 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from benchmarks.memorisation_tasks import DEEP_TASKS, HOLDOUT, condition_plan, load_task, noisy_labels
+from benchmarks.run_records import load_runs, read_run, save_run
+
 CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
 RECORDED = (
     "curv_frob",
@@ -84,10 +87,6 @@ CHANCE = 0.1
 
 
 # ---------------------------------------------------------------------- tasks
-DEEP_TASKS = ("mnist14-resnet20", "mnist14-vgg11", "mnist14-vit", "digits8-resnet20", "digits8-vit")
-HOLDOUT = 0.1
-
-
 class Job(NamedTuple):
     """One recorded run: what ``record`` (and ``rollback``) hand a worker."""
 
@@ -108,75 +107,6 @@ def run_name(job: Job) -> str:
     suffix = f"_rollback-{job.rollback_plan[0]}" if job.rollback_plan else ""
     whole = "_all" if job.holdout == 0 and job.task in DEEP_TASKS else ""
     return f"{job.task}_{job.opt}_{job.condition}_{job.seed}{whole}{suffix}.json.gz"
-
-
-def deep_model(task: str) -> nn.Module:
-    from curvopt.programs.models import SmallViT, resnet20, vgg11
-
-    if task == "mnist14-resnet20":
-        return resnet20(channels=1, width=8)
-    if task == "mnist14-vgg11":
-        return vgg11(channels=1, width=8)
-    if task == "digits8-resnet20":
-        return resnet20(channels=1, width=8)
-    if task == "digits8-vit":
-        return SmallViT(channels=1, size=8, patch=4, dim=64, depth=4, heads=4, mlp=128)
-    return SmallViT(channels=1, size=14, patch=7, dim=64, depth=4, heads=4, mlp=128)
-
-
-def digits8(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled 8×8 handwritten digits (1,797 real images, 16 grey levels; no download): a fixed
-    split of 1,297 training and 500 clean test digits, scaled to [0, 1]. Data not used to choose the monitor's
-    rules: the held-out check of a rule chosen on MNIST."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(12_345))
-    train, test = order[:1297], order[1297:]
-    return x[train], y[train], x[test], y[test]
-
-
-def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, nn.Module]:
-    from curvopt.programs.data import mnist5k_splits
-    from curvopt.programs.models import mnist_cnn, small_cnn, small_resnet
-    from curvopt.programs.synthetic import make_synthetic_images
-
-    torch.manual_seed(seed)
-    if task.startswith("digits8"):
-        return (*digits8(seed), deep_model(task))
-    if task in DEEP_TASKS:
-        splits = mnist5k_splits()
-        x, y = splits.train.tensors
-        xv, yv = splits.val.tensors
-        return nn.functional.avg_pool2d(x, 2), y, nn.functional.avg_pool2d(xv, 2), yv, deep_model(task)
-    if task.startswith("mnist"):
-        splits = mnist5k_splits()
-        x, y = splits.train.tensors
-        xv, yv = splits.val.tensors
-        model = mnist_cnn() if task == "mnist-cnn" else small_resnet(channels=1, width=16, stem_stride=2)
-        return x, y, xv, yv, model
-    if task == "synthetic-cnn":
-        x, y = make_synthetic_images(2048, seed=seed, noise=1.0)
-        xv, yv = make_synthetic_images(512, seed=seed + 10_000, noise=1.0)
-        return x, y, xv, yv, small_cnn()
-    raise ValueError(f"unknown task {task!r}")
-
-
-def noisy_labels(y: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    from curvopt.programs.synthetic import corrupt_labels
-
-    return corrupt_labels(y, p, 10, seed=seed)
-
-
-def condition_plan(condition: str) -> tuple[float, bool]:
-    """(noise probability, switched at mid-run)."""
-    if condition == "clean":
-        return 0.0, False
-    if condition.startswith("switch"):
-        return float(condition.removeprefix("switch")), True
-    return float(condition.removeprefix("p")), False
 
 
 # ---------------------------------------------------------------------- one run
@@ -334,38 +264,6 @@ def run_one(job: Job) -> str:
         }
     save_run(path, result)
     return path.name
-
-
-def _rounded(value: Any) -> Any:
-    """Floats to 7 significant digits (the records' precision), recursively: half the bytes, same analysis."""
-    if isinstance(value, float):
-        return float(f"{value:.7g}")
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_rounded(v) for v in value]
-    return value
-
-
-def save_run(path: Path, result: dict) -> None:
-    """One run's record as gzip-compressed JSON (≈ 60 kB), written atomically: a killed recording leaves no
-    partial file, so ``record`` resumes where it stopped (runs already on disk are skipped)."""
-    import gzip
-    import os
-
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with gzip.open(tmp, "wt", encoding="utf-8") as f:
-        json.dump(_rounded(result), f)
-    os.replace(tmp, path)
-
-
-def read_run(path: Path) -> dict:
-    import gzip
-
-    if path.suffix == ".gz":
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            return json.load(f)
-    return json.loads(path.read_text())
 
 
 # ---------------------------------------------------------------------- analysis
@@ -917,21 +815,6 @@ def tune_thresholds(
                 "| " + " | ".join(cells) + " |",
                 flush=True,
             )
-
-
-def geometric_mean(values: dict[str, float]) -> float:
-    """exp(mean_l log v_l): every layer weighs the same, whatever its size or curvature."""
-    logs = [math.log(v) for v in values.values() if v > 0]
-    return math.exp(statistics.fmean(logs)) if logs else float("nan")
-
-
-def load_runs(directory: Path, seeds: range | None = None) -> list[dict]:
-    files = sorted([*directory.glob("*.json"), *directory.glob("*.json.gz")])
-    runs = [read_run(p) for p in files if "_rollback-" not in p.name]
-    runs = [r for r in runs if seeds is None or r["seed"] in seeds]
-    for run in runs:  # derived signals, computed from the recorded per-layer values
-        run["series"]["geo_frob"] = [geometric_mean(v) for v in run["series"]["layer_frob"]]
-    return runs
 
 
 # ---------------------------------------------------------------------- command line
