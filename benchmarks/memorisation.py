@@ -912,6 +912,10 @@ def main() -> None:
             for i, name in enumerate(pool.imap_unordered(run_one, jobs), 1):
                 print(f"[{i}/{len(jobs)}] {name} ({time.perf_counter() - start:.0f} s)", flush=True)
     runs = [r for r in load_runs(args.runs, seeds) if r["task"] in args.task and r["opt"] in args.opt]
+    whole = [r for r in runs if r.get("holdout", HOLDOUT) == 0 and r["task"] in DEEP_TASKS]
+    if whole:  # no validation split, so no early stopping to compare with here: benchmarks.changepoint pairs them
+        print(f"{len(whole)} runs trained on all the data are left to `python -m benchmarks.changepoint`")
+        runs = [r for r in runs if r not in whole]
     if args.phase == "tune":
         tune(runs, tuple(args.signals), stationary=not args.no_stationary)
         return
