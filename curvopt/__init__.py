@@ -17,7 +17,7 @@ from .control.edge import EdgeScaling
 from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.rollback import RollbackOnAlarm
-from .control.scaling import LR_SCALING_POLICIES, TraceScaling
+from .control.scaling import LR_SCALING_POLICIES, LRPolicy, TraceScaling
 from .control.settings import CurvatureConfig
 from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
@@ -54,6 +54,7 @@ __all__ = [
     "EdgeScaling",
     "FiniteDifferenceWarning",
     "JsonlLogger",
+    "LRPolicy",
     "Layer",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",

@@ -34,7 +34,7 @@ import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -44,6 +44,34 @@ from .edge import EdgeScaling
 
 LR_SCALING_POLICIES = ("trace", "local", "cap", "trust", "edge")
 """The names accepted as ``lr_scaling=`` (and by ``curvopt train --lr-scaling``)."""
+
+
+@runtime_checkable
+class LRPolicy(Protocol):
+    """What ``lr_scaling=`` takes besides a name: an object that turns each curvature estimate into per-layer
+    learning-rate scales s_l (the wrapper sets each layer's rate to lr · s_l; a layer it leaves out keeps its last
+    scale, 1 at first) and checkpoints its own state.
+
+    ``update(estimate)`` may take a second argument, a :class:`PolicyContext` (lazy access to the layers, the
+    curvature batch and products); a policy with ``every_step = True`` also gets ``step_update(blocks)`` before
+    every optimizer step (as :class:`TrustRatio` does). Every named policy of :data:`LR_SCALING_POLICIES` is one.
+
+    >>> class Halve:
+    ...     def update(self, estimate):
+    ...         return {name: 0.5 for name in estimate.layers}
+    ...     def state_dict(self):
+    ...         return {}
+    ...     def load_state_dict(self, state):
+    ...         pass
+    >>> isinstance(Halve(), LRPolicy)
+    True
+    """
+
+    def update(self, estimate: CurvatureEstimate, *context: Any) -> Mapping[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
 @dataclass
@@ -209,9 +237,8 @@ POLICIES: dict[str, Callable[[], Any]] = {
 }
 
 
-def make_policy(policy: object) -> Any:
-    """``None`` (off), a name in :data:`LR_SCALING_POLICIES`, or a policy object with ``update``/``state_dict``/
-    ``load_state_dict``."""
+def make_policy(policy: object) -> LRPolicy | None:
+    """``None`` (off), a name in :data:`LR_SCALING_POLICIES`, or an :class:`LRPolicy` object."""
     if policy is None:
         return None
     if isinstance(policy, str):
@@ -222,5 +249,5 @@ def make_policy(policy: object) -> Any:
         return POLICIES[policy]()
     for method in ("update", "state_dict", "load_state_dict"):
         if not callable(getattr(policy, method, None)):
-            raise TypeError(f"lr_scaling policy object must define {method}()")
+            raise TypeError(f"lr_scaling policy object must define {method}() (see curvopt.LRPolicy)")
     return policy

@@ -167,3 +167,44 @@ def test_trust_ratio_follows_weight_to_gradient_norms():
     median = sorted(ratios.values())[1]
     for name, ratio in ratios.items():
         assert opt.lr_scales[name] == pytest.approx(min(10, max(0.1, ratio / median)), rel=1e-5)
+
+
+def test_a_user_written_policy_sets_the_layers_rates():
+    """The LRPolicy protocol: a small object of the user's own turns estimates into per-layer scales, checkpointed."""
+    from curvopt import LRPolicy
+
+    class SlowFirstLayer:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def update(self, estimate):
+            self.calls += 1
+            return {estimate.layers[0]: 0.25}
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state):
+            self.calls = state["calls"]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    policy = SlowFirstLayer()
+    assert isinstance(policy, LRPolicy)
+    opt = CurvatureAwareOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=1, probes=2, lr_scaling=policy
+    )
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    opt.step(batch=(x, y))
+    assert opt.lr_scales == {"0": 0.25, "2": 1.0} and policy.calls == 1
+    for p, b, g, s in zip(model.parameters(), before, grads, (0.25, 0.25, 1.0, 1.0)):
+        assert torch.allclose(p.detach(), b - 0.1 * s * g)  # the first layer stepped at a quarter of the rate
+    assert opt.state_dict()["curvopt"]["lr_policy"] == {"calls": 1}
+    with pytest.raises(TypeError, match=r"must define update\(\) \(see curvopt\.LRPolicy\)"):
+        CurvatureAwareOptimizer(
+            torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), lr_scaling=object()
+        )
