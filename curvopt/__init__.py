@@ -18,7 +18,7 @@ from .control.monitor import Alarm, CusumMonitor
 from .control.optimizer import CurvatureAwareOptimizer
 from .control.rollback import RollbackOnAlarm
 from .control.scaling import LR_SCALING_POLICIES, LRPolicy, TraceScaling
-from .control.settings import CurvatureConfig
+from .control.settings import CurvatureConfig, MonitorConfig
 from .engine.batch import CurvatureInputError
 from .engine.finite_difference import FiniteDifferenceWarning
 from .engine.layers import ROOT_LAYER, Layer, group_parameters, unwrap_model
@@ -56,6 +56,7 @@ __all__ = [
     "JsonlLogger",
     "LRPolicy",
     "Layer",
+    "MonitorConfig",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",
     "RollbackOnAlarm",

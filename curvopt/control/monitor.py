@@ -85,21 +85,15 @@ from typing import Any
 
 from ..estimators.trace import CurvatureEstimate
 from .changepoint import ABRUPT, MIN_SEGMENT, abrupt_change
+from .settings import SIGNALS, MonitorConfig, option_names
 
 AGGREGATE = "aggregate"
 GRADIENT = "gradient"
-SIGNALS = ("frobenius", "trace")
-ONSETS = ("fit", "page")
 _MAD_TO_SD = 1.4826
 SIGMA_UCB = 2.0
 """σ0 is the robust estimate times (1 + SIGMA_UCB/√n) for n increments (1.7× after the 8-estimate warm-up,
 1.25× with a full 64-increment window): early σ0 estimates from a few heavy-tailed increments came out low
 and caused most stationary false alarms, one chance per monitored layer."""
-TAIL_RATE_PER_K = 0.3
-"""θ = 0.3 k in P(a stationary series alarms within 1000 estimates) ∝ exp(−θ h). A single series' measured θ is
-≈ 0.3–0.4 at k = 0.5 (Gaussian and Student-t noise), but layers move together and a bad batch makes all of them
-outliers at once: the union bound ln(L)/θ with θ = 0.7 k let 18 % of heavy-tailed runs with 161 correlated
-layers alarm within 1000 estimates; 0.3 k keeps 1 ≤ L ≤ 161 within the budget (benchmarks/RESULTS.md §12)."""
 
 
 @dataclass
@@ -226,78 +220,19 @@ class CusumMonitor:
     """Page's CUSUM on the rise of smoothed log curvature above its running minimum.
 
     Args:
-        k: reference value (slack) in σ0 units per estimate.
-        h: decision threshold.
-        warmup: estimates before σ0 is first taken (ignored for series calibrated by ``fit``).
-        smoothing: EWMA weight a of the newest log value (1 = no smoothing).
-        trough_smoothing: EWMA weight of the slow series the trough follows.
-        leak: how fast (σ0 per estimate) the trough may rise.
-        clip: new log values are clipped to the fast level ± clip·σ0.
-        window: increments kept for the online σ0.
-        floor: relative floor under the log (× the series' first positive value).
-        signal: ``"frobenius"`` (default) or ``"trace"``.
-        alarm_on: ``"layer"`` (default: any layer's series, each against h + ln(L)/θ) or
-            ``"aggregate"`` (the model-wide series against h; also used when only that series is given).
-        min_sigma: lower bound on σ0.
-        tail_rate: θ / k in the per-layer term ln(L)/θ and the long-run term.
-        long_run: T: after T estimates every threshold grows by 2 ln(n/T)/θ (0: never).
-        gradient: also watch the squared gradient norm as a series of its own (against ``gradient_h``).
-        gradient_h: the gradient-norm series' threshold.
-        onset: how an alarm's change point is estimated: ``"fit"`` (retrospective, over each credible series'
-            history) or ``"page"`` (where the deciding statistic last left zero); see the module docstring.
-        history: log values kept per series for the ``"fit"`` change point (the latest ones).
+        config: a :class:`~curvopt.MonitorConfig` (default: its defaults); ``**settings`` replace its fields.
+        **settings: any :class:`~curvopt.MonitorConfig` field by name: ``k`` (reference value in σ0 units), ``h``
+            (threshold), ``warmup``, ``smoothing``, ``trough_smoothing``, ``leak``, ``clip``, ``window``, ``floor``,
+            ``signal``, ``alarm_on`` (``"layer"``: any layer's series, each against h + ln(L)/θ; ``"aggregate"``:
+            the model-wide series against h), ``min_sigma``, ``tail_rate``, ``long_run``, ``gradient``,
+            ``gradient_h``, ``onset`` (``"fit"`` or ``"page"``, module docstring), ``history``; each field's
+            ``metadata["help"]`` says what it is. The record's values are the monitor's attributes.
     """
 
-    def __init__(
-        self,
-        *,
-        k: float = 0.5,
-        h: float = 10.0,
-        warmup: int = 8,
-        smoothing: float = 0.3,
-        trough_smoothing: float = 0.1,
-        leak: float = 0.02,
-        clip: float = 3.0,
-        window: int = 64,
-        floor: float = 1e-3,
-        signal: str = "frobenius",
-        alarm_on: str = "layer",
-        min_sigma: float = 1e-3,
-        tail_rate: float = TAIL_RATE_PER_K,
-        long_run: int = 1000,
-        gradient: bool = True,
-        gradient_h: float = 12.0,
-        onset: str = "fit",
-        history: int = 512,
-    ) -> None:
-        if k < 0 or h <= 0:
-            raise ValueError(f"need k >= 0 and h > 0, got k={k}, h={h}")
-        if warmup < 3:
-            raise ValueError(f"warmup must be >= 3 estimates, got {warmup}")
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
-        if not 0 < trough_smoothing <= smoothing:
-            raise ValueError(f"trough_smoothing must be in (0, smoothing], got {trough_smoothing}")
-        if leak < 0 or clip <= 0 or window < 4:
-            raise ValueError(f"need leak >= 0, clip > 0 and window >= 4, got {leak}, {clip}, {window}")
-        if not 0 < floor < 1:
-            raise ValueError(f"floor must be in (0, 1), got {floor}")
-        if signal not in SIGNALS:
-            raise ValueError(f"unknown signal {signal!r}; expected one of {SIGNALS}")
-        if alarm_on not in (AGGREGATE, "layer"):
-            raise ValueError(f"alarm_on must be 'aggregate' or 'layer', got {alarm_on!r}")
-        if not tail_rate > 0 or long_run < 0:
-            raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {tail_rate}, {long_run}")
-        if onset not in ONSETS:
-            raise ValueError(f"unknown onset {onset!r}; expected one of {ONSETS}")
-        if history < 2 * MIN_SEGMENT:
-            raise ValueError(f"history must be >= {2 * MIN_SEGMENT} estimates, got {history}")
-        self.k, self.h, self.warmup, self.smoothing = k, h, warmup, smoothing
-        self.trough_smoothing, self.leak, self.clip, self.window = trough_smoothing, leak, clip, window
-        self.floor, self.signal, self.alarm_on, self.min_sigma = floor, signal, alarm_on, min_sigma
-        self.tail_rate, self.long_run = tail_rate, long_run
-        self.gradient, self.gradient_h = gradient, gradient_h
-        self.onset, self.history = onset, history
+    def __init__(self, config: MonitorConfig | None = None, **settings: Any) -> None:
+        config = MonitorConfig.build(config, **settings)  # ValueError / TypeError name the problem
+        for name in option_names(MonitorConfig):
+            setattr(self, name, getattr(config, name))
         self.reference: dict[str, dict[str, float]] | None = None
         self.reset()
 
@@ -570,31 +505,17 @@ class CusumMonitor:
 
     def update_settings(self, **changes: Any) -> None:
         """Change settings mid-run (``h``, ``k``, ``warmup``, ...), keeping the state; validated as in ``__init__``."""
-        CusumMonitor(**{**self.settings(), **changes})  # raises ValueError for a bad value
+        MonitorConfig.build(self.config, **changes)  # raises ValueError for a bad value
         for key, value in changes.items():
             setattr(self, key, value)
 
+    @property
+    def config(self) -> MonitorConfig:
+        """The monitor's current rule as a record."""
+        return MonitorConfig(**{name: getattr(self, name) for name in option_names(MonitorConfig)})
+
     def settings(self) -> dict[str, Any]:
-        return {
-            "k": self.k,
-            "h": self.h,
-            "warmup": self.warmup,
-            "smoothing": self.smoothing,
-            "trough_smoothing": self.trough_smoothing,
-            "leak": self.leak,
-            "clip": self.clip,
-            "window": self.window,
-            "floor": self.floor,
-            "signal": self.signal,
-            "alarm_on": self.alarm_on,
-            "min_sigma": self.min_sigma,
-            "tail_rate": self.tail_rate,
-            "long_run": self.long_run,
-            "gradient": self.gradient,
-            "gradient_h": self.gradient_h,
-            "onset": self.onset,
-            "history": self.history,
-        }
+        return asdict(self.config)
 
     def save(self, path: str | Path) -> None:
         """Write settings and the ``fit`` reference as JSON."""

@@ -1,10 +1,10 @@
-"""Every curvature option in one record: :class:`CurvatureConfig`.
+"""Every option in two records: :class:`CurvatureConfig` (what is estimated, how often) and :class:`MonitorConfig`
+(the memorisation monitor's rule).
 
 One field per option, with its default, its check and its meaning (``metadata["help"]``); where ``curvopt train``
 has a flag for it, the flag's name (``metadata["flag"]``) and how the flag's text is read. The wrapper, both framework
-callbacks and the command line all take the same record (or its fields as keywords), so a new option is one new
-field here: the wrapper's keywords, the callbacks' keywords, the CLI flag, its recipe key and its help text all
-follow from it.
+callbacks and the command line all take the same records (or their fields as keywords), so a new option is one new
+field here: the keywords, the CLI flag, its recipe key and its help text all follow from it.
 """
 
 from __future__ import annotations
@@ -20,6 +20,17 @@ from ..engine.strategies import STRATEGIES
 from ..estimators.deflation import ESTIMATORS, split_products
 from ..estimators.distributed import PROBE_MODES
 from .cadence import DEFAULT_EVERY
+from .changepoint import MIN_SEGMENT
+
+SIGNALS = ("frobenius", "trace")
+"""The monitor's per-layer signal: the row block's squared Frobenius norm per parameter, or the mean eigenvalue."""
+ONSETS = ("fit", "page")
+"""How an alarm's change point is placed (:mod:`curvopt.control.monitor`)."""
+TAIL_RATE_PER_K = 0.3
+"""θ = 0.3 k in P(a stationary series alarms within 1000 estimates) ∝ exp(−θ h). A single series' measured θ is
+≈ 0.3–0.4 at k = 0.5 (Gaussian and Student-t noise), but layers move together and a bad batch makes all of them
+outliers at once: the union bound ln(L)/θ with θ = 0.7 k let 18 % of heavy-tailed runs with 161 correlated
+layers alarm within 1000 estimates; 0.3 k keeps 1 ≤ L ≤ 161 within the budget (benchmarks/RESULTS.md §12)."""
 
 
 def _is_int(value: object) -> bool:
@@ -171,22 +182,118 @@ class CurvatureConfig:
     def build(cls, config: CurvatureConfig | None = None, **options: Any) -> CurvatureConfig:
         """``config`` (default: the defaults) with ``options`` replacing its fields; TypeError naming the options
         for a keyword that is not one (a typo must not be ignored)."""
-        unknown = sorted(set(options) - set(option_names()))
-        if unknown:
-            raise TypeError(f"unknown curvature option {unknown[0]!r}; the options are: {', '.join(option_names())}")
-        if config is not None and not isinstance(config, cls):
-            raise TypeError(f"config must be a curvopt.CurvatureConfig, got {type(config).__name__}")
-        return dataclasses.replace(config if config is not None else cls(), **options)
+        return _build(cls, config, options, "curvature")
 
 
-def option_names() -> tuple[str, ...]:
-    """The names of :class:`CurvatureConfig`'s fields: the keywords the wrapper and the callbacks take for them."""
-    return tuple(f.name for f in dataclasses.fields(CurvatureConfig))
+@dataclass
+class MonitorConfig:
+    """The memorisation monitor's rule (:class:`~curvopt.CusumMonitor` takes this record or its fields as keywords;
+    ``curvopt train``'s ``--cusum-*`` flags are made from it). Defaults and their measurement: the monitor's module
+    docstring and benchmarks/RESULTS.md §12 and §15."""
+
+    k: float = field(default=0.5, metadata=option("CUSUM reference value k (σ units per estimate)", "--cusum-k", float))
+    h: float = field(
+        default=10.0,
+        metadata=option("CUSUM threshold h (per layer: h + ln(L)/(0.3k) for L layers)", "--cusum-threshold", float),
+    )
+    warmup: int = field(
+        default=8,
+        metadata=option(
+            "noise-scale increments the monitor calibrates on: it is ready after warmup + 1 estimates",
+            "--cusum-warmup",
+            int,
+        ),
+    )
+    smoothing: float = field(default=0.3, metadata=option("EWMA weight a of the newest log value (1: no smoothing)"))
+    trough_smoothing: float = field(default=0.1, metadata=option("EWMA weight of the slow series the trough follows"))
+    leak: float = field(default=0.02, metadata=option("how fast (σ0 per estimate) the trough may rise"))
+    clip: float = field(default=3.0, metadata=option("new log values are clipped to the fast level ± clip·σ0"))
+    window: int = field(default=64, metadata=option("increments kept for the online σ0"))
+    floor: float = field(default=1e-3, metadata=option("relative floor under the log (× the first positive value)"))
+    signal: str = field(default="frobenius", metadata=option("the per-layer signal", choices=SIGNALS))
+    alarm_on: str = field(
+        default="layer",
+        metadata=option(
+            "which series raise the alarm: any layer's (each against h + ln(L)/θ) or the model-wide one (against h)",
+            "--cusum-alarm-on",
+            choices=("layer", "aggregate"),
+        ),
+    )
+    min_sigma: float = field(default=1e-3, metadata=option("lower bound on σ0"))
+    tail_rate: float = field(
+        default=TAIL_RATE_PER_K, metadata=option("θ / k in the per-layer term ln(L)/θ and the long-run term")
+    )
+    long_run: int = field(
+        default=1000, metadata=option("T: after T estimates every threshold grows by 2 ln(n/T)/θ (0: never)")
+    )
+    gradient: bool = field(
+        default=True,
+        metadata=option(
+            "also watch the loss-gradient norm as its own CUSUM series (threshold gradient_h): it jumps at once after "
+            "a label switch",
+            "--cusum-gradient",
+        ),
+    )
+    gradient_h: float = field(default=12.0, metadata=option("the gradient-norm series' threshold"))
+    onset: str = field(
+        default="fit",
+        metadata=option(
+            "an alarm's change point: fit (an abrupt two-phase break after calibration, else Page's) or page (where "
+            "the CUSUM last left zero)",
+            "--cusum-onset",
+            choices=ONSETS,
+        ),
+    )
+    history: int = field(default=512, metadata=option("log values kept per series for the fitted change point"))
+
+    def __post_init__(self) -> None:
+        if self.k < 0 or self.h <= 0:
+            raise ValueError(f"need k >= 0 and h > 0, got k={self.k}, h={self.h}")
+        if self.warmup < 3:
+            raise ValueError(f"warmup must be >= 3 estimates, got {self.warmup}")
+        if not 0 < self.smoothing <= 1:
+            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
+        if not 0 < self.trough_smoothing <= self.smoothing:
+            raise ValueError(f"trough_smoothing must be in (0, smoothing], got {self.trough_smoothing}")
+        if self.leak < 0 or self.clip <= 0 or self.window < 4:
+            raise ValueError(f"need leak >= 0, clip > 0 and window >= 4, got {self.leak}, {self.clip}, {self.window}")
+        if not 0 < self.floor < 1:
+            raise ValueError(f"floor must be in (0, 1), got {self.floor}")
+        if self.signal not in SIGNALS:
+            raise ValueError(f"unknown signal {self.signal!r}; expected one of {SIGNALS}")
+        if self.alarm_on not in ("aggregate", "layer"):
+            raise ValueError(f"alarm_on must be 'aggregate' or 'layer', got {self.alarm_on!r}")
+        if not self.tail_rate > 0 or self.long_run < 0:
+            raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {self.tail_rate}, {self.long_run}")
+        if self.onset not in ONSETS:
+            raise ValueError(f"unknown onset {self.onset!r}; expected one of {ONSETS}")
+        if self.history < 2 * MIN_SEGMENT:
+            raise ValueError(f"history must be >= {2 * MIN_SEGMENT} estimates, got {self.history}")
+
+    @classmethod
+    def build(cls, config: MonitorConfig | None = None, **options: Any) -> MonitorConfig:
+        """``config`` with ``options`` replacing its fields; TypeError naming the options for an unknown keyword."""
+        return _build(cls, config, options, "monitor")
 
 
-def flagged_options() -> Iterator[tuple[dataclasses.Field, Mapping[str, Any]]]:
-    """The fields that have a ``curvopt train`` flag, with their metadata."""
-    for f in dataclasses.fields(CurvatureConfig):
+def _build(cls: Any, config: Any, options: Mapping[str, Any], what: str) -> Any:
+    names = option_names(cls)
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"unknown {what} option {unknown[0]!r}; the options are: {', '.join(names)}")
+    if config is not None and not isinstance(config, cls):
+        raise TypeError(f"config must be a curvopt.{cls.__name__}, got {type(config).__name__}")
+    return dataclasses.replace(config if config is not None else cls(), **options)
+
+
+def option_names(record: type = CurvatureConfig) -> tuple[str, ...]:
+    """The names of a record's fields: the keywords the wrapper, the callbacks and the monitor take for them."""
+    return tuple(f.name for f in dataclasses.fields(record))
+
+
+def flagged_options(record: type = CurvatureConfig) -> Iterator[tuple[dataclasses.Field, Mapping[str, Any]]]:
+    """A record's fields that have a ``curvopt train`` flag, with their metadata."""
+    for f in dataclasses.fields(record):
         if f.metadata.get("flag"):
             yield f, f.metadata
 
@@ -196,6 +303,6 @@ def flag_dest(flag: str) -> str:
     return flag.lstrip("-").replace("-", "_")
 
 
-def describe_options() -> str:
-    """Every option, its default and its meaning, one per line (for docs and ``help``)."""
-    return "\n".join(f"{f.name} = {f.default!r}: {f.metadata['help']}" for f in dataclasses.fields(CurvatureConfig))
+def describe_options(record: type = CurvatureConfig) -> str:
+    """A record's options, their defaults and meanings, one per line (for docs and ``help``)."""
+    return "\n".join(f"{f.name} = {f.default!r}: {f.metadata['help']}" for f in dataclasses.fields(record))

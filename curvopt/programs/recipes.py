@@ -18,7 +18,7 @@ import yaml
 
 from ..control.rollback import CHOOSE
 from ..control.scaling import LR_SCALING_POLICIES
-from ..control.settings import flagged_options, parse_probes
+from ..control.settings import CurvatureConfig, MonitorConfig, flagged_options, parse_probes
 from .arguments import OneLineParser
 from .data import DATASETS
 
@@ -209,14 +209,19 @@ def _output_tracking_flags(g: Any) -> None:
     _flag(g, "--wandb-tags", nargs="*", default=[], help="W&B tags")
 
 
-def _curvature_flags(g: Any) -> None:
-    """The ``curvature`` flags."""
-    for option, meta in flagged_options():  # every curvature option with a flag, from its record
+def _record_flags(g: Any, record: type) -> None:
+    """A flag for every field of ``record`` that names one (``CurvatureConfig``, ``MonitorConfig``)."""
+    for option, meta in flagged_options(record):
         if option.type in (bool, "bool"):
             _switch(g, meta["flag"], option.default, meta["help"])
             continue
         kind = meta["parse"] if meta["choices"] is None else None
         _flag(g, meta["flag"], type=kind, default=option.default, choices=meta["choices"], help=meta["help"])
+
+
+def _curvature_flags(g: Any) -> None:
+    """The ``curvature`` flags."""
+    _record_flags(g, CurvatureConfig)
     _flag(
         g,
         "--lr-scaling",
@@ -225,36 +230,7 @@ def _curvature_flags(g: Any) -> None:
         help="layer-wise LR scaling policy (default: off)",
     )
     _switch(g, "--cusum", True, "run the CUSUM memorisation monitor")
-    _flag(
-        g,
-        "--cusum-threshold",
-        type=float,
-        default=10.0,
-        help="CUSUM threshold h (per layer: h + ln(L)/(0.3k) for L layers)",
-    )
-    _flag(g, "--cusum-k", type=float, default=0.5, help="CUSUM reference value k (σ units)")
-    _switch(
-        g,
-        "--cusum-gradient",
-        True,
-        "also watch the loss-gradient norm as its own CUSUM series (threshold 12): "
-        "it jumps at once after a label switch",
-    )
-    _flag(
-        g,
-        "--cusum-alarm-on",
-        default="layer",
-        choices=["layer", "aggregate"],
-        help="which series raise the alarm: any layer's (default) or the model-wide one",
-    )
-    _flag(
-        g,
-        "--cusum-warmup",
-        type=int,
-        default=8,
-        help="noise-scale increments the monitor calibrates on: it is "
-        "ready after warmup + 1 estimates (default 8: 9 estimates)",
-    )
+    _record_flags(g, MonitorConfig)
     _flag(
         g,
         "--on-alarm",

@@ -63,3 +63,22 @@ def test_the_callbacks_take_the_same_record(framework):
         module.CurvatureCallback(prboes=3)
     with pytest.raises(ValueError, match="lr_scaling is not available through a framework callback"):
         module.CurvatureCallback(lr_scaling="trust")
+
+
+def test_the_monitor_takes_its_own_record_and_its_flags_come_from_it():
+    from curvopt import CusumMonitor, MonitorConfig
+    from curvopt.programs.train.setup import record_from_args
+
+    monitor = CusumMonitor(MonitorConfig(h=7.0), onset="page")
+    assert (monitor.h, monitor.onset, monitor.config.k) == (7.0, "page", 0.5)
+    assert CusumMonitor(**monitor.settings()).config == monitor.config  # settings round-trip through the record
+    with pytest.raises(TypeError, match="unknown monitor option 'threshold'; the options are: k, h, warmup"):
+        CusumMonitor(threshold=3.0)
+    with pytest.raises(ValueError, match="need k >= 0 and h > 0"):
+        monitor.update_settings(h=-1.0)
+    args = parse_train_args([])
+    for f, meta in flagged_options(MonitorConfig):
+        assert getattr(args, flag_dest(meta["flag"])) == f.default, meta["flag"]
+    assert record_from_args(args, MonitorConfig) == MonitorConfig()
+    changed = parse_train_args(["--cusum-threshold", "6", "--cusum-onset", "page", "--cusum-gradient", "false"])
+    assert record_from_args(changed, MonitorConfig) == MonitorConfig(h=6.0, onset="page", gradient=False)

@@ -15,6 +15,7 @@ import argparse
 from collections.abc import Mapping
 from typing import Any
 
+from ...control.settings import MonitorConfig, flag_dest, flagged_options
 from .errors import TrainError
 
 CHANGEABLE = frozenset(
@@ -32,11 +33,7 @@ CHANGEABLE = frozenset(
         "rollback_to",
         "rollback_then",
         "rollback_lr_factor",
-        "cusum_threshold",
-        "cusum_k",
-        "cusum_warmup",
-        "cusum_alarm_on",
-        "cusum_gradient",
+        *(flag_dest(meta["flag"]) for _, meta in flagged_options(MonitorConfig)),  # the monitor's rule
         "on_alarm",
         "log_interval",
         "log_wandb",

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from ...control.monitor import Alarm
 from ...control.rollback import choice
+from ...control.settings import MonitorConfig, flag_dest, flagged_options
 from ...reporting.loggers import LOG_NAME, JsonlLogger, truncate_log
 from ...reporting.wandb_logger import WandbLogger
 from .checkpoint import (
@@ -166,17 +167,8 @@ def restore(run: TrainingRun, state: dict[str, Any], changes: dict[str, tuple[An
     run.num_updates = int(state["num_updates"])
     run.best_top1 = float(state.get("best_top1", -math.inf))
     run.best_epoch = int(state.get("best_epoch", -1))
-    monitor_changes = {
-        new: changes[old][1]
-        for old, new in (
-            ("cusum_threshold", "h"),
-            ("cusum_k", "k"),
-            ("cusum_warmup", "warmup"),
-            ("cusum_alarm_on", "alarm_on"),
-            ("cusum_gradient", "gradient"),
-        )
-        if old in changes
-    }
+    flags = {f.name: flag_dest(meta["flag"]) for f, meta in flagged_options(MonitorConfig)}
+    monitor_changes = {name: changes[dest][1] for name, dest in flags.items() if dest in changes}
     if monitor_changes and run.opt.monitor is not None:
         run.opt.monitor.update_settings(**monitor_changes)  # the checkpoint's monitor state, the new thresholds
     if run.start_epoch > 0:

@@ -7,6 +7,7 @@ a user mistake into a one-line :class:`TrainError`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -19,7 +20,7 @@ from torch import nn
 from ...control.cadence import describe_cadence, plan_cadence
 from ...control.monitor import CusumMonitor
 from ...control.optimizer import CurvatureAwareOptimizer
-from ...control.settings import CurvatureConfig, flag_dest, flagged_options
+from ...control.settings import CurvatureConfig, MonitorConfig, flag_dest, flagged_options
 from ..data import DataSplits, NoisyLabels, build_datasets
 from .errors import TrainError
 from .loop import rank_shard
@@ -283,17 +284,7 @@ def build_optimizer(
         )
     except (ValueError, AssertionError) as exc:
         raise TrainError(f"optimizer '{args.opt}': {exc}") from None
-    monitor = (
-        CusumMonitor(
-            h=args.cusum_threshold,
-            k=args.cusum_k,
-            warmup=args.cusum_warmup,
-            alarm_on=args.cusum_alarm_on,
-            gradient=args.cusum_gradient,
-        )
-        if args.cusum
-        else None
-    )
+    monitor = CusumMonitor(record_from_args(args, MonitorConfig)) if args.cusum else None
     try:
         return CurvatureAwareOptimizer(
             base,
@@ -309,11 +300,15 @@ def build_optimizer(
         raise TrainError(str(exc)) from None
 
 
+def record_from_args(args: argparse.Namespace, record: type) -> Any:
+    """A record (:class:`~curvopt.MonitorConfig`, ...) with every option that has a flag taken from its flag."""
+    return record(**{f.name: getattr(args, flag_dest(meta["flag"])) for f, meta in flagged_options(record)})
+
+
 def config_from_args(args: argparse.Namespace) -> CurvatureConfig:
-    """The run's :class:`~curvopt.CurvatureConfig`: every option with a flag from its flag (the flag's name is the
-    record's), the probe seed from ``--seed``."""
-    flagged = {f.name: getattr(args, flag_dest(meta["flag"])) for f, meta in flagged_options()}
-    return CurvatureConfig(**flagged, seed=args.seed)
+    """The run's :class:`~curvopt.CurvatureConfig`: every option with a flag from its flag, the probe seed from
+    ``--seed``."""
+    return dataclasses.replace(record_from_args(args, CurvatureConfig), seed=args.seed)
 
 
 def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, updates_per_epoch: int) -> tuple[Any, int]:
