@@ -26,10 +26,11 @@ from .engine.losses import CausalLMLoss, causal_lm_loss
 from .engine.operator import CurvatureOperator, curvature_operator
 from .engine.products import CurvatureStrategyError, DoubleBackwardError
 from .engine.strategies import STRATEGIES
-from .estimators.blocks import BlockNorms, activation_block_norms, block_norms
+from .estimators.blocks import activation_block_norms, block_norms
 from .estimators.budget import ProbeBudgetTracker
-from .estimators.spectra import Spectrum, layer_spectrum
-from .estimators.trace import CurvatureEstimate, NonFiniteCurvatureError, estimate_curvature
+from .estimators.result import BlockNorms, CurvatureEstimate, LayerEstimate, NonFiniteCurvatureError, Spectrum
+from .estimators.spectra import layer_spectrum
+from .estimators.trace import estimate_curvature
 from .reporting.loggers import CallbackLogger, JsonlLogger, read_jsonl
 from .reporting.wandb_logger import WandbLogger
 
@@ -56,6 +57,7 @@ __all__ = [
     "JsonlLogger",
     "LRPolicy",
     "Layer",
+    "LayerEstimate",
     "MonitorConfig",
     "NonFiniteCurvatureError",
     "ProbeBudgetTracker",

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from ..engine.layers import Layer
-from ..estimators.blocks import BlockNorms, block_norms
-from ..estimators.spectra import Spectrum, layer_spectrum
+from ..estimators.blocks import block_norms
+from ..estimators.result import BlockNorms, Spectrum
+from ..estimators.spectra import layer_spectrum
 from . import log_schema
 from .settings import CurvatureConfig
 

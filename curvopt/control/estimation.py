@@ -38,7 +38,8 @@ from ..engine.sharding import is_sharded
 from ..engine.strategies import FINITE_DIFFERENCE
 from ..estimators import distributed as dist_utils
 from ..estimators.budget import ProbeBudgetTracker
-from ..estimators.trace import SAMPLE_KINDS, CurvatureEstimate, estimate_curvature
+from ..estimators.result import SAMPLE_KINDS, CurvatureEstimate
+from ..estimators.trace import estimate_curvature
 from .settings import CurvatureConfig
 
 Problem = tuple[str, str]  # (warning key, message)

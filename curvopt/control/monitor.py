@@ -83,7 +83,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..estimators.trace import CurvatureEstimate
+from ..estimators.result import CurvatureEstimate
 from .changepoint import ABRUPT, MIN_SEGMENT, abrupt_change
 from .settings import SIGNALS, MonitorConfig, option_names
 

@@ -39,8 +39,8 @@ from ..engine.operator import curvature_operator
 from ..estimators import distributed as dist_utils
 from ..estimators.local import local_curvature
 from ..estimators.preconditioned import preconditioned_top_eigenpair
+from ..estimators.result import CurvatureEstimate
 from ..estimators.spectra import layer_spectrum
-from ..estimators.trace import CurvatureEstimate
 from . import log_schema
 from .diagnostics import InterLayerDiagnostics
 from .edge import StepContext

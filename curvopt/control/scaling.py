@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..engine.layers import Layer
-from ..estimators.trace import CurvatureEstimate
+from ..estimators.result import CurvatureEstimate
 from .edge import EdgeScaling
 
 LR_SCALING_POLICIES = ("trace", "local", "cap", "trust", "edge")

@@ -26,10 +26,8 @@ with respect to the layers' *outputs*.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -39,103 +37,9 @@ from ..engine.context import probing_context
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import curvature_operator, draw_mask_seed
 from ..engine.probes import DISTRIBUTIONS
+from .result import BlockNorms
 
 MAP_KINDS = ("hess", "gn", "tensor")
-
-
-@dataclass
-class BlockNorms:
-    """Per-probe squared block norms and the quantities derived from them.
-
-    Attributes:
-        layers: layer names (rows/columns of every map).
-        numel: coordinates per layer.
-        samples: kind ("hess", and with GN "gn", "tensor") → ``[K, L, L]`` float64 with
-            ``samples[kind][k, v, w] = ‖(A z^{(k)}_w)_v‖²`` (source layer w, receiving layer v).
-    """
-
-    layers: list[str]
-    numel: dict[str, int]
-    samples: dict[str, torch.Tensor]
-    loss: float = float("nan")
-    sq: torch.Tensor = field(init=False)
-    sq_se: torch.Tensor = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.sq, self.sq_se = self.squared("hess")
-
-    @property
-    def probes(self) -> int:
-        return int(self.samples["hess"].shape[0])
-
-    def squared(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
-        """``(‖A_vw‖_F², SE)`` as L × L tensors, symmetrised (the mean of both directions)."""
-        s = self.samples[kind]
-        pairs = torch.cat([s, s.transpose(1, 2)])  # 2K samples per entry (K on the diagonal, counted twice)
-        mean = pairs.mean(0)
-        k = s.shape[0]
-        if k < 2:
-            return mean, torch.full_like(mean, float("nan"))
-        # SE of the mean of (s_vw + s_wv)/2 over the K probes (the two directions share a probe)
-        sym = 0.5 * (s + s.transpose(1, 2))
-        return mean, sym.std(0, unbiased=True) / math.sqrt(k)
-
-    # ------------------------------------------------------------------ derived quantities
-    @staticmethod
-    def _resonance(sq: torch.Tensor) -> torch.Tensor:
-        return sq.clamp_min(0).sqrt()
-
-    @staticmethod
-    def _coupling(sq: torch.Tensor) -> torch.Tensor:
-        r = sq.clamp_min(0).sqrt()
-        d = r.diagonal().sqrt()
-        return r / (d[:, None] * d[None, :])
-
-    @staticmethod
-    def _phi(sq: torch.Tensor) -> torch.Tensor:
-        return 1.0 - sq.diagonal().sum() / sq.sum()
-
-    def _jackknife(self, fn: Callable[[torch.Tensor], torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.samples[kind]
-        k = s.shape[0]
-        full = fn(0.5 * (s + s.transpose(1, 2)).mean(0))
-        if k < 2:
-            return full, torch.full_like(full, float("nan"))
-        sym = 0.5 * (s + s.transpose(1, 2))
-        total = sym.sum(0)
-        loo = torch.stack([fn((total - sym[i]) / (k - 1)) for i in range(k)])
-        se = ((k - 1) / k * (loo - loo.mean(0)).pow(2).sum(0)).sqrt()
-        return full, se
-
-    def resonance(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
-        """R(v, w) = ‖A_vw‖_F and its jackknife SE."""
-        return self._jackknife(self._resonance, kind)
-
-    def coupling(self, kind: str = "hess") -> tuple[torch.Tensor, torch.Tensor]:
-        """C(v, w) = ‖A_vw‖_F / sqrt(‖A_vv‖_F ‖A_ww‖_F) and its jackknife SE."""
-        return self._jackknife(self._coupling, kind)
-
-    def phi(self, kind: str = "hess") -> tuple[float, float]:
-        """Φ = 1 − Σ_v ‖A_vv‖_F² / ‖A‖_F² and its jackknife SE."""
-        value, se = self._jackknife(self._phi, kind)
-        return float(value), float(se)
-
-    def gn_gap(self) -> torch.Tensor:
-        """‖Hᵀ_vw‖_F / ‖G_vw‖_F per block (needs ``gn``)."""
-        if "gn" not in self.samples:
-            raise ValueError("block GN-Gap needs block_norms(..., gn=True)")
-        return (self.squared("tensor")[0] / self.squared("gn")[0]).clamp_min(0).sqrt()
-
-    def to_dict(self) -> dict[str, object]:
-        """For loggers: ``inter/phi`` (float) and the L × L maps as nested lists."""
-        phi, phi_se = self.phi()
-        return {
-            "inter/phi": phi,
-            "inter/phi_se": phi_se,
-            "inter/layers": list(self.layers),
-            "inter/resonance": self.resonance()[0].tolist(),
-            "inter/coupling": self.coupling()[0].tolist(),
-        }
 
 
 def _restricted_probes(d: int, k: int, distribution: str, generator: torch.Generator) -> torch.Tensor:

@@ -25,7 +25,7 @@ from collections import deque
 
 import torch
 
-from .trace import CurvatureEstimate
+from .result import CurvatureEstimate
 
 
 class ProbeBudgetTracker:

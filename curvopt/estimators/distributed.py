@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..engine.probes import derive_seed, probe_generator
-from .trace import CurvatureEstimate
+from .result import CurvatureEstimate
 
 PROBE_MODES = ("independent", "shared")
 _RANK_STRIDE = 1_000_003  # seeds of rank r: base + r·stride (independent probes)

@@ -19,23 +19,12 @@ building blocks for a user's own estimator.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
 from ..engine.operator import CurvatureOperator
 from ..engine.probes import sample_probes
+from .result import LayerEstimate, mean_and_se
 from .spectra import lanczos, tridiagonal_eig
-
-
-@dataclass(frozen=True)
-class LayerEstimate:
-    """Per-layer estimates and their standard errors over the ``probes`` probes (``se`` is NaN for one probe)."""
-
-    value: dict[str, torch.Tensor | float]
-    se: dict[str, torch.Tensor | float]
-    probes: int
 
 
 def _probe_rows(op: CurvatureOperator, probes: int, generator: torch.Generator | None, gn: bool):
@@ -56,13 +45,6 @@ def _probe_rows(op: CurvatureOperator, probes: int, generator: torch.Generator |
         done += k
 
 
-def _mean_and_se(samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    k = samples.shape[0]
-    mean = samples.mean(0)
-    se = samples.std(0, unbiased=True) / math.sqrt(k) if k > 1 else torch.full_like(mean, float("nan"))
-    return mean, se
-
-
 def layer_traces(
     op: CurvatureOperator, probes: int = 8, *, generator: torch.Generator | None = None, gn: bool = False
 ) -> LayerEstimate | tuple[LayerEstimate, LayerEstimate]:
@@ -74,7 +56,7 @@ def layer_traces(
         gn_samples.setdefault(name, []).append((z * gz).sum(1))
 
     def summarise(table: dict[str, list[torch.Tensor]]) -> LayerEstimate:
-        stats = {name: _mean_and_se(torch.cat(parts)) for name, parts in table.items()}
+        stats = {name: mean_and_se(torch.cat(parts)) for name, parts in table.items()}
         return LayerEstimate(
             {n: float(m) for n, (m, _) in stats.items()}, {n: float(s) for n, (_, s) in stats.items()}, probes
         )
@@ -89,7 +71,7 @@ def layer_diagonals(
     samples: dict[str, list[torch.Tensor]] = {}
     for name, (z, hz, _) in _probe_rows(op, probes, generator, False):
         samples.setdefault(name, []).append(z * hz)
-    stats = {name: _mean_and_se(torch.cat(parts)) for name, parts in samples.items()}
+    stats = {name: mean_and_se(torch.cat(parts)) for name, parts in samples.items()}
     return LayerEstimate({n: m for n, (m, _) in stats.items()}, {n: s for n, (_, s) in stats.items()}, probes)
 
 

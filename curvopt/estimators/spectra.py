@@ -20,10 +20,8 @@ For a layer's diagonal block H_ll (d_l × d_l, applied as restricted products, n
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -31,6 +29,7 @@ from torch import nn
 from ..engine.batch import Forward
 from ..engine.layers import Layer, LayerSpec
 from ..engine.operator import CurvatureOperator, curvature_operator
+from .result import Spectrum
 
 MODEL = "(model)"
 Matvec = Callable[[torch.Tensor], torch.Tensor]
@@ -72,59 +71,6 @@ def tridiagonal_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tens
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal T(alpha, beta)."""
     t = torch.diag(alpha) + torch.diag(beta, 1) + torch.diag(beta, -1)
     return torch.linalg.eigh(t)
-
-
-@dataclass
-class Spectrum:
-    """Spectral summary of one symmetric block (a layer's H_ll or the whole H)."""
-
-    name: str
-    numel: int
-    ritz: torch.Tensor  # Lanczos Ritz values, ascending
-    nodes: torch.Tensor  # SLQ nodes [n_v, m]
-    weights: torch.Tensor  # SLQ weights [n_v, m], rows sum to 1
-    top: list[float] = field(init=False)
-    top_k: int = 1
-
-    def __post_init__(self) -> None:
-        self.top = self.ritz.flip(0)[: self.top_k].tolist()
-
-    @property
-    def spectral_norm(self) -> float:
-        """‖H‖₂ ≈ max |Ritz value|."""
-        return float(self.ritz.abs().max())
-
-    def moment(self, power: int) -> float:
-        """∫ λ^p dφ(λ) from the SLQ measure (p = 1: tr(H)/d, p = 2: tr(H²)/d)."""
-        if self.nodes.numel() == 0:
-            return math.nan
-        return float((self.weights * self.nodes.pow(power)).sum(1).mean())
-
-    def moment_se(self, power: int) -> float:
-        """Standard error of :meth:`moment` over the SLQ starts."""
-        per_start = (self.weights * self.nodes.pow(power)).sum(1)
-        if per_start.numel() < 2:
-            return math.nan
-        return float(per_start.std(unbiased=True) / math.sqrt(per_start.numel()))
-
-    @property
-    def frobenius_sq(self) -> float:
-        """‖H‖_F² = tr(H²) ≈ d · ∫λ² dφ."""
-        return self.numel * self.moment(2)
-
-    @property
-    def stable_rank(self) -> float:
-        """D = ‖H‖_F² / ‖H‖₂² (1 for rank one, d for H ∝ I)."""
-        return self.frobenius_sq / self.spectral_norm**2
-
-    def density(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-        """The SLQ measure smoothed by a Gaussian of width ``sigma`` (default: 1 % of the node range)."""
-        nodes, weights = self.nodes.reshape(-1), self.weights.reshape(-1) / self.nodes.shape[0]
-        if sigma is None:
-            sigma = max(float(nodes.max() - nodes.min()) / 100, 1e-12)
-        g = grid.double()[:, None]
-        kernel = torch.exp(-0.5 * ((g - nodes[None, :]) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
-        return (kernel * weights[None, :]).sum(1)
 
 
 def _block_operator(op: CurvatureOperator, layer: int | None) -> tuple[Matvec, int]:

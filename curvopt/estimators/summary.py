@@ -7,10 +7,37 @@ Callers add columns of their own (the optimizer's LR scales and CUSUM statistics
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:  # imported for annotations only: trace.py imports this module
-    from .trace import CurvatureEstimate
+
+class TabulatedEstimate(Protocol):
+    """What the table reads of an estimate (:class:`~curvopt.estimators.trace.CurvatureEstimate` is one): this
+    module needs no import of it, so the estimate's own ``summary()`` can use the table."""
+
+    layers: list[str]
+    numel: Mapping[str, int]
+    trace: Mapping[str, float]
+    trace_se: Mapping[str, float]
+    gn_trace: Mapping[str, float]
+    gn_gap: Mapping[str, float]
+
+    @property
+    def has_gn(self) -> bool: ...
+
+    @property
+    def total_trace(self) -> float: ...
+
+    @property
+    def total_trace_se(self) -> float: ...
+
+    @property
+    def total_gn_trace(self) -> float: ...
+
+    @property
+    def total_gn_gap(self) -> float: ...
+
+    def label(self, name: str) -> str: ...
+
 
 LEGEND = (
     "trace: Hutchinson estimate of tr(H_ll), the layer's Hessian trace, ± its standard error (K probes)",
@@ -22,7 +49,7 @@ Column = tuple[str, int, Mapping[str, str], str]  # (header, width, per-layer te
 
 
 def format_estimate(
-    estimate: CurvatureEstimate,
+    estimate: TabulatedEstimate,
     extra: Sequence[Column] = (),
     legend: Sequence[str] = (),
 ) -> str:

@@ -7,8 +7,8 @@ optimizer adds: each layer's LR scale and CUSUM statistic, and the monitor's sta
 from __future__ import annotations
 
 from ..control.monitor import AGGREGATE, GRADIENT, CusumMonitor
+from ..estimators.result import CurvatureEstimate
 from ..estimators.summary import Column, format_estimate
-from ..estimators.trace import CurvatureEstimate
 
 
 def format_table(
