@@ -282,21 +282,24 @@ def first_alarm(run: dict, signal: str, settings: dict[str, Any]) -> int | None:
 
 
 def first_alarm_and_onset(run: dict, signal: str, settings: dict[str, Any]) -> tuple[int, int] | None:
-    """``(step, onset_step)`` of the first alarm (Page's change point: where the deciding CUSUM left zero)."""
+    """``(step, onset_step)`` of the first alarm and its change point. The monitor also sees the training loss (the
+    mean since the previous estimate), as the wrapper's sees each estimate's batch loss."""
     from curvopt import CusumMonitor
-    from curvopt.control.monitor import AGGREGATE, GRADIENT
+    from curvopt.control.monitor import AGGREGATE, GRADIENT, LOSS
 
     layered = signal in LAYER_SIGNALS
     curvature, gradient = COMBINED.get(signal, (signal, None))
     extra = {"gradient": True} if gradient else {}
     monitor = CusumMonitor(**{**extra, **settings, "alarm_on": "layer" if layered else AGGREGATE})
     gradients = run["series"][gradient] if gradient else [None] * len(run["series"]["step"])
-    for step, value, grad_norm in zip(run["series"]["step"], run["series"][curvature], gradients):
+    losses = run["series"]["train_loss"]
+    for step, value, grad_norm, loss in zip(run["series"]["step"], run["series"][curvature], gradients, losses):
         values = dict(value) if layered else {AGGREGATE: value}
         if layered:
             values[AGGREGATE] = statistics.fmean(v for v in value.values())
         if grad_norm is not None:
             values[GRADIENT] = grad_norm**2
+        values[LOSS] = loss
         alarms = monitor.update(step, values)
         if alarms:
             onset = alarms[0].onset_step

@@ -245,6 +245,16 @@ class MonitorConfig:
         ),
     )
     history: int = field(default=512, metadata=option("log values kept per series for the fitted change point"))
+    fitted_loss: float = field(
+        default=0.02,
+        metadata=option(
+            "no alarm while the training loss (smoothed like the signals) is below this fraction of its first value: "
+            "a network that fits all its labels has none left to memorise, though its curvature can still rise as "
+            "it sharpens (0: off)",
+            "--cusum-fitted-loss",
+            float,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.h <= 0:
@@ -267,6 +277,8 @@ class MonitorConfig:
             raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {self.tail_rate}, {self.long_run}")
         if self.onset not in ONSETS:
             raise ValueError(f"unknown onset {self.onset!r}; expected one of {ONSETS}")
+        if not 0 <= self.fitted_loss < 1:
+            raise ValueError(f"fitted_loss must be in [0, 1), got {self.fitted_loss}")
         if self.history < 2 * MIN_SEGMENT:
             raise ValueError(f"history must be >= {2 * MIN_SEGMENT} estimates, got {self.history}")
 

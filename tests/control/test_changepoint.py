@@ -137,3 +137,30 @@ def test_history_is_bounded():
         monitor.update(step, {AGGREGATE: 1.0 + 0.01 * (step % 3)})
     series = monitor.series[AGGREGATE]
     assert len(series.levels) == len(series.level_steps) == 10 and series.level_steps[-1] == 49
+
+
+def _sharpening_run(loss_after: float) -> tuple[CusumMonitor, list]:
+    """Flat curvature for 40 estimates, then a steady rise; the training loss falls from 2.3 to ``loss_after``."""
+    rng = np.random.default_rng(6)
+    monitor, alarms = CusumMonitor(), []
+    for step in range(120):
+        level = 0.0 if step < 40 else 0.05 * (step - 40)
+        noise = 0.05 * rng.normal()
+        loss = 2.3 if step < 10 else loss_after
+        alarms += monitor.update(step, {"a": math.exp(level + noise), AGGREGATE: math.exp(level + noise), "loss": loss})
+    return monitor, alarms
+
+
+def test_a_network_that_fits_every_label_is_not_alarmed_for_sharpening():
+    converged, alarms = _sharpening_run(loss_after=0.001)  # 0.04 % of the first loss: every label fitted
+    assert alarms == [] and converged.held_back and converged.fits_its_labels
+    memorising, alarms = _sharpening_run(loss_after=0.8)  # labels still unfitted: the same rise is an alarm
+    assert len(alarms) == 1 and not memorising.held_back
+    off = CusumMonitor(fitted_loss=0.0)
+    assert not off.fits_its_labels
+    with pytest.raises(ValueError, match=r"fitted_loss must be in \[0, 1\)"):
+        CusumMonitor(fitted_loss=1.5)
+    state = converged.state_dict()
+    restored = CusumMonitor()
+    restored.load_state_dict(state)
+    assert restored.held_back == converged.held_back and restored.loss_level == converged.loss_level
