@@ -141,7 +141,8 @@ def run_one(job: Job) -> str:
     phase)."""
     from curvopt import CurvatureAwareOptimizer, CusumMonitor, RollbackOnAlarm
 
-    task, opt_name, condition, seed, epochs, every, batch = job[:7]
+    task, opt_name, condition, seed = job.task, job.opt, job.condition, job.seed
+    epochs, every, batch = job.epochs, job.every, job.batch
     rollback_plan = job.rollback_plan
     path = Path(job.out_dir) / run_name(job)
     if path.exists() or path.with_suffix("").exists():  # recorded already (compressed, or plain JSON)

@@ -265,9 +265,7 @@ class CusumMonitor:
 
     def _values(self, estimate: CurvatureEstimate | Mapping[str, float]) -> Mapping[str, float]:
         if not isinstance(estimate, CurvatureEstimate):
-            self._observe_loss(estimate.get(LOSS))
             return {k: v for k, v in estimate.items() if k != LOSS and (self.gradient or k != GRADIENT)}
-        self._observe_loss(estimate.loss)
         values = signal_values(estimate, self.signal)
         if self.gradient and math.isfinite(estimate.total_gradient_sq) and estimate.total_gradient_sq > 0:
             values[GRADIENT] = estimate.total_gradient_sq
@@ -358,6 +356,7 @@ class CusumMonitor:
     def update(self, step: int, estimate: CurvatureEstimate | Mapping[str, float]) -> list[Alarm]:
         """Fold in one estimate (or precomputed ``{series: v}`` values); return new alarms."""
         values = self._values(estimate)
+        self._observe_loss(estimate.loss if isinstance(estimate, CurvatureEstimate) else estimate.get(LOSS))
         self.count += 1
         started: list[str] = []
         ongoing = any(self.series[n].in_episode for n in self._layer_names())  # a per-layer episode already alarmed
@@ -392,10 +391,8 @@ class CusumMonitor:
 
     def _family_above(self, layers_above: list[str]) -> dict[str, bool]:
         per_layer = self.alarm_on == "layer" and bool(self._layer_names())
-        aggregate = self.series.get(AGGREGATE)
-        curvature = bool(layers_above) if per_layer else aggregate is not None and aggregate.s > self.h
-        gradient = self.series.get(GRADIENT)
-        return {"curvature": curvature, GRADIENT: gradient is not None and gradient.s > self.threshold(GRADIENT)}
+        curvature = bool(layers_above) if per_layer else AGGREGATE in self.series and self._over(AGGREGATE)
+        return {"curvature": curvature, GRADIENT: GRADIENT in self.series and self._over(GRADIENT)}
 
     def _note_crossings(self, step: int, layers_above: list[str]) -> None:
         """Record each signal family's upward crossing of its threshold (for attribution)."""

@@ -24,11 +24,12 @@ import torch
 from ..engine.operator import CurvatureOperator
 from ..engine.probes import sample_probes
 from .result import LayerEstimate, mean_and_se
-from .spectra import lanczos, tridiagonal_eig
+from .spectra import block_operator, lanczos, tridiagonal_eig
 
 
 def _probe_rows(op: CurvatureOperator, probes: int, generator: torch.Generator | None, gn: bool):
-    """For each chunk of probes: the probes z, H z and (``gn``) G z, as ``[k, d_l]`` per layer (float64, CPU)."""
+    """For each chunk of probes: the probes z, H z and (``gn``; else ``None``) G z, as ``[k, d_l]`` per layer
+    (float64, CPU)."""
     if probes < 1:
         raise ValueError(f"probes must be >= 1, got {probes}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -40,8 +41,8 @@ def _probe_rows(op: CurvatureOperator, probes: int, generator: torch.Generator |
         if gn and g is None:
             raise ValueError("Gauss-Newton estimates need the operator opened with gn=True")
         for index, name in enumerate(op.layers):
-            rows = [op.restrict(index, t).double().cpu() for t in (z, h, g if gn else h)]
-            yield name, rows
+            z_l, h_l = (op.restrict(index, t).double().cpu() for t in (z, h))
+            yield name, (z_l, h_l, op.restrict(index, g).double().cpu() if gn else None)
         done += k
 
 
@@ -53,7 +54,8 @@ def layer_traces(
     gn_samples: dict[str, list[torch.Tensor]] = {}
     for name, (z, hz, gz) in _probe_rows(op, probes, generator, gn):
         samples.setdefault(name, []).append((z * hz).sum(1))
-        gn_samples.setdefault(name, []).append((z * gz).sum(1))
+        if gn:
+            gn_samples.setdefault(name, []).append((z * gz).sum(1))
 
     def summarise(table: dict[str, list[torch.Tensor]]) -> LayerEstimate:
         stats = {name: mean_and_se(torch.cat(parts)) for name, parts in table.items()}
@@ -82,15 +84,10 @@ def layer_top_eigenvalues(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
-    device = op.params[0].device
     top = {}
     for index, name in enumerate(op.layers):
-        d = op.blocks[index].numel
-
-        def block(x: torch.Tensor, index: int = index) -> torch.Tensor:
-            return op.block_matvec(index, x.float()[None].to(device))[0].double().cpu()
-
-        alpha, beta = lanczos(block, torch.randn(d, generator=generator, dtype=torch.float64), min(steps, d))
+        block, d = block_operator(op, index)
+        alpha, beta = lanczos(block, torch.randn(d, generator=generator, dtype=torch.float64), steps)
         ritz, _ = tridiagonal_eig(alpha, beta)
         top[name] = float(ritz.max())
     return top

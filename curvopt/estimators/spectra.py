@@ -73,7 +73,7 @@ def tridiagonal_eig(alpha: torch.Tensor, beta: torch.Tensor) -> tuple[torch.Tens
     return torch.linalg.eigh(t)
 
 
-def _block_operator(op: CurvatureOperator, layer: int | None) -> tuple[Matvec, int]:
+def block_operator(op: CurvatureOperator, layer: int | None) -> tuple[Matvec, int]:
     if layer is None:
         shapes = [p.shape for p in op.params]
         sizes = [p.numel() for p in op.params]
@@ -146,9 +146,9 @@ def layer_spectrum(
             raise ValueError(f"unknown layer(s) {unknown}; layers are {op.layers}")
         settings = dict(steps=steps, top_k=top_k, slq_probes=slq_probes, slq_steps=slq_steps, g=generator)
         for name in wanted:
-            matvec, d = _block_operator(op, op.layers.index(name))
+            matvec, d = block_operator(op, op.layers.index(name))
             out[name] = _spectrum(matvec, name, d, **settings)
         if whole_model:
-            matvec, d = _block_operator(op, None)
+            matvec, d = block_operator(op, None)
             out[MODEL] = _spectrum(matvec, MODEL, d, **settings)
     return out

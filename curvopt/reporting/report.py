@@ -272,11 +272,9 @@ def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[l
         ("lr_scale", "LR scale"),
     ]
 
-    def key_of(quantity: str, name: str) -> str:
-        return log_schema.cusum(name) if quantity == "cusum" else log_schema.per_layer(quantity, name)
-
-    present = [(key, title) for key, title in columns if any(key_of(key, n) in record for n in names)]
-    rows = [[labels.get(n, n), *[record.get(key_of(key, n)) for key, _ in present]] for n in names]
+    heads = {key: log_schema.layer_prefix(key) for key, _ in columns}
+    present = [(key, title) for key, title in columns if any(heads[key] + n in record for n in names)]
+    rows = [[labels.get(n, n), *[record.get(heads[key] + n) for key, _ in present]] for n in names]
     totals = {key: record.get(log_schema.total(key)) for key, _ in present if key in log_schema.TOTALS}
     totals["cusum"] = record.get(log_schema.cusum("aggregate"))
     rows.append(["model (all)", *[totals.get(key) for key, _ in present]])

@@ -7,7 +7,6 @@ a user mistake into a one-line :class:`TrainError`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -300,15 +299,16 @@ def build_optimizer(
         raise TrainError(str(exc)) from None
 
 
-def record_from_args(args: argparse.Namespace, record: type) -> Any:
-    """A record (:class:`~curvopt.MonitorConfig`, ...) with every option that has a flag taken from its flag."""
-    return record(**{f.name: getattr(args, flag_dest(meta["flag"])) for f, meta in flagged_options(record)})
+def record_from_args(args: argparse.Namespace, record: type, **fixed: Any) -> Any:
+    """A record (:class:`~curvopt.MonitorConfig`, ...) with every option that has a flag taken from its flag, and
+    the ``fixed`` fields as given."""
+    return record(**{f.name: getattr(args, flag_dest(meta["flag"])) for f, meta in flagged_options(record)}, **fixed)
 
 
 def config_from_args(args: argparse.Namespace) -> CurvatureConfig:
     """The run's :class:`~curvopt.CurvatureConfig`: every option with a flag from its flag, the probe seed from
     ``--seed``."""
-    return dataclasses.replace(record_from_args(args, CurvatureConfig), seed=args.seed)
+    return record_from_args(args, CurvatureConfig, seed=args.seed)
 
 
 def build_scheduler(args: argparse.Namespace, opt: CurvatureAwareOptimizer, updates_per_epoch: int) -> tuple[Any, int]:
