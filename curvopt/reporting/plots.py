@@ -40,7 +40,7 @@ WIDE = (10.5, 4.6)
 EVENT_STYLE = {
     "label_noise_start": ("purple", "-.", "label noise starts"),
     "alarm": ("crimson", "--", "memorisation alarm"),
-    "change_point": ("crimson", ":", "change point (where the alarm's rise began)"),
+    "change_point": ("crimson", ":", "change point (where the alarm's change began)"),
     "resume": ("0.45", ":", "resumed"),
     "rollback": ("teal", "--", "rolled back"),
     "lr_restart": ("darkorange", ":", "LR schedule restart"),

@@ -260,6 +260,15 @@ def monitor_verdict(records: Sequence[Mapping[str, Any]]) -> str:
     return f"No memorisation alarm ({len(estimates)} estimates; the monitor calibrated on the first {calibration})."
 
 
+def _onset_source(alarm: Mapping[str, Any]) -> str:
+    """Which rule placed an alarm's change point, and in which series (alarms logged before the fit: Page's)."""
+    if alarm.get("onset_step") is None:
+        return "–"
+    series = alarm.get("onset_series")
+    where = f" in {'the gradient norm' if series == 'gradient' else series}" if series else ""
+    return ("abrupt break" if alarm.get("onset_kind") == "abrupt" else "Page's estimate") + where
+
+
 def _layer_rows(record: Mapping[str, Any], labels: Mapping[str, str]) -> tuple[list[str], list[list[Any]]]:
     names = list(log_schema.layer_values(record, "trace"))
     columns = [
@@ -330,19 +339,22 @@ def _write_html(
             [
                 a["step"],
                 a.get("onset_step"),
+                _onset_source(a),
                 a.get("kind"),
                 *distinct_numbers(a.get("statistic", math.nan), a.get("threshold", 0.0)),
                 ", ".join(label_of(n, labels) for n in a.get("layers", [])) or no_layers_text(a.get("kind", "")),
             ]
             for a in alarms
         ]
-        parts.append(_table(rows, ["step", "change point (onset)", "kind", "CUSUM S", "threshold", "layers"], "alarms"))
+        headers = ["step", "change point (onset)", "placed by", "kind", "CUSUM S", "threshold", "layers"]
+        parts.append(_table(rows, headers, "alarms"))
         parts.append(
-            "<p class='how alarm-note'>The change point is Page's estimate of where the rise began: the "
-            "estimate at which the deciding CUSUM statistic left zero. Memorisation began there, before the "
-            "alarm; <code>--on-alarm rollback</code> returns to a checkpoint before it. Kind "
-            "<code>gradient</code>: the gradient norm's own CUSUM rose first (it jumps at once after a label "
-            "switch).</p>"
+            "<p class='how alarm-note'>The change point is where the change began, before the alarm: an abrupt "
+            "break found by a two-phase fit over a series' history (either direction: a label switch first "
+            "collapses the network, and its curvature and gradient norm fall before they rise), or else Page's "
+            "estimate, the estimate at which the deciding CUSUM statistic left zero. <code>--on-alarm "
+            "rollback</code> returns to a checkpoint before it. Kind <code>gradient</code>: the gradient norm's "
+            "own CUSUM rose first (it jumps at once after a label switch).</p>"
         )
     else:
         parts.append(f"<p>{html.escape(monitor_verdict(records))}</p>")

@@ -138,13 +138,24 @@ def test_the_html_page_tells_the_run_s_story(report):
     _, paths = report
     page = next(p for p in paths if p.name == "report.html").read_text()
     assert "<h2>Run</h2>" in page and "small_cnn" in page and "random from step 31" in page
-    digits_that_differ = r"<td>48</td><td>–</td><td>aggregate</td><td>10\.0004</td><td>10\.0000</td>"
+    digits_that_differ = r"<td>48</td><td>–</td><td>–</td><td>aggregate</td><td>10\.0004</td><td>10\.0000</td>"
     assert re.search(digits_that_differ, page)
     assert "5 · BatchNorm2d, 9 · Linear" in page  # the alarm's layers, labelled
     assert "label noise start" in page and "Per layer at the last estimate" in page
     assert "Per layer at the first alarm" in page
     assert page.count("class='how'") == 5 and page.count("data:image/png;base64,") == 5
     assert "href='curvature.jsonl'" not in page and "curvature.jsonl'>JSONL log" in page
+
+
+def test_the_alarm_table_says_which_rule_placed_the_change_point():
+    from curvopt.reporting.report import _onset_source
+
+    assert _onset_source({"onset_step": 420, "onset_kind": "abrupt", "onset_series": "gradient"}) == (
+        "abrupt break in the gradient norm"
+    )
+    assert _onset_source({"onset_step": 420, "onset_kind": "page", "onset_series": "4"}) == "Page's estimate in 4"
+    assert _onset_source({"onset_step": 420}) == "Page's estimate"  # an alarm logged before the fit existed
+    assert _onset_source({"onset_step": None}) == "–"
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="Debian's chromium is not installed")
