@@ -16,6 +16,11 @@ the retrospective fit, the default; ``page``: where the CUSUM last left zero), a
    norm, the training loss), in epochs after the memorisation onset (the first epoch whose fit of the corrupted
    labels exceeds 2× chance), median per model and condition.
 4. **Clean runs**: false alarms (and the epoch of each), and the epoch their training loss stopped falling.
+5. **Restoring a weight average** (runs that recorded them): the rollback restores the exponential average of the
+   weights at the chosen checkpoint (half-life in epochs; ``avg``: every tensor of the state averaged, ``avg_bn``:
+   BatchNorm's statistics recomputed for the averaged weights) instead of the checkpoint itself, against early
+   stopping on the raw weights and on the same average (of the 90 % twin), and
+   within the 90 % runs.
 
     python -m benchmarks.changepoint --runs benchmarks/records/memorisation-deep --seeds 1 --first-seed 0
     python -m benchmarks.changepoint --runs benchmarks/records/memorisation-deep --seeds 5 --first-seed 100
@@ -164,6 +169,83 @@ def full_data_table(split: list[dict], whole: list[dict], settings: dict[str, An
     return "\n".join(lines)
 
 
+AVERAGED = ("avg", "avg_bn")
+"""The weight averages' two readings: every tensor of the state averaged (BatchNorm's running statistics too, as
+``curvopt.RollbackOnAlarm(average=...)`` restores them), and BatchNorm's statistics recomputed for the averaged
+weights on 1,024 training inputs (as SWA does; recorded for models with BatchNorm only)."""
+
+
+def averaged_accuracy(run: dict, epoch: int, variant: tuple[str, str], noisy: bool = False) -> float:
+    """Accuracy of the weight average ``variant = (reading, half-life in epochs)`` at ``epoch``'s end: clean test, or
+    the noisy validation split."""
+    row = run["epochs_log"][epoch]
+    reading, halflife = variant
+    if f"{reading}_val_acc" not in row:  # no BatchNorm: nothing to recompute
+        reading = "avg"
+    return row[f"{reading}_noisy_val_acc" if noisy else f"{reading}_val_acc"][halflife]
+
+
+def averaged_early_stopping(run: dict, variant: tuple[str, str]) -> float:
+    """Early stopping (patience as :func:`benchmarks.memorisation.early_stopping_epoch`) on the weight average's
+    noisy validation accuracy, restoring its best epoch's average: what early stopping gives with the same average."""
+    best, best_epoch = -float("inf"), 0
+    for row in run["epochs_log"]:
+        score = averaged_accuracy(run, row["epoch"], variant, noisy=True)
+        if score > best:
+            best, best_epoch = score, row["epoch"]
+        elif row["epoch"] - best_epoch >= mem.PATIENCE:
+            break
+    return averaged_accuracy(run, best_epoch, variant)
+
+
+def averaged_table(split: list[dict], whole: list[dict], settings: dict[str, Any]) -> str:
+    """Table 5 (see the module docstring)."""
+    recorded = [r for r in split + whole if "avg_val_acc" in r["epochs_log"][-1]]
+    if not recorded:
+        return "(no run recorded the weight averages)"
+    ids = {id(r) for r in recorded}
+    halflives = sorted(recorded[0]["epochs_log"][-1]["avg_val_acc"], key=float)
+    variants = [None, *((reading, h) for reading in AVERAGED for h in halflives)]
+    by_key = {_key(r): r for r in split}
+    lines = [
+        "| condition | weights restored | pairs | rollback (100 %) − early stopping (90 %) | worse by > 1 | "
+        "rollback (100 %) − early stopping on the average (90 %) | worse by > 1 | rollback (90 %) − early stopping "
+        "(90 %) |",
+        "| --- | --- | ---: | --- | ---: | --- | ---: | --- |",
+    ]
+    for condition in [c for c in mem.CONDITIONS if any(r["condition"] == c for r in recorded)]:
+        for variant in variants:
+            vs_es, vs_avg_es, within = [], [], []
+            for run in (r for r in whole if r["condition"] == condition and id(r) in ids):
+                twin = by_key.get(_key(run))
+                if twin is None or id(twin) not in ids:
+                    continue
+                restored = _restored(run, settings, variant)
+                vs_es.append(restored - early_stopping_accuracy(twin))
+                if variant is not None:
+                    vs_avg_es.append(restored - averaged_early_stopping(twin, variant))
+            for run in (r for r in split if r["condition"] == condition and id(r) in ids):
+                within.append(_restored(run, settings, variant) - early_stopping_accuracy(run))
+            label = "the checkpoint" if variant is None else f"{variant[0]}, half-life {variant[1]} epochs"
+            lines.append(
+                f"| {condition} | {label} | {len(vs_es)} | {_median(vs_es)} {_range(vs_es)} "
+                f"| {sum(d < -1 for d in vs_es)} | {_median(vs_avg_es)} {_range(vs_avg_es)} "
+                f"| {sum(d < -1 for d in vs_avg_es) if vs_avg_es else '–'} | {_median(within)} {_range(within)} |"
+            )
+    return "\n".join(lines)
+
+
+def _restored(run: dict, settings: dict[str, Any], variant: tuple[str, str] | None) -> float:
+    """Clean test accuracy after a validation-free rollback (the model at the end when nothing alarmed): the last
+    end-of-epoch checkpoint before the onset, or the weight average ``variant`` at that checkpoint."""
+    found = mem.first_alarm_and_onset(run, RULE, settings)
+    epoch = run["epochs_log"][-1]["epoch"]
+    if found is not None:
+        back = mem.rollback_epoch(run, run["series"]["step"][-1] + 1, found[1], keep=10_000)
+        epoch = back if back is not None else 0
+    return _accuracy(run)[epoch] if variant is None else averaged_accuracy(run, epoch, variant)
+
+
 def lead_lag_table(runs: list[dict], settings: dict[str, Any]) -> str:
     """Table 3 (see the module docstring)."""
     names = list(LEADERS)
@@ -247,6 +329,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             lambda: lead_lag_table(split, args.monitor),
         ),
         ("Clean runs", lambda: clean_table(runs, args.monitor)),
+        ("Restoring a weight average", lambda: averaged_table(split, whole, args.monitor)),
     ]
     print(
         f"{len(split)} runs with a validation split, {len(whole)} on all the data; seeds {seeds.start}-{seeds.stop - 1}"

@@ -44,6 +44,7 @@ samples of the batch, Gauss-Newton on):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -58,6 +59,7 @@ from torch import nn
 
 from benchmarks.memorisation_tasks import DEEP_TASKS, HOLDOUT, condition_plan, load_task, noisy_labels
 from benchmarks.run_records import load_runs, read_run, save_run
+from curvopt.control.averaging import ExponentialAverage
 
 CONDITIONS = ("clean", "p0.2", "p0.4", "p1.0", "switch1.0", "switch0.4")
 RECORDED = (
@@ -84,6 +86,10 @@ DEFAULT_RUNS = Path(__file__).resolve().parent / "runs" / "memorisation"
 RECORDS = Path(__file__).resolve().parent / "records"
 """Checked-in run records (gzip JSON, one file per run): the deep-model study spans sessions from here."""
 CHANCE = 0.1
+AVERAGE_HALFLIVES = (0.5, 1.0, 2.0, 4.0)
+"""Half-lives, in epochs, of the weight averages every run records (:class:`curvopt.control.averaging.
+ExponentialAverage`, sampled at the estimates as the rollback samples its snapshots): each epoch's row holds the
+clean test and noisy validation accuracy of each average, keyed by its half-life."""
 
 
 # ---------------------------------------------------------------------- tasks
@@ -132,6 +138,39 @@ def _signals(estimate: Any) -> dict[str, Any]:
     }
 
 
+def _score_averages(
+    averages: dict[float, ExponentialAverage],
+    model: nn.Module,
+    train_x: torch.Tensor,
+    xv: torch.Tensor,
+    yv: torch.Tensor,
+    holdout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    noisy: bool,
+) -> dict[str, dict[str, float]]:
+    """Clean test (and noisy validation) accuracy of each weight average, keyed by its half-life in epochs."""
+    from torch.optim.swa_utils import update_bn
+
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    keys = ("avg_val_acc", "avg_noisy_val_acc") + (("avg_bn_val_acc", "avg_bn_noisy_val_acc") if has_bn else ())
+    scores: dict[str, dict[str, float]] = {k: {} for k in keys}
+    for halflife, average in averages.items():
+        model.load_state_dict(average.state)
+        for prefix in ("avg", "avg_bn") if has_bn else ("avg",):
+            if prefix == "avg_bn":  # BatchNorm's statistics recomputed for the averaged weights (as SWA does)
+                update_bn([train_x[i : i + 256] for i in range(0, min(len(train_x), 1024), 256)], model)
+            scores[f"{prefix}_val_acc"][str(halflife)] = _accuracy_of(model, xv, yv)
+            if holdout is not None:
+                hx, hy_clean, hy_noisy = holdout
+                scores[f"{prefix}_noisy_val_acc"][str(halflife)] = _accuracy_of(
+                    model, hx, hy_noisy if noisy else hy_clean
+                )
+    return scores
+
+
+def _accuracy_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((_predict(model, x).argmax(1) == y).float().mean()) * 100
+
+
 def run_one(job: Job) -> str:
     """Train one run and save its signals and ground truth as JSON; returns the file name.
 
@@ -178,6 +217,8 @@ def run_one(job: Job) -> str:
         seed=seed,
         logger=[rollback] if rollback else None,
     )
+    averages = {h: ExponentialAverage(h * (len(y) // batch)) for h in AVERAGE_HALFLIVES}
+    averaged_model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(seed)
     series: dict[str, list] = {k: [] for k in ("step", *RECORDED)}
     epochs_log: list[dict[str, float]] = []
@@ -223,6 +264,8 @@ def run_one(job: Job) -> str:
                     series["step"].append(step)
                     for k in RECORDED:
                         series[k].append(row[k])
+                    for average in averages.values():
+                        average.update(model.state_dict(), step)
             pred_train = _predict(model, x).argmax(1)
             pred_val = _predict(model, xv).argmax(1)
             fit = float((pred_train[corrupted] == y_noisy[corrupted]).float().mean()) if corrupted.any() else 0.0
@@ -239,6 +282,8 @@ def run_one(job: Job) -> str:
                 row["noisy_val_acc"] = float((_predict(model, hx).argmax(1) == held_labels).float().mean()) * 100
                 if rollback is not None:  # the epoch's last snapshot is scored, as curvopt train scores its checkpoints
                     rollback.score(row["noisy_val_acc"])
+            if averages[AVERAGE_HALFLIVES[0]].state:
+                row |= _score_averages(averages, averaged_model, x, xv, yv, holdout, epoch >= start_epoch)
             epochs_log.append(row)
     result = {
         "task": task,

@@ -18,6 +18,14 @@ Choosing by validation, when there is a split. Weights at a constant learning ra
 gets the score), the rollback restores the best-scored snapshot before the onset: early stopping's "restore best",
 limited to the states before memorisation began (benchmarks/RESULTS.md §12 and §15 measure both).
 
+Restoring an average of the weights. At a constant learning rate the weights wander: neighbouring checkpoints
+differ by points of test accuracy, so restoring one checkpoint inherits that jitter. With ``average=τ`` (a half-life
+in optimizer steps) the rollback keeps an exponential average of the state, sampled at every estimate
+(:class:`curvopt.control.averaging.ExponentialAverage`; BatchNorm's running statistics averaged with the weights,
+as timm's model EMA does), and each snapshot holds the *average* as it stood then; an alarm restores the average
+from before the change point (the optimizer state is the one of that step). Measured in benchmarks/RESULTS.md §15.6:
+the half-life, and the restored model against early stopping on a validation split.
+
 Which snapshots are kept. Memory is ``keep`` × (model + optimizer state) in host memory. With ``spacing="log"``
 (the default) the ring thins itself so that the gaps between kept snapshots grow in proportion to their age
 (:func:`thin_log_spaced`): recent states are dense, old ones sparse, and the ring reaches back to the start of the
@@ -40,6 +48,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import log_schema
+from .averaging import ExponentialAverage
 from .monitor import Alarm
 
 THEN = ("stop", "lower-lr", "freeze")
@@ -121,6 +130,8 @@ class RollbackOnAlarm:
         choose: ``"onset"`` (the last snapshot before the change point; no validation needed) or
             ``"best-validated"`` (the best :meth:`score` before it).
         spacing: ``"log"`` (kept snapshots log-spaced back to the start) or ``"recent"`` (the last ``keep``).
+        average: ``None`` (restore the weights as they were) or the half-life, in optimizer steps, of the weight
+            average that the snapshots hold and an alarm restores (see the module docstring).
     """
 
     def __init__(
@@ -133,6 +144,7 @@ class RollbackOnAlarm:
         lr_factor: float = 0.1,
         choose: str = "onset",
         spacing: str = "log",
+        average: float | None = None,
     ) -> None:
         if then not in THEN:
             raise ValueError(f"then must be one of {THEN}, got {then!r}")
@@ -142,6 +154,7 @@ class RollbackOnAlarm:
             raise ValueError(f"keep must be >= {3 if spacing == 'log' else 1} with spacing={spacing!r}, got {keep}")
         self.model, self.optimizer = model, getattr(optimizer, "optimizer", optimizer)
         self.then, self.lr_factor, self.choose, self.spacing, self.keep = then, lr_factor, choice(choose), spacing, keep
+        self.average = ExponentialAverage(average) if average is not None else None
         self.snapshots: list[Snapshot] = []
         self.stopped = False
         self.restored: list[tuple[int, int]] = []  # (alarm step, snapshot step)
@@ -150,7 +163,11 @@ class RollbackOnAlarm:
         """At every estimate: a snapshot of the state before this step's update."""
         if log_schema.LOSS not in metrics:
             return
-        state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        if self.average is not None:
+            self.average.update(self.model.state_dict(), step)
+            state = self.average.snapshot()
+        else:
+            state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
         self.snapshots.append(Snapshot(step, state, copy.deepcopy(self.optimizer.state_dict())))
         while len(self.snapshots) > self.keep:
             drop = 0 if self.spacing == "recent" else thin_log_spaced([s.step for s in self.snapshots], step)

@@ -52,12 +52,13 @@ from ..control.settings import CurvatureConfig
 from ..engine.losses import CausalLMLoss
 from ..reporting.loggers import LOG_NAME
 from .session import (
+    ROLLBACK_AVERAGE,
     ROLLBACK_KEEP,
     SUMMARY_KEYS,
+    AlarmResponse,
     BatchRecorder,
     TrackingSession,
     callback_options,
-    check_on_alarm,
 )
 
 try:
@@ -122,6 +123,16 @@ def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[d
     return inputs, kwargs["labels"]
 
 
+def _steps_per_epoch(args: Any, loader: Any) -> float | None:
+    """Optimizer steps per epoch: the Trainer's batches per epoch over its gradient accumulation (``None`` for a
+    loader without a length, e.g. a streamed dataset)."""
+    try:
+        batches = len(loader)
+    except TypeError:
+        return None
+    return batches / max(int(getattr(args, "gradient_accumulation_steps", 1)), 1)
+
+
 class CurvatureCallback(TrainerCallback):
     """Per-layer curvature, the memorisation monitor and its alarms inside ``transformers.Trainer``.
 
@@ -136,6 +147,8 @@ class CurvatureCallback(TrainerCallback):
         on_alarm: ``"warn"`` (default: a log record and the JSONL), ``"stop"`` (end training) or ``"rollback"``
             (restore the state before the change point, then end training; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
+        rollback_average: ``on_alarm="rollback"``: the half-life, in epochs, of the weight average restored
+            (default 0.5; ``None``: the weights themselves; :class:`~curvopt.RollbackOnAlarm`).
         log_path: the JSONL log; default ``<output_dir>/curvature.jsonl``; ``None`` for none.
         trainer_metrics: ``"summary"`` (default: totals, monitor, alarm) or ``"all"`` (every ``curv/*`` value)
             into the Trainer's log rows.
@@ -153,18 +166,18 @@ class CurvatureCallback(TrainerCallback):
         layers: Any = None,
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
+        rollback_average: float | None = ROLLBACK_AVERAGE,
         log_path: str | Path | None = "auto",
         trainer_metrics: str = "summary",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
         **settings: Any,
     ) -> None:
-        check_on_alarm(on_alarm, rollback_keep)
+        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average)
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
         self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
-        self.on_alarm, self.rollback_keep = on_alarm, rollback_keep
         self.log_path, self.trainer_metrics = log_path, trainer_metrics
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
@@ -200,8 +213,8 @@ class CurvatureCallback(TrainerCallback):
             sinks=self.extra_sinks,
             reports=state.is_world_process_zero,
             total_steps=state.max_steps,
-            on_alarm=self.on_alarm,
-            rollback_keep=self.rollback_keep,
+            response=self.response,
+            steps_per_epoch=_steps_per_epoch(args, kwargs.get("train_dataloader")),
         )
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False

@@ -45,7 +45,14 @@ from ..control.notify import as_sinks
 from ..control.settings import CurvatureConfig
 from ..engine.batch import CurvatureInputError, describe
 from ..reporting.loggers import LOG_NAME
-from .session import ROLLBACK_KEEP, TrackingSession, callback_options, check_on_alarm, stamped_scalars
+from .session import (
+    ROLLBACK_AVERAGE,
+    ROLLBACK_KEEP,
+    AlarmResponse,
+    TrackingSession,
+    callback_options,
+    stamped_scalars,
+)
 
 try:
     import lightning.pytorch as pl
@@ -125,6 +132,15 @@ class _TrainerLoggers:
         """Alarms reach the loggers as ``curv/alarm`` = 1 in the estimate's metrics."""
 
 
+def _steps_per_epoch(trainer: pl.Trainer) -> float | None:
+    """Optimizer steps per epoch (``None`` for a loader without a length). The training loader is set up first if
+    the Trainer has not yet, as its own ``estimated_stepping_batches`` does."""
+    if trainer.train_dataloader is None:
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    return batches / trainer.accumulate_grad_batches if math.isfinite(batches) else None
+
+
 class CurvatureCallback(pl.Callback):
     """Per-layer curvature, the memorisation monitor and its alarms inside ``lightning.Trainer``.
 
@@ -141,6 +157,8 @@ class CurvatureCallback(pl.Callback):
         on_alarm: ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``) or ``"rollback"`` (restore the state before
             the change point, then stop; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
+        rollback_average: ``on_alarm="rollback"``: the half-life, in epochs, of the weight average restored
+            (default 0.5; ``None``: the weights themselves; :class:`~curvopt.RollbackOnAlarm`).
         log_path: the JSONL log; default ``<default_root_dir>/curvature.jsonl``; ``None`` for none.
         logger: further curvopt sinks; callbacks: called with every :class:`~curvopt.Alarm`.
     """
@@ -156,6 +174,7 @@ class CurvatureCallback(pl.Callback):
         layers: Any = None,
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
+        rollback_average: float | None = ROLLBACK_AVERAGE,
         log_path: str | Path | None = "auto",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
@@ -164,9 +183,9 @@ class CurvatureCallback(pl.Callback):
         for name, value in (("loss_fn", loss_fn), ("split_batch", split_batch), ("forward", forward)):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-        check_on_alarm(on_alarm, rollback_keep)
+        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average)
         self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
-        self.on_alarm, self.rollback_keep, self.log_path = on_alarm, rollback_keep, log_path
+        self.log_path = log_path
         self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
@@ -196,8 +215,8 @@ class CurvatureCallback(pl.Callback):
             sinks=[_TrainerLoggers(trainer), *self.extra_sinks],
             reports=trainer.is_global_zero,
             total_steps=total,
-            on_alarm=self.on_alarm,
-            rollback_keep=self.rollback_keep,
+            response=self.response,
+            steps_per_epoch=_steps_per_epoch(trainer),
         )
         if self._restored is not None:
             self.session.load_state_dict(self._restored)

@@ -24,6 +24,7 @@ verdict is warned about.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -74,12 +75,51 @@ def callback_options(config: CurvatureConfig | None, settings: Mapping[str, Any]
     return options
 
 
-def check_on_alarm(on_alarm: str, rollback_keep: int) -> None:
-    """ValueError naming the choices for a callback's ``on_alarm``, or a ``rollback_keep`` the ring cannot use."""
-    if on_alarm not in ON_ALARM:
-        raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {on_alarm!r}")
-    if rollback_keep < 3:
-        raise ValueError(f"rollback_keep must be >= 3 (the first, the latest and one between), got {rollback_keep}")
+ROLLBACK_AVERAGE = 0.5
+"""Half-life, in epochs, of the weight average a callback's rollback restores (benchmarks/RESULTS.md §15.6)."""
+
+
+@dataclass(frozen=True)
+class AlarmResponse:
+    """What a framework callback does at an alarm; the three callback arguments of the same names, checked here.
+
+    Args:
+        on_alarm: one of :data:`ON_ALARM`.
+        rollback_keep: ``"rollback"``: snapshots kept in host memory (model + optimizer state each; at least 3).
+        rollback_average: ``"rollback"``: the half-life, in epochs, of the weight average the snapshots hold and the
+            rollback restores (:class:`~curvopt.RollbackOnAlarm`'s ``average``); ``None``: the weights themselves.
+    """
+
+    on_alarm: str = "warn"
+    rollback_keep: int = ROLLBACK_KEEP
+    rollback_average: float | None = ROLLBACK_AVERAGE
+
+    def __post_init__(self) -> None:
+        if self.on_alarm not in ON_ALARM:
+            raise ValueError(f"on_alarm must be one of {ON_ALARM}, got {self.on_alarm!r}")
+        if self.rollback_keep < 3:
+            raise ValueError(
+                f"rollback_keep must be >= 3 (the first, the latest and one between), got {self.rollback_keep}"
+            )
+        average = self.rollback_average
+        if average is not None and not (isinstance(average, (int, float)) and math.isfinite(average) and average > 0):
+            raise ValueError(f"rollback_average must be a positive number of epochs or None, got {average!r}")
+
+    def rollback(self, model: nn.Module, optimizer: Optimizer, steps_per_epoch: float | None) -> RollbackOnAlarm:
+        """The rollback sink; the average's half-life in steps from the epoch's length (``None``: unknown, the
+        weights themselves are restored, with a warning)."""
+        average = None
+        if self.rollback_average is not None:
+            if steps_per_epoch is None or not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
+                warnings.warn(
+                    "curvopt: the run's epoch length is unknown, so the rollback restores the weights themselves, "
+                    "not their average (rollback_average needs the steps per epoch)",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            else:
+                average = self.rollback_average * steps_per_epoch
+        return RollbackOnAlarm(model, optimizer, keep=self.rollback_keep, average=average)
 
 
 SUMMARY_KEYS = (
@@ -151,7 +191,8 @@ class TrackingSession:
         reports: whether this process writes logs (rank 0).
         total_steps: the run's optimizer steps, for a cadence chosen from them (``options["every"]`` is ``None``);
             ``None`` or ≤ 0 when the framework does not know (every :data:`~curvopt.control.cadence.DEFAULT_EVERY`).
-        on_alarm: one of :data:`ON_ALARM`; ``"rollback"`` keeps ``rollback_keep`` snapshots (single process only).
+        response: what to do at an alarm (:class:`AlarmResponse`; ``"rollback"``: single process only).
+        steps_per_epoch: optimizer steps per epoch (``None``: unknown), for the rollback's weight average.
     """
 
     def __init__(
@@ -166,10 +207,10 @@ class TrackingSession:
         sinks: list[Any],
         reports: bool,
         total_steps: int | None = None,
-        on_alarm: str = "warn",
-        rollback_keep: int = ROLLBACK_KEEP,
+        response: AlarmResponse = AlarmResponse(),
+        steps_per_epoch: float | None = None,
     ) -> None:
-        check_on_alarm(on_alarm, rollback_keep)
+        on_alarm = response.on_alarm
         if on_alarm == "rollback" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(
                 "on_alarm='rollback' in a framework callback needs a single process (the snapshots are kept by the "
@@ -183,7 +224,7 @@ class TrackingSession:
         self.collector = _Collector()
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
         self.on_alarm = on_alarm
-        self.rollback = RollbackOnAlarm(model, optimizer, keep=rollback_keep) if on_alarm == "rollback" else None
+        self.rollback = response.rollback(model, optimizer, steps_per_epoch) if on_alarm == "rollback" else None
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
         if self.rollback is not None:  # snapshots before the JSONL sees an alarm, restored before the framework steps
             loggers.insert(1, self.rollback)

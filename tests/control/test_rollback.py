@@ -251,3 +251,26 @@ def test_an_alarm_with_no_snapshot_warns_and_leaves_the_model():
         rollback.alert(Alarm(5, ["(root)"], 11.0, 10.0, onset_step=3))
     assert rollback.restored == [] and not rollback.stopped
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_rollback_can_restore_the_weight_average_from_before_the_change_point():
+    model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    rollback = RollbackOnAlarm(model, base, average=4)  # a half-life of 4 steps
+    expected = None
+    for step, value in [(2, 1.0), (4, 3.0), (6, 5.0), (8, 7.0), (10, 9.0)]:
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+            model[1].running_mean.fill_(value)
+        rollback.log(step, {"curv/loss": 1.0})
+        keep = 0.5 ** (2 / 4)
+        expected = value if expected is None else keep * expected + (1 - keep) * value
+        if step == 6:
+            at_six = expected
+    rollback.alert(Alarm(10, ["(root)"], 11.0, 10.0, onset_step=7))
+    assert rollback.restored == [(10, 6)]
+    assert float(model[0].weight.detach()[0, 0]) == pytest.approx(at_six, rel=1e-6)  # the average at step 6
+    assert float(model[1].running_mean[0]) == pytest.approx(at_six, rel=1e-6)  # BatchNorm's statistics with it
+    assert at_six not in (5.0, 1.0)
+    with pytest.raises(ValueError, match="half-life"):
+        RollbackOnAlarm(model, base, average=0)

@@ -171,6 +171,7 @@ def test_on_alarm_rollback_restores_the_state_before_the_change_point_and_ends_t
     trainer = _train(tmp_path, callback, model=model)
     assert trainer.state.global_step == 3 and len(callback.wrapper.alarms) == 1
     assert callback.session.rollback.restored == [(3, 1)]  # the snapshot before step 1's update: the last before 2
+    assert callback.session.rollback.average.halflife == 8  # half an epoch: 64 rows in batches of 4
     for key, value in model.state_dict().items():  # steps 1 and 2 undone, step 3's update dropped
         assert torch.equal(value, before[key]), key
     inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
@@ -179,6 +180,8 @@ def test_on_alarm_rollback_restores_the_state_before_the_change_point_and_ends_t
         CurvatureCallback(on_alarm="restore")
     with pytest.raises(ValueError, match="rollback_keep must be >= 3"):
         CurvatureCallback(on_alarm="rollback", rollback_keep=1)
+    with pytest.raises(ValueError, match="rollback_average must be a positive number of epochs or None, got 0"):
+        CurvatureCallback(on_alarm="rollback", rollback_average=0)
 
 
 def test_bf16_training_and_a_frozen_model_probe_only_the_trainable_layers(tmp_path):

@@ -167,6 +167,7 @@ def test_on_alarm_rollback(tmp_path, monkeypatch):
     callback = CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=1, on_alarm="rollback", log_path=None)
     trainer = _fit(module, [callback], tmp_path)
     assert trainer.global_step == 3 and callback.session.rollback.restored == [(3, 1)]
+    assert callback.session.rollback.average.halflife == 1.5  # half an epoch of 3 batches
     for key, value in module.state_dict().items():  # back to the state before step 1's update
         assert torch.equal(value, before[key]), key
 
