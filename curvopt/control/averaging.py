@@ -19,6 +19,7 @@ update copies the state. The average lives on the CPU, as the rollback's snapsho
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -51,3 +52,11 @@ class ExponentialAverage:
     def snapshot(self) -> dict[str, torch.Tensor]:
         """A copy of the average, ready for ``model.load_state_dict``."""
         return {k: v.clone() for k, v in self.state.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The average and the step of its last sample (the half-life is a setting, not state)."""
+        return {"state": self.snapshot(), "step": self.step}
+
+    def load_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in saved["state"].items()}
+        self.step = None if saved["step"] is None else int(saved["step"])

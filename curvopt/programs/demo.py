@@ -24,6 +24,8 @@ from tqdm import tqdm
 
 from ..control.monitor import Alarm
 from ..control.optimizer import CurvatureAwareOptimizer
+from ..control.rollback import RollbackOnAlarm
+from ..integrations.session import ROLLBACK_AVERAGE
 from ..reporting.loggers import LOG_NAME, JsonlLogger
 from ..reporting.report import make_report
 from ..reporting.tables import format_table
@@ -48,6 +50,8 @@ class _Demo:
     wandb_logger: WandbLogger | None
     log_path: Path
     mode: str
+    rollback: RollbackOnAlarm  # fed by the loop, not a sink: the run trains on, and the summary rolls back at the end
+    test: tuple[torch.Tensor, torch.Tensor]  # held-out images with clean labels
 
 
 def _start_wandb(out: Path, mode: str, config: dict[str, Any]) -> WandbLogger | None:
@@ -84,6 +88,7 @@ def _set_up(
     torch.manual_seed(seed)
     images, labels = make_synthetic_images(2048, seed=seed, noise=1.0)
     random_labels = corrupt_labels(labels, 1.0, 10, seed=seed + 1)
+    test = make_synthetic_images(1024, seed=seed + 10_000, noise=1.0)
     model = small_cnn()
     jsonl = stack.enter_context(JsonlLogger(log_path))
     config = {
@@ -110,7 +115,10 @@ def _set_up(
         logger=sinks,
         seed=seed,
     )
-    return _Demo(model, opt, images, labels, random_labels, steps // 2, sinks, wandb_logger, log_path, mode)
+    rollback = RollbackOnAlarm(model, opt, keep=64, average=ROLLBACK_AVERAGE * len(labels) / BATCH)
+    return _Demo(
+        model, opt, images, labels, random_labels, steps // 2, sinks, wandb_logger, log_path, mode, rollback, test
+    )
 
 
 def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
@@ -128,6 +136,8 @@ def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
             loss = loss_fn(logits, y)
             loss.backward()
             opt.step(batch=(x, y))
+            if opt.history and opt.history[-1]["step"] == step:  # an estimate: the rollback's ring samples it
+                demo.rollback.log(step, opt.history[-1])
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if step % every == 0:
@@ -162,6 +172,9 @@ def _print_summary(demo: _Demo, steps: int, elapsed: float, lr_scaling: str | No
     if not opt.alarms:
         print("no alarm was raised")
     print(attribution(opt.monitor.crossings, opt.alarms, demo.switch))
+    after = [a for a in opt.alarms if a.step > demo.switch]
+    if after:
+        print(rollback_line(demo, after[0]))
     print(f"JSONL log:  {demo.log_path}")
     if demo.wandb_logger is not None and demo.wandb_logger.local_dir is not None:
         print(f"W&B run:    {demo.wandb_logger.local_dir} ({demo.mode}; `wandb sync` uploads an offline run)")
@@ -170,6 +183,31 @@ def _print_summary(demo: _Demo, steps: int, elapsed: float, lr_scaling: str | No
         print(f"plots:      {plots[0].parent}/ ({', '.join(p.name for p in plots)})")
     except Exception as exc:  # a plotting problem must not hide the demo's result
         print(f"plots:      not written ({type(exc).__name__}: {exc})")
+
+
+@torch.no_grad()
+def _test_accuracy(model: nn.Module, test: tuple[torch.Tensor, torch.Tensor]) -> float:
+    was_training = model.training
+    model.eval()
+    accuracy = float((model(test[0]).argmax(1) == test[1]).float().mean()) * 100
+    model.train(was_training)
+    return accuracy
+
+
+def rollback_line(demo: _Demo, alarm: Alarm) -> str:
+    """What ``on_alarm="rollback"`` would have restored at ``alarm``, with no validation split: held-out accuracy of
+    the weight average from before its change point against the model the run ended with (the model is restored)."""
+    end = _test_accuracy(demo.model, demo.test)
+    demo.rollback.alert(alarm)
+    if not demo.rollback.restored:
+        return "rollback: no snapshot before the change point"
+    snapshot_step = demo.rollback.restored[-1][1]
+    restored = _test_accuracy(demo.model, demo.test)
+    return (
+        f"rollback (no validation split): the weight average of step {snapshot_step}, before the change point, "
+        f"scores {restored:.1f} % on 1,024 held-out images with clean labels; the model the run ended with, "
+        f"{end:.1f} %"
+    )
 
 
 def attribution(crossings: list[tuple[str, int]], alarms: list[Alarm], switch: int) -> str:

@@ -259,6 +259,16 @@ def _curvature_flags(g: Any) -> None:
     )
     _flag(
         g,
+        "--rollback-average",
+        type=float,
+        default=0.5,
+        help="--on-alarm rollback: restore the exponential average of the weights (this half-life in epochs, "
+        "sampled at the curvature estimates; BatchNorm statistics averaged with them) as it stood at the chosen "
+        "checkpoint, instead of the checkpoint's weights; 0: the weights themselves (measured in "
+        "benchmarks/RESULTS.md §15.6; the checkpoints carry the average, twice the model's size)",
+    )
+    _flag(
+        g,
         "--rollback-then",
         default="stop",
         choices=["stop", "lower-lr"],

@@ -96,6 +96,8 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
         "rollback",
         "--rollback-keep",
         "2",
+        "--rollback-average",
+        "0",
         "--output",
         str(tmp_path),
         "--experiment",
@@ -118,7 +120,7 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     # ... with the weights of epoch 1's end (update 4), the last checkpoint before the change point at update 7
     monkeypatch.undo()
     capsys.readouterr()
-    epoch1 = [*argv[:-4], "--epochs", "1", "--output", str(tmp_path), "--experiment", "one"]
+    epoch1 = [*argv[:-6], "--epochs", "1", "--output", str(tmp_path), "--experiment", "one"]
     assert cli_main(epoch1) == 0
     reference = torch.load(tmp_path / "one" / "last.pth.tar", weights_only=False)
     for key, value in reference["model"].items():
@@ -126,6 +128,18 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
             assert torch.equal(last["model"][key], value), key
     events = [r for r in read_jsonl(run_dir / "curvature.jsonl") if r["type"] == "event" and r["kind"] == "rollback"]
     assert len(events) == 1
+    # the default restores the weight average (half-life half an epoch, sampled at every estimate) of epoch 1's end
+    monkeypatch.setattr(CusumMonitor, "update", _alarm_at(11, onset=7))
+    averaged = [*argv[:-6], "--output", str(tmp_path), "--experiment", "avg"]
+    assert cli_main(averaged) == 0
+    said = capsys.readouterr().out
+    assert "rolled back to the weight average (half-life 0.5 epochs) at the end of epoch 1 (update 4" in said
+    restored = torch.load(tmp_path / "avg" / "last.pth.tar", weights_only=False)["model"]
+    average = reference["rollback_average"]
+    assert average["step"] == 4 and set(average["state"]) == set(reference["model"])
+    for key, value in average["state"].items():
+        assert torch.equal(restored[key], value), key
+    assert any(not torch.equal(average["state"][k], v) for k, v in reference["model"].items() if v.is_floating_point())
 
 
 def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tmp_path):

@@ -4,6 +4,7 @@ known variances."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -181,6 +182,13 @@ def test_cli_demo_fires_the_alarm_after_the_switch(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "ALARM" in out and "gn_gap" in out and "cusum" in out
     assert "lr_scale" not in out  # no scaling in the demo, so no column for it
+    # the rollback a user would get, without a validation split: a model from before the switch, not the memoriser
+    said = re.search(
+        r"scores ([\d.]+) % on 1,024 held-out images with clean labels; the model the run ended with, "
+        r"([\d.]+) %",
+        out,
+    )
+    assert said and float(said[1]) > 90 > 20 > float(said[2]), out
     records = read_jsonl(tmp_path / "curvature.jsonl")
     assert any(r["type"] == "alarm" and r["step"] > 400 for r in records)
     assert sum(r["type"] == "metrics" for r in records) == 40

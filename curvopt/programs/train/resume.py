@@ -30,6 +30,7 @@ CHANGEABLE = frozenset(
         "curv_strategy",
         "fsdp",
         "rollback_keep",
+        "rollback_average",
         "rollback_to",
         "rollback_then",
         "rollback_lr_factor",

@@ -34,6 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from ...control.averaging import ExponentialAverage
 from ...control.monitor import Alarm
 from ...control.rollback import choice
 from ...control.settings import MonitorConfig, flag_dest, flagged_options
@@ -138,6 +139,8 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
         say=say,
     )
     run_box.append(run)
+    if args.on_alarm == "rollback" and args.rollback_average > 0:
+        run.rollback_average = ExponentialAverage(args.rollback_average * updates_per_epoch(args, data.train_loader))
     return run
 
 
@@ -152,6 +155,8 @@ def load_training_state(run: TrainingRun, state: dict[str, Any], *, curvature: b
         run.opt.load_curvature_state(state["optimizer"]["curvopt"])
     if run.model_ema is not None and state.get("model_ema") is not None:
         run.model_ema.load_state_dict(state["model_ema"])
+    if run.rollback_average is not None and state.get("rollback_average") is not None:
+        run.rollback_average.load_state_dict(state["rollback_average"])
     if run.loss_scaler is not None and state.get("scaler") is not None:
         run.loss_scaler.load_state_dict(state["scaler"])
     if state.get("scheduler") is not None:
@@ -352,6 +357,7 @@ def _state(run: TrainingRun, epoch: int) -> dict[str, Any]:
         "model": model_state,
         "optimizer": optimizer_state,
         "model_ema": run.model_ema.state_dict() if run.model_ema is not None else None,
+        "rollback_average": run.rollback_average.state_dict() if run.rollback_average is not None else None,
         "scaler": run.loss_scaler.state_dict() if run.loss_scaler is not None else None,
         "scheduler": run.scheduler.state_dict(),
         "best_top1": run.best_top1,
@@ -389,10 +395,11 @@ def after_update(run: TrainingRun) -> bool:
     """After every update, on every rank: the cost line after the first estimate, then the new alarms; returns
     whether the run stops."""
     now = time.perf_counter()
-    if run.last_update_at is not None:
-        estimated = bool(run.opt.history) and run.opt.history[-1]["step"] == run.opt.step_count
-        if not estimated:
-            run.update_times.append(now - run.last_update_at)
+    estimated = bool(run.opt.history) and run.opt.history[-1]["step"] == run.opt.step_count
+    if estimated and run.rollback_average is not None:
+        run.rollback_average.update(run.model.state_dict(), run.opt.step_count)
+    if run.last_update_at is not None and not estimated:
+        run.update_times.append(now - run.last_update_at)
     run.last_update_at = now
     if not run.cost_said and run.opt.estimate_seconds and len(run.update_times) >= 3:
         run.cost_said = True
@@ -442,11 +449,15 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
         return
     path, state = found
     load_training_state(run, state, curvature=False)
+    averaged = run.rollback_average is not None and bool(run.rollback_average.state)
+    if averaged:  # the average as it stood at that checkpoint, in place of its weights
+        run.model.load_state_dict(run.rollback_average.snapshot())
     validated = choice(run.args.rollback_to) == "best-validated"
     how = "the best validation top-1 of the epochs" if validated else "the last epoch"
+    weights = f"the weight average (half-life {run.args.rollback_average:g} epochs) at the" if averaged else "the"
     text = (
-        f"rolled back to the end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; {how} before "
-        f"the change point at update {onset})"
+        f"rolled back to {weights} end of epoch {int(state['epoch']) + 1} (update {state['num_updates']}; "
+        f"{how} before the change point at update {onset})"
     )
     if run.args.rollback_then == "stop":
         run.stop_alarm = alarm

@@ -211,6 +211,15 @@ def check_fsdp(args: argparse.Namespace) -> None:
     for flag, on in (("--sync-bn", args.sync_bn), ("--model-ema", args.model_ema)):
         if on:
             raise TrainError(f"{flag} is not supported with --fsdp (it needs whole parameters on every rank)")
+    if args.on_alarm == "rollback" and args.rollback_average > 0:
+        if "rollback_average" in set(getattr(args, "explicit", ())):
+            raise TrainError(
+                "--rollback-average is not supported with --fsdp (the average needs whole parameters on every "
+                "rank): pass --rollback-average 0"
+            )
+        args.rollback_average = 0.0
+        if args.rank == 0:
+            print("  --fsdp: --rollback-average off (it needs whole parameters); a rollback restores the weights")
     if args.curv_strategy not in ("auto", "finite-difference"):
         raise TrainError(
             f"--curv-strategy {args.curv_strategy} cannot run a sharded model (no double backward "
