@@ -210,18 +210,19 @@ def averaged_table(split: list[dict], whole: list[dict], settings: dict[str, Any
     lines = [
         "| condition | weights restored | pairs | rollback (100 %) − early stopping (90 %) | worse by > 1 | "
         "rollback (100 %) − early stopping on the average (90 %) | worse by > 1 | rollback (90 %) − early stopping "
-        "(90 %) |",
-        "| --- | --- | ---: | --- | ---: | --- | ---: | --- |",
+        "(90 %) | rollback (100 %) − oracle checkpoint (100 %) |",
+        "| --- | --- | ---: | --- | ---: | --- | ---: | --- | --- |",
     ]
     for condition in [c for c in mem.CONDITIONS if any(r["condition"] == c for r in recorded)]:
         for variant in variants:
-            vs_es, vs_avg_es, within = [], [], []
+            vs_es, vs_avg_es, within, vs_oracle = [], [], [], []
             for run in (r for r in whole if r["condition"] == condition and id(r) in ids):
                 twin = by_key.get(_key(run))
                 if twin is None or id(twin) not in ids:
                     continue
                 restored = _restored(run, settings, variant)
                 vs_es.append(restored - early_stopping_accuracy(twin))
+                vs_oracle.append(restored - max(_accuracy(run).values()))
                 if variant is not None:
                     vs_avg_es.append(restored - averaged_early_stopping(twin, variant))
             for run in (r for r in split if r["condition"] == condition and id(r) in ids):
@@ -230,7 +231,8 @@ def averaged_table(split: list[dict], whole: list[dict], settings: dict[str, Any
             lines.append(
                 f"| {condition} | {label} | {len(vs_es)} | {_median(vs_es)} {_range(vs_es)} "
                 f"| {sum(d < -1 for d in vs_es)} | {_median(vs_avg_es)} {_range(vs_avg_es)} "
-                f"| {sum(d < -1 for d in vs_avg_es) if vs_avg_es else '–'} | {_median(within)} {_range(within)} |"
+                f"| {sum(d < -1 for d in vs_avg_es) if vs_avg_es else '–'} | {_median(within)} {_range(within)} "
+                f"| {_median(vs_oracle)} {_range(vs_oracle)} |"
             )
     return "\n".join(lines)
 

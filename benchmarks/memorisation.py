@@ -78,6 +78,8 @@ LAYER_SIGNALS = {"layer_trace": "trace", "layer_frob": "frob", "layer_frob+grad"
 COMBINED = {"layer_frob+grad": ("layer_frob", "grad_norm")}
 """Signals the monitor watches together: per-layer curvature and, as its own series with its own threshold
 (``gradient_h``), the gradient norm (``CusumMonitor(gradient=True)``); the first to alarm raises the alarm."""
+DEFAULT_RULE = "layer_frob+grad"
+"""The monitor's default rule: per-layer curvature and the gradient norm, with its training-loss jump alarm."""
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
     "adamw": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0),
@@ -333,6 +335,8 @@ def first_alarm_and_onset(run: dict, signal: str, settings: dict[str, Any]) -> t
     from curvopt import CusumMonitor
     from curvopt.control.monitor import AGGREGATE, GRADIENT, LOSS
 
+    if signal != DEFAULT_RULE:  # one signal alone: without the monitor's training-loss jump alarm
+        settings = {"loss_jump": 0.0, **settings}
     layered = signal in LAYER_SIGNALS
     curvature, gradient = COMBINED.get(signal, (signal, None))
     extra = {"gradient": True} if gradient else {}

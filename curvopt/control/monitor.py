@@ -99,6 +99,10 @@ AGGREGATE = "aggregate"
 GRADIENT = "gradient"
 LOSS = "loss"
 """The key of the training loss in a mapping of precomputed values (not a monitored series)."""
+CALM = 0.2
+"""The training loss is calm while its rise above its lowest level is at most this fraction of ``loss_jump``; a
+loss-jump alarm's change point is the first estimate since the last calm one (the jump happened between the two:
+a rollback restores the last state before it)."""
 _MAD_TO_SD = 1.4826
 SIGMA_UCB = 2.0
 """σ0 is the robust estimate times (1 + SIGMA_UCB/√n) for n increments (1.7× after the 8-estimate warm-up,
@@ -131,6 +135,13 @@ class Alarm:
         statistic, threshold = distinct_numbers(self.statistic, self.threshold)
         since = f" since step {self.onset_step}" if self.onset_step is not None and self.onset_step < self.step else ""
         change = f" ({self.onset_kind} change)" if since and self.onset_kind != "page" else ""
+        if self.kind == LOSS:
+            return (
+                f"label-change alarm at step {self.step}: the training loss jumped back up{since}, "
+                f"{100 * self.statistic:.0f} % of its first value above its lowest level (> "
+                f"{100 * self.threshold:.0f} %): the labels or the data changed, or training destabilised; "
+                f"{describe_crossings(self)}"
+            )
         what = "gradient norm" if self.kind == GRADIENT else "curvature"
         return (
             f"memorisation alarm at step {self.step}: {what} rising{since}{change}; {describe_crossings(self)} "
@@ -151,7 +162,7 @@ SIGNAL_NAMES = {"curvature": "curvature", GRADIENT: "the gradient norm"}
 def describe_crossings(alarm: Alarm) -> str:
     """What the other signal family did by the alarm: ``"the gradient norm not above its threshold yet"`` or
     ``"curvature crossed too, at step 660"`` (the alarm's own family is the one that fired)."""
-    fired = GRADIENT if alarm.kind == GRADIENT else "curvature"
+    fired = alarm.kind if alarm.kind in (GRADIENT, LOSS) else "curvature"
     parts = []
     for family, name in SIGNAL_NAMES.items():
         if family != fired:
@@ -255,6 +266,9 @@ class CusumMonitor:
         self._above: dict[str, bool] = {}
         self.loss_first: float | None = None  # the first training loss seen, and its smoothed level since
         self.loss_level: float | None = None
+        self.loss_low: float | None = None  # the lowest smoothed level
+        self.loss_stir_step: int | None = None  # the first step since the level was last near it (the jump's start)
+        self.loss_jumped = False  # a loss-jump alarm's episode is on (until the loss falls back)
         self.held_back: list[int] = []  # steps whose alarm was held back: the network fitted all its labels
 
     def _new_series(self, name: str) -> _Series:
@@ -271,14 +285,40 @@ class CusumMonitor:
             values[GRADIENT] = estimate.total_gradient_sq
         return values
 
-    def _observe_loss(self, loss: float | None) -> None:
-        """Follow the training loss (the estimate's batch loss, or a mapping's ``"loss"``), smoothed like them."""
+    def _observe_loss(self, loss: float | None, step: int) -> None:
+        """Follow the training loss (the estimate's batch loss, or a mapping's ``"loss"``), smoothed like them, and
+        its lowest level."""
         if loss is None or not math.isfinite(loss) or loss < 0:
             return
         if self.loss_first is None:
-            self.loss_first = self.loss_level = float(loss)
+            self.loss_first = self.loss_level = self.loss_low = float(loss)
             return
         self.loss_level += self.smoothing * (float(loss) - self.loss_level)
+        self.loss_low = min(self.loss_level, self.loss_low if self.loss_low is not None else self.loss_level)
+        if self.loss_rise <= CALM * self.loss_jump:
+            self.loss_stir_step = None
+        elif self.loss_stir_step is None:
+            self.loss_stir_step = step
+
+    @property
+    def loss_rise(self) -> float:
+        """How far the smoothed training loss is above its lowest level, as a fraction of its first value."""
+        first, level, low = self.loss_first, self.loss_level, self.loss_low
+        if first is None or level is None or low is None or first <= 0:
+            return 0.0
+        return (level - low) / first
+
+    def _loss_jump_alarm(self, step: int) -> Alarm | None:
+        """An alarm when the training loss jumped back up (``loss_jump``; one per episode, after calibration)."""
+        rise = self.loss_rise
+        if self.loss_jumped and rise < self.loss_jump / 2:
+            self.loss_jumped = False
+        if not self.loss_jump or self.loss_jumped or rise <= self.loss_jump or self.count <= self.warmup:
+            return None
+        self.loss_jumped = True
+        self.crossings.append((LOSS, step))
+        onset = self.loss_stir_step
+        return Alarm(step, [], rise, self.loss_jump, LOSS, onset_step=onset, onset_kind="jump", onset_series=LOSS)
 
     @property
     def fits_its_labels(self) -> bool:
@@ -356,7 +396,7 @@ class CusumMonitor:
     def update(self, step: int, estimate: CurvatureEstimate | Mapping[str, float]) -> list[Alarm]:
         """Fold in one estimate (or precomputed ``{series: v}`` values); return new alarms."""
         values = self._values(estimate)
-        self._observe_loss(estimate.loss if isinstance(estimate, CurvatureEstimate) else estimate.get(LOSS))
+        self._observe_loss(estimate.loss if isinstance(estimate, CurvatureEstimate) else estimate.get(LOSS), step)
         self.count += 1
         started: list[str] = []
         ongoing = any(self.series[n].in_episode for n in self._layer_names())  # a per-layer episode already alarmed
@@ -374,6 +414,10 @@ class CusumMonitor:
         self._note_crossings(step, layers_above)
         kinds = getattr(estimate, "layer_types", {})
         types = {n: kinds[n] for n in layers_above if kinds.get(n)}
+        jumped = self._loss_jump_alarm(step)
+        if jumped is not None:  # the labels changed: this alarm comes first, with the loss's own change point
+            jumped.crossings = self._episode_crossings()
+            return [jumped]
         if gradient_ongoing:  # one alarm per episode, whichever series raised it
             return []
         alarms = self._curvature_alarm(step, started, ongoing, layers_above, types)
@@ -567,7 +611,7 @@ class CusumMonitor:
             "series": {n: asdict(s) for n, s in self.series.items()},
             "crossings": [list(c) for c in self.crossings],
             "above": dict(self._above),
-            "loss": [self.loss_first, self.loss_level],
+            "loss": [self.loss_first, self.loss_level, self.loss_low, self.loss_stir_step, self.loss_jumped],
             "held_back": list(self.held_back),
         }
 
@@ -579,5 +623,9 @@ class CusumMonitor:
         self.series = {n: _Series(**s) for n, s in state["series"].items()}
         self.crossings = [(str(f), int(step)) for f, step in state.get("crossings", [])]
         self._above = dict(state.get("above", {}))
-        self.loss_first, self.loss_level = state.get("loss", [None, None])
+        loss = [*state.get("loss", []), None, None, None, None, None][:5]  # states before the loss jump hold two
+        self.loss_first, self.loss_level, self.loss_low, self.loss_stir_step = loss[:4]
+        self.loss_jumped = bool(loss[4])
+        if self.loss_low is None:
+            self.loss_low = self.loss_level
         self.held_back = [int(s) for s in state.get("held_back", [])]

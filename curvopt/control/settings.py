@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -255,6 +256,16 @@ class MonitorConfig:
             float,
         ),
     )
+    loss_jump: float = field(
+        default=0.25,
+        metadata=option(
+            "alarm when the training loss (smoothed like the signals) climbs back above its lowest level by this "
+            "fraction of its first value: labels that changed (a switch to wrong labels) make it jump at once, "
+            "epochs before the network memorises them; the change point is where the loss left its low (0: off)",
+            "--cusum-loss-jump",
+            float,
+        ),
+    )
 
     def __post_init__(self) -> None:
         if self.k < 0 or self.h <= 0:
@@ -277,6 +288,8 @@ class MonitorConfig:
             raise ValueError(f"need tail_rate > 0 and long_run >= 0, got {self.tail_rate}, {self.long_run}")
         if self.onset not in ONSETS:
             raise ValueError(f"unknown onset {self.onset!r}; expected one of {ONSETS}")
+        if not (math.isfinite(self.loss_jump) and self.loss_jump >= 0):
+            raise ValueError(f"loss_jump must be a fraction >= 0 (0: off), got {self.loss_jump}")
         if not 0 <= self.fitted_loss < 1:
             raise ValueError(f"fitted_loss must be in [0, 1), got {self.fitted_loss}")
         if self.history < 2 * MIN_SEGMENT:

@@ -219,7 +219,11 @@ def attribution(crossings: list[tuple[str, int]], alarms: list[Alarm], switch: i
             first.setdefault(family, step)
     if not first:
         return "signals: neither curvature nor the gradient norm crossed its threshold after the switch"
-    names = {"curvature": "curvature (per layer)", "gradient": "the gradient norm"}
+    names = {
+        "loss": "the training loss (a jump)",
+        "curvature": "curvature (per layer)",
+        "gradient": "the gradient norm",
+    }
     order = sorted(first, key=first.get)
     lines = [f"signals: {names[order[0]]} crossed its threshold first, at step {first[order[0]]}"]
     for family in order[1:]:
@@ -229,12 +233,15 @@ def attribution(crossings: list[tuple[str, int]], alarms: list[Alarm], switch: i
     after = [a for a in alarms if a.step > switch and a.onset_step is not None]
     if after:
         alarm = after[0]
-        source = {"gradient": "the gradient norm", "aggregate": "the model-wide curvature"}.get(
-            alarm.onset_series or "", f"layer '{alarm.onset_series}' curvature"
-        )
+        source = {
+            "gradient": "the gradient norm",
+            "aggregate": "the model-wide curvature",
+            "loss": "the training loss",
+        }.get(alarm.onset_series or "", f"layer '{alarm.onset_series}' curvature")
+        how = "a jump in" if alarm.onset_kind == "jump" else f"{alarm.onset_kind} change in"
         text += (
             f"\nchange point: step {alarm.onset_step}, {alarm.onset_step - switch:+d} steps from the switch at step "
-            f"{switch} ({alarm.onset_kind} change in {source}): a rollback returns to the last snapshot before it"
+            f"{switch} ({how} {source}): a rollback returns to the last snapshot before it"
         )
     return text
 

@@ -12,7 +12,7 @@ from helpers import mlp
 from torch import nn
 
 from curvopt import CusumMonitor, estimate_curvature
-from curvopt.control.monitor import AGGREGATE, GRADIENT, Alarm, signal_values
+from curvopt.control.monitor import AGGREGATE, GRADIENT, LOSS, Alarm, signal_values
 
 # Stated budget (README / monitor docstring): with default settings, at most 5 % of stationary
 # runs raise an alarm within 1000 estimates (Gaussian log-noise) and at most 10 % with
@@ -189,3 +189,46 @@ def test_nonpositive_and_nan_values_are_skipped():
     assert monitor.update(0, {AGGREGATE: -1.0}) == []
     assert monitor.update(1, {AGGREGATE: float("nan")}) == []
     assert monitor.series[AGGREGATE].floor is None  # nothing usable seen yet
+
+
+def _loss_stream(switch: int | None, steps: int = 60, seed: int = 0):
+    """Estimates of a flat curvature and a training loss that falls from 2.3 towards 0.05 (multiplicative noise);
+    from ``switch`` on, the labels are wrong and the loss is back near 2.3."""
+    rng = random.Random(seed)
+    for step in range(1, steps + 1):
+        loss = 2.3 if switch is not None and step >= switch else 0.05 + 2.25 * math.exp(-step / 4)
+        yield step * 10, {AGGREGATE: rng.lognormvariate(0, 0.05), LOSS: loss * rng.lognormvariate(0, 0.3)}
+
+
+def test_a_training_loss_that_jumps_back_up_raises_a_label_change_alarm_at_the_jump():
+    monitor = CusumMonitor(gradient=False)
+    alarms = [a for step, values in _loss_stream(switch=40) for a in monitor.update(step, values)]
+    assert len(alarms) == 1, [a.describe() for a in alarms]  # one per episode: the loss stays up
+    alarm = alarms[0]
+    assert alarm.kind == LOSS and alarm.onset_series == LOSS and alarm.onset_kind == "jump"
+    assert alarm.onset_step == 400 and alarm.step in (400, 410)  # the first estimate with the new labels
+    assert alarm.statistic > 0.25 == alarm.threshold
+    assert "label-change alarm" in alarm.describe() and "% of its first value" in alarm.describe()
+    assert (LOSS, alarm.step) in monitor.crossings
+    restored = CusumMonitor(gradient=False)
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.loss_jumped and restored.loss_rise == pytest.approx(monitor.loss_rise)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_falling_or_noisy_training_loss_raises_no_label_change_alarm(seed):
+    monitor = CusumMonitor(gradient=False)
+    assert not [a for step, values in _loss_stream(switch=None, seed=seed) for a in monitor.update(step, values)]
+    assert monitor.loss_rise < 0.25
+
+
+def test_the_loss_jump_alarm_can_be_turned_off_and_old_states_still_load():
+    monitor = CusumMonitor(gradient=False, loss_jump=0)
+    assert not [a for step, values in _loss_stream(switch=40) for a in monitor.update(step, values)]
+    state = monitor.state_dict()
+    state["loss"] = state["loss"][:2]  # a state saved before the loss jump existed
+    old = CusumMonitor(gradient=False)
+    old.load_state_dict(state)
+    assert old.loss_low == old.loss_level and not old.loss_jumped
+    with pytest.raises(ValueError, match="loss_jump must be a fraction >= 0"):
+        CusumMonitor(loss_jump=-0.1)
