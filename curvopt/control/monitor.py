@@ -50,9 +50,23 @@ left to memorise, while curvature can still rise as a converged network sharpens
 came at ≥ 0.27 nats, 12 % of the initial 2.3 (benchmarks/RESULTS.md §15.5). The fraction makes the gate free of the
 loss's scale; a loss that cannot approach 0 (label smoothing) never triggers it.
 
+Labels that changed. A switch to wrong labels collapses the network at once; memorisation, and with it the
+curvature and gradient alarms, comes epochs later (benchmarks/RESULTS.md §15.6: a VGG-11 fed random labels from
+epoch 15 was at chance from epoch 15 and had not memorised by epoch 30, so it never alarmed). The training loss
+shows the switch at the next estimate: it jumps back to about its initial value. So the monitor also raises a
+``kind="loss"`` alarm when the smoothed training loss climbs above its lowest level by more than ``loss_jump`` =
+25 % of its first value (one per episode, after calibration; the episode ends when the rise is back under half of
+that); its change point is the first estimate since the rise was last under 20 % of ``loss_jump``
+(``onset_kind="jump"``), the estimate at which the jump showed. Measured on the recorded runs: the largest rise on any
+clean run, run with label noise from the start, or before a switch was 11 % of the first loss (306 runs); every
+switch rose by 54–127 % within three estimates (80 runs), and by ≥ 19 % at the first. The first value is the loss
+at the monitor's first estimate; a run whose loss rises for another reason (a learning-rate restart, a spike that
+lasts) also alarms, and says so.
+
 Which signal fired. Every alarm carries ``crossings``: the step at which each signal family (``"curvature"``: any
-layer's series, or the model-wide one with ``alarm_on="aggregate"``; ``"gradient"``) crossed its threshold in this
-episode, so far; :attr:`CusumMonitor.crossings` keeps every crossing of the run, including those after the alarm.
+layer's series, or the model-wide one with ``alarm_on="aggregate"``; ``"gradient"``; ``"loss"``, a jump) crossed its
+threshold in this episode, so far; :attr:`CusumMonitor.crossings` keeps every crossing of the run, including those
+after the alarm.
 
 Which series decide. By default (``alarm_on="layer"``) every layer's series decides on its own,
 against h_L = h + ln(L) / θ with θ = ``tail_rate`` · k = 0.3 k (:data:`TAIL_RATE_PER_K`): a stationary series
