@@ -6,7 +6,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-DEEP_TASKS = ("mnist14-resnet20", "mnist14-vgg11", "mnist14-vit", "digits8-resnet20", "digits8-vit")
+DEEP_TASKS = (
+    "mnist14-resnet20",
+    "mnist14-vgg11",
+    "mnist14-vit",
+    "digits8-resnet20",
+    "digits8-vit",
+    "synthetic16-resnet20",
+    "synthetic16-vit",
+)
 HOLDOUT = 0.1
 
 
@@ -21,6 +29,10 @@ def deep_model(task: str) -> nn.Module:
         return resnet20(channels=1, width=8)
     if task == "digits8-vit":
         return SmallViT(channels=1, size=8, patch=4, dim=64, depth=4, heads=4, mlp=128)
+    if task == "synthetic16-resnet20":
+        return resnet20(channels=3, width=8)
+    if task == "synthetic16-vit":
+        return SmallViT(channels=3, size=16, patch=4, dim=64, depth=4, heads=4, mlp=128)
     return SmallViT(channels=1, size=14, patch=7, dim=64, depth=4, heads=4, mlp=128)
 
 
@@ -44,6 +56,10 @@ def load_task(task: str, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     from curvopt.programs.synthetic import make_synthetic_images
 
     torch.manual_seed(seed)
+    if task.startswith("synthetic16"):  # the built-in learnable images: a third data set, used to choose no rule
+        x, y = make_synthetic_images(2048, seed=seed, noise=1.0)
+        xv, yv = make_synthetic_images(1024, seed=seed + 10_000, noise=1.0)
+        return x, y, xv, yv, deep_model(task)
     if task.startswith("digits8"):
         return (*digits8(seed), deep_model(task))
     if task in DEEP_TASKS:
