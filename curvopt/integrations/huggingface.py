@@ -32,12 +32,16 @@ The callback takes the Trainer's own model and optimizer (no subclass, no hand-m
   first restores the model and optimizer from before the alarm's change point (an in-memory, log-spaced ring of
   ``rollback_keep`` snapshots taken at the estimates; no validation split needed), drops the step's gradients so
   the Trainer's optimizer step changes nothing, and ends training: the Trainer's final save holds the restored
-  model.
+  model. What it restores is the exponential average of the weights (``rollback_average`` = 0.5 epochs' half-life,
+  sampled at the estimates; ``None``: the weights themselves). ``rollback_from="checkpoints"`` restores instead, on
+  every rank (so under DDP too), the Trainer's own latest ``checkpoint-N`` from before the change point (weights and
+  optimizer; its ``curvopt_state.pt`` carries the average): save often enough (``save_steps``) that one exists.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -123,6 +127,57 @@ def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[d
     return inputs, kwargs["labels"]
 
 
+def _checkpoint_restorer(output_dir: Path, model: nn.Module, optimizer: Any) -> Callable[[int], Any]:
+    """``rollback_from="checkpoints"``: the Trainer's latest ``checkpoint-N`` folder with N + 1 < ``onset`` (its
+    state is the one before update N + 1), loaded into the model and the optimizer, with curvopt's state saved in it
+    (its weight average)."""
+
+    def restore(onset: int) -> tuple[int, Any] | None:
+        folders = sorted(
+            (int(p.name.removeprefix("checkpoint-")), p)
+            for p in output_dir.glob("checkpoint-*")
+            if p.name.removeprefix("checkpoint-").isdigit()
+        )
+        before = [(step, folder) for step, folder in folders if step + 1 < onset]
+        if not before:
+            return None
+        step, folder = before[-1]
+        weights = _trainer_weights(folder)
+        unexpected = model.load_state_dict(weights, strict=False).unexpected_keys
+        if unexpected:
+            raise ValueError(f"curvopt: {folder} holds weights this model does not have: {unexpected[:3]}")
+        if (folder / "optimizer.pt").is_file():
+            optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=False))
+        saved = folder / STATE_FILE
+        return step, torch.load(saved, map_location="cpu", weights_only=False) if saved.is_file() else None
+
+    return restore
+
+
+def _trainer_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a Trainer checkpoint folder (safetensors or ``pytorch_model.bin``, whole or sharded)."""
+    from safetensors.torch import load_file
+
+    if (folder / "model.safetensors").is_file():
+        return load_file(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", None)):
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            weights: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                part = (
+                    loader(folder / shard)
+                    if loader
+                    else torch.load(folder / shard, map_location="cpu", weights_only=True)
+                )
+                weights.update(part)
+            return weights
+    raise ValueError(f"curvopt: {folder} holds no model weights the rollback can read (model.safetensors, ...)")
+
+
 def _steps_per_epoch(args: Any, loader: Any) -> float | None:
     """Optimizer steps per epoch: the Trainer's batches per epoch over its gradient accumulation (``None`` for a
     loader without a length, e.g. a streamed dataset)."""
@@ -149,6 +204,8 @@ class CurvatureCallback(TrainerCallback):
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
         rollback_average: ``on_alarm="rollback"``: the half-life, in epochs, of the weight average restored
             (default 0.5; ``None``: the weights themselves; :class:`~curvopt.RollbackOnAlarm`).
+        rollback_from: ``on_alarm="rollback"``: ``"memory"`` (an in-memory ring of snapshots; single process) or
+            ``"checkpoints"`` (the framework's own checkpoints, on every rank; module docstring).
         log_path: the JSONL log; default ``<output_dir>/curvature.jsonl``; ``None`` for none.
         trainer_metrics: ``"summary"`` (default: totals, monitor, alarm) or ``"all"`` (every ``curv/*`` value)
             into the Trainer's log rows.
@@ -167,13 +224,14 @@ class CurvatureCallback(TrainerCallback):
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         rollback_average: float | None = ROLLBACK_AVERAGE,
+        rollback_from: str = "memory",
         log_path: str | Path | None = "auto",
         trainer_metrics: str = "summary",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
         **settings: Any,
     ) -> None:
-        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average)
+        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average, rollback_from)
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
@@ -215,6 +273,7 @@ class CurvatureCallback(TrainerCallback):
             total_steps=state.max_steps,
             response=self.response,
             steps_per_epoch=_steps_per_epoch(args, kwargs.get("train_dataloader")),
+            restore_checkpoint=_checkpoint_restorer(Path(args.output_dir), model, inner),
         )
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False

@@ -28,7 +28,11 @@
 * **Alarms.** ``on_alarm="stop"`` sets ``trainer.should_stop``; ``on_alarm="rollback"`` first restores the module and
   optimizer from before the alarm's change point (an in-memory, log-spaced ring of ``rollback_keep`` snapshots taken
   at the estimates; no validation split needed) and drops the step's gradients, so the optimizer step changes
-  nothing, then stops: checkpoints saved after it hold the restored model.
+  nothing, then stops: checkpoints saved after it hold the restored model. What it restores is the exponential
+  average of the weights (``rollback_average`` = 0.5 epochs' half-life, sampled at the estimates; ``None``: the
+  weights themselves). ``rollback_from="checkpoints"`` restores instead, on every rank (so under DDP too), the latest
+  ``.ckpt`` of the Trainer's ``ModelCheckpoint`` callbacks from before the change point (module and optimizer; the
+  callback's state in it carries the average): save often enough (``every_n_train_steps``) that one exists.
 """
 
 from __future__ import annotations
@@ -132,6 +136,32 @@ class _TrainerLoggers:
         """Alarms reach the loggers as ``curv/alarm`` = 1 in the estimate's metrics."""
 
 
+def _checkpoint_restorer(
+    trainer: pl.Trainer, module: pl.LightningModule, optimizer: Any, state_key: str
+) -> Callable[[int], Any]:
+    """``rollback_from="checkpoints"``: the latest ``.ckpt`` of the Trainer's ``ModelCheckpoint`` callbacks whose
+    ``global_step`` N has N + 1 < ``onset`` (its state is the one before update N + 1), loaded into the module and the
+    optimizer, with this callback's state saved in it (its weight average)."""
+
+    def restore(onset: int) -> tuple[int, Any] | None:
+        paths = {p for cb in trainer.checkpoint_callbacks if cb.dirpath for p in Path(cb.dirpath).glob("*.ckpt")}
+        best: tuple[int, dict[str, Any]] | None = None
+        for path in sorted(paths):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+            step = int(checkpoint.get("global_step", -1))
+            if step + 1 < onset and (best is None or step > best[0]):
+                best = (step, checkpoint)
+        if best is None:
+            return None
+        step, checkpoint = best
+        module.load_state_dict(checkpoint["state_dict"])
+        if checkpoint.get("optimizer_states"):
+            optimizer.load_state_dict(checkpoint["optimizer_states"][0])
+        return step, checkpoint.get("callbacks", {}).get(state_key)
+
+    return restore
+
+
 def _steps_per_epoch(trainer: pl.Trainer) -> float | None:
     """Optimizer steps per epoch (``None`` for a loader without a length). The training loader is set up first if
     the Trainer has not yet, as its own ``estimated_stepping_batches`` does."""
@@ -159,6 +189,8 @@ class CurvatureCallback(pl.Callback):
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
         rollback_average: ``on_alarm="rollback"``: the half-life, in epochs, of the weight average restored
             (default 0.5; ``None``: the weights themselves; :class:`~curvopt.RollbackOnAlarm`).
+        rollback_from: ``on_alarm="rollback"``: ``"memory"`` (an in-memory ring of snapshots; single process) or
+            ``"checkpoints"`` (the framework's own checkpoints, on every rank; module docstring).
         log_path: the JSONL log; default ``<default_root_dir>/curvature.jsonl``; ``None`` for none.
         logger: further curvopt sinks; callbacks: called with every :class:`~curvopt.Alarm`.
     """
@@ -175,6 +207,7 @@ class CurvatureCallback(pl.Callback):
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         rollback_average: float | None = ROLLBACK_AVERAGE,
+        rollback_from: str = "memory",
         log_path: str | Path | None = "auto",
         logger: Any = None,
         callbacks: Iterable[Callable[[Alarm], None]] = (),
@@ -183,7 +216,7 @@ class CurvatureCallback(pl.Callback):
         for name, value in (("loss_fn", loss_fn), ("split_batch", split_batch), ("forward", forward)):
             if value is not None and not callable(value):
                 raise TypeError(f"{name} must be callable, got {type(value).__name__}")
-        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average)
+        self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average, rollback_from)
         self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
         self.log_path = log_path
         self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
@@ -217,6 +250,7 @@ class CurvatureCallback(pl.Callback):
             total_steps=total,
             response=self.response,
             steps_per_epoch=_steps_per_epoch(trainer),
+            restore_checkpoint=_checkpoint_restorer(trainer, pl_module, trainer.optimizers[0], self.state_key),
         )
         if self._restored is not None:
             self.session.load_state_dict(self._restored)

@@ -37,6 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..control import log_schema
+from ..control.averaging import ExponentialAverage
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
@@ -48,7 +49,8 @@ from ..reporting.loggers import JsonlLogger, truncate_log
 ON_ALARM = ("warn", "stop", "rollback")
 """What a framework callback does at an alarm: log it; end training; or restore the model and optimizer state from
 before the alarm's change point (an in-memory, log-spaced ring of ``rollback_keep`` snapshots,
-:class:`~curvopt.RollbackOnAlarm`; no validation split needed) and end training with it."""
+:class:`~curvopt.RollbackOnAlarm`, or the framework's own checkpoints, :class:`CheckpointRollback`; no validation
+split needed) and end training with it."""
 ROLLBACK_KEEP = 8
 """Snapshots a callback's rollback keeps in host memory: each is a copy of the model's and the optimizer's state."""
 
@@ -75,6 +77,9 @@ def callback_options(config: CurvatureConfig | None, settings: Mapping[str, Any]
     return options
 
 
+ROLLBACK_FROM = ("memory", "checkpoints")
+"""Where a callback's rollback finds the state it restores: its own in-memory ring (single process), or the
+framework's checkpoints (every rank; the framework must save them: HF ``save_steps``, Lightning ``ModelCheckpoint``)."""
 ROLLBACK_AVERAGE = 0.5
 """Half-life, in epochs, of the weight average a callback's rollback restores (benchmarks/RESULTS.md §15.6)."""
 
@@ -88,11 +93,13 @@ class AlarmResponse:
         rollback_keep: ``"rollback"``: snapshots kept in host memory (model + optimizer state each; at least 3).
         rollback_average: ``"rollback"``: the half-life, in epochs, of the weight average the snapshots hold and the
             rollback restores (:class:`~curvopt.RollbackOnAlarm`'s ``average``); ``None``: the weights themselves.
+        rollback_from: ``"rollback"``: one of :data:`ROLLBACK_FROM`.
     """
 
     on_alarm: str = "warn"
     rollback_keep: int = ROLLBACK_KEEP
     rollback_average: float | None = ROLLBACK_AVERAGE
+    rollback_from: str = "memory"
 
     def __post_init__(self) -> None:
         if self.on_alarm not in ON_ALARM:
@@ -101,25 +108,26 @@ class AlarmResponse:
             raise ValueError(
                 f"rollback_keep must be >= 3 (the first, the latest and one between), got {self.rollback_keep}"
             )
+        if self.rollback_from not in ROLLBACK_FROM:
+            raise ValueError(f"rollback_from must be one of {ROLLBACK_FROM}, got {self.rollback_from!r}")
         average = self.rollback_average
         if average is not None and not (isinstance(average, (int, float)) and math.isfinite(average) and average > 0):
             raise ValueError(f"rollback_average must be a positive number of epochs or None, got {average!r}")
 
-    def rollback(self, model: nn.Module, optimizer: Optimizer, steps_per_epoch: float | None) -> RollbackOnAlarm:
-        """The rollback sink; the average's half-life in steps from the epoch's length (``None``: unknown, the
-        weights themselves are restored, with a warning)."""
-        average = None
-        if self.rollback_average is not None:
-            if steps_per_epoch is None or not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
-                warnings.warn(
-                    "curvopt: the run's epoch length is unknown, so the rollback restores the weights themselves, "
-                    "not their average (rollback_average needs the steps per epoch)",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            else:
-                average = self.rollback_average * steps_per_epoch
-        return RollbackOnAlarm(model, optimizer, keep=self.rollback_keep, average=average)
+    def average_steps(self, steps_per_epoch: float | None) -> float | None:
+        """The weight average's half-life in steps, from the epoch's length (``None``: no average; an unknown epoch
+        length restores the weights themselves, with a warning)."""
+        if self.rollback_average is None:
+            return None
+        if steps_per_epoch is None or not math.isfinite(steps_per_epoch) or steps_per_epoch <= 0:
+            warnings.warn(
+                "curvopt: the run's epoch length is unknown, so the rollback restores the weights themselves, "
+                "not their average (rollback_average needs the steps per epoch)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return None
+        return self.rollback_average * steps_per_epoch
 
 
 SUMMARY_KEYS = (
@@ -178,6 +186,50 @@ class _Collector:
         return metrics, alarms
 
 
+RestoreCheckpoint = Callable[[int], "tuple[int, Mapping[str, Any] | None] | None"]
+"""A framework's restore: load the model and optimizer of its latest checkpoint taken before optimizer step ``onset``
+(every rank), and return ``(the checkpoint's step, curvopt's state saved with it or None)``; ``None``: none."""
+
+
+class CheckpointRollback:
+    """An alarm's rollback through the framework's own checkpoints, on every rank (run by the session, not a sink).
+
+    At every estimate it folds the weights into its exponential average (``average``: half-life in steps; ``None``:
+    none), which the session saves with the framework's checkpoints; at an alarm the framework restores its latest
+    checkpoint before the change point (``restore``), then the average saved with that checkpoint replaces its
+    weights, and the step's gradients are dropped so the framework's optimizer step changes nothing."""
+
+    def __init__(self, model: nn.Module, restore: RestoreCheckpoint, average: float | None) -> None:
+        self.model, self.restore = model, restore
+        self.average = ExponentialAverage(average) if average is not None else None
+        self.restored: list[tuple[int, int]] = []  # (alarm step, checkpoint step)
+
+    def sample(self, step: int) -> None:
+        if self.average is not None:
+            self.average.update(self.model.state_dict(), step)
+
+    def alert(self, alarm: Alarm) -> bool:
+        """Restore; False (with a warning) when the framework has no checkpoint before the change point."""
+        onset = alarm.onset_step if alarm.onset_step is not None else alarm.step
+        found = self.restore(onset)
+        if found is None:
+            warnings.warn(
+                f"curvopt: the alarm at step {alarm.step} found no framework checkpoint from before its change point "
+                f"(step {onset}): the model is left as it is (save checkpoints more often, or rollback_from='memory')",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return False
+        step, saved = found
+        average = (saved or {}).get("rollback_average")
+        if self.average is not None and average is not None and average.get("state"):
+            self.model.load_state_dict(average["state"])
+        for param in self.model.parameters():
+            param.grad = None
+        self.restored.append((alarm.step, step))
+        return True
+
+
 class TrackingSession:
     """A curvature wrapper beside a framework's optimizer (see the module docstring).
 
@@ -209,13 +261,15 @@ class TrackingSession:
         total_steps: int | None = None,
         response: AlarmResponse = AlarmResponse(),
         steps_per_epoch: float | None = None,
+        restore_checkpoint: RestoreCheckpoint | None = None,
     ) -> None:
         on_alarm = response.on_alarm
-        if on_alarm == "rollback" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from_memory = on_alarm == "rollback" and response.rollback_from == "memory"
+        if from_memory and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError(
-                "on_alarm='rollback' in a framework callback needs a single process (the snapshots are kept by the "
-                "reporting process); under DDP use on_alarm='stop', or `curvopt train --on-alarm rollback`, which "
-                "rolls back every rank from its epoch checkpoints"
+                "on_alarm='rollback' with rollback_from='memory' needs a single process (the snapshots are kept by "
+                "the reporting process); under DDP use rollback_from='checkpoints' (every rank restores the "
+                "framework's latest checkpoint before the change point) or on_alarm='stop'"
             )
         if options.get("lr_scaling") is not None:
             raise ValueError(LR_SCALING_REFUSED)
@@ -224,7 +278,15 @@ class TrackingSession:
         self.collector = _Collector()
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
         self.on_alarm = on_alarm
-        self.rollback = response.rollback(model, optimizer, steps_per_epoch) if on_alarm == "rollback" else None
+        average = response.average_steps(steps_per_epoch) if on_alarm == "rollback" else None
+        self.rollback = RollbackOnAlarm(model, optimizer, keep=response.rollback_keep, average=average)
+        if not from_memory:
+            self.rollback = None
+        self.checkpoint_rollback = None
+        if on_alarm == "rollback" and not from_memory:
+            if restore_checkpoint is None:
+                raise ValueError("rollback_from='checkpoints' needs the framework's checkpoints (none given)")
+            self.checkpoint_rollback = CheckpointRollback(model, restore_checkpoint, average)
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
         if self.rollback is not None:  # snapshots before the JSONL sees an alarm, restored before the framework steps
             loggers.insert(1, self.rollback)
@@ -236,8 +298,17 @@ class TrackingSession:
         """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms. With
         ``on_alarm="rollback"`` an alarm has already restored the state before its change point and dropped this
         step's gradients (the framework's optimizer step then changes nothing)."""
+        before = len(self.wrapper.alarms)
         self.wrapper.record_step(batch)
-        return self.collector.take()
+        metrics, _ = self.collector.take()
+        alarms = self.wrapper.alarms[before:]  # the same on every rank (the collector hears rank 0 only)
+        history = self.wrapper.history
+        if self.checkpoint_rollback is not None:
+            if history and history[-1]["step"] == self.wrapper.step_count:  # an estimate: sample the average
+                self.checkpoint_rollback.sample(self.wrapper.step_count)
+            if alarms:
+                self.checkpoint_rollback.alert(alarms[0])
+        return metrics, alarms
 
     def should_stop(self, alarms: list[Alarm]) -> bool:
         """Whether the framework should end training after these alarms."""
@@ -255,15 +326,20 @@ class TrackingSession:
             self.jsonl.log_epoch(epoch, {"step": step, **metrics})
 
     def state_dict(self) -> dict[str, Any]:
+        average = self.checkpoint_rollback.average if self.checkpoint_rollback is not None else None
         return {
             "wrapper": self.wrapper.state_dict()["curvopt"],
             "log_position": self.jsonl.position() if self.jsonl is not None else None,
+            "rollback_average": average.state_dict() if average is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The wrapper's curvature state (the framework restores its optimizer itself); the JSONL cut back to the
         checkpoint, so no step is logged twice."""
         self.wrapper.load_curvature_state(state["wrapper"])
+        average = self.checkpoint_rollback.average if self.checkpoint_rollback is not None else None
+        if average is not None and state.get("rollback_average"):
+            average.load_state_dict(state["rollback_average"])
         if self.jsonl is not None and state.get("log_position") is not None:
             path = self.jsonl.path
             self.jsonl.close()

@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
 import curvopt  # noqa: E402
 from curvopt import CausalLMLoss, CurvatureInputError, CusumMonitor, estimate_curvature  # noqa: E402
-from curvopt.integrations.huggingface import CurvatureCallback, logits_of, model_loss  # noqa: E402
+from curvopt.integrations.huggingface import STATE_FILE, CurvatureCallback, logits_of, model_loss  # noqa: E402
 
 SEQ = 16
 
@@ -182,6 +182,42 @@ def test_on_alarm_rollback_restores_the_state_before_the_change_point_and_ends_t
         CurvatureCallback(on_alarm="rollback", rollback_keep=1)
     with pytest.raises(ValueError, match="rollback_average must be a positive number of epochs or None, got 0"):
         CurvatureCallback(on_alarm="rollback", rollback_average=0)
+
+
+@pytest.mark.parametrize("average", [None, 0.5], ids=["weights", "average"])
+def test_rollback_from_the_trainer_s_own_checkpoints(tmp_path, monkeypatch, average):
+    from safetensors.torch import load_file
+
+    from curvopt import Alarm
+
+    def alarm_at_fifth(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
+        self.count += 1
+        return [Alarm(step, ["lm_head"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
+
+    monkeypatch.setattr(CusumMonitor, "update", alarm_at_fifth)
+    model = tiny_gpt2()
+    callback = CurvatureCallback(
+        every=1,
+        probes=1,
+        curvature_batch_size=2,
+        on_alarm="rollback",
+        rollback_from="checkpoints",
+        rollback_average=average,
+        log_path=None,
+    )
+    trainer = _train(tmp_path, callback, model=model, save_strategy="steps", save_steps=1)
+    assert trainer.state.global_step == 5 and callback.session.checkpoint_rollback.restored == [(5, 2)]
+    folder = tmp_path / "checkpoint-2"  # the state before update 3: the last checkpoint before the change at 4
+    if average is None:
+        expected = load_file(folder / "model.safetensors")
+    else:
+        expected = torch.load(folder / STATE_FILE, weights_only=False)["rollback_average"]["state"]
+        assert callback.session.checkpoint_rollback.average.halflife == 8
+    state = model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(state[key], value), key
+    with pytest.raises(ValueError, match="rollback_from must be one of"):
+        CurvatureCallback(on_alarm="rollback", rollback_from="disk")
 
 
 def test_bf16_training_and_a_frozen_model_probe_only_the_trainable_layers(tmp_path):

@@ -172,6 +172,38 @@ def test_on_alarm_rollback(tmp_path, monkeypatch):
         assert torch.equal(value, before[key]), key
 
 
+@pytest.mark.parametrize("average", [None, 0.5], ids=["weights", "average"])
+def test_rollback_from_lightning_s_own_checkpoints(tmp_path, monkeypatch, average):
+    def alarm_at_fifth(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
+        self.count += 1
+        return [Alarm(step, ["net.0"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
+
+    monkeypatch.setattr(CusumMonitor, "update", alarm_at_fifth)
+    module = Classifier()
+    callback = CurvatureCallback(
+        nn.CrossEntropyLoss(),
+        every=1,
+        probes=1,
+        on_alarm="rollback",
+        rollback_from="checkpoints",
+        rollback_average=average,
+        log_path=None,
+    )
+    saver = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    trainer = _fit(module, [callback, saver], tmp_path, enable_checkpointing=True)
+    assert trainer.global_step == 5 and callback.session.checkpoint_rollback.restored == [(5, 2)]
+    saved = next(
+        torch.load(p, weights_only=False) for p in (tmp_path / "ckpt").glob("*.ckpt") if "step=2" in p.name
+    )  # the state before update 3: the last checkpoint before the change at 4
+    if average is None:
+        expected = saved["state_dict"]
+    else:
+        expected = saved["callbacks"][callback.state_key]["rollback_average"]["state"]
+        assert callback.session.checkpoint_rollback.average.halflife == 1.5
+    for key, value in module.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
 def test_a_user_wrapped_optimizer_observes_through_lightning_s_copy_and_estimates_this_step_s_batch(tmp_path):
     """Before: the batch observed in training_step landed on LightningOptimizer's copy ("no batch was ever given"),
     and the wrapper estimated before Lightning's closure ran the training step (the previous step's batch)."""
