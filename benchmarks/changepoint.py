@@ -13,8 +13,8 @@ the retrospective fit, the default; ``page``: where the CUSUM last left zero), a
    with a noisy 10 % validation split, clean test accuracy, paired; clean runs: alarms (false) and how far past
    convergence they were trained.
 3. **Lead and lag**: the first alarm of each signal alone through the same CUSUM (curvature per layer, the gradient
-   norm, the training loss), in epochs after the memorisation onset (the first epoch whose fit of the corrupted
-   labels exceeds 2× chance), median per model and condition.
+   norm, the training loss) and the monitor's training-loss jump alarm, in epochs after the memorisation onset (the
+   first epoch whose fit of the corrupted labels exceeds 2× chance), median per model and condition.
 4. **Clean runs**: false alarms (and the epoch of each), and the epoch their training loss stopped falling.
 5. **Restoring a weight average** (runs that recorded them): the rollback restores the exponential average of the
    weights at the chosen checkpoint (half-life in epochs; ``avg``: every tensor of the state averaged, ``avg_bn``:
@@ -39,7 +39,13 @@ from typing import Any
 from benchmarks import memorisation as mem
 
 RULE = "layer_frob+grad"
-LEADERS = {"curvature": "layer_frob", "gradient norm": "grad_norm", "train loss": "train_loss"}
+LOSS_JUMP = "loss_jump"
+LEADERS = {
+    "curvature": "layer_frob",
+    "gradient norm": "grad_norm",
+    "train loss (CUSUM)": "train_loss",
+    "train loss jump": LOSS_JUMP,
+}
 CONVERGED = 0.02
 """A clean run's training loss has stopped falling at the first epoch whose mean training loss is within 0.02 nats
 of the run's lowest epoch mean (cross-entropy keeps creeping towards 0; 0.02 nats is 98 % confidence)."""
@@ -267,12 +273,27 @@ def lead_lag_table(runs: list[dict], settings: dict[str, Any]) -> str:
         for signal in LEADERS.values():
             delays = []
             for run in memorising:
-                step = mem.first_alarm(run, signal, settings if signal == "layer_frob" else {})
+                if signal == LOSS_JUMP:
+                    step = loss_jump_alarm(run, settings)
+                else:
+                    step = mem.first_alarm(run, signal, settings if signal == "layer_frob" else {})
                 if step is not None and step > run["noise_start_step"]:
                     delays.append(mem._epoch_of(run, step) - mem.memorisation_onset(run))
             cells.append(f"{_median(delays)}, {len(delays)}/{len(memorising)}")
         lines.append(f"| {task} | {condition} | {len(memorising)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def loss_jump_alarm(run: dict, settings: dict[str, Any]) -> int | None:
+    """The step of the monitor's first training-loss jump alarm (``loss_jump``) in ``run``, or ``None``."""
+    from curvopt import CusumMonitor
+    from curvopt.control.monitor import AGGREGATE, LOSS
+
+    monitor = CusumMonitor(**{**settings, "gradient": False, "alarm_on": AGGREGATE})
+    for step, loss in zip(run["series"]["step"], run["series"]["train_loss"]):
+        if any(a.kind == LOSS for a in monitor.update(step, {AGGREGATE: 1.0, LOSS: loss})):
+            return step
+    return None
 
 
 def convergence_epoch(run: dict) -> int:
