@@ -337,3 +337,16 @@ def test_on_alarm_checkpoint_saves_the_state_at_each_alarm(tmp_path, monkeypatch
     assert sorted(p.name for p in run_dir.glob("alarm-*.pth.tar")) == ["alarm-4.pth.tar", "alarm-8.pth.tar"]
     state = torch.load(run_dir / "alarm-4.pth.tar", weights_only=False)
     assert state["alarm"]["step"] == 4 and state["mid_epoch"]
+
+
+def test_the_rollback_s_weight_average_is_in_the_checkpoint_and_resumes_exactly(tmp_path):
+    rollback = ("--on-alarm", "rollback", "--rollback-average", "0.5", "--sched", "step", "--decay-epochs", "100")
+    assert _train(tmp_path, *rollback, name="whole")[0] == 0
+    assert cli_main([*RUN, "--epochs", "1", "--output", str(tmp_path), "--experiment", "cut", *rollback]) == 0
+    resumed = ["--resume", str(tmp_path / "cut" / "last.pth.tar")]
+    assert cli_main([*SMALL, "--output", str(tmp_path), "--experiment", "cut", *rollback, *resumed]) == 0
+    whole, cut = (torch.load(tmp_path / n / "last.pth.tar", weights_only=False) for n in ("whole", "cut"))
+    assert whole["rollback_average"]["step"] == cut["rollback_average"]["step"] == 8  # sampled at every estimate
+    for name, tensor in whole["rollback_average"]["state"].items():
+        assert torch.equal(cut["rollback_average"]["state"][name], tensor), name
+    assert any(not torch.equal(whole["model"][k], v) for k, v in whole["rollback_average"]["state"].items())
