@@ -21,10 +21,11 @@ limited to the states before memorisation began (benchmarks/RESULTS.md §12 and 
 Restoring an average of the weights. At a constant learning rate the weights wander: neighbouring checkpoints
 differ by points of test accuracy, so restoring one checkpoint inherits that jitter. With ``average=τ`` (a half-life
 in optimizer steps) the rollback keeps an exponential average of the state, sampled at every estimate
-(:class:`curvopt.control.averaging.ExponentialAverage`; BatchNorm's running statistics averaged with the weights,
-as timm's model EMA does), and each snapshot holds the *average* as it stood then; an alarm restores the average
-from before the change point (the optimizer state is the one of that step). Measured in benchmarks/RESULTS.md §15.6:
-the half-life, and the restored model against early stopping on a validation split.
+(:class:`curvopt.control.averaging.ExponentialAverage`), and each snapshot holds the *average* as it stood then; an
+alarm restores the average from before the change point (the optimizer state is the one of that step) and
+recomputes BatchNorm's statistics for it on a few training batches (``batchnorm_inputs``; see
+:mod:`curvopt.control.averaging`). benchmarks/RESULTS.md §15.6 measures it against the checkpoint itself and
+against early stopping on a validation split.
 
 Which snapshots are kept. Memory is ``keep`` × (model + optimizer state) in host memory. With ``spacing="log"``
 (the default) the ring thins itself so that the gaps between kept snapshots grow in proportion to their age
@@ -39,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,8 +48,9 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from ..engine.batch import Forward
 from . import log_schema
-from .averaging import ExponentialAverage
+from .averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
 from .monitor import Alarm
 
 THEN = ("stop", "lower-lr", "freeze")
@@ -56,6 +58,11 @@ CHOOSE = ("onset", "best-validated")
 LEGACY_CHOICES = {"latest": "onset", "best": "best-validated"}
 """The names ``choose`` had before the validation-free rollback became the default, still read from old runs."""
 SPACINGS = ("log", "recent")
+BATCHNORM_NEEDS_INPUTS = (
+    "RollbackOnAlarm(average=...): the model has BatchNorm layers, whose running statistics must be recomputed for "
+    "averaged weights; pass batchnorm_inputs=lambda: <a few training input batches> (and forward= if the model is "
+    "not called as model(inputs)), or average=None to restore the weights themselves"
+)
 
 
 def choice(name: str) -> str:
@@ -132,6 +139,10 @@ class RollbackOnAlarm:
         spacing: ``"log"`` (kept snapshots log-spaced back to the start) or ``"recent"`` (the last ``keep``).
         average: ``None`` (restore the weights as they were) or the half-life, in optimizer steps, of the weight
             average that the snapshots hold and an alarm restores (see the module docstring).
+        batchnorm_inputs: with ``average`` and a model with BatchNorm layers (required then): a callable returning
+            training inputs (an iterable of batches, as the model or ``forward`` takes them; a few are used) on
+            which the restored average's BatchNorm statistics are recomputed.
+        forward: ``forward(model, inputs)`` when the model is not called as ``model(inputs)``.
     """
 
     def __init__(
@@ -145,6 +156,8 @@ class RollbackOnAlarm:
         choose: str = "onset",
         spacing: str = "log",
         average: float | None = None,
+        batchnorm_inputs: Callable[[], Iterable[Any]] | None = None,
+        forward: Forward | None = None,
     ) -> None:
         if then not in THEN:
             raise ValueError(f"then must be one of {THEN}, got {then!r}")
@@ -155,6 +168,9 @@ class RollbackOnAlarm:
         self.model, self.optimizer = model, getattr(optimizer, "optimizer", optimizer)
         self.then, self.lr_factor, self.choose, self.spacing, self.keep = then, lr_factor, choice(choose), spacing, keep
         self.average = ExponentialAverage(average) if average is not None else None
+        if self.average is not None and batchnorm_layers(model) and batchnorm_inputs is None:
+            raise ValueError(BATCHNORM_NEEDS_INPUTS)
+        self.batchnorm_inputs, self.forward = batchnorm_inputs, forward
         self.snapshots: list[Snapshot] = []
         self.stopped = False
         self.restored: list[tuple[int, int]] = []  # (alarm step, snapshot step)
@@ -198,6 +214,8 @@ class RollbackOnAlarm:
                 stacklevel=2,
             )
         self.model.load_state_dict(snapshot.model)
+        if self.average is not None and self.batchnorm_inputs is not None:
+            recompute_batchnorm(self.model, self.batchnorm_inputs(), self.forward)
         self.optimizer.load_state_dict(snapshot.optimizer)
         for param in self.model.parameters():
             param.grad = None  # the update of the step in progress has nothing to apply

@@ -130,3 +130,14 @@ def check_finite_loss(value: float) -> None:
         raise FloatingPointError(
             f"the loss on the curvature batch is {value}: curvature of a non-finite loss is undefined"
         )
+
+
+def move_to(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a tensor, or a dict, tuple or list of them, nested) with every tensor on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, Mapping):
+        return {k: move_to(v, device) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_to(v, device) for v in obj)
+    return obj

@@ -53,6 +53,7 @@ from torch import nn
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..control.settings import CurvatureConfig
+from ..engine.batch import move_to
 from ..engine.losses import CausalLMLoss
 from ..reporting.loggers import LOG_NAME
 from .session import (
@@ -125,6 +126,20 @@ def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[d
         return None
     inputs = {k: v for k, v in kwargs.items() if k not in TRAINER_KWARGS and isinstance(v, torch.Tensor)}
     return inputs, kwargs["labels"]
+
+
+def _training_inputs(loader: Any, model: nn.Module) -> Callable[[], Iterable[dict[str, Any]]] | None:
+    """The Trainer's training batches as model inputs (labels left out) on the model's device, for recomputing
+    BatchNorm statistics of a restored weight average; ``None`` without a loader."""
+    if loader is None:
+        return None
+    device = next(model.parameters()).device
+
+    def inputs() -> Iterable[dict[str, Any]]:
+        for batch in loader:
+            yield move_to({k: v for k, v in batch.items() if k not in TRAINER_KWARGS and torch.is_tensor(v)}, device)
+
+    return inputs
 
 
 def _checkpoint_restorer(output_dir: Path, model: nn.Module, optimizer: Any) -> Callable[[int], Any]:
@@ -274,6 +289,7 @@ class CurvatureCallback(TrainerCallback):
             response=self.response,
             steps_per_epoch=_steps_per_epoch(args, kwargs.get("train_dataloader")),
             restore_checkpoint=_checkpoint_restorer(Path(args.output_dir), model, inner),
+            batchnorm_inputs=_training_inputs(kwargs.get("train_dataloader"), model),
         )
         self.recorder = BatchRecorder(model, _inputs_and_labels)
         self.seen_batch = False

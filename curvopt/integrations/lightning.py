@@ -47,7 +47,7 @@ import torch
 from ..control.monitor import Alarm
 from ..control.notify import as_sinks
 from ..control.settings import CurvatureConfig
-from ..engine.batch import CurvatureInputError, describe
+from ..engine.batch import CurvatureInputError, describe, move_to
 from ..reporting.loggers import LOG_NAME
 from .session import (
     ROLLBACK_AVERAGE,
@@ -251,10 +251,22 @@ class CurvatureCallback(pl.Callback):
             response=self.response,
             steps_per_epoch=_steps_per_epoch(trainer),
             restore_checkpoint=_checkpoint_restorer(trainer, pl_module, trainer.optimizers[0], self.state_key),
+            batchnorm_inputs=self._training_inputs(trainer, pl_module),
         )
         if self._restored is not None:
             self.session.load_state_dict(self._restored)
             self._restored = None
+
+    def _training_inputs(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Callable[[], Iterable[Any]]:
+        """The training loader's batches as module inputs on its device, for recomputing BatchNorm statistics of a
+        restored weight average."""
+        split = self.split_batch if self.split_batch is not None else default_split
+
+        def inputs() -> Iterable[Any]:
+            for batch in trainer.train_dataloader:
+                yield move_to(split(batch)[0], pl_module.device)
+
+        return inputs
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,11 +37,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..control import log_schema
-from ..control.averaging import ExponentialAverage
+from ..control.averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
-from ..control.rollback import RollbackOnAlarm
+from ..control.rollback import BATCHNORM_NEEDS_INPUTS, RollbackOnAlarm
 from ..control.settings import CurvatureConfig
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
@@ -199,9 +199,19 @@ class CheckpointRollback:
     checkpoint before the change point (``restore``), then the average saved with that checkpoint replaces its
     weights, and the step's gradients are dropped so the framework's optimizer step changes nothing."""
 
-    def __init__(self, model: nn.Module, restore: RestoreCheckpoint, average: float | None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        restore: RestoreCheckpoint,
+        average: float | None,
+        batchnorm_inputs: Callable[[], Iterable[Any]] | None = None,
+        forward: Any = None,
+    ) -> None:
         self.model, self.restore = model, restore
         self.average = ExponentialAverage(average) if average is not None else None
+        if self.average is not None and batchnorm_layers(model) and batchnorm_inputs is None:
+            raise ValueError(BATCHNORM_NEEDS_INPUTS)
+        self.batchnorm_inputs, self.forward = batchnorm_inputs, forward
         self.restored: list[tuple[int, int]] = []  # (alarm step, checkpoint step)
 
     def sample(self, step: int) -> None:
@@ -224,6 +234,8 @@ class CheckpointRollback:
         average = (saved or {}).get("rollback_average")
         if self.average is not None and average is not None and average.get("state"):
             self.model.load_state_dict(average["state"])
+            if self.batchnorm_inputs is not None:
+                recompute_batchnorm(self.model, self.batchnorm_inputs(), self.forward)
         for param in self.model.parameters():
             param.grad = None
         self.restored.append((alarm.step, step))
@@ -262,6 +274,7 @@ class TrackingSession:
         response: AlarmResponse = AlarmResponse(),
         steps_per_epoch: float | None = None,
         restore_checkpoint: RestoreCheckpoint | None = None,
+        batchnorm_inputs: Callable[[], Iterable[Any]] | None = None,
     ) -> None:
         on_alarm = response.on_alarm
         from_memory = on_alarm == "rollback" and response.rollback_from == "memory"
@@ -279,14 +292,21 @@ class TrackingSession:
         self.jsonl = JsonlLogger(log_path) if log_path is not None and reports else None
         self.on_alarm = on_alarm
         average = response.average_steps(steps_per_epoch) if on_alarm == "rollback" else None
-        self.rollback = RollbackOnAlarm(model, optimizer, keep=response.rollback_keep, average=average)
-        if not from_memory:
-            self.rollback = None
+        self.rollback = None
+        if from_memory:
+            self.rollback = RollbackOnAlarm(
+                model,
+                optimizer,
+                keep=response.rollback_keep,
+                average=average,
+                batchnorm_inputs=batchnorm_inputs,
+                forward=forward,
+            )
         self.checkpoint_rollback = None
         if on_alarm == "rollback" and not from_memory:
             if restore_checkpoint is None:
                 raise ValueError("rollback_from='checkpoints' needs the framework's checkpoints (none given)")
-            self.checkpoint_rollback = CheckpointRollback(model, restore_checkpoint, average)
+            self.checkpoint_rollback = CheckpointRollback(model, restore_checkpoint, average, batchnorm_inputs, forward)
         loggers = [self.collector, *([self.jsonl] if self.jsonl is not None else []), *sinks]
         if self.rollback is not None:  # snapshots before the JSONL sees an alarm, restored before the framework steps
             loggers.insert(1, self.rollback)

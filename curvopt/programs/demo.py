@@ -115,7 +115,13 @@ def _set_up(
         logger=sinks,
         seed=seed,
     )
-    rollback = RollbackOnAlarm(model, opt, keep=64, average=ROLLBACK_AVERAGE * len(labels) / BATCH)
+    rollback = RollbackOnAlarm(
+        model,
+        opt,
+        keep=64,
+        average=ROLLBACK_AVERAGE * len(labels) / BATCH,
+        batchnorm_inputs=lambda: images.split(BATCH),  # the training images (labels play no part)
+    )
     return _Demo(
         model, opt, images, labels, random_labels, steps // 2, sinks, wandb_logger, log_path, mode, rollback, test
     )

@@ -137,9 +137,12 @@ def test_curvopt_train_rolls_back_to_the_epoch_checkpoint_before_the_change_poin
     restored = torch.load(tmp_path / "avg" / "last.pth.tar", weights_only=False)["model"]
     average = reference["rollback_average"]
     assert average["step"] == 4 and set(average["state"]) == set(reference["model"])
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
     for key, value in average["state"].items():
-        assert torch.equal(restored[key], value), key
+        if not key.endswith(statistics):  # the weights are the average's; BatchNorm's statistics are its own
+            assert torch.equal(restored[key], value), key
     assert any(not torch.equal(average["state"][k], v) for k, v in reference["model"].items() if v.is_floating_point())
+    assert not torch.equal(restored["conv1.1.running_mean"], average["state"]["conv1.1.running_mean"])
 
 
 def test_rollback_can_choose_the_best_validated_state_before_the_change_point(tmp_path):
@@ -270,7 +273,10 @@ def test_an_alarm_with_no_snapshot_warns_and_leaves_the_model():
 def test_rollback_can_restore_the_weight_average_from_before_the_change_point():
     model = nn.Sequential(nn.Linear(2, 1), nn.BatchNorm1d(1))
     base = torch.optim.SGD(model.parameters(), lr=0.1)
-    rollback = RollbackOnAlarm(model, base, average=4)  # a half-life of 4 steps
+    with pytest.raises(ValueError, match="BatchNorm layers, whose running statistics must be recomputed"):
+        RollbackOnAlarm(model, base, average=4)
+    inputs = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    rollback = RollbackOnAlarm(model, base, average=4, batchnorm_inputs=lambda: inputs.split(16))  # half-life 4
     expected = None
     for step, value in [(2, 1.0), (4, 3.0), (6, 5.0), (8, 7.0), (10, 9.0)]:
         with torch.no_grad():
@@ -284,7 +290,11 @@ def test_rollback_can_restore_the_weight_average_from_before_the_change_point():
     rollback.alert(Alarm(10, ["(root)"], 11.0, 10.0, onset_step=7))
     assert rollback.restored == [(10, 6)]
     assert float(model[0].weight.detach()[0, 0]) == pytest.approx(at_six, rel=1e-6)  # the average at step 6
-    assert float(model[1].running_mean[0]) == pytest.approx(at_six, rel=1e-6)  # BatchNorm's statistics with it
-    assert at_six not in (5.0, 1.0)
+    with torch.no_grad():  # BatchNorm's statistics recomputed for those weights, over the 4 batches
+        hidden = model[0](inputs)
+    assert float(model[1].running_mean[0]) == pytest.approx(float(hidden.mean()), rel=1e-5)
+    per_batch = torch.stack([h.var() for h in hidden.split(16)])  # each batch's unbiased variance, averaged
+    assert float(model[1].running_var[0]) == pytest.approx(float(per_batch.mean()), rel=1e-5)
+    assert at_six not in (5.0, 1.0) and model.training
     with pytest.raises(ValueError, match="half-life"):
         RollbackOnAlarm(model, base, average=0)

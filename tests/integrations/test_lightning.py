@@ -204,6 +204,24 @@ def test_rollback_from_lightning_s_own_checkpoints(tmp_path, monkeypatch, averag
         assert torch.equal(value, expected[key]), key
 
 
+def test_a_rolled_back_weight_average_gets_batchnorm_statistics_of_its_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(CusumMonitor, "update", _alarm_on_fifth_estimate)
+    module = Classifier()
+    module.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
+    callback = CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=1, on_alarm="rollback", log_path=None)
+    trainer = _fit(module, [callback], tmp_path)
+    assert trainer.global_step == 5 and callback.session.rollback.restored == [(5, 3)]
+    with torch.no_grad():  # the training loader's 3 batches through the restored first layer
+        means = torch.stack([module.net[0](x).mean(0) for x, _ in _data()])
+    assert torch.allclose(module.net[1].running_mean, means.mean(0), atol=1e-6)
+    assert module.training
+
+
+def _alarm_on_fifth_estimate(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
+    self.count += 1
+    return [Alarm(step, ["net.0"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
+
+
 def test_a_user_wrapped_optimizer_observes_through_lightning_s_copy_and_estimates_this_step_s_batch(tmp_path):
     """Before: the batch observed in training_step landed on LightningOptimizer's copy ("no batch was ever given"),
     and the wrapper estimated before Lightning's closure ran the training step (the previous step's batch)."""

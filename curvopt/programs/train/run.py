@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ...control.averaging import ExponentialAverage
+from ...control.averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
 from ...control.monitor import Alarm
 from ...control.rollback import choice
 from ...control.settings import MonitorConfig, flag_dest, flagged_options
@@ -452,6 +452,7 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
     averaged = run.rollback_average is not None and bool(run.rollback_average.state)
     if averaged:  # the average as it stood at that checkpoint, in place of its weights
         run.model.load_state_dict(run.rollback_average.snapshot())
+        _recompute_batchnorm(run)
     validated = choice(run.args.rollback_to) == "best-validated"
     how = "the best validation top-1 of the epochs" if validated else "the last epoch"
     weights = f"the weight average (half-life {run.args.rollback_average:g} epochs) at the" if averaged else "the"
@@ -478,6 +479,17 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
         "checkpoint": path.name,
     }
     run.log_event(run.num_updates, "rollback", text)
+
+
+def _recompute_batchnorm(run: TrainingRun) -> None:
+    """BatchNorm statistics for the restored weight average, from training batches (rank 0's, shared with every
+    rank under DDP so that all ranks hold the same model)."""
+    inputs = (x.to(run.device, non_blocking=True) for x, _ in run.data.train_loader)
+    recompute_batchnorm(run.model, inputs)
+    if run.args.distributed:
+        for layer in batchnorm_layers(run.model):
+            torch.distributed.broadcast(layer.running_mean, 0)
+            torch.distributed.broadcast(layer.running_var, 0)
 
 
 def close(run: TrainingRun, finished: bool) -> None:
