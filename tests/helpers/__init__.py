@@ -1,6 +1,8 @@
-"""What the tests share: dense references (:mod:`helpers.dense`) and small models (:mod:`helpers.models`).
+"""What the tests share: dense references (:mod:`helpers.dense`), small models (:mod:`helpers.models`) and scripted
+alarms (:mod:`helpers.alarms`).
 Imported as ``from helpers import …`` (pytest puts ``tests/`` on the path); fixtures stay in ``conftest.py``."""
 
+from .alarms import alarm_on_estimate
 from .dense import DenseCurvature, dense_curvature, gaussian_variance, rademacher_variance, variance_se
 from .models import LayerNormGELU, TiedMLP, TinyAttention, bn_cnn, layer_params, mlp
 
@@ -9,6 +11,7 @@ __all__ = [
     "LayerNormGELU",
     "TiedMLP",
     "TinyAttention",
+    "alarm_on_estimate",
     "bn_cnn",
     "dense_curvature",
     "gaussian_variance",

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import dense_curvature, layer_params
+from helpers import alarm_on_estimate, dense_curvature, layer_params
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
@@ -188,13 +188,8 @@ def test_on_alarm_rollback_restores_the_state_before_the_change_point_and_ends_t
 def test_rollback_from_the_trainer_s_own_checkpoints(tmp_path, monkeypatch, average):
     from safetensors.torch import load_file
 
-    from curvopt import Alarm
-
-    def alarm_at_fifth(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
-        self.count += 1
-        return [Alarm(step, ["lm_head"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
-
-    monkeypatch.setattr(CusumMonitor, "update", alarm_at_fifth)
+    # estimates at steps 1..5, the alarm at the fifth; the change began at step 4
+    monkeypatch.setattr(CusumMonitor, "update", alarm_on_estimate(5, onset=4, layer="lm_head"))
     model = tiny_gpt2()
     callback = CurvatureCallback(
         every=1,

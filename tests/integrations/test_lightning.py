@@ -6,6 +6,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import alarm_on_estimate
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -174,11 +175,7 @@ def test_on_alarm_rollback(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("average", [None, 0.5], ids=["weights", "average"])
 def test_rollback_from_lightning_s_own_checkpoints(tmp_path, monkeypatch, average):
-    def alarm_at_fifth(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
-        self.count += 1
-        return [Alarm(step, ["net.0"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
-
-    monkeypatch.setattr(CusumMonitor, "update", alarm_at_fifth)
+    monkeypatch.setattr(CusumMonitor, "update", alarm_on_estimate(5, onset=4, layer="net.0"))
     module = Classifier()
     callback = CurvatureCallback(
         nn.CrossEntropyLoss(),
@@ -205,7 +202,7 @@ def test_rollback_from_lightning_s_own_checkpoints(tmp_path, monkeypatch, averag
 
 
 def test_a_rolled_back_weight_average_gets_batchnorm_statistics_of_its_own(tmp_path, monkeypatch):
-    monkeypatch.setattr(CusumMonitor, "update", _alarm_on_fifth_estimate)
+    monkeypatch.setattr(CusumMonitor, "update", alarm_on_estimate(5, onset=4, layer="net.0"))
     module = Classifier()
     module.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 3))
     callback = CurvatureCallback(nn.CrossEntropyLoss(), every=1, probes=1, on_alarm="rollback", log_path=None)
@@ -215,11 +212,6 @@ def test_a_rolled_back_weight_average_gets_batchnorm_statistics_of_its_own(tmp_p
         means = torch.stack([module.net[0](x).mean(0) for x, _ in _data()])
     assert torch.allclose(module.net[1].running_mean, means.mean(0), atol=1e-6)
     assert module.training
-
-
-def _alarm_on_fifth_estimate(self, step, estimate):  # estimates at steps 1..5; the change began at step 4
-    self.count += 1
-    return [Alarm(step, ["net.0"], 11.0, 10.0, onset_step=4)] if self.count == 5 else []
 
 
 def test_a_user_wrapped_optimizer_observes_through_lightning_s_copy_and_estimates_this_step_s_batch(tmp_path):
