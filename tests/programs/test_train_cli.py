@@ -374,3 +374,17 @@ def test_bad_arguments_and_checkpoints(tmp_path, capsys):
 def test_report_of_a_directory_without_a_log(tmp_path, capsys):
     assert cli_main(["report", str(tmp_path)]) == 2
     assert "no curvature.jsonl" in capsys.readouterr().err
+
+
+def test_fsdp_turns_the_rollback_average_off_out_loud_and_refuses_it_when_asked_for(capsys):
+    from curvopt.programs.train.errors import TrainError
+    from curvopt.programs.train.setup import check_fsdp
+
+    args = parse_train_args(["--dataset", "synthetic", "--fsdp", "--on-alarm", "rollback"])
+    args.distributed, args.rank = True, 0  # as under torchrun
+    check_fsdp(args)
+    assert args.rollback_average == 0.0 and "--rollback-average off" in capsys.readouterr().out
+    asked = parse_train_args(["--dataset", "synthetic", "--fsdp", "--on-alarm", "rollback", "--rollback-average", "1"])
+    asked.distributed, asked.rank = True, 0
+    with pytest.raises(TrainError, match="--rollback-average is not supported with --fsdp"):
+        check_fsdp(asked)
