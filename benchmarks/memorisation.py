@@ -254,7 +254,7 @@ def run_one(job: Job) -> str:
                         "step": step,
                         "test_acc": float((_predict(model, xv).argmax(1) == yv).float().mean()) * 100,
                     }
-                if due and opt.last_estimate is not None and len(opt.history) and opt.history[-1]["step"] == step:
+                if due and opt.last_estimate is not None and opt.estimated_last_step:
                     train_loss = statistics.fmean(losses)
                     losses.clear()
                     row = _signals(opt.last_estimate) | {

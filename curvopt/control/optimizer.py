@@ -188,6 +188,11 @@ class CurvatureAwareOptimizer(Optimizer):
     def monitoring(self) -> bool:
         return self.config.interval > 0
 
+    @property
+    def estimated_last_step(self) -> bool:
+        """Whether the latest optimizer step (``step_count``) made a curvature estimate."""
+        return bool(self.history) and self.history[-1]["step"] == self.step_count
+
     # ------------------------------------------------------------------ torch.optim interface
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)

@@ -322,9 +322,8 @@ class TrackingSession:
         self.wrapper.record_step(batch)
         metrics, _ = self.collector.take()
         alarms = self.wrapper.alarms[before:]  # the same on every rank (the collector hears rank 0 only)
-        history = self.wrapper.history
         if self.checkpoint_rollback is not None:
-            if history and history[-1]["step"] == self.wrapper.step_count:  # an estimate: sample the average
+            if self.wrapper.estimated_last_step:  # record_step counted this step: sample the average at an estimate
                 self.checkpoint_rollback.sample(self.wrapper.step_count)
             if alarms:
                 self.checkpoint_rollback.alert(alarms[0])

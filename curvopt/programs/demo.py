@@ -142,7 +142,7 @@ def _train(demo: _Demo, steps: int, every: int, progress: bool) -> None:
             loss = loss_fn(logits, y)
             loss.backward()
             opt.step(batch=(x, y))
-            if opt.history and opt.history[-1]["step"] == step:  # an estimate: the rollback's ring samples it
+            if opt.estimated_last_step:  # the rollback's ring samples every estimate
                 demo.rollback.log(step, opt.history[-1])
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)

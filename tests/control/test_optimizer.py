@@ -481,3 +481,17 @@ def test_groups_and_state_stay_shared_after_the_wrapped_optimizer_loads_a_state(
     scheduler.step()
     assert opt.param_groups is base.param_groups and opt.state is base.state
     assert base.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_the_wrapper_says_whether_its_latest_step_made_an_estimate():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = CurvatureAwareOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, nn.CrossEntropyLoss(), every=3)
+    seen = []
+    for _ in range(7):
+        x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+        opt.zero_grad()
+        nn.CrossEntropyLoss()(model(x), y).backward()
+        opt.step(batch=(x, y))
+        seen.append(opt.estimated_last_step)
+    assert seen == [False, False, True, False, False, True, False]

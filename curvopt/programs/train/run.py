@@ -395,7 +395,7 @@ def after_update(run: TrainingRun) -> bool:
     """After every update, on every rank: the cost line after the first estimate, then the new alarms; returns
     whether the run stops."""
     now = time.perf_counter()
-    estimated = bool(run.opt.history) and run.opt.history[-1]["step"] == run.opt.step_count
+    estimated = run.opt.estimated_last_step
     if estimated and run.rollback_average is not None:
         run.rollback_average.update(run.model.state_dict(), run.opt.step_count)
     if run.last_update_at is not None and not estimated:
