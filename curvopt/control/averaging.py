@@ -25,7 +25,7 @@ batches, in training mode, without gradients; SWA does the same, Izmailov et al.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,11 @@ from ..engine.batch import Forward, call_model
 
 BATCHNORM_BATCHES = 16
 """Training batches over which a restored average's BatchNorm statistics are recomputed (at most)."""
+BATCHNORM_NEEDS_INPUTS = (
+    "RollbackOnAlarm(average=...): the model has BatchNorm layers, whose running statistics must be recomputed for "
+    "averaged weights; pass batchnorm_inputs=lambda: <a few training input batches> (and forward= if the model is "
+    "not called as model(inputs)), or average=None to restore the weights themselves"
+)
 
 
 class ExponentialAverage:
@@ -73,6 +78,42 @@ class ExponentialAverage:
     def load_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in saved["state"].items()}
         self.step = None if saved["step"] is None else int(saved["step"])
+
+
+class ModelAverage(ExponentialAverage):
+    """The exponential average of one model's state that a rollback keeps and restores: :meth:`sample` folds the
+    model in, :meth:`load_into_model` puts an average back (this one, or one saved earlier) and recomputes BatchNorm
+    statistics for it on ``batchnorm_inputs()`` (required when the model has BatchNorm layers).
+
+    Args:
+        model: the model averaged and restored.
+        halflife: in optimizer steps.
+        batchnorm_inputs: a callable returning training inputs (an iterable of batches, as the model or ``forward``
+            takes them; :data:`BATCHNORM_BATCHES` are used).
+        forward: ``forward(model, inputs)`` when the model is not called as ``model(inputs)``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        halflife: float,
+        batchnorm_inputs: Callable[[], Iterable[Any]] | None = None,
+        forward: Forward | None = None,
+    ) -> None:
+        super().__init__(halflife)
+        if batchnorm_layers(model) and batchnorm_inputs is None:
+            raise ValueError(BATCHNORM_NEEDS_INPUTS)
+        self.model, self.batchnorm_inputs, self.forward = model, batchnorm_inputs, forward
+
+    def sample(self, step: int) -> None:
+        """Fold the model's current state (at ``step``) into the average."""
+        self.update(self.model.state_dict(), step)
+
+    def load_into_model(self, state: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Load ``state`` (default: this average) into the model, then recompute its BatchNorm statistics."""
+        self.model.load_state_dict(self.state if state is None else state)
+        if self.batchnorm_inputs is not None:
+            recompute_batchnorm(self.model, self.batchnorm_inputs(), self.forward)
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

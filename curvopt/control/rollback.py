@@ -50,7 +50,7 @@ from torch.optim import Optimizer
 
 from ..engine.batch import Forward
 from . import log_schema
-from .averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
+from .averaging import ModelAverage
 from .monitor import Alarm
 
 THEN = ("stop", "lower-lr", "freeze")
@@ -58,11 +58,6 @@ CHOOSE = ("onset", "best-validated")
 LEGACY_CHOICES = {"latest": "onset", "best": "best-validated"}
 """The names ``choose`` had before the validation-free rollback became the default, still read from old runs."""
 SPACINGS = ("log", "recent")
-BATCHNORM_NEEDS_INPUTS = (
-    "RollbackOnAlarm(average=...): the model has BatchNorm layers, whose running statistics must be recomputed for "
-    "averaged weights; pass batchnorm_inputs=lambda: <a few training input batches> (and forward= if the model is "
-    "not called as model(inputs)), or average=None to restore the weights themselves"
-)
 
 
 def choice(name: str) -> str:
@@ -167,10 +162,7 @@ class RollbackOnAlarm:
             raise ValueError(f"keep must be >= {3 if spacing == 'log' else 1} with spacing={spacing!r}, got {keep}")
         self.model, self.optimizer = model, getattr(optimizer, "optimizer", optimizer)
         self.then, self.lr_factor, self.choose, self.spacing, self.keep = then, lr_factor, choice(choose), spacing, keep
-        self.average = ExponentialAverage(average) if average is not None else None
-        if self.average is not None and batchnorm_layers(model) and batchnorm_inputs is None:
-            raise ValueError(BATCHNORM_NEEDS_INPUTS)
-        self.batchnorm_inputs, self.forward = batchnorm_inputs, forward
+        self.average = ModelAverage(model, average, batchnorm_inputs, forward) if average is not None else None
         self.snapshots: list[Snapshot] = []
         self.stopped = False
         self.restored: list[tuple[int, int]] = []  # (alarm step, snapshot step)
@@ -180,7 +172,7 @@ class RollbackOnAlarm:
         if log_schema.LOSS not in metrics:
             return
         if self.average is not None:
-            self.average.update(self.model.state_dict(), step)
+            self.average.sample(step)
             state = self.average.snapshot()
         else:
             state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
@@ -213,9 +205,10 @@ class RollbackOnAlarm:
                 RuntimeWarning,
                 stacklevel=2,
             )
-        self.model.load_state_dict(snapshot.model)
-        if self.average is not None and self.batchnorm_inputs is not None:
-            recompute_batchnorm(self.model, self.batchnorm_inputs(), self.forward)
+        if self.average is not None:
+            self.average.load_into_model(snapshot.model)
+        else:
+            self.model.load_state_dict(snapshot.model)
         self.optimizer.load_state_dict(snapshot.optimizer)
         for param in self.model.parameters():
             param.grad = None  # the update of the step in progress has nothing to apply

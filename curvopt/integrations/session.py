@@ -37,11 +37,11 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..control import log_schema
-from ..control.averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
+from ..control.averaging import ModelAverage
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
-from ..control.rollback import BATCHNORM_NEEDS_INPUTS, RollbackOnAlarm
+from ..control.rollback import RollbackOnAlarm
 from ..control.settings import CurvatureConfig
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
@@ -208,15 +208,12 @@ class CheckpointRollback:
         forward: Any = None,
     ) -> None:
         self.model, self.restore = model, restore
-        self.average = ExponentialAverage(average) if average is not None else None
-        if self.average is not None and batchnorm_layers(model) and batchnorm_inputs is None:
-            raise ValueError(BATCHNORM_NEEDS_INPUTS)
-        self.batchnorm_inputs, self.forward = batchnorm_inputs, forward
+        self.average = ModelAverage(model, average, batchnorm_inputs, forward) if average is not None else None
         self.restored: list[tuple[int, int]] = []  # (alarm step, checkpoint step)
 
     def sample(self, step: int) -> None:
         if self.average is not None:
-            self.average.update(self.model.state_dict(), step)
+            self.average.sample(step)
 
     def alert(self, alarm: Alarm) -> bool:
         """Restore; False (with a warning) when the framework has no checkpoint before the change point."""
@@ -233,9 +230,7 @@ class CheckpointRollback:
         step, saved = found
         average = (saved or {}).get("rollback_average")
         if self.average is not None and average is not None and average.get("state"):
-            self.model.load_state_dict(average["state"])
-            if self.batchnorm_inputs is not None:
-                recompute_batchnorm(self.model, self.batchnorm_inputs(), self.forward)
+            self.average.load_into_model(average["state"])
         for param in self.model.parameters():
             param.grad = None
         self.restored.append((alarm.step, step))

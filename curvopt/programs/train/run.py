@@ -34,7 +34,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ...control.averaging import ExponentialAverage, batchnorm_layers, recompute_batchnorm
+from ...control.averaging import ModelAverage, batchnorm_layers
 from ...control.monitor import Alarm
 from ...control.rollback import choice
 from ...control.settings import MonitorConfig, flag_dest, flagged_options
@@ -140,7 +140,11 @@ def set_up(args: argparse.Namespace, start_epoch: int = 0) -> TrainingRun:
     )
     run_box.append(run)
     if args.on_alarm == "rollback" and args.rollback_average > 0:
-        run.rollback_average = ExponentialAverage(args.rollback_average * updates_per_epoch(args, data.train_loader))
+        run.rollback_average = ModelAverage(
+            model,
+            args.rollback_average * updates_per_epoch(args, data.train_loader),
+            batchnorm_inputs=lambda: (x.to(device, non_blocking=True) for x, _ in data.train_loader),
+        )
     return run
 
 
@@ -397,7 +401,7 @@ def after_update(run: TrainingRun) -> bool:
     now = time.perf_counter()
     estimated = run.opt.estimated_last_step
     if estimated and run.rollback_average is not None:
-        run.rollback_average.update(run.model.state_dict(), run.opt.step_count)
+        run.rollback_average.sample(run.opt.step_count)
     if run.last_update_at is not None and not estimated:
         run.update_times.append(now - run.last_update_at)
     run.last_update_at = now
@@ -451,8 +455,11 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
     load_training_state(run, state, curvature=False)
     averaged = run.rollback_average is not None and bool(run.rollback_average.state)
     if averaged:  # the average as it stood at that checkpoint, in place of its weights
-        run.model.load_state_dict(run.rollback_average.snapshot())
-        _recompute_batchnorm(run)
+        run.rollback_average.load_into_model()
+        if run.args.distributed:  # BatchNorm statistics from rank 0's batches, so that all ranks hold one model
+            for layer in batchnorm_layers(run.model):
+                torch.distributed.broadcast(layer.running_mean, 0)
+                torch.distributed.broadcast(layer.running_var, 0)
     validated = choice(run.args.rollback_to) == "best-validated"
     how = "the best validation top-1 of the epochs" if validated else "the last epoch"
     weights = f"the weight average (half-life {run.args.rollback_average:g} epochs) at the" if averaged else "the"
@@ -479,17 +486,6 @@ def _roll_back(run: TrainingRun, alarm: Alarm, write: Any) -> None:
         "checkpoint": path.name,
     }
     run.log_event(run.num_updates, "rollback", text)
-
-
-def _recompute_batchnorm(run: TrainingRun) -> None:
-    """BatchNorm statistics for the restored weight average, from training batches (rank 0's, shared with every
-    rank under DDP so that all ranks hold the same model)."""
-    inputs = (x.to(run.device, non_blocking=True) for x, _ in run.data.train_loader)
-    recompute_batchnorm(run.model, inputs)
-    if run.args.distributed:
-        for layer in batchnorm_layers(run.model):
-            torch.distributed.broadcast(layer.running_mean, 0)
-            torch.distributed.broadcast(layer.running_var, 0)
 
 
 def close(run: TrainingRun, finished: bool) -> None:

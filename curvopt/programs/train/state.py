@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...control.averaging import ExponentialAverage
+from ...control.averaging import ModelAverage
 from ...control.monitor import Alarm
 from ...control.optimizer import CurvatureAwareOptimizer
 from ...reporting.loggers import JsonlLogger
@@ -58,7 +58,7 @@ class TrainingRun:
     stop_alarm: Alarm | None = None
     alarms_handled: int = 0
     rolled_back: dict[str, Any] | None = None
-    rollback_average: ExponentialAverage | None = None  # --rollback-average: sampled at the estimates, every rank
+    rollback_average: ModelAverage | None = None  # --rollback-average: sampled at the estimates, every rank
     update_times: list[float] = field(default_factory=list)  # wall time of updates without an estimate
     last_update_at: float | None = None
     cost_said: bool = False
