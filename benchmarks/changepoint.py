@@ -194,13 +194,7 @@ def averaged_accuracy(run: dict, epoch: int, variant: tuple[str, str], noisy: bo
 def averaged_early_stopping(run: dict, variant: tuple[str, str]) -> float:
     """Early stopping (patience as :func:`benchmarks.memorisation.early_stopping_epoch`) on the weight average's
     noisy validation accuracy, restoring its best epoch's average: what early stopping gives with the same average."""
-    best, best_epoch = -float("inf"), 0
-    for row in run["epochs_log"]:
-        score = averaged_accuracy(run, row["epoch"], variant, noisy=True)
-        if score > best:
-            best, best_epoch = score, row["epoch"]
-        elif row["epoch"] - best_epoch >= mem.PATIENCE:
-            break
+    _, best_epoch = mem.early_stopping_epoch(run, score=lambda row: averaged_accuracy(run, row["epoch"], variant, True))
     return averaged_accuracy(run, best_epoch, variant)
 
 

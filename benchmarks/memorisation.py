@@ -50,6 +50,7 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -252,7 +253,7 @@ def run_one(job: Job) -> str:
                 if rollback is not None and len(rollback.restored) > restored_before:  # the model just rolled back
                     rollback_eval = {
                         "step": step,
-                        "test_acc": float((_predict(model, xv).argmax(1) == yv).float().mean()) * 100,
+                        "test_acc": _accuracy_of(model, xv, yv),
                     }
                 if due and opt.last_estimate is not None and opt.estimated_last_step:
                     train_loss = statistics.fmean(losses)
@@ -281,7 +282,7 @@ def run_one(job: Job) -> str:
             if holdout is not None:  # labels of the held-out split as the training labels are this epoch
                 hx, hy_clean, hy_noisy = holdout
                 held_labels = hy_noisy if epoch >= start_epoch else hy_clean
-                row["noisy_val_acc"] = float((_predict(model, hx).argmax(1) == held_labels).float().mean()) * 100
+                row["noisy_val_acc"] = _accuracy_of(model, hx, held_labels)
                 if rollback is not None:  # the epoch's last snapshot is scored, as curvopt train scores its checkpoints
                     rollback.score(row["noisy_val_acc"])
             if averages[AVERAGE_HALFLIVES[0]].state:
@@ -510,13 +511,16 @@ back past the damage in every development run (a clean → 100 % switch collapse
 alarm comes when it starts fitting the random labels, 9–13 epochs later); 20 leaves a margin."""
 
 
-def early_stopping_epoch(run: dict, patience: int = PATIENCE) -> tuple[int, int]:
+def early_stopping_epoch(
+    run: dict, patience: int = PATIENCE, score: Callable[[dict], float] = lambda row: row["noisy_val_acc"]
+) -> tuple[int, int]:
     """``(stop epoch, returned epoch)``: training stops once ``patience`` epochs bring no better accuracy on the
-    noisy validation split, and returns the weights of the best one (Keras' restore_best_weights)."""
+    noisy validation split (``score`` of an epoch's row), and returns the weights of the best one (Keras'
+    restore_best_weights)."""
     best, best_epoch = -math.inf, 0
     for row in run["epochs_log"]:
-        if row["noisy_val_acc"] > best:
-            best, best_epoch = row["noisy_val_acc"], row["epoch"]
+        if score(row) > best:
+            best, best_epoch = score(row), row["epoch"]
         elif row["epoch"] - best_epoch >= patience:
             return row["epoch"], best_epoch
     return run["epochs_log"][-1]["epoch"], best_epoch
