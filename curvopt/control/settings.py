@@ -261,7 +261,8 @@ class MonitorConfig:
         metadata=option(
             "alarm when the training loss (smoothed like the signals) climbs back above its lowest level by this "
             "fraction of its first value: labels that changed (a switch to wrong labels) make it jump at once, "
-            "epochs before the network memorises them; the change point is where the loss left its low (0: off)",
+            "epochs before the network memorises them; the change point is the estimate at which the jump showed "
+            "(0: off)",
             "--cusum-loss-jump",
             float,
         ),
