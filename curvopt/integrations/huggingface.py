@@ -124,8 +124,12 @@ def _inputs_and_labels(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[d
     """The Trainer's ``model(**inputs)`` as ``(input tensors without labels, labels)``; ``None`` without labels."""
     if args or "labels" not in kwargs:
         return None
-    inputs = {k: v for k, v in kwargs.items() if k not in TRAINER_KWARGS and isinstance(v, torch.Tensor)}
-    return inputs, kwargs["labels"]
+    return _model_inputs(kwargs), kwargs["labels"]
+
+
+def _model_inputs(batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A Trainer batch's input tensors: everything but the labels and the Trainer's own keywords."""
+    return {k: v for k, v in batch.items() if k not in TRAINER_KWARGS and isinstance(v, torch.Tensor)}
 
 
 def _training_inputs(loader: Any, model: nn.Module) -> Callable[[], Iterable[dict[str, Any]]] | None:
@@ -137,7 +141,7 @@ def _training_inputs(loader: Any, model: nn.Module) -> Callable[[], Iterable[dic
 
     def inputs() -> Iterable[dict[str, Any]]:
         for batch in loader:
-            yield move_to({k: v for k, v in batch.items() if k not in TRAINER_KWARGS and torch.is_tensor(v)}, device)
+            yield move_to(_model_inputs(batch), device)
 
     return inputs
 
@@ -171,26 +175,22 @@ def _checkpoint_restorer(output_dir: Path, model: nn.Module, optimizer: Any) -> 
 
 def _trainer_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The model weights of a Trainer checkpoint folder (safetensors or ``pytorch_model.bin``, whole or sharded)."""
-    from safetensors.torch import load_file
-
-    if (folder / "model.safetensors").is_file():
-        return load_file(folder / "model.safetensors")
-    if (folder / "pytorch_model.bin").is_file():
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", None)):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return _read_weights(folder / name)
+    for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (folder / name).is_file():
             weights: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                part = (
-                    loader(folder / shard)
-                    if loader
-                    else torch.load(folder / shard, map_location="cpu", weights_only=True)
-                )
-                weights.update(part)
+            for shard in sorted(set(json.loads((folder / name).read_text())["weight_map"].values())):
+                weights.update(_read_weights(folder / shard))
             return weights
     raise ValueError(f"curvopt: {folder} holds no model weights the rollback can read (model.safetensors, ...)")
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _steps_per_epoch(args: Any, loader: Any) -> float | None:

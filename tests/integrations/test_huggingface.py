@@ -392,3 +392,15 @@ def test_every_estimate_reaches_the_trainer_logs_at_its_own_step(tmp_path):
 
     figure = training_figure(jsonl)  # the report's loss panel draws the Trainer's own training loss
     assert "training loss" in [line.get_label() for line in figure.axes[0].get_lines()]
+
+
+def test_the_rollback_reads_a_sharded_trainer_checkpoint(tmp_path):
+    from curvopt.integrations.huggingface import _trainer_weights
+
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    weights, expected = _trainer_weights(tmp_path), model.state_dict()
+    assert weights and all(torch.equal(value, expected[key]) for key, value in weights.items())
+    with pytest.raises(ValueError, match="holds no model weights the rollback can read"):
+        _trainer_weights(tmp_path / "missing")
