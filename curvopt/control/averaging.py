@@ -33,6 +33,9 @@ from torch import nn
 
 from ..engine.batch import Forward, call_model
 
+ROLLBACK_AVERAGE = 0.5
+"""Half-life, in epochs, of the weight average a rollback restores by default (``curvopt train --rollback-average``,
+the callbacks' ``rollback_average``; benchmarks/RESULTS.md §15.6)."""
 BATCHNORM_BATCHES = 16
 """Training batches over which a restored average's BatchNorm statistics are recomputed (at most)."""
 BATCHNORM_NEEDS_INPUTS = (

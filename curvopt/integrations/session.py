@@ -37,7 +37,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from ..control import log_schema
-from ..control.averaging import ModelAverage
+from ..control.averaging import ROLLBACK_AVERAGE, ModelAverage
 from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
@@ -80,8 +80,6 @@ def callback_options(config: CurvatureConfig | None, settings: Mapping[str, Any]
 ROLLBACK_FROM = ("memory", "checkpoints")
 """Where a callback's rollback finds the state it restores: its own in-memory ring (single process), or the
 framework's checkpoints (every rank; the framework must save them: HF ``save_steps``, Lightning ``ModelCheckpoint``)."""
-ROLLBACK_AVERAGE = 0.5
-"""Half-life, in epochs, of the weight average a callback's rollback restores (benchmarks/RESULTS.md §15.6)."""
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..control.averaging import ROLLBACK_AVERAGE
 from ..control.monitor import Alarm
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..control.rollback import RollbackOnAlarm
-from ..integrations.session import ROLLBACK_AVERAGE
 from ..reporting.loggers import LOG_NAME, JsonlLogger
 from ..reporting.report import make_report
 from ..reporting.tables import format_table

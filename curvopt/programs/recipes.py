@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from ..control.averaging import ROLLBACK_AVERAGE
 from ..control.rollback import CHOOSE
 from ..control.scaling import LR_SCALING_POLICIES
 from ..control.settings import CurvatureConfig, MonitorConfig, flagged_options, parse_probes
@@ -261,9 +262,9 @@ def _curvature_flags(g: Any) -> None:
         g,
         "--rollback-average",
         type=float,
-        default=0.5,
+        default=ROLLBACK_AVERAGE,
         help="--on-alarm rollback: restore the exponential average of the weights (this half-life in epochs, "
-        "sampled at the curvature estimates; BatchNorm statistics averaged with them) as it stood at the chosen "
+        "sampled at the curvature estimates; BatchNorm statistics recomputed for it) as it stood at the chosen "
         "checkpoint, instead of the checkpoint's weights; 0: the weights themselves (measured in "
         "benchmarks/RESULTS.md §15.6; the checkpoints carry the average, twice the model's size)",
     )
