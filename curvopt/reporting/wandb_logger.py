@@ -168,7 +168,8 @@ class WandbLogger:
                 run = wandb.init(**init_kwargs)
                 self.owns_run = True
             self.run = run
-            self.local_dir = str(Path(run.dir).parent)
+            # a disabled run (WANDB_MODE=disabled) writes nothing: it has no directory to point a report at
+            self.local_dir = None if getattr(run, "disabled", False) else str(Path(run.dir).parent)
             run.define_metric(log_schema.STEP)
             run.define_metric("curv/*", step_metric=log_schema.STEP)
             run.define_metric("curv.*", step_metric=log_schema.STEP)

@@ -27,6 +27,15 @@ def _alarm(step: int) -> Alarm:
     return Alarm(step=step, kind="aggregate", statistic=12.0, threshold=10.0, layers=["fc"])
 
 
+def test_a_disabled_run_points_nowhere(tmp_path):
+    """WANDB_MODE=disabled writes no run directory, so the logger names none (the CLI prints no "W&B run:" path)."""
+    logger = WandbLogger(project="t", dir=str(tmp_path), mode="disabled")
+    logger.log(10, {"curv/trace/a": 1.0})
+    assert logger.local_dir is None and logger.describe() == {}
+    logger.finish()
+    assert not (tmp_path / "wandb").exists()
+
+
 def test_offline_run_keys_alerts_and_heatmap(tmp_path):
     logger = WandbLogger(project="t", dir=str(tmp_path), mode="offline", heatmap_every=2)
     assert logger.active and logger.owns_run
