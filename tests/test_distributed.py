@@ -61,6 +61,15 @@ def test_ranks_agree_bit_for_bit_with_lr_scaling(tmp_path):
     assert not torch.equal(per_rank[0], per_rank[1])
 
 
+def test_edge_scales_agree_across_ranks(tmp_path):
+    r0, r1 = _spawn(tmp_path, "train_edge")
+    assert r0["measurements"] == r1["measurements"] > 0
+    assert min(r0["scales"]) < 1.0  # the policy acted (Adam's first steps are far past its edge at this LR)
+    assert r0["scales"] == r1["scales"]
+    for name, tensor in r0["params"].items():
+        assert torch.equal(tensor, r1["params"][name]), name
+
+
 def test_shared_probes_equal_the_single_process_estimate_on_the_concatenated_batch(tmp_path):
     r0, r1 = _spawn(tmp_path, "shared")
     est, ref = r0["distributed"], r0["reference"]

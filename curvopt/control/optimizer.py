@@ -353,7 +353,10 @@ class CurvatureAwareOptimizer(Optimizer):
             )
             return float("nan"), start or []
         if dist_utils.is_active(self.process_group):
+            # each rank measured on its own shard of the batch: one ratio, and one eigenvector to carry it forward
+            # with, so that every rank applies the same scale
             ratio = dist_utils.mean_over_ranks(ratio, self.process_group)
+            vector = dist_utils.broadcast_from_first(vector, self.process_group)
         return ratio, vector
 
     def _policy_context(self) -> PolicyContext:

@@ -158,3 +158,15 @@ def mean_over_ranks(value: float, group: object = None) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=collective_device(group))
     dist.all_reduce(tensor, group=group)
     return float(tensor[0]) / world_size(group)
+
+
+def broadcast_from_first(tensors: list[torch.Tensor], group: object = None) -> list[torch.Tensor]:
+    """The group's first rank's ``tensors`` on every rank (one broadcast of their float64 concatenation); for
+    quantities each rank computed from its own shard of the batch that must agree bit for bit afterwards."""
+    if not tensors:
+        return tensors
+    device = collective_device(group)
+    flat = torch.cat([t.detach().reshape(-1).to(device, torch.float64) for t in tensors])
+    dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    parts = flat.split([t.numel() for t in tensors])
+    return [part.reshape(t.shape).to(t.device, t.dtype) for part, t in zip(parts, tensors)]

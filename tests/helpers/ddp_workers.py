@@ -66,6 +66,27 @@ def scenario_train(rank: int, world: int) -> dict:
     }
 
 
+def scenario_train_edge(rank: int, world: int) -> dict:
+    """DDP + AdamW + ``lr_scaling="edge"``: each rank measures on its own shard, the scales must still agree."""
+    model = nn.parallel.DistributedDataParallel(_mlp())
+    loss_fn = nn.CrossEntropyLoss()
+    opt = CurvatureAwareOptimizer(
+        torch.optim.AdamW(model.parameters(), lr=0.3), model, loss_fn, every=10**9, lr_scaling="edge", seed=3
+    )
+    scales = []
+    for step in range(12):
+        x, y = _local(_global_batch(seed=100 + step), rank, world)
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step(batch=(x, y))
+        scales.append(opt.lr_policy.scale)
+    return {
+        "scales": scales,
+        "measurements": opt.lr_policy.measurements,
+        "params": {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+    }
+
+
 def scenario_shared(rank: int, world: int) -> dict:
     """Shared probes: the reduced traces equal one process probing the concatenated batch."""
     model = nn.parallel.DistributedDataParallel(_mlp())
@@ -267,6 +288,7 @@ SCENARIOS = {
     "fsdp": scenario_fsdp,
     "fsdp_train": scenario_fsdp_train,
     "train": scenario_train,
+    "train_edge": scenario_train_edge,
     "shared": scenario_shared,
     "rank_failure": scenario_rank_failure,
     "train_helpers": scenario_train_helpers,
