@@ -351,7 +351,9 @@ class CurvatureAwareOptimizer(Optimizer):
                 f"curvopt: lr_scaling='edge' could not measure "
                 f"at step {self.step_count + 1}: {type(exc).__name__}: {exc}",
             )
-            return float("nan"), start or []
+            # NaN (a measurement the policy skips), still taking part in the collectives below: the other ranks
+            # wait in them, and the NaN reaches them too, so every rank skips this measurement
+            ratio, vector = float("nan"), [torch.zeros_like(s) for s in scale]
         if dist_utils.is_active(self.process_group):
             # each rank measured on its own shard of the batch: one ratio, and one eigenvector to carry it forward
             # with, so that every rank applies the same scale

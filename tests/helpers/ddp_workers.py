@@ -66,8 +66,21 @@ def scenario_train(rank: int, world: int) -> dict:
     }
 
 
-def scenario_train_edge(rank: int, world: int) -> dict:
-    """DDP + AdamW + ``lr_scaling="edge"``: each rank measures on its own shard, the scales must still agree."""
+def scenario_train_edge(rank: int, world: int, fail_on: int | None = None) -> dict:
+    """DDP + AdamW + ``lr_scaling="edge"``: each rank measures on its own shard, the scales must still agree
+    (``fail_on``: this rank's second measurement raises)."""
+    if rank == fail_on:
+        from curvopt.control import optimizer as wrapper_module
+
+        measure, calls = wrapper_module.preconditioned_top_eigenpair, []
+
+        def failing_once(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected measurement failure")
+            return measure(*args, **kwargs)
+
+        wrapper_module.preconditioned_top_eigenpair = failing_once
     model = nn.parallel.DistributedDataParallel(_mlp())
     loss_fn = nn.CrossEntropyLoss()
     opt = CurvatureAwareOptimizer(
@@ -289,6 +302,7 @@ SCENARIOS = {
     "fsdp_train": scenario_fsdp_train,
     "train": scenario_train,
     "train_edge": scenario_train_edge,
+    "train_edge_failure": lambda rank, world: scenario_train_edge(rank, world, fail_on=1),
     "shared": scenario_shared,
     "rank_failure": scenario_rank_failure,
     "train_helpers": scenario_train_helpers,
