@@ -241,7 +241,7 @@ class CurvatureAwareOptimizer(Optimizer):
             self.lr_scales |= self._step_policy_update()
         inner = self.optimizer
         result = scaled_step(
-            inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(), self._scaled_layers()
+            inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(), self.scaled_layers()
         )
         self._after_update()
         return result
@@ -249,10 +249,15 @@ class CurvatureAwareOptimizer(Optimizer):
     def record_step(self, batch: tuple[Any, Any] | None = None) -> None:
         """Count an optimizer step that a framework takes itself (Hugging Face Trainer, Lightning), estimating
         first when it is due, on ``batch`` or the one handed over by :meth:`observe`. Call it right before the
-        framework's ``optimizer.step()``. LR scaling cannot act through it (it acts in :meth:`step`)."""
+        framework's ``optimizer.step()``. With ``lr_scaling`` the scales for that step are ready afterwards in
+        :meth:`scaled_layers`; the framework's step cannot be wrapped, so the caller applies them to its update
+        (:func:`~curvopt.control.update_scaling.snapshot` before, :func:`~curvopt.control.update_scaling.scale_update`
+        after)."""
         if batch is not None:
             self._hand_over(batch)
         self._before_update()
+        if getattr(self.lr_policy, "every_step", False):
+            self.lr_scales |= self._step_policy_update()
         self._after_update()
 
     def _before_update(self) -> None:
@@ -267,7 +272,8 @@ class CurvatureAwareOptimizer(Optimizer):
         self._slot.batch = None
         self.step_count += 1
 
-    def _scaled_layers(self) -> list[ScaledLayer]:
+    def scaled_layers(self) -> list[ScaledLayer]:
+        """(s_l, the layer's parameters) for every layer whose scale is not 1 at the step about to be taken."""
         if self.lr_policy is None:
             return []
         return [(self.lr_scales[b.name], b.params) for b in self.layer_blocks if self.lr_scales.get(b.name, 1.0) != 1.0]

@@ -61,13 +61,22 @@ def lr_scaled_step(optimizer: Optimizer, step: Callable[[], Any], scaled: Sequen
         optimizer.param_groups = original
 
 
-def lerp_scaled_step(step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
-    """The step with each layer's update scaled after the fact: θ ← θ_old + s (θ_new − θ_old)."""
+def snapshot(scaled: Sequence[ScaledLayer]) -> list[list[torch.Tensor]]:
+    """θ_old of the scaled layers, taken right before a step."""
     with torch.no_grad():
-        before = [torch._foreach_mul(list(params), 1.0) for _, params in scaled]  # snapshot θ_old
-    result = step()
+        return [torch._foreach_mul(list(params), 1.0) for _, params in scaled]
+
+
+def scale_update(scaled: Sequence[ScaledLayer], before: Sequence[Sequence[torch.Tensor]]) -> None:
+    """After the step: θ ← θ_new + (1 − s)(θ_old − θ_new) = θ_old + s (θ_new − θ_old), in place."""
     with torch.no_grad():
         for (scale, params), old in zip(scaled, before):
-            # θ ← θ_new + (1 − s)(θ_old − θ_new) = θ_old + s (θ_new − θ_old), in place
-            torch._foreach_lerp_(list(params), old, 1.0 - scale)
+            torch._foreach_lerp_(list(params), list(old), 1.0 - scale)
+
+
+def lerp_scaled_step(step: Callable[[], Any], scaled: Sequence[ScaledLayer]) -> Any:
+    """The step with each layer's update scaled after the fact: θ ← θ_old + s (θ_new − θ_old)."""
+    before = snapshot(scaled)
+    result = step()
+    scale_update(scaled, before)
     return result

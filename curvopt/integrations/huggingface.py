@@ -213,7 +213,8 @@ class CurvatureCallback(TrainerCallback):
             (``every``, ``probes``, ``curvature_batch_size``, ``gn``, ``strategy``, ...); ``every`` counts optimizer
             steps (gradient accumulation's micro-batches do not count), ``None`` (default): chosen from the run's
             ``max_steps`` (module docstring).
-        monitor, layers: as for :class:`~curvopt.CurvatureAwareOptimizer`.
+        monitor, layers, lr_scaling: as for :class:`~curvopt.CurvatureAwareOptimizer` (``lr_scaling``: the
+            policy's scales multiply the framework's update right after its step, layer by layer).
         on_alarm: ``"warn"`` (default: a log record and the JSONL), ``"stop"`` (end training) or ``"rollback"``
             (restore the state before the change point, then end training; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
@@ -236,6 +237,7 @@ class CurvatureCallback(TrainerCallback):
         config: CurvatureConfig | None = None,
         monitor: Any = "cusum",
         layers: Any = None,
+        lr_scaling: Any = None,
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         rollback_average: float | None = ROLLBACK_AVERAGE,
@@ -250,7 +252,9 @@ class CurvatureCallback(TrainerCallback):
         if trainer_metrics not in ("summary", "all"):
             raise ValueError(f"trainer_metrics must be 'summary' or 'all', got {trainer_metrics!r}")
         self.loss_fn, self.forward = loss_fn, forward
-        self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
+        self.options = callback_options(
+            config, settings, monitor=monitor, layers=layers, callbacks=callbacks, lr_scaling=lr_scaling
+        )
         self.log_path, self.trainer_metrics = log_path, trainer_metrics
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
@@ -339,6 +343,11 @@ class CurvatureCallback(TrainerCallback):
         if self.session.should_stop(alarms):
             control.should_training_stop = True
         return control
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Right after ``optimizer.step()``, before the scheduler's: ``lr_scaling``'s scales reach the update."""
+        if self.session is not None:
+            self.session.after_optimizer_step()
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         if logs is None:

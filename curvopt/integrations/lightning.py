@@ -183,7 +183,8 @@ class CurvatureCallback(pl.Callback):
         config, **settings: the curvature options, a :class:`~curvopt.CurvatureConfig` and/or its fields by name
             (``every``, ``probes``, ``curvature_batch_size``, ``gn``, ``strategy``, ...); ``every=None`` (default):
             chosen from the run's length.
-        monitor, layers: as for :class:`~curvopt.CurvatureAwareOptimizer`.
+        monitor, layers, lr_scaling: as for :class:`~curvopt.CurvatureAwareOptimizer` (``lr_scaling``: the
+            policy's scales multiply the framework's update right after its step, layer by layer).
         on_alarm: ``"warn"`` (default), ``"stop"`` (``trainer.should_stop``) or ``"rollback"`` (restore the state before
             the change point, then stop; single process).
         rollback_keep: ``on_alarm="rollback"``: snapshots kept in host memory (model + optimizer state each).
@@ -204,6 +205,7 @@ class CurvatureCallback(pl.Callback):
         config: CurvatureConfig | None = None,
         monitor: Any = "cusum",
         layers: Any = None,
+        lr_scaling: Any = None,
         on_alarm: str = "warn",
         rollback_keep: int = ROLLBACK_KEEP,
         rollback_average: float | None = ROLLBACK_AVERAGE,
@@ -219,7 +221,9 @@ class CurvatureCallback(pl.Callback):
         self.response = AlarmResponse(on_alarm, rollback_keep, rollback_average, rollback_from)
         self.loss_fn, self.split_batch, self.forward = loss_fn, split_batch, forward
         self.log_path = log_path
-        self.options = callback_options(config, settings, monitor=monitor, layers=layers, callbacks=callbacks)
+        self.options = callback_options(
+            config, settings, monitor=monitor, layers=layers, callbacks=callbacks, lr_scaling=lr_scaling
+        )
         self.extra_sinks = as_sinks(logger)
         self.session: TrackingSession | None = None
         self.batch: Any = None
@@ -284,7 +288,11 @@ class CurvatureCallback(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """The training step's loss into the JSONL at the optimizer step it belongs to (for reports)."""
+        """``lr_scaling``'s scales reach the update of the optimizer step this batch ended with (the first hook after
+        it: Lightning has none between the step and its scheduler); the training step's loss into the JSONL at the
+        optimizer step it belongs to (for reports)."""
+        if self.session is not None:
+            self.session.after_optimizer_step()
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if self.session is not None and isinstance(loss, torch.Tensor) and loss.numel() == 1:
             self.session.log_training(self.session.wrapper.step_count, {"train/loss": float(loss.detach())})

@@ -42,7 +42,9 @@ from ..control.cadence import CadencePlan, describe_cadence, plan_cadence
 from ..control.monitor import Alarm, CusumMonitor
 from ..control.optimizer import CurvatureAwareOptimizer
 from ..control.rollback import RollbackOnAlarm
+from ..control.scaling import make_policy
 from ..control.settings import CurvatureConfig
+from ..control.update_scaling import ScaledLayer, scale_update, snapshot
 from ..engine.context import is_probing
 from ..reporting.loggers import JsonlLogger, truncate_log
 
@@ -57,11 +59,7 @@ ROLLBACK_KEEP = 8
 Capture = Callable[[tuple[Any, ...], dict[str, Any]], Any]
 """Turns a forward's ``(args, kwargs)`` into the ``(inputs, targets)`` pair the estimate needs (or ``None``)."""
 
-LR_SCALING_REFUSED = (
-    "lr_scaling is not available through a framework callback (the framework steps the optimizer); wrap the "
-    "optimizer in curvopt.CurvatureAwareOptimizer to scale its updates"
-)
-CALLBACK_OPTIONS = ("monitor", "layers", "callbacks")
+CALLBACK_OPTIONS = ("monitor", "layers", "callbacks", "lr_scaling")
 """The :class:`~curvopt.CurvatureAwareOptimizer` arguments besides the :class:`~curvopt.CurvatureConfig` record that
 a framework callback takes under the same names."""
 
@@ -69,10 +67,9 @@ a framework callback takes under the same names."""
 def callback_options(config: CurvatureConfig | None, settings: Mapping[str, Any], **arguments: Any) -> dict[str, Any]:
     """A callback's wrapper arguments: the record (``config`` with ``settings`` replacing its fields; TypeError for
     a keyword that is not a curvature option) and :data:`CALLBACK_OPTIONS`."""
-    if settings.get("lr_scaling") is not None:
-        raise ValueError(LR_SCALING_REFUSED)
     options: dict[str, Any] = {"config": CurvatureConfig.build(config, **settings)}
     options |= {name: arguments[name] for name in CALLBACK_OPTIONS}
+    make_policy(options["lr_scaling"])  # an unknown policy name fails here, not at train start
     options["callbacks"] = list(options["callbacks"])
     return options
 
@@ -241,8 +238,8 @@ class TrackingSession:
     Args:
         optimizer: the framework's optimizer (its ``param_groups`` are shared, nothing else is touched).
         model: the model the framework trains (parameters the optimizer does not hold are not probed).
-        loss_fn, forward, options: as for :class:`~curvopt.CurvatureAwareOptimizer` (``lr_scaling`` is refused:
-            the framework steps the optimizer, so curvopt cannot scale its updates).
+        loss_fn, forward, options: as for :class:`~curvopt.CurvatureAwareOptimizer` (with ``lr_scaling`` the
+            callback calls :meth:`after_optimizer_step` once the framework has stepped: the update is scaled then).
         log_path: the JSONL log (``None``: none), written by the reporting process only.
         sinks: further sinks (a framework's loggers).
         reports: whether this process writes logs (rank 0).
@@ -277,8 +274,6 @@ class TrackingSession:
                 "the reporting process); under DDP use rollback_from='checkpoints' (every rank restores the "
                 "framework's latest checkpoint before the change point) or on_alarm='stop'"
             )
-        if options.get("lr_scaling") is not None:
-            raise ValueError(LR_SCALING_REFUSED)
         options = dict(options)
         self.cadence = choose_cadence(options, total_steps)
         self.collector = _Collector()
@@ -304,6 +299,8 @@ class TrackingSession:
         if self.rollback is not None:  # snapshots before the JSONL sees an alarm, restored before the framework steps
             loggers.insert(1, self.rollback)
         self.wrapper = CurvatureAwareOptimizer(optimizer, model, loss_fn, forward=forward, logger=loggers, **options)
+        self._scaled: list[ScaledLayer] = []  # the layers whose update the framework's step in progress scales
+        self._before: list[list[torch.Tensor]] = []
         if reports:
             self.cadence.announce()
 
@@ -320,7 +317,17 @@ class TrackingSession:
                 self.checkpoint_rollback.sample(self.wrapper.step_count)
             if alarms:
                 self.checkpoint_rollback.alert(alarms[0])
+        self._scaled = self.wrapper.scaled_layers()
+        self._before = snapshot(self._scaled) if self._scaled else []
         return metrics, alarms
+
+    def after_optimizer_step(self) -> None:
+        """Scale the update the framework's step just made, layer by layer: θ ← θ_old + s_l (θ_new − θ_old) (the
+        ``lr_scaling`` policy's scales for that step; nothing to do without one, or with every scale at 1). Exact
+        for any optimizer; a step the framework skipped (an fp16 overflow) leaves θ_new = θ_old either way."""
+        if self._scaled:
+            scale_update(self._scaled, self._before)
+        self._scaled, self._before = [], []
 
     def should_stop(self, alarms: list[Alarm]) -> bool:
         """Whether the framework should end training after these alarms."""

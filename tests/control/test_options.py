@@ -61,8 +61,9 @@ def test_the_callbacks_take_the_same_record(framework):
     assert set(option_names()) == {f.name for f in dataclasses.fields(config)}
     with pytest.raises(TypeError, match="unknown curvature option 'prboes'"):
         module.CurvatureCallback(prboes=3)
-    with pytest.raises(ValueError, match="lr_scaling is not available through a framework callback"):
-        module.CurvatureCallback(lr_scaling="trust")
+    assert module.CurvatureCallback(lr_scaling="edge").options["lr_scaling"] == "edge"
+    with pytest.raises(ValueError, match="unknown lr_scaling policy 'egde'"):
+        module.CurvatureCallback(lr_scaling="egde")
 
 
 def test_the_monitor_takes_its_own_record_and_its_flags_come_from_it():

@@ -36,8 +36,9 @@ class Recording(nn.CrossEntropyLoss):
 
 
 class Classifier(pl.LightningModule):
-    def __init__(self, manual: bool = False, wrap: dict | None = None) -> None:
+    def __init__(self, manual: bool = False, wrap: dict | None = None, lr: float = 0.05) -> None:
         super().__init__()
+        self.lr = lr
         torch.manual_seed(0)
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
         self.loss = nn.CrossEntropyLoss()
@@ -62,7 +63,7 @@ class Classifier(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        base = torch.optim.SGD(self.parameters(), lr=0.05)
+        base = torch.optim.SGD(self.parameters(), lr=self.lr)
         if self.wrap is None:
             return base
         return CurvatureAwareOptimizer(
@@ -339,3 +340,30 @@ def test_a_short_run_without_a_cadence_chooses_one_and_says_so(tmp_path, capsys)
     _fit_data(DictClassifier(), [callback], tmp_path, DictImages(), max_steps=40)
     assert len(callback.wrapper.history) == 20
     assert "20 estimates in this run (chosen for this 40-step run; every= sets it)" in capsys.readouterr().out
+
+
+class Halve:
+    """Every layer's update halved from the first estimate on (``every=1``: before the first step)."""
+
+    def update(self, estimate):
+        return {name: 0.5 for name in estimate.layers}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
+def test_lr_scaling_scales_lightning_s_own_update(tmp_path, manual):
+    """SGD's update is linear in its rate: halving every layer's update is the run at half the rate."""
+    options = dict(every=1, probes=1, curvature_batch_size=4, log_path=None)
+    runs = {}
+    for name, lr, policy in (("scaled", 0.2, Halve()), ("halved", 0.1, None), ("full", 0.2, None)):
+        module = Classifier(manual=manual, lr=lr)
+        _fit(module, [CurvatureCallback(nn.CrossEntropyLoss(), lr_scaling=policy, **options)], tmp_path / name)
+        runs[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    for name, value in runs["scaled"].items():
+        torch.testing.assert_close(value, runs["halved"][name], rtol=1e-5, atol=1e-6)
+    assert any(not torch.allclose(value, runs["full"][name], atol=1e-3) for name, value in runs["scaled"].items())
