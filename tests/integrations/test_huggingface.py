@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import alarm_on_estimate, dense_curvature, layer_params
+from helpers import FixedScale, alarm_on_estimate, dense_curvature, layer_params
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
@@ -406,19 +406,6 @@ def test_the_rollback_reads_a_sharded_trainer_checkpoint(tmp_path):
         _trainer_weights(tmp_path / "missing")
 
 
-class Halve:
-    """Every layer's update halved from the first estimate on (``every=1``: before the first step)."""
-
-    def update(self, estimate):
-        return {name: 0.5 for name in estimate.layers}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 def _weights(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
 
@@ -426,7 +413,8 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
 def test_lr_scaling_scales_the_trainer_s_own_update(tmp_path):
     """AdamW's update is linear in its rate: halving every layer's update is the run at half the rate."""
     options = dict(every=1, probes=1, curvature_batch_size=2, log_path=None)
-    scaled = _weights(_train(tmp_path / "a", CurvatureCallback(lr_scaling=Halve(), **options), learning_rate=1e-2))
+    halving = CurvatureCallback(lr_scaling=FixedScale(0.5), **options)
+    scaled = _weights(_train(tmp_path / "a", halving, learning_rate=1e-2))
     halved = _weights(_train(tmp_path / "b", CurvatureCallback(**options), learning_rate=5e-3))
     full = _weights(_train(tmp_path / "c", CurvatureCallback(**options), learning_rate=1e-2))
     for name, value in scaled.items():

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import alarm_on_estimate
+from helpers import FixedScale, alarm_on_estimate
 from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
@@ -342,25 +342,12 @@ def test_a_short_run_without_a_cadence_chooses_one_and_says_so(tmp_path, capsys)
     assert "20 estimates in this run (chosen for this 40-step run; every= sets it)" in capsys.readouterr().out
 
 
-class Halve:
-    """Every layer's update halved from the first estimate on (``every=1``: before the first step)."""
-
-    def update(self, estimate):
-        return {name: 0.5 for name in estimate.layers}
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
 @pytest.mark.parametrize("manual", [False, True], ids=["automatic", "manual"])
 def test_lr_scaling_scales_lightning_s_own_update(tmp_path, manual):
     """SGD's update is linear in its rate: halving every layer's update is the run at half the rate."""
     options = dict(every=1, probes=1, curvature_batch_size=4, log_path=None)
     runs = {}
-    for name, lr, policy in (("scaled", 0.2, Halve()), ("halved", 0.1, None), ("full", 0.2, None)):
+    for name, lr, policy in (("scaled", 0.2, FixedScale(0.5)), ("halved", 0.1, None), ("full", 0.2, None)):
         module = Classifier(manual=manual, lr=lr)
         _fit(module, [CurvatureCallback(nn.CrossEntropyLoss(), lr_scaling=policy, **options)], tmp_path / name)
         runs[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
