@@ -305,7 +305,8 @@ class TrackingSession:
             self.cadence.announce()
 
     def step(self, batch: Any) -> tuple[dict[str, float], list[Alarm]]:
-        """Count one optimizer step (estimating on ``batch`` when due); returns the new metrics and alarms. With
+        """Count one optimizer step (estimating on ``batch`` when due, and keeping θ_old of the layers ``lr_scaling``
+        scales at this step, for :meth:`after_optimizer_step`); returns the new metrics and alarms. With
         ``on_alarm="rollback"`` an alarm has already restored the state before its change point and dropped this
         step's gradients (the framework's optimizer step then changes nothing)."""
         before = len(self.wrapper.alarms)
