@@ -457,9 +457,9 @@ def grids(runs: list[dict]) -> Iterator[Grid]:
                 yield Grid(model, kind, sorted({r["seed"] for r in mine}), lrs, table, members, min(finite))
 
 
-def analyse(out: Path) -> str:
+def analyse(results: list[Grid]) -> str:
     lines = []
-    for grid in grids(load(out)):
+    for grid in results:
         lines += [
             f"\n**{grid.model}, {grid.kind}** (seeds {grid.seeds}; final validation loss, mean over seeds; robust "
             f"range: grid LRs within 2 % of the best of any arm, {grid.best_any:.4f})",
@@ -490,7 +490,7 @@ def analyse(out: Path) -> str:
     return "\n".join(lines)
 
 
-def plot(out: Path, directory: Path) -> list[Path]:
+def plot(results: list[Grid], directory: Path) -> list[Path]:
     """One figure per model and optimizer: final validation loss against base LR, one line per arm (tuned warmup
     for the warmup lengths; a diverged seed leaves its point out), the 2 % band around the best loss shaded."""
     import matplotlib
@@ -500,7 +500,7 @@ def plot(out: Path, directory: Path) -> list[Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for grid in grids(load(out)):
+    for grid in results:
         fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
         for arm, row in grid.table.items():
             if arm.startswith("warmup-"):
@@ -546,9 +546,10 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.phase == "analyse":
-        print(analyse(args.out))
+        results = list(grids(load(args.out)))
+        print(analyse(results))
         if args.plot is not None:
-            for path in plot(args.out, args.plot):
+            for path in plot(results, args.plot):
                 print(f"wrote {path}")
         return
     keys = []

@@ -237,8 +237,6 @@ class CurvatureAwareOptimizer(Optimizer):
         if batch is not None:
             self._hand_over(batch)
         self._before_update()
-        if getattr(self.lr_policy, "every_step", False):  # the trust ratio, the edge: from this step's gradients
-            self.lr_scales |= self._step_policy_update()
         inner = self.optimizer
         result = scaled_step(
             inner, lambda: inner.step(inner_closure) if closure is not None else inner.step(), self.scaled_layers()
@@ -256,17 +254,18 @@ class CurvatureAwareOptimizer(Optimizer):
         if batch is not None:
             self._hand_over(batch)
         self._before_update()
-        if getattr(self.lr_policy, "every_step", False):
-            self.lr_scales |= self._step_policy_update()
         self._after_update()
 
     def _before_update(self) -> None:
-        """The curvature work of the upcoming step: the estimate and the inter-layer diagnostics when due."""
+        """The curvature work of the upcoming step: the estimate and the inter-layer diagnostics when due, then a
+        per-step policy's scales (the trust ratio, the edge: from this step's gradients)."""
         upcoming = self.step_count + 1
         if self.config.due(upcoming):
             self._estimate_and_update()
         if self.config.inter_due(upcoming) and self.notifier.reports:
             self._inter_layer_diagnostics()
+        if getattr(self.lr_policy, "every_step", False):
+            self.lr_scales |= self._step_policy_update()
 
     def _after_update(self) -> None:
         self._slot.batch = None

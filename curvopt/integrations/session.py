@@ -319,15 +319,14 @@ class TrackingSession:
             if alarms:
                 self.checkpoint_rollback.alert(alarms[0])
         self._scaled = self.wrapper.scaled_layers()
-        self._before = snapshot(self._scaled) if self._scaled else []
+        self._before = snapshot(self._scaled)
         return metrics, alarms
 
     def after_optimizer_step(self) -> None:
         """Scale the update the framework's step just made, layer by layer: θ ← θ_old + s_l (θ_new − θ_old) (the
         ``lr_scaling`` policy's scales for that step; nothing to do without one, or with every scale at 1). Exact
         for any optimizer; a step the framework skipped (an fp16 overflow) leaves θ_new = θ_old either way."""
-        if self._scaled:
-            scale_update(self._scaled, self._before)
+        scale_update(self._scaled, self._before)
         self._scaled, self._before = [], []
 
     def should_stop(self, alarms: list[Alarm]) -> bool:

@@ -1,4 +1,4 @@
-"""What the tests share: dense references (:mod:`helpers.dense`), small models (:mod:`helpers.models`) and scripted
+"""What the tests share: dense references (:mod:`helpers.dense`), small models (:mod:`helpers.models`), scripted
 alarms (:mod:`helpers.alarms`) and a fixed learning-rate policy (:mod:`helpers.policies`).
 Imported as ``from helpers import …`` (pytest puts ``tests/`` on the path); fixtures stay in ``conftest.py``."""
 
